@@ -1,0 +1,311 @@
+"""Evaluation metrics: Avg@n, unbiased pass@k, per-benchmark summaries, Markdown tables.
+
+Everything here is pure Python/NumPy (no JAX) so it can be used on any machine that
+holds a `samples.jsonl`. A *sample record* is a dict with at least
+``prompt_id``, ``sample_index`` and ``score``; ``num_tokens`` and ``finish_reason``
+feed the length / truncation statistics. A sample counts as correct when
+``score >= CORRECT_THRESHOLD`` (0.5), so 0/1 scorers and ±1 (DAPO) scorers both work.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+CORRECT_THRESHOLD = 0.5
+PASS_KS = (1, 2, 4, 8, 16)
+
+# The paper's headline "Average" (SPEC §6): unweighted mean of these six Avg@n.
+MATH_SIX = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
+MATH_SUITE = MATH_SIX
+CODE_SUITE = ("livecodebench", "humanevalplus", "codeforces")
+TRUNCATED_REASONS = ("length", "max_tokens", "truncated")
+
+CODEELO_NOT_DONE = (
+    "CodeElo rating (SPEC §6) is NOT computed: it needs each contest's live standings "
+    "and rating changes from the Codeforces API (contest.standings / contest.ratingChanges), "
+    "which are not shipped and not reachable offline. The `rating_proxy` below is an offline "
+    "stand-in (per-contest solved fraction mapped through the rllm/DeepCoder percentile→rating "
+    "curve) and is NOT comparable to the paper's CodeForces ratings. Pass cached standings "
+    "with --cf-standings to compute the real per-contest performance rating."
+)
+
+
+def is_correct(score: float) -> bool:
+    """True when a score counts as a solve (score ≥ 0.5)."""
+    return float(score) >= CORRECT_THRESHOLD
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 − C(n−c, k)/C(n, k), in the stable product form."""
+    if not (0 <= c <= n) or k < 1 or k > n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    # C(n-c,k)/C(n,k) = prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, no cancellation.
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def avg_at_n(scores_per_problem: Sequence[Sequence[float]]) -> float:
+    """Avg@n: mean correctness over a problem's samples, then mean over problems."""
+    if not scores_per_problem:
+        raise ValueError("avg_at_n needs at least one problem")
+    per_problem = []
+    for i, scores in enumerate(scores_per_problem):
+        if len(scores) == 0:
+            raise ValueError(f"avg_at_n: problem {i} has no samples")
+        per_problem.append(sum(1.0 if is_correct(s) else 0.0 for s in scores) / len(scores))
+    return sum(per_problem) / len(per_problem)
+
+
+def group_by_problem(samples: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Group sample records by prompt_id, each group sorted by sample_index."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for s in samples:
+        groups[str(s["prompt_id"])].append(s)
+    return {pid: sorted(g, key=lambda s: int(s["sample_index"])) for pid, g in groups.items()}
+
+
+def summarize_benchmark(name: str, samples: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Summary dict of one benchmark: Avg@n, pass@k (every k ≤ n), mean length, truncation."""
+    groups = group_by_problem(samples)
+    if not groups:
+        raise ValueError(f"benchmark {name!r} has no samples")
+    ns = [len(g) for g in groups.values()]
+    n_min = min(ns)
+    scores = [[float(s["score"]) for s in g] for g in groups.values()]
+    pass_k: dict[str, float] = {}
+    # Every k ≤ n is kept (pass@k curves); render_markdown shows k in PASS_KS.
+    for k in range(1, n_min + 1):
+        vals = [pass_at_k(len(sc), sum(is_correct(x) for x in sc), k) for sc in scores]
+        pass_k[str(k)] = sum(vals) / len(vals)
+    flat = [s for g in groups.values() for s in g]
+    lengths = [float(s["num_tokens"]) for s in flat if s.get("num_tokens") is not None]
+    reasons = [s.get("finish_reason") for s in flat]
+    return {
+        "benchmark": name,
+        "num_problems": len(groups),
+        "num_samples": len(flat),
+        "n": n_min,
+        "n_max": max(ns),
+        "avg_at_n": avg_at_n(scores),
+        "pass_at_k": pass_k,
+        "mean_response_length": (sum(lengths) / len(lengths)) if lengths else None,
+        "truncation_rate": sum(r in TRUNCATED_REASONS for r in reasons) / len(reasons),
+        "mean_score": sum(float(s["score"]) for s in flat) / len(flat),
+    }
+
+
+def math_average(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Unweighted mean of the six math benchmarks' Avg@n; lists any that are missing."""
+    present = [b for b in MATH_SIX if b in summaries]
+    missing = [b for b in MATH_SIX if b not in summaries]
+    value = (sum(summaries[b]["avg_at_n"] for b in present) / len(present)) if present else None
+    return {"value": value if not missing else None,
+            "partial_value": value, "benchmarks": present, "missing": missing}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100.0 * x:.2f}"
+
+
+def render_markdown(summaries: Mapping[str, Mapping[str, Any]],
+                    extra: Mapping[str, Any] | None = None, ks: Sequence[int] = PASS_KS) -> str:
+    """Markdown table: one row per benchmark (percentages), then the math average and notes."""
+    ks_shown = sorted({int(k) for s in summaries.values() for k in s["pass_at_k"]
+                       if int(k) in ks})
+    head = ["benchmark", "problems", "n", "Avg@n"] + [f"pass@{k}" for k in ks_shown] + [
+        "mean len", "trunc %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in summaries.items():
+        row = [name, str(s["num_problems"]), str(s["n"]), _pct(s["avg_at_n"])]
+        row += [_pct(s["pass_at_k"].get(str(k))) for k in ks_shown]
+        ml = s.get("mean_response_length")
+        row += ["–" if ml is None else f"{ml:.1f}", _pct(s.get("truncation_rate"))]
+        lines.append("| " + " | ".join(row) + " |")
+    avg = math_average(summaries)
+    out = "\n".join(lines) + "\n"
+    if avg["benchmarks"]:
+        if avg["missing"]:
+            out += (f"\nMath average (partial, {len(avg['benchmarks'])}/6 benchmarks; missing "
+                    f"{', '.join(avg['missing'])}): {_pct(avg['partial_value'])}\n")
+        else:
+            out += f"\n**Math average (6 benchmarks, Avg@n): {_pct(avg['value'])}**\n"
+    cf = (extra or {}).get("codeforces")
+    if cf:
+        out += "\n" + render_codeforces_markdown(cf)
+    return out
+
+
+# ----------------------------------------------------------------------------- Codeforces
+
+_CF_ID = re.compile(r"^(\d+)([A-Z]\w*)$")
+
+
+def split_cf_id(problem_id: str) -> tuple[int, str]:
+    """'1971D1' → (1971, 'D1'); raises on a malformed id."""
+    m = _CF_ID.match(problem_id)
+    if not m:
+        raise ValueError(f"malformed Codeforces problem id {problem_id!r} (expected e.g. '1971A')")
+    return int(m.group(1)), m.group(2)
+
+
+def load_sorted_ratings(ratings: Mapping[str, int]) -> list[float]:
+    """Expand the {rating: count} histogram of ratings_2024.json into a sorted list."""
+    out: list[float] = []
+    for r, c in ratings.items():
+        out.extend([float(r)] * int(c))
+    return sorted(out)
+
+
+def rating_percentile(rating: float, sorted_ratings: Sequence[float]) -> float:
+    """Percent of rated users strictly below `rating` (0–100)."""
+    if not sorted_ratings:
+        raise ValueError("empty rating distribution")
+    return 100.0 * bisect.bisect_left(sorted_ratings, float(rating)) / len(sorted_ratings)
+
+
+def percentile_to_rating(percentile: float) -> float:
+    """rllm/DeepCoder's percentile→Elo curve: 800 + 2200·(p/100)²."""
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    return 800.0 + 2200.0 * (percentile / 100.0) ** 2
+
+
+def first_pass_attempt(attempts: Sequence[bool]) -> int | None:
+    """Index of the first passing attempt (CodeElo: first of n), None when none pass."""
+    for i, ok in enumerate(attempts):
+        if ok:
+            return i
+    return None
+
+
+def contest_performance(score: float, penalty: float, rows: Sequence[Mapping[str, float]],
+                        old_ratings: Sequence[float]) -> int:
+    """Performance rating for one contest from its standings (CodeElo/rllm method).
+
+    `rows` are the rated participants' standings rows (``points``, ``penalty``) sorted by
+    rank, `old_ratings` their pre-contest ratings. The model's rank is where it would slot
+    into the standings; the rating is the largest R whose expected seed
+    1 + Σ_i 1/(1+10^((R−r_i)/400)) is still ≥ that rank (binary search on integers).
+    """
+    if len(rows) != len(old_ratings) or not rows:
+        raise ValueError("standings rows and old ratings must be non-empty and the same length")
+    rank = len(rows)
+    for i, row in enumerate(rows):
+        if row["points"] < score or (row["points"] == score and row["penalty"] > penalty):
+            rank = i
+            break
+    lo, hi = 0, int(max(old_ratings)) + 100
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        seed = 1.0 + sum(1.0 / (1.0 + 10.0 ** ((mid - r) / 400.0)) for r in old_ratings)
+        if seed < rank:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def codeforces_summary(attempts: Mapping[str, Sequence[bool]], problem_ids: Sequence[str],
+                       ratings: Mapping[str, int],
+                       standings: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Per-problem pass rates, per-index-letter pass rates and the offline rating estimates.
+
+    `attempts` maps a problem id (e.g. '1971A') to its n pass/fail flags in sample order.
+    The shipped data has no difficulty/rating field, so the "difficulty" breakdown uses
+    the problem's index letter (A easiest … H hardest within a contest).
+    """
+    sorted_ratings = load_sorted_ratings(ratings)
+    per_problem = {pid: (sum(map(bool, a)) / len(a) if a else 0.0) for pid, a in attempts.items()}
+    by_letter: dict[str, list[float]] = defaultdict(list)
+    by_contest: dict[int, dict[str, Sequence[bool]]] = defaultdict(dict)
+    for pid in problem_ids:
+        if pid not in attempts:
+            continue
+        cid, idx = split_cf_id(pid)
+        by_letter[idx[0]].append(per_problem[pid])
+        by_contest[cid][pid] = attempts[pid]
+    # Offline proxy: percentile in a contest := percent of its (shipped) problems solved
+    # by the first-of-n criterion; averaged over contests and mapped by the rllm curve.
+    contest_pcts = []
+    for cid, probs in by_contest.items():
+        solved = sum(first_pass_attempt(a) is not None for a in probs.values())
+        contest_pcts.append(100.0 * solved / len(probs))
+    avg_pct = sum(contest_pcts) / len(contest_pcts) if contest_pcts else None
+    out: dict[str, Any] = {
+        "num_problems": len(per_problem),
+        "num_contests": len(by_contest),
+        "pass_rate_per_problem": per_problem,
+        "pass_rate_by_index": {k: sum(v) / len(v) for k, v in sorted(by_letter.items())},
+        "solved_first_of_n": sum(first_pass_attempt(a) is not None for a in attempts.values()),
+        "rating_proxy": None if avg_pct is None else percentile_to_rating(avg_pct),
+        "rating_proxy_percentile": avg_pct,
+        "codeelo_rating": None,
+        "note": CODEELO_NOT_DONE,
+    }
+    if standings:
+        out.update(_codeelo_from_standings(by_contest, standings, sorted_ratings))
+    return out
+
+
+def _codeelo_from_standings(by_contest: Mapping[int, Mapping[str, Sequence[bool]]],
+                            standings: Mapping[int, Mapping[str, Any]],
+                            sorted_ratings: Sequence[float]) -> dict[str, Any]:
+    """CodeElo/rllm rating when the user supplies cached standings per contest.
+
+    Each standings entry: {"problems": [{"index": "A", "points"?: float}], "rows":
+    [{"points", "penalty"}], "old_ratings": [..]} (already filtered to rated users).
+    Score: Σ max(0, points − 50·i) for point-scored contests, else +1 and penalty 10·i,
+    with i the first passing attempt.
+    """
+    perfs = {}
+    for cid, probs in by_contest.items():
+        st = standings.get(cid) or standings.get(str(cid))  # type: ignore[call-overload]
+        if not st:
+            continue
+        score = penalty = 0.0
+        for p in st["problems"]:
+            pid = f"{cid}{p['index']}"
+            first = first_pass_attempt(probs.get(pid, ()))
+            if first is None:
+                continue
+            if "points" in p and p["points"] is not None:
+                score += max(0.0, float(p["points"]) - 50.0 * first)
+            else:
+                score += 1
+                penalty += 10 * first
+        perfs[cid] = contest_performance(score, penalty, st["rows"], st["old_ratings"])
+    if not perfs:
+        return {}
+    pcts = [rating_percentile(r, sorted_ratings) for r in perfs.values()]
+    avg = sum(pcts) / len(pcts)
+    return {"codeelo_rating": percentile_to_rating(avg), "codeelo_percentile": avg,
+            "codeelo_contests": len(perfs), "codeelo_per_contest": perfs,
+            "note": "CodeElo rating computed from user-supplied cached standings "
+                    f"({len(perfs)} contests)."}
+
+
+def render_codeforces_markdown(cf: Mapping[str, Any]) -> str:
+    """Markdown block for the Codeforces extras (pass rate by index, rating estimates, note)."""
+    lines = ["### Codeforces", "",
+             f"Problems: {cf['num_problems']} in {cf['num_contests']} contests; solved "
+             f"(first passing attempt of n): {cf['solved_first_of_n']}.", ""]
+    if cf.get("pass_rate_by_index"):
+        lines += ["| problem index | pass rate % |", "|---|---|"]
+        lines += [f"| {k} | {100 * v:.2f} |" for k, v in cf["pass_rate_by_index"].items()]
+        lines.append("")
+    if cf.get("rating_proxy") is not None:
+        lines.append(f"Offline rating proxy: {cf['rating_proxy']:.0f} "
+                     f"(mean per-contest solved percentile {cf['rating_proxy_percentile']:.1f}).")
+    if cf.get("codeelo_rating") is not None:
+        lines.append(f"CodeElo rating (cached standings): {cf['codeelo_rating']:.0f}.")
+    lines += ["", f"> {cf['note'] if cf.get('codeelo_rating') is not None else CODEELO_NOT_DONE}",
+              ""]
+    return "\n".join(lines)
+
