@@ -1,0 +1,29 @@
+"""`flowrl-jax report RUN_DIR [RUN_DIR...] [--out DIR]`: compare runs side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the report command's arguments."""
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="run directories (metrics.jsonl, eval/) or eval output directories")
+    parser.add_argument("--out", default="report", help="output directory (default: ./report)")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated run labels (default: directory names)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build report.md + PNG plots; returns 0, or 2 on bad arguments."""
+    from flowrl_jax.report import build_report
+
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    try:
+        path = build_report(args.runs, args.out, labels)
+    except ValueError as e:
+        print(f"flowrl-jax report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

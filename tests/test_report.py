@@ -1,0 +1,74 @@
+"""Comparison report from synthetic run directories: Markdown + PNG files, missing pieces noted."""
+
+import argparse
+import json
+
+from flowrl_jax import evaluate as ev
+from flowrl_jax.commands import report as report_cmd
+
+
+def _write_run(root, name, acc, with_metrics=True, nested=True):
+    run = root / name
+    eval_dir = run / "eval" / "step_10" if nested else run / "eval"
+    eval_dir.mkdir(parents=True)
+    benches = {}
+    samples = []
+    for b, p in (("aime24", acc), ("math500", acc / 2)):
+        flags = {f"q{j}": [1.0 if (i + j) / 8 < p * 2 else 0.0 for i in range(8)] for j in range(3)}
+        ss = [{"prompt_id": pid, "sample_index": i, "score": f, "num_tokens": 5,
+               "finish_reason": "stop", "text": f"t {i}"}
+              for pid, fl in flags.items() for i, f in enumerate(fl)]
+        samples += [{**s, "benchmark": b} for s in ss]
+        benches[b] = ev.summarize_benchmark(b, ss)
+    summary = {"benchmarks": benches, "math_average": ev.math_average(benches),
+               "diversity": {"aime24": {"mean": {"distinct_1": acc, "self_bleu": 1 - acc,
+                                                 "distinct_correct_paths": 2.0}}},
+               "codeforces": ev.codeforces_summary({"1971A": [True]}, ["1971A"], {"1000": 1}),
+               "judge": {"enabled": True, "mean_score": 2.5, "num_scored": 3, "num_failed": 0}}
+    (eval_dir / "summary.json").write_text(json.dumps(summary))
+    (eval_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples))
+    if with_metrics:
+        lines = [json.dumps({"step": s, "reward/mean": acc * s, "response_length/mean": 100 + s,
+                             "kl/ref": 0.01 * s}) for s in range(5)]
+        lines.insert(2, "{not json")
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run, summary
+
+
+def test_report_markdown_and_pngs(tmp_path):
+    a, sa = _write_run(tmp_path, "flowrl", 0.4)
+    b, sb = _write_run(tmp_path, "grpo", 0.2, with_metrics=False, nested=False)
+    missing = tmp_path / "nothing"
+    missing.mkdir()
+    out = tmp_path / "out"
+    args = argparse.Namespace(runs=[str(a), str(b), str(missing)], out=str(out), labels=None)
+    assert report_cmd.run(args) == 0
+    md = (out / "report.md").read_text()
+    for png in ("pass_at_k_aime24.png", "pass_at_k_math500.png", "diversity.png",
+                "training_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, png
+    assert "| run | path | eval dir |" in md and "| flowrl |" in md and "| grpo |" in md
+    avg_a = f"{100 * sa['benchmarks']['aime24']['avg_at_n']:.2f}"
+    avg_b = f"{100 * sb['benchmarks']['aime24']['avg_at_n']:.2f}"
+    assert f"| aime24 | {avg_a} | {avg_b} | – |" in md
+    assert "(partial)" in md  # only 2 of the 6 math benchmarks
+    assert "pass@8" in md and "pass@16" not in md
+    assert "NOT computed" in md and "| 2.5 |" in md
+    assert "reward ← `reward/mean`" in md
+    assert "metrics.jsonl:3: skipped unparsable line" in md
+    assert f"{b}: no metrics.jsonl" in md
+    assert f"{missing}: no eval results" in md
+
+
+def test_report_without_anything_still_writes(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "o"
+    args = argparse.Namespace(runs=[str(empty)], out=str(out), labels="x,y")
+    assert report_cmd.run(args) == 2  # label count mismatch is a clear error
+    args.labels = "only"
+    assert report_cmd.run(args) == 0
+    md = (out / "report.md").read_text()
+    assert "No evaluation results found" in md and "No training metrics found" in md
+    assert not (out / "training_curves.png").exists()
