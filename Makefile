@@ -1,0 +1,34 @@
+# Set-up on a fresh machine is `make demo` or `make test`: each creates .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+JETSTREAM := google-jetstream==0.2.2
+
+.PHONY: demo test test-fast venv clean-venv bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,serve]'
+	$(BIN)/pip install --quiet --no-deps $(JETSTREAM)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flowrl-jax demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/flowrl-jax bench all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,626 @@
+"""Frozen dataclass configs for every section; YAML loading with includes and dotted overrides.
+
+A config file is YAML whose top-level keys are the sections of `Config`. It may name other
+files under `include:` (paths relative to it, merged first, later files win). Command-line
+overrides are `section.key=value` strings, parsed as YAML scalars. Unknown keys, wrong types
+and impossible values raise `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Qwen2/Qwen2.5 architecture: everything a HF Qwen2 `config.json` can say."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # None → hidden_size // num_attention_heads
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+    attention_bias: bool = True  # q/k/v biases (Qwen2 has them; there is never an o bias)
+    bos_token_id: Optional[int] = 151643
+    eos_token_id: Optional[int] = 151643
+    hidden_act: str = "silu"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self, key: str = "model.arch") -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0,
+               f"{key}.num_key_value_heads",
+               f"{self.num_attention_heads} attention heads are not a multiple of "
+               f"{self.num_key_value_heads} key/value heads")
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_attention_heads == 0, f"{key}.hidden_size",
+                   "not divisible by num_attention_heads and head_dim is not given")
+        _check(self.rope_theta > 0, f"{key}.rope_theta", "must be > 0")
+        _check(self.rms_norm_eps > 0, f"{key}.rms_norm_eps", "must be > 0")
+        _check(self.hidden_act == "silu", f"{key}.hidden_act",
+               f"only 'silu' (Qwen2) is supported, got {self.hidden_act!r}")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelArch":
+        """Parse a HF Qwen2 config dict (old top-level `rope_theta` or new `rope_parameters`)."""
+        arch = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if model_type not in (None, "qwen2") or (arch and not any("Qwen2" in a for a in arch)):
+            raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r} "
+                              f"architectures={arch!r}; only Qwen2/Qwen2.5 is supported")
+        rope_theta = d.get("rope_theta")
+        rp = d.get("rope_parameters") or d.get("rope_scaling")
+        if isinstance(rp, dict):
+            rtype = rp.get("rope_type", rp.get("type", "default"))
+            if rtype not in ("default", None):
+                raise ConfigError(f"{source}: rope_type {rtype!r} is not supported (only default)")
+            if rope_theta is None:
+                rope_theta = rp.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = 10000.0
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            attention_bias=True,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos,
+            hidden_act=d.get("hidden_act", "silu"),
+        )
+        a = cls(**kw)
+        a.validate(source)
+        return a
+
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """A HF `config.json` dict that transformers loads as Qwen2ForCausalLM."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.resolved_head_dim,
+            "hidden_act": self.hidden_act,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "use_cache": True,
+            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
+        }
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the policy comes from and how it computes."""
+
+    path: Optional[str] = None  # HF directory or Orbax checkpoint; None → random init from arch
+    preset: Optional[str] = None  # name in configs/models/ (e.g. "qwen2.5-0.5b") for random init
+    arch: Optional[ModelArch] = None  # explicit architecture (used when path and preset are None)
+    tokenizer: Optional[str] = None  # tokenizer dir; None → model path, else the packaged Qwen2.5 one
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    attention: Literal["auto", "xla", "plain"] = "auto"
+    seed: int = 0  # random-init seed
+
+    def validate(self, key: str = "model") -> None:
+        _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
+        _check(self.compute_dtype in DTYPES, f"{key}.compute_dtype", f"must be one of {DTYPES}")
+        if self.arch is not None:
+            self.arch.validate(f"{key}.arch")
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means 'all remaining devices' (at most one axis)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self, key: str = "mesh") -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for k, v in sizes.items():
+            _check(v == -1 or v >= 1, f"{key}.{k}", f"must be -1 or >= 1, got {v}")
+        _check(list(sizes.values()).count(-1) <= 1, key,
+               "at most one axis may be -1 (the remaining devices)")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A user data set: a file path and a mapping from record fields to source fields."""
+
+    name: str = ""
+    path: str = ""
+    format: Optional[str] = None  # jsonl | json | parquet; None → from the extension
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"  # gold answer (math) or tests (code); dotted paths allowed
+    id_field: Optional[str] = None
+    data_source: str = "math_dapo"  # reward registry key
+    template: Literal["math", "code", "none"] = "math"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training prompts: named shipped data sets and/or user data sets."""
+
+    train: tuple[str, ...] = ("dapo_math_17k",)
+    custom: tuple[DatasetSpec, ...] = ()
+    data_dir: Optional[str] = None  # root of the shipped data; None → $FLOWRL_DATA_DIR
+    template: Literal["math", "code", "none", "auto"] = "auto"
+    chat_template: bool = True
+    max_prompt_length: int = 2048
+    truncation: Literal["left", "filter"] = "left"
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: Optional[int] = None  # None → repeat forever
+    worker_count: int = 0
+    on_bad_row: Literal["error", "skip"] = "error"
+    length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+
+    def validate(self, key: str = "data") -> None:
+        _check(self.max_prompt_length > 0, f"{key}.max_prompt_length", "must be > 0")
+        _check(self.worker_count >= 0, f"{key}.worker_count", "must be >= 0")
+        _check(self.num_epochs is None or self.num_epochs > 0, f"{key}.num_epochs", "must be > 0")
+        _check(list(self.length_buckets) == sorted(self.length_buckets) and
+               all(b > 0 for b in self.length_buckets), f"{key}.length_buckets",
+               "must be positive and increasing")
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling of responses for one rollout step."""
+
+    prompts_per_step: int = 512
+    samples_per_prompt: int = 8  # G
+    max_new_tokens: int = 8192
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    decode_slots: int = 256  # continuous-batching slots
+    decode_chunk: int = 64  # decode steps per on-device loop before the host refills slots
+    prefill_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, key: str = "rollout") -> None:
+        _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
+        _check(self.samples_per_prompt > 0, f"{key}.samples_per_prompt", "must be > 0")
+        _check(self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be > 0")
+        _check(self.temperature > 0, f"{key}.temperature",
+               "must be > 0 for RL rollouts (log-probs are taken at this temperature)")
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, f"{key}.top_k", "must be >= 0 (0 = off)")
+        _check(0 <= self.min_p < 1, f"{key}.min_p", "must be in [0, 1)")
+        _check(self.decode_slots > 0, f"{key}.decode_slots", "must be > 0")
+        _check(self.decode_chunk > 0, f"{key}.decode_chunk", "must be > 0")
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """Loss selection and hyper-parameters (SPEC §1–§4)."""
+
+    name: Literal["flowrl", "grpo", "ppo", "reinforce_pp"] = "flowrl"
+    # FlowRL
+    beta: float = 15.0
+    is_clip: Literal["paper", "cap", "asym", "none"] = "cap"
+    is_cap: float = 10.0
+    log_w_clamp: float = 20.0  # |log w| clamp before exp (overflow guard)
+    z_depth: int = 2
+    z_dropout: float = 0.1
+    detach_z_input: bool = False
+    # clipped surrogate (GRPO / PPO / REINFORCE++; FlowRL `paper`/`asym` reuse eps)
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.28
+    # GRPO KL-to-ref loss
+    use_kl_loss: bool = False
+    kl_coef: float = 0.001
+    # PPO
+    gamma: float = 1.0
+    lam: float = 1.0
+    value_clip: float = 0.2
+    vf_coef: float = 1.0
+    critic_lr: float = 1e-5
+    # REINFORCE++
+    kl_penalty_coef: float = 0.0
+
+    def validate(self, key: str = "algo") -> None:
+        _check(self.beta > 0, f"{key}.beta", "must be > 0")
+        _check(self.is_cap > 0, f"{key}.is_cap", "must be > 0")
+        _check(self.log_w_clamp > 0, f"{key}.log_w_clamp", "must be > 0")
+        _check(self.z_depth >= 0, f"{key}.z_depth", "must be >= 0")
+        _check(0 <= self.z_dropout < 1, f"{key}.z_dropout", "must be in [0, 1)")
+        _check(0 < self.clip_eps < 1, f"{key}.clip_eps", "must be in (0, 1)")
+        _check(self.clip_eps_high > 0, f"{key}.clip_eps_high", "must be > 0")
+        _check(0 <= self.gamma <= 1, f"{key}.gamma", "must be in [0, 1]")
+        _check(0 <= self.lam <= 1, f"{key}.lam", "must be in [0, 1]")
+        _check(self.kl_coef >= 0, f"{key}.kl_coef", "must be >= 0")
+        _check(self.critic_lr > 0, f"{key}.critic_lr", "must be > 0")
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up then constant learning rate, global-norm clipping."""
+
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    z_lr: Optional[float] = None  # None → Z-network in the policy's optimizer at `lr`
+
+    def validate(self, key: str = "optimizer") -> None:
+        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(0 <= self.b1 < 1, f"{key}.b1", "must be in [0, 1)")
+        _check(0 <= self.b2 < 1, f"{key}.b2", "must be in [0, 1)")
+        _check(self.eps > 0, f"{key}.eps", "must be > 0")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _check(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+        _check(self.z_lr is None or self.z_lr > 0, f"{key}.z_lr", "must be > 0")
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The RL loop: sizes of batches, epochs, checkpoints, logging."""
+
+    steps: int = 200  # rollout steps
+    mini_batch_size: int = 256  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per accumulation step inside the jitted step
+    logprob_micro_batch_size: int = 16
+    epochs: int = 1  # passes over each rollout batch
+    checkpoint_every: int = 10
+    keep_last: int = 3
+    keep_every: Optional[int] = None  # also keep every k-th step permanently
+    log_every: int = 1
+    validate_every: int = 0  # 0 = off
+    export_hf: bool = False  # write the final policy in HF format to OUT/hf
+    ref_offload: bool = False  # keep reference params on host memory
+    logprob_chunk: int = 1024  # sequence chunk for the chunked log-prob computation
+
+    def validate(self, key: str = "trainer") -> None:
+        _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
+        _check(self.mini_batch_size > 0, f"{key}.mini_batch_size", "must be > 0")
+        _check(self.micro_batch_size > 0, f"{key}.micro_batch_size", "must be > 0")
+        _check(self.mini_batch_size % self.micro_batch_size == 0, f"{key}.micro_batch_size",
+               f"must divide mini_batch_size ({self.mini_batch_size})")
+        _check(self.logprob_micro_batch_size > 0, f"{key}.logprob_micro_batch_size", "must be > 0")
+        _check(self.epochs > 0, f"{key}.epochs", "must be > 0")
+        _check(self.checkpoint_every > 0, f"{key}.checkpoint_every", "must be > 0")
+        _check(self.keep_last > 0, f"{key}.keep_last", "must be > 0")
+        _check(self.keep_every is None or self.keep_every > 0, f"{key}.keep_every", "must be > 0")
+        _check(self.log_every > 0, f"{key}.log_every", "must be > 0")
+        _check(self.validate_every >= 0, f"{key}.validate_every", "must be >= 0")
+        _check(self.logprob_chunk > 0, f"{key}.logprob_chunk", "must be > 0")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Periodic validation during training (and defaults for `flowrl-jax eval`)."""
+
+    sets: tuple[str, ...] = ()
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    greedy: bool = False
+    max_new_tokens: int = 8192
+    limit: Optional[int] = None
+
+    def validate(self, key: str = "eval") -> None:
+        _check(self.n > 0, f"{key}.n", "must be > 0")
+        _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be > 0")
+        _check(self.limit is None or self.limit > 0, f"{key}.limit", "must be > 0")
+
+
+# --------------------------------------------------------------------------- top level
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: dict[str, Any] = field(default_factory=dict)  # free-form options of a task (demo)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "validate"):
+                v.validate(f.name)
+        _check(self.trainer.mini_batch_size <= self.rollout.prompts_per_step *
+               self.rollout.samples_per_prompt, "trainer.mini_batch_size",
+               "is larger than the rollout batch (prompts_per_step × samples_per_prompt)")
+
+
+# --------------------------------------------------------------------------- loading
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _is_dataclass_type(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where lossless; else ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of "
+                          f"{[getattr(a, '__name__', str(a)) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis and isinstance(value, (str, int, float)):
+                value = [value]  # a single item where a list is expected
+            else:
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-6" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate `cls` from a mapping, type-checking each field; unknown keys raise."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("task",):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or relative to the packaged configs/ directory."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ConfigError(f"config file {str(path)!r} not found (also looked in {CONFIG_DIR})")
+
+
+def load_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict[str, Any]:
+    """Read a YAML config file and merge its `include:` files (depth first, file wins)."""
+    p = resolve_config_path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"{p}: include cycle")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        inc_path = (p.parent / inc) if not Path(inc).is_absolute() else Path(inc)
+        if not inc_path.exists():
+            inc_path = resolve_config_path(inc)
+        merged = _deep_merge(merged, load_yaml_tree(inc_path, _seen + (p,)))
+    return _deep_merge(merged, data)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    tree = dict(tree)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {ov!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _resolve_model_preset(tree: dict[str, Any]) -> dict[str, Any]:
+    """Fill `model.arch` from `model.preset` (configs/models/<preset>.yaml) when arch is absent."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("preset") or model.get("arch"):
+        return tree
+    preset = model["preset"]
+    p = CONFIG_DIR / "models" / f"{preset}.yaml"
+    if not p.exists():
+        known = sorted(x.stem for x in (CONFIG_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(known)})")
+    arch = yaml.safe_load(p.read_text()) or {}
+    tree = dict(tree)
+    tree["model"] = dict(model, arch=arch)
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from a nested mapping."""
+    tree = _resolve_model_preset(tree)
+    cfg = build_dataclass(Config, tree)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with includes) and dotted overrides into a validated `Config`."""
+    tree = load_yaml_tree(path) if path is not None else {}
+    tree = apply_overrides(tree, list(overrides or []))
+    return config_from_dict(tree)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """A plain nested dict/list version of a config (for saving next to a run)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` re-exported for frozen configs."""
+    return dataclasses.replace(cfg, **changes)

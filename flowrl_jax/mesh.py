@@ -1,0 +1,147 @@
+"""Device mesh from config and the one table mapping logical axis names to mesh axes.
+
+Parameters and activations are annotated with *logical* axis names (`embed`, `mlp`, ...).
+`LOGICAL_RULES` maps each to a mesh axis (or a tuple of them, or None = replicated), so
+changing the parallelism is a config change (mesh sizes), never a code change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from flowrl_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis → mesh axes. FSDP shards the embedding dimension of every weight; tensor
+# parallelism shards heads / MLP width / vocabulary; the batch goes over data and fsdp.
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+    "cache_batch": ("data", "fsdp"),
+    "cache_length": None,
+    "z_hidden": None,
+    None: None,
+}
+
+
+def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 replaced by the remaining devices; errors name the mesh key."""
+    cfg.validate()
+    sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if n_devices % fixed != 0:
+        raise ConfigError(
+            f"mesh: data×fsdp×tensor = {fixed} does not divide the {n_devices} available devices "
+            f"(mesh.data={cfg.data}, mesh.fsdp={cfg.fsdp}, mesh.tensor={cfg.tensor})")
+    for k, v in sizes.items():
+        if v == -1:
+            sizes[k] = n_devices // fixed
+    total = math.prod(sizes.values())
+    if total != n_devices:
+        raise ConfigError(
+            f"mesh: data×fsdp×tensor = {total} but {n_devices} devices are available; set one "
+            f"axis to -1 to take the remaining devices (mesh.data={cfg.data}, "
+            f"mesh.fsdp={cfg.fsdp}, mesh.tensor={cfg.tensor})")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A Mesh over axes (data, fsdp, tensor); multi-host aware (uses all global devices)."""
+    cfg = cfg or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = resolve_axis_sizes(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices == jax.devices():
+        try:
+            # Topology-aware device order (ICI rings on TPU); falls back for odd shapes.
+            from jax.experimental import mesh_utils
+            dev_array = mesh_utils.create_device_mesh(shape, devices=devices,
+                                                      allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001 - any failure here just means "use plain order"
+            dev_array = np.asarray(devices).reshape(shape)
+    else:
+        dev_array = np.asarray(devices).reshape(shape)
+    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+    """A 1×1×1 mesh (tests, tools)."""
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device or jax.devices()[0]])
+
+
+def logical_to_spec(names: Iterable[Optional[str]], mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None,
+                    rules: dict[str, Any] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical axis names; with mesh+shape, axes that don't divide are replicated."""
+    rules = LOGICAL_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in mesh.LOGICAL_RULES")
+        target = rules[name]
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        axes = tuple(a for a in axes if a not in used)  # a mesh axis may shard one dim only
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = math.prod(mesh.shape[a] for a in axes)
+                if shape[i] % size != 0:
+                    axes = tuple(a for a in axes if shape[i] % mesh.shape[a] == 0)[:1]
+        used.update(axes)
+        spec.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Iterable[Optional[str]],
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+    """NamedSharding on `mesh` for logical axis names."""
+    return NamedSharding(mesh, logical_to_spec(tuple(names), mesh, shape))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Shard the leading (batch) dimension over data×fsdp, the rest replicated."""
+    return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), shape)
+
+
+def logical_axes_of(variable: Any) -> tuple:
+    """The `logical_axes` metadata of an nnx Variable (replicated when absent)."""
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    axes = meta.get("logical_axes")
+    if axes is None:
+        return (None,) * len(getattr(variable, "shape", ()) or ())
+    return tuple(axes)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedSharding for every Variable in an nnx State (same tree), from its logical axes."""
+    from flax import nnx
+
+    def one(v):
+        return named_sharding(mesh, logical_axes_of(v), v.get_value().shape)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_partition_specs(state: Any, mesh: Mesh) -> Any:
+    """Like `state_shardings` but PartitionSpecs."""
+    return jax.tree.map(lambda s: s.spec, state_shardings(state, mesh))

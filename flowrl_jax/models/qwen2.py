@@ -1,0 +1,326 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX: GQA, RoPE, q/k/v bias, SwiGLU, RMSNorm, KV cache.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from
+`flowrl_jax.mesh.LOGICAL_RULES`); shardings are derived from those names, never hard-coded.
+Kernels are stored [in, out] (HF stores Linear weights [out, in]; the converter transposes).
+Attribute names mirror HF parameter names so that the conversion map stays trivial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flowrl_jax.config import ModelArch, ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """jnp dtype from a config string."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the model computes: parameter dtype, activation dtype, remat, attention kernel."""
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    remat: bool = False
+    attention: str = "auto"  # auto | xla | plain
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Numerics":
+        return cls(dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype), cfg.remat, cfg.attention)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, dtype: Any,
+           init: Callable | None = None) -> nnx.Param:
+    init = init or nnx.initializers.normal(stddev=0.02)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b); W stored [in, out] with logical axes (in_axis, out_axis)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple, *, bias: bool, num: Numerics,
+                 rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (d_in, d_out), axes, num.param_dtype)
+        self.bias = (nnx.Param(jnp.zeros((d_out,), num.param_dtype), logical_axes=(axes[1],))
+                     if bias else None)
+        self.compute_dtype = num.compute_dtype
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32 (as HF does), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float, num: Numerics):
+        self.weight = nnx.Param(jnp.ones((dim,), num.param_dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (HF 'default' RoPE)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE on [B, T, heads, D]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * c + rot.astype(jnp.float32) * s).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """One layer's cache: k, v [B, S, kv_heads, head_dim]."""
+
+    k: Array
+    v: Array
+
+
+class CacheUpdate(NamedTuple):
+    """Where a forward pass writes into a KV cache and which cache slots keys may use.
+
+    write_index [B]: slot where this call's first token goes (tokens go to consecutive slots).
+    kv_valid [B, S]: slots holding real tokens *after* this write (False for padding).
+    """
+
+    write_index: Array
+    kv_valid: Array
+
+
+def _write_cache(cache: Array, new: Array, index: Array) -> Array:
+    """Write new [B, T, ...] into cache [B, S, ...] at per-row slot index [B]."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
+    return jax.vmap(one)(cache, new, index)
+
+
+def attention_weights_mask(q_slots: Array, k_valid: Array) -> Array:
+    """Boolean mask [B, 1, T, S]: key slot j visible to query slot i iff valid and j <= i."""
+    s = k_valid.shape[1]
+    causal = jnp.arange(s)[None, None, :] <= q_slots[:, :, None]  # [B, T, S]
+    return (causal & k_valid[:, None, :])[:, None, :, :]
+
+
+def plain_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Reference attention with GQA by repetition; q [B,T,N,D], k/v [B,S,K,D], mask [B,1,T,S]."""
+    n, kh = q.shape[2], k.shape[2]
+    k = jnp.repeat(k, n // kh, axis=2)
+    v = jnp.repeat(v, n // kh, axis=2)
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("btnd,bsnd->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bnts,bsnd->btnd", p, v.astype(jnp.float32)).astype(q.dtype)
+
+
+def dot_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
+    """Attention through jax.nn.dot_product_attention (cuDNN/XLA), or the plain fallback."""
+    if impl == "plain":
+        return plain_attention(q, k, v, mask)
+    kernel = None if impl == "auto" else impl
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kernel)
+    except (ValueError, NotImplementedError, TypeError):
+        return plain_attention(q, k, v, mask)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with q/k/v biases and RoPE."""
+
+    def __init__(self, arch: ModelArch, num: Numerics, rngs: nnx.Rngs):
+        h, d = arch.hidden_size, arch.resolved_head_dim
+        self.n_heads, self.n_kv, self.head_dim = arch.num_attention_heads, arch.num_key_value_heads, d
+        bias = arch.attention_bias
+        self.q_proj = Linear(h, self.n_heads * d, ("embed", "heads"), bias=bias, num=num, rngs=rngs)
+        self.k_proj = Linear(h, self.n_kv * d, ("embed", "kv_heads"), bias=bias, num=num, rngs=rngs)
+        self.v_proj = Linear(h, self.n_kv * d, ("embed", "kv_heads"), bias=bias, num=num, rngs=rngs)
+        self.o_proj = Linear(self.n_heads * d, h, ("heads", "embed"), bias=False, num=num, rngs=rngs)
+        self.impl = num.attention
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
+                 cache: Optional[KVCache]) -> tuple[Array, Optional[KVCache]]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_slots, k_valid, update = mask_info
+        if cache is not None:
+            k_all = _write_cache(cache.k, k, update.write_index)
+            v_all = _write_cache(cache.v, v, update.write_index)
+            cache = KVCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
+        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, arch: ModelArch, num: Numerics, rngs: nnx.Rngs):
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), bias=False, num=num, rngs=rngs)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, num=num, rngs=rngs)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, num=num, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, arch: ModelArch, num: Numerics, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, num)
+        self.self_attn = Attention(arch, num, rngs)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, num)
+        self.mlp = MLP(arch, num, rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
+                 cache: Optional[KVCache]) -> tuple[Array, Optional[KVCache]]:
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, cache)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class ModelOutput(NamedTuple):
+    """Forward results: logits [B,T,V] (None when not asked), hidden [B,T,H] after the final norm."""
+
+    logits: Optional[Array]
+    hidden: Array
+    cache: Optional[list[KVCache]]
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2/Qwen2.5 causal LM."""
+
+    def __init__(self, arch: ModelArch, num: Numerics | None = None, *, rngs: nnx.Rngs):
+        num = num or Numerics()
+        self.arch, self.num = arch, num
+        self.embed_tokens = nnx.Param(
+            nnx.initializers.normal(stddev=0.02)(rngs.params(), (arch.vocab_size, arch.hidden_size),
+                                                 num.param_dtype),
+            logical_axes=("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(arch, num, rngs) for _ in range(arch.num_hidden_layers)])
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, num)
+        self.lm_head = (None if arch.tie_word_embeddings else
+                        Linear(arch.hidden_size, arch.vocab_size, ("embed", "vocab"), bias=False,
+                               num=num, rngs=rngs))
+
+    def lm_head_matrix(self) -> Array:
+        """The output projection as [H, V] in compute dtype (tied → embedding transposed)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].astype(self.num.compute_dtype).T
+        return self.lm_head.kernel[...].astype(self.num.compute_dtype)
+
+    def logits(self, hidden: Array) -> Array:
+        """Logits [.., V] from final hidden states."""
+        return jnp.dot(hidden.astype(self.num.compute_dtype), self.lm_head_matrix())
+
+    def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
+                 positions: Optional[Array] = None, *, cache: Optional[list[KVCache]] = None,
+                 cache_update: Optional[CacheUpdate] = None,
+                 return_logits: bool = True) -> ModelOutput:
+        """Forward pass.
+
+        Without a cache: input_ids/attention_mask/positions are [B, T]; left padding works
+        (positions should count real tokens from 0). With a cache: the tokens are written at
+        `cache_update.write_index` and attend to slots marked in `cache_update.kv_valid`.
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), dtype=bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+        if cache is None:
+            q_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+            mask_info = (q_slots, attention_mask, None)
+        else:
+            if cache_update is None:
+                raise ValueError("cache_update is required when a cache is given")
+            q_slots = cache_update.write_index[:, None] + jnp.arange(t)[None, :]
+            mask_info = (q_slots, cache_update.kv_valid, cache_update)
+        cos, sin = rope_cos_sin(positions, self.arch.resolved_head_dim, self.arch.rope_theta)
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.num.compute_dtype)
+        new_cache = [] if cache is not None else None
+
+        def run_layer(layer, x, c):
+            return layer(x, cos, sin, mask_info, c)
+
+        if self.num.remat:
+            run_layer = nnx.remat(run_layer)
+        for i, layer in enumerate(self.layers):
+            x, c = run_layer(layer, x, None if cache is None else cache[i])
+            if new_cache is not None:
+                new_cache.append(c)
+        hidden = self.norm(x)
+        return ModelOutput(self.logits(hidden) if return_logits else None, hidden, new_cache)
+
+
+def init_cache(arch: ModelArch, batch: int, length: int, dtype: Any = jnp.float32) -> list[KVCache]:
+    """Zeroed KV cache, one [B, S, kv_heads, head_dim] pair per layer."""
+    shape = (batch, length, arch.num_key_value_heads, arch.resolved_head_dim)
+    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(arch.num_hidden_layers)]
+
+
+CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
+
+
+def build_model(arch: ModelArch, num: Numerics | None = None, seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised model on the default device (small models, tests)."""
+    with nnx.use_eager_sharding(False):
+        return Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCausalLM:
+    """The model with ShapeDtypeStruct leaves: no memory, metadata intact (for loading)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(0)))
+
+
+def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised model whose params are created directly in their shardings."""
+    from flowrl_jax.mesh import state_shardings
+
+    graphdef, abstract_state = nnx.split(abstract_model(arch, num))
+    shardings = state_shardings(abstract_state, mesh)
+
+    @jax.jit
+    def make():
+        with nnx.use_eager_sharding(False):
+            state = nnx.state(Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(seed)))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return nnx.merge(graphdef, make())
+
+
+def param_count(model_or_state: Any) -> int:
+    """Number of parameters in a model or state."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))
