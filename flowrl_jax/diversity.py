@@ -12,7 +12,8 @@ Definitions (all deterministic, no model or judge needed):
   the modified precision for n ≥ 2 ((m+1)/(t+1), Lin & Och 2004) so a short sample
   does not zero the geometric mean. Identical samples → 1; disjoint vocabularies → ~0.
 * distinct answers: number of different normalised final answers (last ``\\boxed{}``,
-  else the last ``Answer:`` line); samples without an answer are not counted.
+  else the last ``Answer:`` line; Minerva/DAPO normalisation from ``flowrl_jax.rewards``
+  when importable, then a light local one); samples without an answer are not counted.
 * distinct correct solution paths: the correct samples are clustered single-link:
   two samples are linked when the Jaccard similarity of their token-3-gram sets is
   ≥ `path_threshold` (default 0.5); the number of connected components is the number
@@ -140,7 +141,7 @@ def normalize_answer(ans: str) -> str:
 def _default_answer_key() -> Callable[[str], str | None]:
     """Answer key function: the rewards package's normaliser if it offers one, else local."""
     try:  # optional: share the exact normalisation of the reward functions
-        from flowrl_jax.rewards import math as rmath  # type: ignore
+        from flowrl_jax.rewards import math_dapo as rmath  # type: ignore
 
         norm = getattr(rmath, "normalize_final_answer", None)
         if callable(norm):

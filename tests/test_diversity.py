@@ -92,3 +92,9 @@ def test_benchmark_diversity_aggregates():
     assert out["mean"]["self_bleu"] == pytest.approx(0.5)
     assert out["mean"]["distinct_correct_paths"] == pytest.approx(0.5)  # 1 and 0
     assert out["mean"]["num_problems"] == 2.0
+
+
+def test_answer_key_uses_reward_normaliser():
+    # Minerva/DAPO normalisation (flowrl_jax.rewards.math_dapo) drops unit words like "degrees"
+    d = dv.problem_diversity(["so Answer: 5 degrees", "hence \\boxed{5}", "Answer: 6"])
+    assert d["distinct_answers"] == 2
