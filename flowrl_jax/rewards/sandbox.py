@@ -1,0 +1,300 @@
+"""Run untrusted Python programs in a sandbox (SPEC §3): one fresh process tree per program.
+
+Design (namespaces mode, used when running as root with a working `unshare`):
+- `unshare --net --pid --mount --fork --mount-proc --kill-child` gives the program no network
+  (a fresh net namespace has only a down loopback), its own /proc, and a PID namespace whose
+  init is our launcher: when the launcher exits or is killed, the kernel kills every process left
+  inside, so double-forked daemons cannot survive.
+- The launcher mounts private tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock (writes vanish
+  with the namespace), hides non-world-readable ancestors of the interpreter (e.g. /root) behind
+  an empty tmpfs and re-exposes just the interpreter directories read-only.
+- The program runs with an empty environment (PATH, HOME, LANG only), rlimits on CPU seconds,
+  address space, processes, file size and open files, and a uid/gid of its own
+  (`uid_base + slot`, one per concurrently running sandbox, so one fork bomb cannot exhaust
+  another sandbox's RLIMIT_NPROC), no supplementary groups and no_new_privs.
+- Wall-clock timeouts are enforced by the launcher (kill the program's process group) with a
+  backstop in the parent (SIGKILL the launcher's process group, which tears the namespace down);
+  stdout is capped; the host temp dir is always removed.
+Fallback ("plain" mode, when namespaces are unavailable): same launcher without namespaces; it
+is a child subreaper that kills all descendants when the program ends, uid drop only as root.
+There is no network isolation in that mode; a warning is logged once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+EXIT_TIMEOUT = 124
+EXIT_SETUP = 125
+_UNSHARE_ARGS = ("--net", "--pid", "--mount", "--fork", "--mount-proc", "--kill-child")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Resource limits and isolation settings for one sandboxed run."""
+
+    memory_mb: int = 2048  # RLIMIT_AS
+    max_processes: int = 64  # RLIMIT_NPROC (threads count too)
+    max_file_mb: int = 64  # RLIMIT_FSIZE
+    max_open_files: int = 256  # RLIMIT_NOFILE
+    tmpfs_mb: int = 256  # private /tmp size (namespaces mode)
+    max_output_bytes: int = 16 << 20  # stdout cap; exceeding it kills the program
+    max_stderr_bytes: int = 64 << 10  # stderr kept (the rest is discarded)
+    startup_grace_s: float = 5.0  # parent-side backstop on top of the program timeout
+    isolation: str = "auto"  # auto | namespaces | plain
+    uid_base: int = 2_000_000_000  # per-slot uids: uid_base + slot (root only)
+    python: str = sys.executable  # interpreter for the untrusted program
+
+
+@dataclass
+class RunResult:
+    """Outcome of one sandboxed run."""
+
+    status: str  # ok | error | timeout | output_limit | sandbox_error
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        """True if the program exited 0 within its limits."""
+        return self.status == "ok"
+
+
+class _SlotAllocator:
+    """Hands out small integers, one per concurrently running sandbox."""
+
+    def __init__(self) -> None:
+        self._free: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                slot = min(self._free)
+                self._free.discard(slot)
+                return slot
+            self._next += 1
+            return self._next - 1
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.add(slot)
+
+
+_slots = _SlotAllocator()
+_mode_lock = threading.Lock()
+_mode_cache: dict[tuple, tuple[str, int | None]] = {}
+
+
+def _program_env(home: str, tmpdir: str) -> dict[str, str]:
+    # Only what a Python program needs; nothing from the trainer's environment leaks in.
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": tmpdir, "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    }
+
+
+def _interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
+    """(dirs to hide, dirs to re-expose) so that `python` is usable by an unprivileged uid."""
+    probe = subprocess.run(
+        [python, "-c", "import sys, os, json; print(json.dumps([os.path.realpath(p) for p in "
+         "[sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,"
+         " *sys.path] if p and os.path.exists(p)]))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    needed = [os.path.realpath(p) for p in json.loads(probe.stdout) + [python]]
+    hide: set[str] = set()
+    rebind: set[str] = set()
+    for path in needed:
+        parts = Path(path).parts
+        for i in range(2, len(parts)):
+            ancestor = str(Path(*parts[:i]))
+            if not os.stat(ancestor).st_mode & 0o001:  # others cannot traverse
+                hide.add(ancestor)
+                rebind.add(str(Path(*parts[: i + 1])) if i + 1 < len(parts) else path)
+                break
+    hide_list = sorted(h for h in hide if not any(h != o and h.startswith(o + "/") for o in hide))
+    rebind_list = sorted(r for r in rebind if not any(r != o and r.startswith(o + "/") for o in rebind))
+    return hide_list, rebind_list
+
+
+def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mode: str,
+              uid: int | None, mounts: tuple[list[str], list[str]]) -> RunResult:
+    host_dir = tempfile.mkdtemp(prefix="flowrl_sbx_")
+    start = time.monotonic()
+    proc = None
+    try:
+        ns = mode == "namespaces"
+        workdir = "/tmp/sandbox" if ns else os.path.join(host_dir, "work")
+        if not ns and uid is not None:
+            os.chmod(host_dir, 0o711)  # the dropped uid must reach host_dir/work
+        files = {"main.py": source.encode("utf-8", "surrogatepass"),
+                 "stdin.txt": stdin.encode("utf-8", "surrogatepass")}
+        for name, data in files.items():
+            with open(os.path.join(host_dir, name), "wb") as f:
+                f.write(data)
+        cpu_s = int(math.ceil(timeout_s)) + 1
+        config = {
+            "mode": mode, "files": list(files), "stdin_file": "stdin.txt", "timeout_s": timeout_s,
+            "uid": uid, "gid": uid, "hide": mounts[0], "rebind": mounts[1], "tmpfs_mb": cfg.tmpfs_mb,
+            "argv": [cfg.python, "-B", "-s", "main.py"],
+            "env": _program_env(workdir, "/tmp" if ns else workdir),
+            "limits": {"cpu_s": cpu_s, "as_bytes": cfg.memory_mb << 20, "nproc": cfg.max_processes,
+                       "fsize_bytes": cfg.max_file_mb << 20, "nofile": cfg.max_open_files},
+        }
+        with open(os.path.join(host_dir, "config.json"), "w") as f:
+            json.dump(config, f)
+        cmd = [sys.executable, "-I", "-S", "-B", _LAUNCHER, host_dir]
+        if ns:
+            cmd = [shutil.which("unshare") or "unshare", *_UNSHARE_ARGS, *cmd]
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd=host_dir, close_fds=True,
+            process_group=0,
+        )
+        out, err, why = _collect(proc, start + timeout_s + cfg.startup_grace_s, cfg)
+        if why is not None:  # output cap or parent-side backstop: kill the whole tree now
+            _killpg(proc)
+        rc = proc.wait()
+        wall = time.monotonic() - start
+        stdout = out.decode("utf-8", "replace")
+        stderr = err.decode("utf-8", "replace")
+        if why == "output_limit":
+            status = "output_limit"
+        elif why == "timeout" or rc == EXIT_TIMEOUT:
+            status = "timeout"
+        elif rc == EXIT_SETUP and "sandbox-setup-error" in stderr:
+            status = "sandbox_error"
+            logger.error("sandbox setup failed: %s", stderr.strip()[-500:])
+        elif rc == 0:
+            status = "ok"
+        else:
+            status = "error"
+        return RunResult(status, rc, stdout, stderr, wall)
+    finally:
+        if proc is not None and proc.poll() is None:
+            _killpg(proc)
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr) if proc is not None else ():
+            stream.close()
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    # Safe while `proc` is unreaped: its pid (= pgid) cannot have been reused yet.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cfg: SandboxConfig) -> tuple[bytes, bytes, str | None]:
+    """Read stdout/stderr until EOF; stop early on the deadline or the stdout cap."""
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return bytes(out), bytes(err), "timeout"
+            for key, _ in sel.select(min(remaining, 1.0)):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = key.data
+                if buf is out:
+                    out += chunk
+                    if len(out) > cfg.max_output_bytes:
+                        return bytes(out[: cfg.max_output_bytes]), bytes(err), "output_limit"
+                elif len(err) < cfg.max_stderr_bytes:
+                    err += chunk[: cfg.max_stderr_bytes - len(err)]
+    return bytes(out), bytes(err), None
+
+
+def isolation_mode(cfg: SandboxConfig | None = None) -> tuple[str, int | None]:
+    """(mode, uid base) chosen once per config: probes namespaces + uid drop, else falls back."""
+    cfg = cfg or SandboxConfig()
+    key = (cfg.isolation, cfg.uid_base, cfg.python)
+    with _mode_lock:
+        if key not in _mode_cache:
+            _mode_cache[key] = _probe(cfg)
+        return _mode_cache[key]
+
+
+def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
+    root = os.geteuid() == 0
+    candidates: list[tuple[str, int | None]] = []
+    if cfg.isolation in ("auto", "namespaces") and root and shutil.which("unshare"):
+        candidates += [("namespaces", cfg.uid_base), ("namespaces", 65534)]
+    if cfg.isolation in ("auto", "plain"):
+        if root:
+            candidates.append(("plain", 65534))
+        candidates.append(("plain", None))
+    reasons = []
+    for mode, uid in candidates:
+        try:
+            mounts = _interpreter_mounts(cfg.python) if mode == "namespaces" else ([], [])
+            res = _run_once("print(6 * 7)", "", 30.0, cfg, mode, uid, mounts)
+        except Exception as exc:  # noqa: BLE001 - any failure means "try the next option"
+            reasons.append(f"{mode}/uid={uid}: {exc}")
+            continue
+        if res.ok and res.stdout.strip() == "42":
+            if (mode, uid) != candidates[0] or mode != "namespaces":
+                logger.warning(
+                    "sandbox: using %s mode with uid %s (%s). %s", mode, uid,
+                    "; ".join(reasons) or "namespaces unavailable (not root or no unshare)",
+                    "Programs share one uid for RLIMIT_NPROC." if uid == 65534 else
+                    "No network/PID/mount isolation: untrusted code is only rlimited and killed.")
+            _mounts_cache[(cfg.python, mode)] = mounts
+            return mode, uid
+        reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} {res.stderr.strip()[-200:]}")
+    if cfg.isolation == "namespaces":
+        raise RuntimeError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
+    raise RuntimeError("sandbox: no working isolation mode: " + "; ".join(reasons))
+
+
+_mounts_cache: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+
+
+def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,
+               config: SandboxConfig | None = None) -> RunResult:
+    """Run Python `source` with `stdin` in a fresh sandbox; thread-safe, never raises on bad code."""
+    cfg = config or SandboxConfig()
+    if timeout_s <= 0:
+        raise ValueError(f"run_python: timeout_s must be > 0, got {timeout_s}")
+    mode, uid_base = isolation_mode(cfg)
+    mounts = _mounts_cache.get((cfg.python, mode), ([], []))
+    slot = _slots.acquire()
+    try:
+        uid = None if uid_base is None else (uid_base + slot if uid_base != 65534 else 65534)
+        return _run_once(source, stdin, float(timeout_s), cfg, mode, uid, mounts)
+    finally:
+        _slots.release(slot)
+
+
+def with_overrides(cfg: SandboxConfig | None = None, **kw) -> SandboxConfig:
+    """A copy of `cfg` (default config if None) with fields replaced."""
+    return dataclasses.replace(cfg or SandboxConfig(), **kw)
