@@ -98,3 +98,16 @@ def test_answer_key_uses_reward_normaliser():
     # Minerva/DAPO normalisation (flowrl_jax.rewards.math_dapo) drops unit words like "degrees"
     d = dv.problem_diversity(["so Answer: 5 degrees", "hence \\boxed{5}", "Answer: 6"])
     assert d["distinct_answers"] == 2
+
+
+def test_fast_self_bleu_equals_pairwise_definition():
+    import random
+
+    rng = random.Random(0)
+    vocab = "a b c d e f g".split()
+    for trial in range(20):
+        samples = [[rng.choice(vocab) for _ in range(rng.randint(0 if trial else 1, 12))]
+                   for _ in range(rng.randint(2, 6))]
+        slow = sum(dv.bleu(h, [r for j, r in enumerate(samples) if j != i])
+                   for i, h in enumerate(samples)) / len(samples)
+        assert dv.self_bleu(samples) == pytest.approx(slow, rel=1e-12, abs=1e-15)
