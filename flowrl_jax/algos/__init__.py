@@ -1,0 +1,11 @@
+"""RL objectives (SPEC §1–§4) behind one registry: `get_algorithm(cfg.name)`.
+
+See `base.py` for the interface (batch/output keys) and `common.py` for the shared math.
+"""
+
+from flowrl_jax.algos.base import Algorithm, get_algorithm, list_algorithms, register
+from flowrl_jax.algos.common import (group_normalize, masked_mean, masked_sum,
+                                     token_logprobs_from_hidden, token_logprobs_from_logits)
+
+__all__ = ["Algorithm", "get_algorithm", "list_algorithms", "register", "group_normalize",
+           "masked_mean", "masked_sum", "token_logprobs_from_hidden", "token_logprobs_from_logits"]

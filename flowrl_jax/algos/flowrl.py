@@ -1,0 +1,133 @@
+"""FlowRL: trajectory-balance loss with a learned partition function (SPEC §1).
+
+    δ_i     = log Z_i + mean_t ℓθ − β r̂_i − mean_t ℓref        (means over valid tokens)
+    log w_i = Σ_t m_t (ℓθ_t − ℓold_t)                            (sequence SUM, float32)
+    w_i     = clip_mode(exp(clamp(sg(log w_i), ±log_w_clamp)))
+    loss    = mean over valid sequences of w_i δ_i²
+
+The clamp (default ±20, so w ≤ e^20 ≈ 4.9e8 before the clip) keeps exp finite in float32
+even for absurd log-ratios; with `cap`/`paper`/`asym` it never changes the final weight
+unless |log w| > 20, where the clip would have cut it anyway. Padding sequences (no valid
+token, or seq_mask = 0) are excluded from the mean and from every metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flowrl_jax.algos import common as C
+from flowrl_jax.algos.base import (Algorithm, Metrics, cfg_get, check_shape, common_metrics,
+                                   register, require, response_mask, seq_valid, token_arrays)
+
+Array = jax.Array
+IS_CLIP_MODES = ("paper", "cap", "asym", "none")
+
+
+def clip_importance_weight(w: Array, mode: str, eps_low: float = 0.2, eps_high: float = 0.28,
+                           cap: float = 10.0) -> Array:
+    """Apply the `is_clip` rule: paper clip(w, 1−ε, 1+ε); cap min(w, cap); asym clip(w, 1−ε,
+    1+ε_high); none w. (`paper` uses eps_low on both sides.)"""
+    if mode == "paper":
+        return jnp.clip(w, 1.0 - eps_low, 1.0 + eps_low)
+    if mode == "cap":
+        return jnp.minimum(w, cap)
+    if mode == "asym":
+        return jnp.clip(w, 1.0 - eps_low, 1.0 + eps_high)
+    if mode == "none":
+        return w
+    raise ValueError(f"algo.is_clip: unknown mode {mode!r} (expected one of {IS_CLIP_MODES})")
+
+
+def flowrl_loss(logp: Array, old_logp: Array, ref_logp: Array, log_z: Array, rhat: Array,
+                mask: Array, beta: float = 15.0, is_clip: str = "cap", clip_eps: float = 0.2,
+                clip_eps_high: float = 0.28, is_cap: float = 10.0, log_w_clamp: float = 20.0,
+                valid: Array | None = None) -> tuple[Array, Metrics]:
+    """The FlowRL loss of SPEC §1 on [B, T] log-probs, [B] log Z and r̂; returns (loss, metrics)."""
+    dt = C.compute_dtype(logp, old_logp, ref_logp, log_z, rhat)
+    mask = jnp.asarray(mask).astype(dt)
+    logp, old_logp, ref_logp = (x.astype(dt) for x in (logp, old_logp, ref_logp))
+    log_z, rhat = log_z.astype(dt), rhat.astype(dt)
+    n = jnp.sum(mask, axis=-1)
+    if valid is None:
+        valid = n > 0
+    valid = valid & (n > 0)
+    n_safe = jnp.maximum(n, 1.0)  # padding rows: no 0/0; they are masked out below
+    mean_logp = C.masked_sum(logp, mask, axis=-1) / n_safe
+    mean_ref = C.masked_sum(ref_logp, mask, axis=-1) / n_safe
+    delta = log_z + mean_logp - beta * rhat - mean_ref
+    # select (not multiply) so NaN/inf in padding rows can reach neither loss nor gradient
+    delta = jnp.where(valid, delta, 0.0)
+
+    # importance weight: sequence-sum log-ratio in ≥ float32, no gradient, clamped before exp
+    log_w_raw = lax.stop_gradient(C.masked_sum(logp - old_logp, mask, axis=-1))
+    log_w_raw = jnp.where(valid, log_w_raw, 0.0)
+    log_w = jnp.clip(log_w_raw, -log_w_clamp, log_w_clamp)
+    w_unclipped = jnp.exp(log_w)
+    w = clip_importance_weight(w_unclipped, is_clip, clip_eps, clip_eps_high, is_cap)
+    clipped = (w != w_unclipped) | (log_w != log_w_raw)
+
+    loss = C.masked_mean(w * jnp.square(delta), valid)
+    d = lax.stop_gradient(delta)
+    d_mean = C.masked_mean(d, valid)
+    metrics: Metrics = {
+        "loss": lax.stop_gradient(loss),
+        "delta_mean": d_mean,
+        "delta_std": jnp.sqrt(C.masked_mean(jnp.square(d - d_mean), valid)),
+        "log_z_mean": C.masked_mean(lax.stop_gradient(log_z), valid),
+        "w_mean": C.masked_mean(w, valid),
+        "log_w_mean": C.masked_mean(log_w_raw, valid),
+        "clip_frac": C.masked_mean(clipped.astype(dt), valid),
+        "rhat_mean": C.masked_mean(rhat, valid),
+    }
+    return loss, metrics
+
+
+@register("flowrl")
+class FlowRL(Algorithm):
+    """Reward-distribution matching: p ∝ π_ref · exp(β r̂) via trajectory balance with Z_φ."""
+
+    needs_z = True
+    needs_critic = False
+    needs_ref = True
+
+    @classmethod
+    def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
+        """r̂ = group-normalised rewards (SPEC §3) over the whole rollout batch."""
+        where = "flowrl.advantages"
+        mask = response_mask(batch, where)
+        require(batch, ("rewards", "group_ids"), where)
+        b = mask.shape[0]
+        check_shape(jnp.asarray(batch["rewards"]), (b,), "batch['rewards']", where)
+        rhat = C.group_normalize(jnp.asarray(batch["rewards"]), jnp.asarray(batch["group_ids"]),
+                                 valid=seq_valid(batch, mask))
+        return {"rhat": rhat}
+
+    @classmethod
+    def loss(cls, cfg: Any, batch: Mapping[str, Array],
+             outputs: Mapping[str, Array]) -> tuple[Array, Metrics]:
+        """FlowRL TB loss (SPEC §1) plus logged metrics."""
+        where = "flowrl.loss"
+        mask = response_mask(batch, where)
+        b, t = mask.shape
+        (logp,) = token_arrays(outputs, ("logp",), (b, t), where, "outputs")
+        old_logp, ref_logp = token_arrays(batch, ("old_logp", "ref_logp"), (b, t), where)
+        require(outputs, ("log_z",), where, "outputs")
+        require(batch, ("rhat",), where)
+        log_z = jnp.asarray(outputs["log_z"])
+        if log_z.shape == (b, 1):
+            log_z = log_z[:, 0]
+        check_shape(log_z, (b,), "outputs['log_z']", where)
+        rhat = jnp.asarray(batch["rhat"])
+        check_shape(rhat, (b,), "batch['rhat']", where)
+        valid = seq_valid(batch, mask)
+        loss, m = flowrl_loss(
+            logp, old_logp, ref_logp, log_z, rhat, mask,
+            beta=cfg.beta, is_clip=cfg.is_clip, clip_eps=cfg.clip_eps,
+            clip_eps_high=cfg_get(cfg, "clip_eps_high", 0.28), is_cap=cfg_get(cfg, "is_cap", 10.0),
+            log_w_clamp=cfg_get(cfg, "log_w_clamp", 20.0), valid=valid)
+        m.update(common_metrics(batch, outputs, mask, valid))
+        return loss, m
