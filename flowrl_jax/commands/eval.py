@@ -416,7 +416,111 @@ def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int
     return summary
 
 
+def build_problems(benchmarks: Sequence[str], data_dir: Path, limit: int | None,
+                   render: Callable[[str], Any]) -> list[Problem]:
+    """Problems of every benchmark from the data registry; `render` maps the user message to
+    what the backend takes (chat-templated token ids for the real engine)."""
+    from flowrl_jax.data.registry import load_eval_set
+    from flowrl_jax.data.templates import apply_template
+
+    out: list[Problem] = []
+    for b in benchmarks:
+        for rec in load_eval_set(b, data_dir, limit=limit):
+            out.append(Problem(b, rec.id, render(apply_template(rec)), rec.ground_truth,
+                               rec.data_source, rec.prompt))
+    return out
+
+
+class EngineBackend:
+    """The JAX sampling engine behind the Backend protocol (token ids in, decoded text out)."""
+
+    def __init__(self, model_dir: str, temperature: float, top_p: float, top_k: int,
+                 max_new_tokens: int):
+        from flowrl_jax.sampling import load_model
+        from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+
+        self.model_cfg, self.params, self.tokenizer = load_model(model_dir)
+        self.engine = SamplingEngine(self.model_cfg)
+        self._params_cls = SamplingParams
+        self.settings = dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_new_tokens=max_new_tokens)
+
+    def encode(self, user_message: str) -> list[int]:
+        """Chat-templated prompt token ids."""
+        from flowrl_jax.data.templates import ChatRenderer
+
+        if not hasattr(self, "_render"):
+            self._render = ChatRenderer(self.tokenizer)
+        return self.tokenizer.encode(self._render(user_message), add_special_tokens=False)
+
+    def generate(self, prompts: Sequence[Any], n: int, seed: int) -> list[Generation]:
+        """Sample n responses per prompt in one engine call."""
+        import numpy as np
+
+        sp = self._params_cls(n=n, seed=seed, **self.settings)
+        ro = self.engine.generate(self.params, [list(p) for p in prompts], sp)
+        tokens, lengths = np.asarray(ro.tokens), np.asarray(ro.lengths)
+        out = []
+        for r in range(tokens.shape[0]):
+            ids = tokens[r, :int(lengths[r])].tolist()
+            out.append(Generation(int(ro.prompt_index[r]), int(ro.sample_index[r]),
+                                  self.tokenizer.decode(ids, skip_special_tokens=True),
+                                  int(lengths[r]), str(ro.finish_reasons[r])))
+        return out
+
+
 def run(args: argparse.Namespace) -> int:
     """CLI entry: build problems and the sampling backend, then run_eval."""
-    print("flowrl-jax eval: sampling backend not wired yet", file=sys.stderr)
-    return 2
+    try:
+        benchmarks = parse_suite(args.suite)
+        for flag, v in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-prompts", args.batch_prompts)):
+            if v < 1:
+                raise EvalError(f"{flag} must be >= 1, got {v}")
+        if args.limit is not None and args.limit < 1:
+            raise EvalError(f"--limit must be >= 1, got {args.limit}")
+        data_dir = resolve_data_dir(args.data_dir)
+        if not Path(args.model).exists():
+            raise EvalError(f"--model {args.model}: no such directory")
+        div = (list(KNOWN) if args.diversity == "all" else [] if args.diversity == "none"
+               else [d.strip() for d in args.diversity.split(",") if d.strip()])
+        judge_cfg = None
+        if args.judge:
+            from flowrl_jax import judge as jg
+
+            judge_cfg = jg.config_from_env()
+            if judge_cfg is None:
+                raise EvalError("--judge needs FLOWRL_JUDGE_URL (and usually FLOWRL_JUDGE_API_KEY, "
+                                "FLOWRL_JUDGE_MODEL) in the environment")
+        standings = None
+        if args.cf_standings:
+            try:
+                standings = {int(k): v for k, v in
+                             json.loads(Path(args.cf_standings).read_text()).items()}
+            except (OSError, ValueError) as e:
+                raise EvalError(f"--cf-standings {args.cf_standings}: {e}") from e
+    except EvalError as e:
+        print(f"flowrl-jax eval: {e}", file=sys.stderr)
+        return 2
+    backend = EngineBackend(args.model, args.temperature, args.top_p, args.top_k,
+                            args.max_new_tokens)
+    problems = build_problems(benchmarks, data_dir, args.limit, backend.encode)
+    config = {"model": str(Path(args.model).resolve()), "n": args.n, "seed": args.seed,
+              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+              "max_new_tokens": args.max_new_tokens, "batch_prompts": args.batch_prompts}
+    scorer = Scorer(args.score_workers)
+    try:
+        summary = run_eval(problems, backend, Path(args.out), n=args.n, seed=args.seed,
+                           batch_prompts=args.batch_prompts, scorer=scorer, config=config,
+                           diversity_on=div, data_dir=data_dir, judge_cfg=judge_cfg,
+                           cf_standings=standings, show_progress=not args.no_progress)
+    except EvalError as e:
+        print(f"flowrl-jax eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        scorer.close()
+    print((Path(args.out) / "results.md").read_text())
+    avg = summary["math_average"]
+    if avg["value"] is not None:
+        print(f"math average (6): {100 * avg['value']:.2f}")
+    return 0
