@@ -199,6 +199,10 @@ class DatasetSpec:
     id_field: Optional[str] = None
     data_source: str = "math_dapo"  # reward registry key
     template: Literal["math", "code", "none"] = "math"
+    # how the gold answer is read from `answer_field`: as is, the last \boxed{} of a
+    # solution, or the text after "####" (GSM8K style)
+    answer_extract: Literal["none", "last_boxed", "after_hashes"] = "none"
+    starter_code_field: Optional[str] = None  # code sets: field with a starter-code stub
 
 
 @dataclass(frozen=True)
