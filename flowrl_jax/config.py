@@ -275,6 +275,9 @@ class AlgoConfig:
     name: Literal["flowrl", "grpo", "ppo", "reinforce_pp"] = "flowrl"
     # FlowRL
     beta: float = 15.0
+    # The reward inside FlowRL's δ: "group" = r̂, group-normalised (SPEC §3, the paper);
+    # "none" = the raw reward r, so the fixed point is exactly π_ref·exp(β r) (the demo).
+    reward_norm: Literal["group", "none"] = "group"
     is_clip: Literal["paper", "cap", "asym", "none"] = "cap"
     is_cap: float = 10.0
     log_w_clamp: float = 20.0  # |log w| clamp before exp (overflow guard)
@@ -295,6 +298,12 @@ class AlgoConfig:
     critic_lr: float = 1e-5
     # REINFORCE++
     kl_penalty_coef: float = 0.0
+    kl_penalty_type: Literal["k1", "k2", "k3"] = "k1"  # in-reward KL estimator (PPO / REINFORCE++)
+    # shared by the clipped-surrogate losses (algos/policy_gradient.py)
+    kl_loss_type: Literal["k1", "k2", "k3"] = "k3"  # GRPO KL-to-ref loss estimator
+    surrogate_clip_high: Optional[float] = None  # PPO-surrogate upper ε; None → clip_eps
+    dual_clip_c: Optional[float] = None  # dual-clip PPO bound for A < 0 (e.g. 3.0); None → off
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
 
     def validate(self, key: str = "algo") -> None:
         _check(self.beta > 0, f"{key}.beta", "must be > 0")
