@@ -1,0 +1,143 @@
+"""Training metrics: `OUT/metrics.jsonl` (one JSON object per rollout step), TensorBoard
+(`OUT/tb/`, tensorboardX) and a live rich progress bar with a compact table.
+
+Only process 0 writes. On resume, the JSONL file is rewritten from the metric history stored
+in the checkpoint and TensorBoard events after the restored step are purged, so a killed and
+resumed run ends with exactly the records of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+# What the live table shows (when present), in order: (metric key, column header).
+DISPLAY = (
+    ("reward/mean", "reward"), ("accuracy", "acc"), ("response_length/mean", "len"),
+    ("loss", "loss"), ("log_z/mean", "logZ"), ("kl/ref", "kl_ref"), ("grad_norm", "gnorm"),
+    ("time/step", "s/step"), ("throughput/tokens_per_s", "tok/s"),
+)
+
+
+def to_jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Plain Python scalars (floats; NaN/inf kept as floats, written as JSON NaN/Infinity)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (int, np.integer)):
+            out[k] = int(v)
+        else:
+            a = np.asarray(v)
+            out[k] = float(a) if a.size == 1 else [float(x) for x in a.reshape(-1)]
+    return out
+
+
+class MetricsLogger:
+    """Append-only JSONL + TensorBoard + console, for one run directory."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, enabled: bool = True,
+                 tensorboard: bool = True, console: bool = True, total_steps: int = 0,
+                 history: Optional[Iterable[dict]] = None, start_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.history: list[dict] = list(history or [])
+        self._tb = None
+        self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Rewrite from the checkpointed history: lines a killed run wrote after its last
+        # checkpoint must not survive (the resumed run writes them again).
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for rec in self.history:
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
+            except Exception:  # noqa: BLE001 - TensorBoard is optional; JSONL is the record
+                self._tb = None
+        if console:
+            self._start_console(total_steps, start_step)
+
+    def _start_console(self, total: int, done: int) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._console = Console(stderr=True)
+        self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TimeRemainingColumn(),
+                                  TextColumn("{task.fields[info]}"), console=self._console,
+                                  transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=done, info="")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict:
+        """Record one rollout step's metrics (everywhere) and return the JSON record."""
+        rec = {"step": int(step), **to_jsonable(metrics)}
+        self.history.append(rec)
+        if not self.enabled:
+            return rec
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, global_step=step)
+            self._tb.flush()
+        if self._progress is not None:
+            info = "  ".join(f"{h} {rec[k]:.4g}" for k, h in DISPLAY[:4]
+                             if isinstance(rec.get(k), float))
+            self._progress.update(self._task, completed=step, info=info)
+        return rec
+
+    def table(self, rec: dict) -> None:
+        """Print a compact one-row table of the headline metrics."""
+        if not self.enabled or self._progress is None:
+            return
+        from rich.table import Table
+
+        t = Table(box=None, pad_edge=False, show_edge=False)
+        cols = [(k, h) for k, h in DISPLAY if isinstance(rec.get(k), float)]
+        t.add_column("step")
+        for _, h in cols:
+            t.add_column(h, justify="right")
+        t.add_row(str(rec["step"]), *(f"{rec[k]:.4g}" for k, _ in cols))
+        self._progress.console.print(t)
+
+    def print(self, msg: str) -> None:
+        """A log line that does not break the progress bar."""
+        if self.enabled and self._progress is not None:
+            self._progress.console.print(msg)
+        elif self.enabled:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard and stop the live display."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """All records of a `metrics.jsonl` file (a file or its run directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    with open(p) as f:
+        return [json.loads(line) for line in f if line.strip()]
