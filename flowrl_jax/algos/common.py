@@ -47,6 +47,12 @@ def masked_sum(x: Array, mask: Array, axis: Optional[int | tuple[int, ...]] = No
     return jnp.sum(jnp.where(mask.astype(bool), x, jnp.zeros((), x.dtype)), axis=axis)
 
 
+def zero_masked(x: Array, mask: Array) -> Array:
+    """x with masked-out entries replaced by 0 via select, so NaN/inf there cannot reach
+    either the value or (through 0·NaN) the gradient of anything computed from it."""
+    return jnp.where(jnp.asarray(mask).astype(bool), x, jnp.zeros((), x.dtype))
+
+
 def masked_mean(x: Array, mask: Array, axis: Optional[int | tuple[int, ...]] = None) -> Array:
     """Mean of `x` over masked positions; 0 (not NaN) where the mask is empty."""
     mask = jnp.asarray(mask)
@@ -271,6 +277,7 @@ def group_normalize(rewards: Array, group_ids: Optional[Array] = None,
         raise ValueError(f"group_ids: expected shape ({b},), got {group_ids.shape}")
     ng = b if num_groups is None else num_groups
     vm = jnp.ones((b,), dt) if valid is None else jnp.asarray(valid).astype(dt)
+    r = jnp.where(vm > 0, r, 0.0)  # a NaN reward on a padding row must not reach its group
     gid = group_ids.astype(jnp.int32)
     cnt = jax.ops.segment_sum(vm, gid, num_segments=ng)
     tot = jax.ops.segment_sum(r * vm, gid, num_segments=ng)
@@ -342,9 +349,9 @@ def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, mask: Arr
     metrics pg_clip_frac (tokens where the clipped branch is taken), ratio_mean, kl_old (k1).
     """
     dt = compute_dtype(logp, old_logp, advantages)
-    log_ratio = jnp.clip(logp.astype(dt) - old_logp.astype(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    logp, old_logp, adv = (zero_masked(x.astype(dt), mask) for x in (logp, old_logp, advantages))
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
-    adv = advantages.astype(dt)
     l1 = -adv * ratio
     l2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = jnp.maximum(l1, l2)

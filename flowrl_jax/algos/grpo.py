@@ -51,7 +51,8 @@ class GRPO(Algorithm):
         loss = pg
         if cfg_get(cfg, "use_kl_loss", False):
             (ref_logp,) = token_arrays(batch, ("ref_logp",), mask.shape, where)
-            kl = C.kl_loss_term(outputs["logp"], ref_logp, cfg_get(cfg, "kl_loss_type", "k3"))
+            kl = C.kl_loss_term(C.zero_masked(outputs["logp"], mask), C.zero_masked(ref_logp, mask),
+                                cfg_get(cfg, "kl_loss_type", "k3"))
             kl_loss = C.aggregate(kl, mask, cfg_get(cfg, "loss_agg_mode", "token-mean"))
             loss = loss + cfg.kl_coef * kl_loss
             m["kl_loss"] = jax.lax.stop_gradient(kl_loss)

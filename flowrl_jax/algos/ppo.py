@@ -50,7 +50,7 @@ def value_loss(values: Array, old_values: Array, returns: Array, mask: Array, cl
                agg_mode: str = "token-mean") -> tuple[Array, Metrics]:
     """½ · agg(max((V − R)², (clip(V, V_old ± clip) − R)²)) and its clip fraction."""
     dt = C.compute_dtype(values, old_values, returns)
-    v, vo, ret = values.astype(dt), old_values.astype(dt), returns.astype(dt)
+    v, vo, ret = (C.zero_masked(x.astype(dt), mask) for x in (values, old_values, returns))
     v_clipped = jnp.clip(v, vo - clip, vo + clip)
     l1 = jnp.square(v - ret)
     l2 = jnp.square(v_clipped - ret)
