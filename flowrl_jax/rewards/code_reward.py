@@ -94,6 +94,18 @@ def method_name(starter_code: str) -> str | None:
     return m.group(1) if m else None
 
 
+# Harness programs carry a random result marker; deleting the script file first keeps a
+# program from reading the marker back and faking a pass (e.g. print it, then exit early).
+_HIDE_SOURCE = (
+    "import os as _flowrl_os\ntry:\n    _flowrl_os.unlink(__file__)\nexcept OSError:\n"
+    "    pass\ndel _flowrl_os\n"
+)
+
+
+def _new_marker() -> str:
+    return "@@FLOWRL_" + secrets.token_hex(12) + "@@"
+
+
 def _functional_program(code: str, method: str, test_input: str, marker: str) -> str:
     # The result goes after a random marker so stray prints by the program cannot fake it.
     harness = f"""
@@ -109,7 +121,7 @@ def __flowrl_main():
 
 __flowrl_main()
 """
-    return LCB_PREAMBLE + "\n" + code + "\n" + harness
+    return _HIDE_SOURCE + LCB_PREAMBLE + "\n" + code + "\n" + harness
 
 
 def _functional_passes(result: RunResult, expected: str, marker: str) -> bool:
@@ -140,7 +152,7 @@ def run_io_tests(code: str, tests: list[Mapping[str, Any]], timeout_s: float, *,
             if method is None:
                 raise ValueError("code reward: functional test but no method name in starter_code "
                                  f"{starter_code[:80]!r}")
-            marker = "@@FLOWRL_RESULT_" + secrets.token_hex(8) + "@@"
+            marker = _new_marker()
             program = _functional_program(code, method, str(test["input"]), marker)
             res = run_python(program, "", timeout_s, sandbox)
             if not _functional_passes(res, str(test["output"]), marker):
@@ -184,8 +196,9 @@ def _defines(code: str, name: str) -> bool:
                for n in ast.walk(tree))
 
 
-def humaneval_program(code: str, gt: Mapping[str, Any], case_timeout_s: float = 1.0) -> str:
-    """Program + tests + check(entry_point), each candidate call limited to `case_timeout_s`."""
+def humaneval_program(code: str, gt: Mapping[str, Any], marker: str, case_timeout_s: float = 1.0) -> str:
+    """Program + tests + check(entry_point) + `marker` printed only if check() returned; each
+    candidate call limited to `case_timeout_s`."""
     entry = gt["entry_point"]
     if not _defines(code, entry) and gt.get("prompt"):
         code = str(gt["prompt"]) + "\n" + code  # completion-style answer: body without header
@@ -207,8 +220,11 @@ def __flowrl_timed(fn, limit={case_timeout_s!r}):
     return _call
 
 check(__flowrl_timed({entry}))
+import sys as _flowrl_sys
+_flowrl_sys.stdout.write("\\n{marker}\\n")
+_flowrl_sys.stdout.flush()
 """
-    return code + "\n\n" + str(gt["test"]) + "\n" + wrapper
+    return _HIDE_SOURCE + code + "\n\n" + str(gt["test"]) + "\n" + wrapper
 
 
 def score_code(data_source: str, response: str, ground_truth: Mapping[str, Any], *,
@@ -223,9 +239,11 @@ def score_code(data_source: str, response: str, ground_truth: Mapping[str, Any],
     if code is None:
         return 0.0
     if "test" in ground_truth and "entry_point" in ground_truth:
-        program = humaneval_program(code, ground_truth, limits.humaneval_case_s)
+        marker = _new_marker()
+        program = humaneval_program(code, ground_truth, marker, limits.humaneval_case_s)
         res = run_python(program, "", humaneval_budget_s(str(ground_truth["test"]), limits), sandbox)
-        return 1.0 if res.ok else 0.0
+        # exit 0 alone is not enough: sys.exit(0) before check() would otherwise "pass"
+        return 1.0 if res.ok and marker in res.stdout else 0.0
     if "tests" not in ground_truth:
         raise ValueError(f"code reward ({data_source}): ground_truth needs 'tests' or "
                          f"'test'+'entry_point', got keys {sorted(ground_truth)}")
