@@ -27,6 +27,10 @@ class BadRow(ValueError):
     """Raised by a row parser; the reader adds the file and line/row to the message."""
 
 
+class DropRow(Exception):
+    """Raised by a registry parser for a known fault of a shipped file: dropped and counted."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One prompt of any data set.
@@ -56,6 +60,7 @@ class LoadStats:
     read: int = 0
     kept: int = 0
     skipped: int = 0
+    dropped: int = 0  # known faults of shipped files (e.g. MATH-train rows without an answer)
     reasons: list[str] = field(default_factory=list)
 
     def add_skip(self, reason: str) -> None:
@@ -67,6 +72,7 @@ class LoadStats:
         self.read += other.read
         self.kept += other.kept
         self.skipped += other.skipped
+        self.dropped += other.dropped
         self.reasons.extend(other.reasons[: max(0, 20 - len(self.reasons))])
 
 
@@ -215,11 +221,15 @@ def read_records(path: Union[str, Path], parse: Callable[[Any, int], Record],
         except BadRow as e:
             _bad(loc, str(e), on_bad_row, stats)
             continue
+        except DropRow as e:
+            stats.dropped += 1
+            log.info("%s: dropped (%s)", loc, e)
+            continue
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
     stats.kept = len(out)
-    stats.read = stats.kept + stats.skipped
+    stats.read = stats.kept + stats.skipped + stats.dropped
     if stats.skipped:
         log.warning("%s: skipped %d bad row(s); first: %s", path, stats.skipped, stats.reasons[0])
     return out, stats

@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional, Union
 from flowrl_jax.config import DatasetSpec
 from flowrl_jax.data.extract import (gsm8k_answer, last_boxed, number_to_str, olympiad_answer,
                                      parse_tests)
-from flowrl_jax.data.records import (BadRow, DataError, LoadStats, Record, get_field,
+from flowrl_jax.data.records import (BadRow, DataError, DropRow, LoadStats, Record, get_field,
                                      read_records, require_str)
 
 ENV_DATA_DIR = "FLOWRL_DATA_DIR"
 
-# rllm/FlowRL drop this HumanEval+ task: its `find_zero` has many valid roots but the
-# OriginFmt test compares against the canonical root, so correct answers can fail.
+# rllm/FlowRL drop this HumanEval+ task: its OriginFmt check calls `_poly(*candidate(*inp), inp)`,
+# unpacking the returned float, so every answer (the canonical solution too) raises TypeError.
 HUMANEVALPLUS_RLLM_DROPPED = ("HumanEval/32",)
 
 
@@ -35,7 +35,7 @@ class DatasetInfo:
     data_source: str
     template: str
     parse: Callable[[dict, int], Record]
-    num_rows: int  # rows in the shipped file (checked by the tests)
+    num_rows: int  # rows in the shipped file (checked by the tests; see LoadStats.read)
     kind: str  # train | math_eval | code_eval
     drop_ids: tuple[str, ...] = ()
     note: str = ""
@@ -45,12 +45,14 @@ class DatasetInfo:
 
 
 def _math(name: str, data_source: str, prompt_key: str, answer: Callable[[dict], Any],
-          id_key: Optional[str] = None, extra_keys: tuple[str, ...] = ()
-          ) -> Callable[[dict, int], Record]:
+          id_key: Optional[str] = None, extra_keys: tuple[str, ...] = (),
+          drop_unanswered: bool = False) -> Callable[[dict, int], Record]:
     """A parser for a math set: prompt from `prompt_key`, gold from `answer(row)`."""
 
     def parse(row: dict, index: int) -> Record:
         prompt = require_str(get_field(row, prompt_key), prompt_key)
+        if drop_unanswered and str(row.get("answer") or "").strip() == "":
+            raise DropRow("no gold answer in the shipped file")
         gt = answer(row)
         if gt is None:
             raise BadRow("no gold answer could be extracted")
@@ -171,7 +173,8 @@ def _entries() -> dict[str, DatasetInfo]:
                     "math_dapo", "math", _parse_dapo, 17917, "train"),
         DatasetInfo("math_train", "math_train/math.json", "json", "math_dapo", "math",
                     _math("math_train", "math_dapo", "problem", _str_field("answer"),
-                          extra_keys=("type", "difficulty")), 7474, "train"),
+                          extra_keys=("type", "difficulty"), drop_unanswered=True), 7474,
+                    "train", note="4 rows have no answer (null or empty) and are dropped"),
         DatasetInfo("aime24", "aime24/test.jsonl", "jsonl", "aime24", "math",
                     _math("aime24", "aime24", "problem", _str_field("answer"), "id"), 30, m),
         DatasetInfo("aime25", "aime25/test.jsonl", "jsonl", "aime25", "math",
