@@ -276,7 +276,11 @@ def _custom_answer(value: Any, spec: DatasetSpec, key: str) -> Union[str, dict]:
         return {"tests": _tests(value, key)}
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = number_to_str(value)
-    if isinstance(value, list) and value and isinstance(value[0], str):
+    if isinstance(value, list):
+        # OlympiadBench-style one-element list; anything longer is ambiguous
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise BadRow(f"field {key!r} must be a string or a one-element list of strings, "
+                         f"got a list of {len(value)}")
         value = olympiad_answer(value)
     value = require_str(value, key)
     if extract == "last_boxed":
