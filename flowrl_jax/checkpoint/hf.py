@@ -1,0 +1,365 @@
+"""Hugging Face Qwen2 checkpoints ⇄ NNX model state.
+
+Import streams tensor by tensor: each tensor is memory-mapped, transposed/cast lazily and
+copied by `jax.make_array_from_callback` straight into its NamedSharding (each device gets
+only its slice), so the host never holds the full model; peak extra host memory is about
+one tensor. Export gathers one tensor at a time and writes sharded safetensors that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Names: our NNX paths mirror HF names; `kernel` [in, out] ↔ HF `weight` [out, in].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from flowrl_jax.checkpoint.safetensors_io import (
+    CheckpointError, TensorEntry, TensorSpec, map_tensor, parse_size, read_header, write_file)
+from flowrl_jax.config import ConfigError, ModelArch
+from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
+
+PathLike = Union[str, os.PathLike]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tokenizer (and generation) files copied alongside weights on export/convert.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "generation_config.json")
+# Non-parameter buffers some older checkpoints carry; HF ignores them too.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(jax.numpy.bfloat16): "bfloat16",
+               np.dtype(np.float16): "float16"}
+
+
+# --------------------------------------------------------------------------- names
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """HF tensor name for an NNX param path, and whether the layout is transposed."""
+    parts = [str(p) for p in path]
+    transpose = parts[-1] == "kernel"
+    if transpose:
+        parts[-1] = "weight"
+    if parts == ["embed_tokens"]:
+        parts = ["embed_tokens", "weight"]
+    return ".".join(parts if parts[0] == "lm_head" else ["model"] + parts), transpose
+
+
+def expected_params(arch: ModelArch, num: Numerics | None = None) -> list[tuple[tuple, Any]]:
+    """(NNX path, abstract Param) for every parameter of the model `arch` describes."""
+    _, state = nnx.split(abstract_model(arch, num))
+    return list(nnx.to_flat_state(state))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_arch(hf_dir: PathLike) -> ModelArch:
+    """ModelArch from `hf_dir/config.json` (errors name the file)."""
+    p = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise CheckpointError(f"{hf_dir}: not a directory")
+    if not p.exists():
+        raise CheckpointError(f"{p}: missing (not a Hugging Face model directory?)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON: {e}") from e
+    try:
+        return ModelArch.from_hf_dict(d, source=str(p))
+    except KeyError as e:
+        raise CheckpointError(f"{p}: missing key {e.args[0]!r}") from e
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def index_tensors(hf_dir: PathLike) -> dict[str, TensorEntry]:
+    """Every tensor of a single- or multi-file safetensors checkpoint, headers validated."""
+    d = Path(hf_dir)
+    idx = d / INDEX_FILE
+    if idx.exists():
+        try:
+            weight_map = json.loads(idx.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{idx}: invalid index ({type(e).__name__}: {e})") from e
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (d / f).exists():
+                names = [n for n, v in weight_map.items() if v == f]
+                raise CheckpointError(f"{d / f}: missing shard (listed in {idx.name} for "
+                                      f"{len(names)} tensors, e.g. {names[0]!r})")
+    elif (d / SINGLE_FILE).exists():
+        files, weight_map = [SINGLE_FILE], None
+    else:
+        files = sorted(p.name for p in d.glob("*.safetensors"))
+        weight_map = None
+        if not files:
+            extra = " (PyTorch .bin checkpoints are not supported; re-save with safetensors)" \
+                if list(d.glob("*.bin")) else ""
+            raise CheckpointError(f"{d}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors{extra}")
+    out: dict[str, TensorEntry] = {}
+    for f in files:
+        for name, entry in read_header(d / f).items():
+            if name in out:
+                raise CheckpointError(f"{d / f}: tensor {name!r} also appears in {out[name].file}")
+            out[name] = entry
+    if weight_map is not None:
+        for name, f in weight_map.items():
+            if name not in out:
+                raise CheckpointError(f"{d / f}: tensor {name!r} listed in {INDEX_FILE} is "
+                                      f"not in the file")
+    return out
+
+
+def checkpoint_dtype(hf_dir: PathLike) -> str:
+    """The dominant floating dtype of a HF checkpoint's tensors ('float32', 'bfloat16', ...)."""
+    counts = Counter()
+    for e in index_tensors(hf_dir).values():
+        if e.dtype in DTYPE_NAMES:
+            counts[DTYPE_NAMES[e.dtype]] += e.nbytes
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def _match(arch: ModelArch, tensors: dict[str, TensorEntry], src: Path, num: Numerics):
+    """Pair each model param with its checkpoint tensor; any gap or surplus is an error."""
+    plan, seen = [], set()
+    for path, var in expected_params(arch, num):
+        name, transpose = hf_name(path)
+        shape = tuple(var.get_value().shape)
+        entry = tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"{src}: tensor {name!r} is missing (expected shape "
+                                  f"{(shape[::-1] if transpose else shape)})")
+        src_shape = entry.shape[::-1] if transpose else entry.shape
+        if src_shape != shape:
+            raise CheckpointError(
+                f"{entry.file}: tensor {name!r} has shape {entry.shape}, expected "
+                f"{shape[::-1] if transpose else shape} for this config.json")
+        if entry.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, "
+                                  f"expected a floating dtype")
+        plan.append((path, entry, transpose))
+        seen.add(name)
+    for name, entry in tensors.items():
+        if name in seen or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            continue  # some tied checkpoints also store the (identical) head
+        raise CheckpointError(f"{entry.file}: unexpected tensor {name!r} (shape {entry.shape}) "
+                              f"that a Qwen2 model with this config.json does not have")
+    # Read in file order so the page cache / disk see sequential access.
+    plan.sort(key=lambda t: (str(t[1].file), t[1].start))
+    return plan
+
+
+def place_tensor(entry: TensorEntry, transpose: bool, dtype: Any, sharding: Any) -> jax.Array:
+    """One checkpoint tensor → a global jax.Array; each device receives only its slice."""
+    mm = map_tensor(entry)
+    src = mm.T if transpose else mm
+    target = np.dtype(dtype)
+
+    def shard(index: tuple) -> np.ndarray:
+        # A view of the mapped file (cast when needed); jax copies it into the device buffer.
+        return np.asarray(src[index], dtype=target)
+
+    try:
+        return jax.make_array_from_callback(src.shape, sharding, shard)
+    except OSError as e:  # an I/O error while paging the file in
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r}: read failed: {e}") from e
+
+
+def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
+                  ) -> tuple[nnx.GraphDef, nnx.State, ModelArch]:
+    """Graphdef, sharded param state and arch of a HF checkpoint directory."""
+    from flowrl_jax.mesh import state_shardings
+
+    num = num or Numerics()
+    src = Path(hf_dir)
+    arch = read_arch(src)
+    plan = _match(arch, index_tensors(src), src, num)
+    graphdef, state = nnx.split(abstract_model(arch, num))
+    shardings = state_shardings(state, mesh)
+    flat_state = dict(nnx.to_flat_state(state))
+    flat_shard = dict(nnx.to_flat_state(shardings)) if isinstance(shardings, nnx.State) else None
+    for path, entry, transpose in plan:
+        var = flat_state[path]
+        sh = flat_shard[path] if flat_shard is not None else _get_path(shardings, path)
+        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
+        var.set_value(place_tensor(entry, transpose, var.get_value().dtype, sh))
+    return graphdef, state, arch
+
+
+def _get_path(tree: Any, path: tuple) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def load_hf(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
+            ) -> tuple[Qwen2ForCausalLM, ModelArch]:
+    """A Qwen2 model with sharded params from a HF directory (config.json + safetensors)."""
+    graphdef, state, arch = load_hf_state(hf_dir, mesh, num)
+    return nnx.merge(graphdef, state), arch
+
+
+def copy_tokenizer(src: PathLike, dst: PathLike) -> list[str]:
+    """Copy the tokenizer/generation files present in `src` into `dst`; returns their names."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: tokenizer directory not found")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def has_tokenizer(d: PathLike) -> bool:
+    """Whether directory `d` holds tokenizer files."""
+    d = Path(d)
+    return (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file() or \
+        (d / "tokenizer.model").is_file()
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What `export_hf` wrote."""
+
+    out_dir: Path
+    params: int
+    bytes: int
+    dtype: str
+    files: tuple[str, ...]
+    seconds: float
+
+
+def _flat_arrays(x: Any) -> dict[tuple, Any]:
+    """{path: array} from a model, an nnx.State or a pure nested dict."""
+    if isinstance(x, nnx.Module):
+        x = nnx.state(x, nnx.Param)
+    if isinstance(x, nnx.State):
+        x = x.to_pure_dict()
+    out: dict[tuple, Any] = {}
+
+    def walk(node: Any, prefix: tuple) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, prefix + (int(k) if isinstance(k, str) and k.isdigit() else k,))
+        elif node is not None:
+            out[prefix] = node.get_value() if isinstance(node, nnx.Variable) else node
+
+    walk(x, ())
+    return out
+
+
+def _to_host(arr: Any) -> np.ndarray:
+    """Gather one (possibly sharded, possibly multi-host) array to host memory."""
+    if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+    return np.asarray(jax.device_get(arr))
+
+
+def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
+              dtype: Optional[str] = None, shard_size: Union[int, str] = "5GB",
+              tokenizer_dir: Optional[PathLike] = None) -> ExportSummary:
+    """Write a HF Qwen2 directory (config.json, generation_config.json, safetensors shards).
+
+    `dtype` None keeps each parameter's own dtype (a bf16 model is written bf16). Only the
+    policy LM's parameters are accepted: any other parameter (e.g. a Z-network) is an error.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    arrays = _flat_arrays(model_or_state)
+    expected = expected_params(arch)
+    specs: list[TensorSpec] = []
+    for path, var in expected:
+        name, transpose = hf_name(path)
+        if path not in arrays:
+            raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} "
+                                  f"({name}) is missing from the given state")
+        arr = arrays.pop(path)
+        want = tuple(var.get_value().shape)
+        if tuple(arr.shape) != want:
+            raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} has "
+                                  f"shape {tuple(arr.shape)}, expected {want} for this arch")
+        out_dt = np.dtype(dtype_of(dtype)) if dtype else np.dtype(arr.dtype)
+        shape = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
+
+        def fetch(arr=arr, transpose=transpose, out_dt=out_dt) -> np.ndarray:
+            h = _to_host(arr)
+            return np.ascontiguousarray(h.T if transpose else h, dtype=out_dt)
+
+        specs.append(TensorSpec(name, out_dt, shape, fetch))
+    if arrays:
+        extra = ", ".join(".".join(map(str, p)) for p in list(arrays)[:5])
+        raise CheckpointError(f"export to {out}: {len(arrays)} parameters are not part of the "
+                              f"Qwen2 policy ({extra}); pass only the policy model state")
+
+    limit = parse_size(shard_size)
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for sp in specs:
+        if shards[-1] and size + sp.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(sp)
+        size += sp.nbytes
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    dtypes = Counter(sp.dtype for sp in specs)
+    main_dtype = DTYPE_NAMES.get(dtypes.most_common(1)[0][0], "float32")
+
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
+            old.unlink(missing_ok=True)  # stale shards of an earlier export
+    for fname, shard in zip(names, shards):
+        if writer:
+            write_file(out / fname, shard)
+        else:
+            for sp in shard:  # other processes join the gathers
+                sp.fetch()
+    if writer:
+        if n > 1:
+            index = {"metadata": {"total_size": sum(sp.nbytes for sp in specs)},
+                     "weight_map": {sp.name: fname for fname, shard in zip(names, shards)
+                                    for sp in shard}}
+            _write_json(out / INDEX_FILE, index)
+        _write_json(out / "config.json", arch.to_hf_dict(torch_dtype=main_dtype))
+        gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
+        _write_json(out / "generation_config.json", gen)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, out)
+    return ExportSummary(out, sum(int(np.prod(sp.shape)) for sp in specs),
+                         sum(sp.nbytes for sp in specs), main_dtype, tuple(names),
+                         time.perf_counter() - t0)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def iter_hf_tensors(hf_dir: PathLike) -> Iterable[tuple[str, np.ndarray]]:
+    """(name, host array) for every tensor of a HF checkpoint, one at a time (tests, tools)."""
+    for name, e in sorted(index_tensors(hf_dir).items()):
+        yield name, np.array(map_tensor(e))

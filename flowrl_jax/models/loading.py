@@ -1,0 +1,78 @@
+"""One entry point to get a sharded policy model from wherever it lives.
+
+`load_model` accepts a Hugging Face directory (config.json + safetensors), an Orbax
+checkpoint directory (model.json, see checkpoint/orbax.py) or a training run directory
+(RUN/checkpoints). Used by sample, eval, serve and the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from jax.sharding import Mesh
+
+from flowrl_jax.checkpoint.safetensors_io import CheckpointError
+from flowrl_jax.config import ModelArch, ModelConfig
+from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, init_sharded
+
+PathLike = Union[str, os.PathLike]
+
+
+def model_kind(path: PathLike) -> tuple[str, Path]:
+    """('hf' | 'orbax', directory) for a model path; a clear error when it is neither."""
+    from flowrl_jax.checkpoint.orbax import MODEL_JSON, RUN_CHECKPOINTS
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p}: model path does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: expected a directory (HF model, Orbax checkpoint or run dir)")
+    if (p / MODEL_JSON).is_file():
+        return "orbax", p
+    if (p / RUN_CHECKPOINTS / MODEL_JSON).is_file():
+        return "orbax", p / RUN_CHECKPOINTS
+    if (p / "config.json").is_file():
+        return "hf", p
+    raise CheckpointError(f"{p}: neither a Hugging Face model (config.json), an Orbax checkpoint "
+                          f"(model.json) nor a training run (checkpoints/model.json)")
+
+
+def _numerics(cfg: Union[ModelConfig, Numerics, None]) -> Optional[Numerics]:
+    if cfg is None or isinstance(cfg, Numerics):
+        return cfg
+    return Numerics.from_config(cfg)
+
+
+def load_model(path: PathLike, mesh: Mesh, cfg: Union[ModelConfig, Numerics, None] = None, *,
+               step: Optional[int] = None) -> tuple[Qwen2ForCausalLM, ModelArch, Optional[Path]]:
+    """(model with params sharded on `mesh`, arch, tokenizer dir or None) from a model path.
+
+    `cfg` None keeps the stored dtype (Orbax) or uses float32 (HF); `step` picks an Orbax step.
+    """
+    from flowrl_jax.checkpoint import hf, orbax
+
+    kind, d = model_kind(path)
+    num = _numerics(cfg)
+    if kind == "hf":
+        model, arch = hf.load_hf(d, mesh, num)
+        return model, arch, (d if hf.has_tokenizer(d) else None)
+    model, arch = orbax.restore_policy(d, mesh, num, step)
+    return model, arch, orbax.checkpoint_tokenizer_dir(d)
+
+
+def random_model(arch: ModelArch, numerics: Optional[Numerics], mesh: Mesh,
+                 seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised model created directly in its shardings on `mesh`."""
+    arch.validate()
+    return init_sharded(arch, numerics, mesh, seed)
+
+
+def model_from_config(cfg: ModelConfig, mesh: Mesh) -> tuple[Qwen2ForCausalLM, ModelArch, Optional[Path]]:
+    """The policy a ModelConfig describes: `path` when set, else a random `arch`/preset model."""
+    if cfg.path:
+        return load_model(cfg.path, mesh, cfg)
+    if cfg.arch is None:
+        raise CheckpointError("model: set model.path, model.preset or model.arch")
+    return random_model(cfg.arch, Numerics.from_config(cfg), mesh, cfg.seed), cfg.arch, None
