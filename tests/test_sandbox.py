@@ -1,0 +1,286 @@
+"""Sandbox: hostile programs are contained (no harm to the host, nothing survives), the pool keeps working."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flowrl_jax import rewards
+from flowrl_jax.rewards.code_reward import CodeLimits
+from flowrl_jax.rewards.sandbox import SandboxConfig, isolation_mode, run_python
+
+CFG = SandboxConfig(memory_mb=512, max_processes=32, max_output_bytes=1 << 20, max_file_mb=16,
+                    tmpfs_mb=64)
+TIMEOUT = 2.0
+
+
+def _ns_available() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    try:
+        return isolation_mode(CFG)[0] == "namespaces"
+    except RuntimeError:
+        return False
+
+
+needs_ns = pytest.mark.skipif(not _ns_available(),
+                              reason="namespace sandbox needs root + unshare (plain-mode tests still run)")
+
+
+def _sandbox_procs() -> list[psutil.Process]:
+    """Processes running under a sandbox uid or started by the sandbox launcher."""
+    base = CFG.uid_base
+    out = []
+    for p in psutil.process_iter(["uids", "cmdline"]):
+        try:
+            uid = p.info["uids"].real if p.info["uids"] else -1
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.Error, AttributeError):
+            continue
+        if base <= uid < base + 100_000 or "_launcher.py" in cmd or (uid == 65534 and "main.py" in cmd):
+            out.append(p)
+    return out
+
+
+def _wait_no_sandbox_procs(timeout: float = 3.0) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in _sandbox_procs() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def host(tmp_path, monkeypatch):
+    """Host-side bait: a 0600 secret outside /tmp, a canary dir, a listening socket, an env secret."""
+    base = Path(tempfile.mkdtemp(prefix="flowrl-sbx-test-", dir="/run" if os.access("/run", os.W_OK) else None))
+    os.chmod(base, 0o755)
+    secret = base / "secret.txt"
+    secret.write_text("TOPSECRET-FILE-8412")
+    os.chmod(secret, 0o600)
+    canary = base / "canary"
+    canary.mkdir()
+    (canary / "keep.txt").write_text("keep me")
+    tmp_secret = tmp_path / "tmp_secret.txt"
+    tmp_secret.write_text("TOPSECRET-TMP-5531")
+    os.chmod(tmp_secret, 0o600)
+    monkeypatch.setenv("FLOWRL_TEST_SECRET", "TOPSECRET-ENV-7719")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    srv.settimeout(0.2)
+    accepted: list = []
+    stop = threading.Event()
+
+    def accept_loop():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+                accepted.append(conn)
+            except OSError:
+                pass
+
+    th = threading.Thread(target=accept_loop, daemon=True)
+    th.start()
+    info = {"base": base, "secret": secret, "canary": canary, "tmp": tmp_path, "tmp_secret": tmp_secret,
+            "port": srv.getsockname()[1], "accepted": accepted, "pid": os.getpid()}
+    yield info
+    stop.set()
+    th.join(2)
+    srv.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def hostile_programs(h: dict) -> dict[str, str]:
+    """name -> source. Each tries one kind of harm; evidence goes to stdout."""
+    pwn = {"tmp": str(h["tmp"] / "pwned.txt"), "run": str(h["base"] / "pwned.txt"),
+           "repo": str(Path(__file__).resolve().parent / "pwned_by_sandbox.txt"),
+           "vartmp": "/var/tmp/flowrl_pwned.txt", "shm": "/dev/shm/flowrl_pwned.txt"}
+    return {
+        "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        "infinite_loop": "while True:\n    pass\n",
+        "sleep_forever": "import time\ntime.sleep(10**6)\n",
+        "ignore_signals_loop": "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):\n"
+                               "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass\n",
+        "memory_hog": "x = bytearray(8 << 30)\nprint('allocated')\n",
+        "memory_creep": "l = []\nwhile True:\n    l.append(bytearray(32 << 20))\n",
+        "huge_stdout": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+        "huge_stderr": "import sys\nwhile True:\n    sys.stderr.write('e' * 65536)\n",
+        "write_outside": "import json\nres = {}\nfor k, p in %r.items():\n    try:\n        open(p, 'w').write('pwned')\n"
+                         "        res[k] = 'WROTE'\n    except OSError as e:\n        res[k] = type(e).__name__\n"
+                         "print(json.dumps(res))\n" % pwn,
+        "read_secrets": "import glob\nout = []\nfor p in [%r, %r, '/proc/1/environ', '/etc/shadow', '/root/.bashrc']:\n"
+                        "    try:\n        out.append(open(p, 'rb').read().decode('latin1'))\n"
+                        "    except OSError as e:\n        out.append(type(e).__name__)\nprint(out)\n"
+                        % (str(h["secret"]), str(h["tmp_secret"])),
+        "env_secrets": "import os\nprint(dict(os.environ))\n"
+                       "for p in ('/proc/self/environ', '/proc/%d/environ' % os.getppid()):\n"
+                       "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n        print(p, e)\n",
+        "network_local": "import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', %d), timeout=1)\n"
+                         "    print('CONNECTED')\nexcept OSError as e:\n    print('BLOCKED', e)\n" % h["port"],
+        "network_external": "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n"
+                            "    print('CONNECTED')\nexcept OSError as e:\n    print('BLOCKED', e)\n",
+        "kill_parent": "import os, signal\nfor pid in (os.getppid(), %d, 1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
+                       "        print('KILLED', pid)\n    except OSError as e:\n        print('DENIED', pid, type(e).__name__)\n"
+                       % h["pid"],
+        "kill_everything": "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError as e:\n    print(e)\n",
+        "daemon": "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                  "        time.sleep(60)\n        os._exit(0)\n    os._exit(0)\nprint('parent done')\n",
+        "exit_tricks": "import os\nprint('partial', flush=True)\nos._exit(0)\n",
+        "recursion_bomb": "import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return f(n + 1) + 1\nf(0)\n",
+        "delete_files": "import os, shutil\nfor p in [%r, %r]:\n    try:\n        os.remove(p)\n        print('REMOVED', p)\n"
+                        "    except OSError as e:\n        print('DENIED', type(e).__name__)\n"
+                        "shutil.rmtree(%r, ignore_errors=True)\n"
+                        % (str(h["canary"] / "keep.txt"), str(h["secret"]), str(h["canary"])),
+        "chmod_chown": "import os\nfor f in (lambda: os.chmod(%r, 0o777), lambda: os.chown(%r, 0, 0), lambda: os.setuid(0)):\n"
+                       "    try:\n        f()\n        print('DID')\n    except OSError as e:\n        print('DENIED', type(e).__name__)\n"
+                       % (str(h["canary"]), str(h["canary"])),
+        "shell_escape": "import subprocess\nr = subprocess.run(['sh', '-c', 'echo pwned > %s; id'], capture_output=True, text=True)\n"
+                        "print(r.returncode, r.stdout, r.stderr)\n" % (h["canary"] / "shell.txt"),
+        "fd_exhaustion": "fs = []\nwhile True:\n    fs.append(open('/dev/null'))\n",
+        "disk_fill": "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'0' * (1 << 20))\n",
+        "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()\n",
+        "mount_attempt": "import os\nprint(os.system('mount -t tmpfs none /mnt 2>&1'))\n",
+        "proc_snoop": "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n",
+    }
+
+
+@needs_ns
+def test_sandbox_identity_and_isolation_basics():
+    res = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())", "", 10.0, CFG)
+    assert res.ok, res
+    uid, gid, groups, cwd = res.stdout.split(" ", 3)
+    assert int(uid) >= CFG.uid_base and int(gid) == int(uid) and groups == "[]"
+    assert cwd.strip() == "/tmp/sandbox"
+
+
+@needs_ns
+def test_hostile_programs_are_contained(host):
+    progs = hostile_programs(host)
+    assert len(progs) >= 20
+    before = {p.pid for p in _sandbox_procs()}
+    assert not before, f"sandbox processes alive before the test: {before}"
+    with cf.ThreadPoolExecutor(6) as ex:
+        futs = {name: ex.submit(run_python, src, "", TIMEOUT, CFG) for name, src in progs.items()}
+        res = {name: f.result() for name, f in futs.items()}
+    for name, r in res.items():
+        print(f"{name:22s} {r.status:12s} rc={r.returncode:4d} wall={r.wall_s:5.2f} out={r.stdout[:150]!r}")
+        assert r.status != "sandbox_error", (name, r.stderr)
+        assert r.wall_s < TIMEOUT + 4.0, (name, r.wall_s)
+
+    assert res["infinite_loop"].status == "timeout"
+    assert res["sleep_forever"].status == "timeout"
+    assert res["ignore_signals_loop"].status == "timeout"
+    assert res["fork_bomb"].status == "timeout"
+    assert res["memory_hog"].status == "error" and "MemoryError" in res["memory_hog"].stderr
+    # under CPU contention (fork bomb next door) the creep may hit the clock before the cap
+    assert res["memory_creep"].status in ("error", "timeout")
+    assert res["huge_stdout"].status == "output_limit" and len(res["huge_stdout"].stdout) <= CFG.max_output_bytes
+    assert len(res["huge_stderr"].stderr) <= CFG.max_stderr_bytes
+    assert res["recursion_bomb"].status in ("error", "timeout")  # 3.11 frames live on the heap
+    assert res["fd_exhaustion"].status == "error" and "Too many open files" in res["fd_exhaustion"].stderr
+    assert res["disk_fill"].status == "error"  # SIGXFSZ / ENOSPC
+    assert res["thread_bomb"].status in ("error", "timeout")
+
+    # no writes outside: every target failed or landed in a private tmpfs; none exists on the host
+    for p in (host["tmp"] / "pwned.txt", host["base"] / "pwned.txt",
+              Path(__file__).resolve().parent / "pwned_by_sandbox.txt"):
+        assert not p.exists(), p
+    for p in ("/var/tmp/flowrl_pwned.txt", "/dev/shm/flowrl_pwned.txt"):
+        assert not Path(p).exists(), p
+    assert '"repo": "PermissionError"' in res["write_outside"].stdout
+    assert '"run": "PermissionError"' in res["write_outside"].stdout
+
+    # no reads of secrets: 0600 file, file under the host /tmp, parent environment
+    for name in ("read_secrets", "env_secrets"):
+        out = res[name].stdout + res[name].stderr
+        assert "TOPSECRET" not in out, (name, out)
+    assert "PermissionError" in res["read_secrets"].stdout
+    assert res["env_secrets"].ok and "PATH" in res["env_secrets"].stdout
+
+    # no network: nothing reached the host listener; outbound connects fail
+    assert "BLOCKED" in res["network_local"].stdout and "CONNECTED" not in res["network_local"].stdout
+    assert "BLOCKED" in res["network_external"].stdout
+    time.sleep(0.3)
+    assert host["accepted"] == []
+
+    # signals: the launcher, the trainer and init are out of reach
+    assert "KILLED" not in res["kill_parent"].stdout, res["kill_parent"].stdout
+    assert psutil.pid_exists(host["pid"])
+
+    # files and ids: canary intact, no escalation, no shell writes, no mounts
+    assert (host["canary"] / "keep.txt").read_text() == "keep me"
+    assert host["secret"].read_text() == "TOPSECRET-FILE-8412"
+    assert not (host["canary"] / "shell.txt").exists()
+    assert "DID" not in res["chmod_chown"].stdout and oct(host["canary"].stat().st_mode)[-3:] == "755"
+    assert res["mount_attempt"].ok and res["mount_attempt"].stdout.strip() != "0"
+
+    # PID namespace: the program sees only its own tree
+    assert res["proc_snoop"].ok and max(eval(res["proc_snoop"].stdout)) < 20
+
+    # daemons and exit tricks: run ends promptly, nothing survives
+    assert res["daemon"].ok and res["daemon"].wall_s < TIMEOUT
+    assert res["exit_tricks"].ok and res["exit_tricks"].stdout.strip() == "partial"
+    assert _wait_no_sandbox_procs() == []
+    me = psutil.Process()
+    leftovers = [c for c in me.children(recursive=True)
+                 if any(k in " ".join(c.cmdline()) for k in ("_launcher.py", "unshare", "main.py"))]
+    assert leftovers == []
+    assert not list(Path(tempfile.gettempdir()).glob("flowrl_sbx_*")), "host temp dirs left behind"
+
+
+@needs_ns
+def test_pool_scores_hostile_batch_zero_then_recovers(host):
+    progs = hostile_programs(host)
+    gt = {"tests": [{"input": "", "output": "SAFE-SENTINEL-NEVER-PRINTED", "testtype": "stdin"}]}
+    items = [("livecodebench", f"```python\n{src}```", gt) for src in progs.values()]
+    with rewards.RewardPool(num_workers=6, sandbox=CFG, code_limits=CodeLimits(livecodebench_s=1.0)) as pool:
+        t0 = time.monotonic()
+        assert pool.score_batch(items) == [0.0] * len(items)
+        assert time.monotonic() - t0 < 30.0
+        ok_prog = "```python\nprint(sum(map(int, input().split())))\n```"
+        good = {"tests": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": "6"}]}
+        assert pool.score_batch([("codeforces", ok_prog, good)] * 3) == [1.0, 1.0, 1.0]
+        assert pool.submit("livecodebench", ok_prog, good).result(timeout=30) == 1.0
+    assert _wait_no_sandbox_procs() == []
+    assert (host["canary"] / "keep.txt").exists() and host["accepted"] == []
+
+
+def test_plain_mode_fallback(caplog):
+    caplog.set_level(logging.WARNING, logger="flowrl_jax.rewards.sandbox")
+    cfg = SandboxConfig(isolation="plain", memory_mb=512, max_output_bytes=1 << 16)
+    mode, _ = isolation_mode(cfg)
+    assert mode == "plain"
+    if os.geteuid() == 0:
+        # uid 65534 may not reach the interpreter; either way the fallback is announced
+        assert any("plain mode" in r.getMessage() for r in caplog.records) or _ == 65534
+    ok = run_python("print(input()[::-1])", "abc\n", 5.0, cfg)
+    assert ok.ok and ok.stdout.strip() == "cba"
+    t0 = time.monotonic()
+    slow = run_python("while True:\n    pass\n", "", 1.0, cfg)
+    assert slow.status == "timeout" and time.monotonic() - t0 < 4.0
+    big = run_python("import sys\nwhile True:\n    sys.stdout.write('y' * 4096)\n", "", 5.0, cfg)
+    assert big.status == "output_limit"
+    env = run_python("import os\nprint(sorted(os.environ))\n", "", 5.0, cfg)
+    assert "FLOWRL" not in env.stdout and "PATH" in env.stdout
+    marker = f"flowrl_plain_daemon_{os.getpid()}"
+    daemon = ("import os, time, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+              f"        sys.argv[0] = {marker!r}\n        time.sleep(60)\n        os._exit(0)\n"
+              "    os._exit(0)\ntime.sleep(0.2)\nprint('done')\n")
+    d = run_python(daemon, "", 5.0, cfg)
+    assert d.ok and d.wall_s < 4.0
+    time.sleep(0.2)
+    alive = [p for p in psutil.process_iter(["cmdline", "ppid"])
+             if p.info["cmdline"] and "time.sleep(60)" in " ".join(p.info["cmdline"])]
+    assert alive == []
