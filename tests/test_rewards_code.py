@@ -197,6 +197,13 @@ def test_lcb_stdin(lcb):
     assert rewards.score("livecodebench", fence(SECOND_LARGEST_OK) + fence(SECOND_LARGEST_BAD), lcb_gt(p)) == 0.0
 
 
+def test_lcb_stdin_future_import_and_exit(lcb):
+    p = lcb["Which element in A is the second largest"]
+    prog = "from __future__ import annotations\n" + SECOND_LARGEST_OK + "exit()\nprint('unreachable')\n"
+    assert rewards.score("livecodebench", fence(prog), lcb_gt(p)) == 1.0
+    assert rewards.score("codeforces", fence(prog), {"tests": p["tests"]}) == 1.0
+
+
 def test_lcb_stdin_all_tests_must_pass(lcb):
     p = lcb["exactly 9 positive divisors"]
     assert rewards.score("livecodebench", fence(NINE_DIVISORS_OK), lcb_gt(p)) == 1.0

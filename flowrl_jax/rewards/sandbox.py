@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -61,6 +62,9 @@ class SandboxConfig:
     isolation: str = "auto"  # auto | namespaces | plain
     uid_base: int = 2_000_000_000  # per-slot uids: uid_base + slot (root only)
     python: str = sys.executable  # interpreter for the untrusted program
+    # run the program with `python -S` and site-packages on PYTHONPATH: skips .pth processing
+    # (~50-70 ms per run with an editable install); exit()/quit() are re-added by a prologue
+    fast_startup: bool = True
 
 
 @dataclass
@@ -115,6 +119,25 @@ def _program_env(home: str, tmpdir: str) -> dict[str, str]:
     }
 
 
+# `python -S` drops site's exit()/quit() builtins, which competitive programs use.
+_PROLOGUE = "import builtins as _fb, sys as _fs\n_fb.exit = _fb.quit = _fs.exit\ndel _fb, _fs\n"
+_FUTURE = re.compile(r"^from[ \t]+__future__[ \t]+import[^\n]*\n?", re.MULTILINE)
+
+
+def _hoist_future(source: str) -> str:
+    """Move `from __future__ import` lines to the top (they must precede any prologue)."""
+    futures = _FUTURE.findall(source)
+    if not futures:
+        return source
+    return "".join(f if f.endswith("\n") else f + "\n" for f in futures) + _FUTURE.sub("", source)
+
+
+def _site_packages(python: str) -> list[str]:
+    probe = subprocess.run([python, "-c", "import site, json; print(json.dumps(site.getsitepackages()))"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    return [p for p in json.loads(probe.stdout) if os.path.isdir(p)]
+
+
 def _interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
     """(dirs to hide, dirs to re-expose) so that `python` is usable by an unprivileged uid."""
     probe = subprocess.run(
@@ -149,6 +172,12 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         workdir = "/tmp/sandbox" if ns else os.path.join(host_dir, "work")
         if not ns and uid is not None:
             os.chmod(host_dir, 0o711)  # the dropped uid must reach host_dir/work
+        env = _program_env(workdir, "/tmp" if ns else workdir)
+        argv = [cfg.python, "-B", "-s", "main.py"]
+        if cfg.fast_startup:
+            argv = [cfg.python, "-B", "-S", "main.py"]
+            env["PYTHONPATH"] = os.pathsep.join(_site_dirs(cfg.python))
+            source = _hoist_future(_PROLOGUE + source)
         files = {"main.py": source.encode("utf-8", "surrogatepass"),
                  "stdin.txt": stdin.encode("utf-8", "surrogatepass")}
         for name, data in files.items():
@@ -158,8 +187,7 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         config = {
             "mode": mode, "files": list(files), "stdin_file": "stdin.txt", "timeout_s": timeout_s,
             "uid": uid, "gid": uid, "hide": mounts[0], "rebind": mounts[1], "tmpfs_mb": cfg.tmpfs_mb,
-            "argv": [cfg.python, "-B", "-s", "main.py"],
-            "env": _program_env(workdir, "/tmp" if ns else workdir),
+            "argv": argv, "env": env,
             "limits": {"cpu_s": cpu_s, "as_bytes": cfg.memory_mb << 20, "nproc": cfg.max_processes,
                        "fsize_bytes": cfg.max_file_mb << 20, "nofile": cfg.max_open_files},
         }
@@ -277,6 +305,15 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
 
 
 _mounts_cache: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+_site_cache: dict[str, list[str]] = {}
+_site_lock = threading.Lock()
+
+
+def _site_dirs(python: str) -> list[str]:
+    with _site_lock:
+        if python not in _site_cache:
+            _site_cache[python] = _site_packages(python)
+        return _site_cache[python]
 
 
 def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,
