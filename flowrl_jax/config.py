@@ -366,6 +366,7 @@ class TrainerConfig:
     export_hf: bool = False  # write the final policy in HF format to OUT/hf
     ref_offload: bool = False  # keep reference params on host memory
     logprob_chunk: int = 1024  # sequence chunk for the chunked log-prob computation
+    device_memory_gb: Optional[float] = None  # per-device budget for the memory check; None → detect
 
     def validate(self, key: str = "trainer") -> None:
         _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
@@ -381,6 +382,8 @@ class TrainerConfig:
         _check(self.log_every > 0, f"{key}.log_every", "must be > 0")
         _check(self.validate_every >= 0, f"{key}.validate_every", "must be >= 0")
         _check(self.logprob_chunk > 0, f"{key}.logprob_chunk", "must be > 0")
+        _check(self.device_memory_gb is None or self.device_memory_gb > 0,
+               f"{key}.device_memory_gb", "must be > 0")
 
 
 # --------------------------------------------------------------------------- eval
