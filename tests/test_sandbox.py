@@ -152,6 +152,11 @@ def hostile_programs(h: dict) -> dict[str, str]:
         "disk_fill": "with open('big.bin', 'wb') as f:\n    while True:\n        f.write(b'0' * (1 << 20))\n",
         "thread_bomb": "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,)).start()\n",
         "mount_attempt": "import os\nprint(os.system('mount -t tmpfs none /mnt 2>&1'))\n",
+        "namespace_escape": "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                            "print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n"
+                            "print('setns', libc.setns(os.open('/proc/self/ns/net', os.O_RDONLY), 0), ctypes.get_errno())\n"
+                            "print('ptrace', libc.ptrace(16, 1, 0, 0), ctypes.get_errno())\n"
+                            "print('userns_cmd', os.system('unshare -r true 2>/dev/null'))\n",
         "proc_snoop": "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n",
     }
 
@@ -225,6 +230,14 @@ def test_hostile_programs_are_contained(host):
     assert not (host["canary"] / "shell.txt").exists()
     assert "DID" not in res["chmod_chown"].stdout and oct(host["canary"].stat().st_mode)[-3:] == "755"
     assert res["mount_attempt"].ok and res["mount_attempt"].stdout.strip() != "0"
+
+    # seccomp: no user namespaces (kernel attack surface), no setns/ptrace
+    esc = res["namespace_escape"]
+    if os.uname().machine in ("x86_64", "aarch64"):
+        assert esc.ok, esc.stderr
+        assert "unshare -1 1\n" in esc.stdout and "ptrace -1 1\n" in esc.stdout, esc.stdout
+        assert "userns_cmd 0" not in esc.stdout
+    assert "setns 0" not in esc.stdout and ("setns -1 1\n" in esc.stdout or not esc.ok)
 
     # PID namespace: the program sees only its own tree
     assert res["proc_snoop"].ok and max(eval(res["proc_snoop"].stdout)) < 20

@@ -21,6 +21,64 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096,
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
+# seccomp deny-list: namespace/mount/kernel-extension/introspection syscalls a test program
+# never needs; each is a known kernel attack surface (e.g. unprivileged user namespaces).
+_DENY = ("unshare setns mount umount2 pivot_root chroot ptrace process_vm_readv process_vm_writev "
+         "keyctl add_key request_key bpf perf_event_open io_uring_setup io_uring_enter "
+         "io_uring_register userfaultfd kexec_load kexec_file_load init_module finit_module "
+         "delete_module reboot swapon swapoff acct syslog open_by_handle_at name_to_handle_at "
+         "fsopen fsmount move_mount open_tree fspick mount_setattr").split()
+_SYSCALLS = {  # (AUDIT_ARCH, numbers in _DENY order, clone, clone3)
+    "x86_64": (0xC000003E, (272, 308, 165, 166, 155, 161, 101, 310, 311, 250, 248, 249, 321, 298,
+                            425, 426, 427, 323, 246, 320, 175, 313, 176, 169, 167, 168, 163, 103,
+                            304, 303, 430, 432, 429, 428, 433, 442), 56, 435),
+    "aarch64": (0xC00000B7, (97, 268, 40, 39, 41, 51, 117, 270, 271, 219, 217, 218, 280, 241,
+                             425, 426, 427, 282, 104, 294, 105, 273, 106, 142, 224, 225, 89, 116,
+                             265, 264, 430, 432, 429, 428, 433, 442), 220, 435),
+}
+_CLONE_NEW_MASK = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+
+
+def _seccomp_program(machine):
+    """Classic-BPF filter: deny-listed syscalls -> EPERM, clone3 -> ENOSYS, clone(CLONE_NEW*) -> EPERM."""
+    arch, deny, nr_clone, nr_clone3 = _SYSCALLS[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    code = [(ld, 0, 0, 4), (jeq, 0, "kill", arch), (ld, 0, 0, 0)]
+    if machine == "x86_64":
+        code.append((jge, "deny", 0, 0x40000000))  # x32 ABI numbers
+    code += [(jeq, "deny", 0, nr) for nr in deny]
+    code += [(jeq, "enosys", 0, nr_clone3), (jeq, 0, "allow", nr_clone),
+             (ld, 0, 0, 16), (jset, "deny", "allow", _CLONE_NEW_MASK)]
+    labels = {"allow": len(code), "deny": len(code) + 1, "enosys": len(code) + 2, "kill": len(code) + 3}
+    code += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | 1), (ret, 0, 0, 0x00050000 | 38),
+             (ret, 0, 0, 0x80000000)]
+    out = []
+    for i, (op, jt, jf, k) in enumerate(code):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        out.append((op, jt, jf, k))
+    return out
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _install_seccomp():
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        return  # the host logs that seccomp is unavailable on this architecture
+    prog = _seccomp_program(machine)
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), arr)
+    if _libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        err = ctypes.get_errno()
+        raise OSError(err, "seccomp: " + os.strerror(err))
+
 
 def _mount(src, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()  # noqa: E731
@@ -101,6 +159,8 @@ def _child(cfg, workdir, stdin_path):
             os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
             os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if cfg.get("seccomp"):
+            _install_seccomp()
         os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
     except BaseException as exc:  # noqa: BLE001 - report anything, never return into the launcher
         os.write(2, f"sandbox-setup-error: {type(exc).__name__}: {exc}\n".encode())

@@ -65,6 +65,7 @@ class SandboxConfig:
     # run the program with `python -S` and site-packages on PYTHONPATH: skips .pth processing
     # (~50-70 ms per run with an editable install); exit()/quit() are re-added by a prologue
     fast_startup: bool = True
+    seccomp: bool = True  # deny namespace/mount/ptrace/bpf/io_uring/... syscalls (x86_64, aarch64)
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         config = {
             "mode": mode, "files": list(files), "stdin_file": "stdin.txt", "timeout_s": timeout_s,
             "uid": uid, "gid": uid, "hide": mounts[0], "rebind": mounts[1], "tmpfs_mb": cfg.tmpfs_mb,
-            "argv": argv, "env": env,
+            "argv": argv, "env": env, "seccomp": cfg.seccomp,
             "limits": {"cpu_s": cpu_s, "as_bytes": cfg.memory_mb << 20, "nproc": cfg.max_processes,
                        "fsize_bytes": cfg.max_file_mb << 20, "nofile": cfg.max_open_files},
         }
