@@ -11,6 +11,7 @@ Names: our NNX paths mirror HF names; `kernel` [in, out] ↔ HF `weight` [out, i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -57,10 +58,16 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return ".".join(parts if parts[0] == "lm_head" else ["model"] + parts), transpose
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract(arch: ModelArch, num: Numerics) -> tuple[nnx.GraphDef, tuple[tuple[tuple, Any], ...]]:
+    # Tracing the model's initialisers takes seconds for big models: do it once per shape.
+    graphdef, state = nnx.split(abstract_model(arch, num))
+    return graphdef, tuple(nnx.to_flat_state(state))
+
+
 def expected_params(arch: ModelArch, num: Numerics | None = None) -> list[tuple[tuple, Any]]:
-    """(NNX path, abstract Param) for every parameter of the model `arch` describes."""
-    _, state = nnx.split(abstract_model(arch, num))
-    return list(nnx.to_flat_state(state))
+    """(NNX path, abstract Param) for every parameter of the model `arch` describes (read-only)."""
+    return list(_abstract(arch, num or Numerics())[1])
 
 
 # --------------------------------------------------------------------------- reading
@@ -132,10 +139,11 @@ def checkpoint_dtype(hf_dir: PathLike) -> str:
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
-def _match(arch: ModelArch, tensors: dict[str, TensorEntry], src: Path, num: Numerics):
+def _match(params: list[tuple[tuple, Any]], arch: ModelArch, tensors: dict[str, TensorEntry],
+           src: Path) -> list[tuple[tuple, Any, TensorEntry, bool]]:
     """Pair each model param with its checkpoint tensor; any gap or surplus is an error."""
     plan, seen = [], set()
-    for path, var in expected_params(arch, num):
+    for path, var in params:
         name, transpose = hf_name(path)
         shape = tuple(var.get_value().shape)
         entry = tensors.get(name)
@@ -150,7 +158,7 @@ def _match(arch: ModelArch, tensors: dict[str, TensorEntry], src: Path, num: Num
         if entry.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, "
                                   f"expected a floating dtype")
-        plan.append((path, entry, transpose))
+        plan.append((path, var, entry, transpose))
         seen.add(name)
     for name, entry in tensors.items():
         if name in seen or name.endswith(IGNORED_SUFFIXES):
@@ -160,7 +168,7 @@ def _match(arch: ModelArch, tensors: dict[str, TensorEntry], src: Path, num: Num
         raise CheckpointError(f"{entry.file}: unexpected tensor {name!r} (shape {entry.shape}) "
                               f"that a Qwen2 model with this config.json does not have")
     # Read in file order so the page cache / disk see sequential access.
-    plan.sort(key=lambda t: (str(t[1].file), t[1].start))
+    plan.sort(key=lambda t: (str(t[2].file), t[2].start))
     return plan
 
 
@@ -183,28 +191,19 @@ def place_tensor(entry: TensorEntry, transpose: bool, dtype: Any, sharding: Any)
 def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
                   ) -> tuple[nnx.GraphDef, nnx.State, ModelArch]:
     """Graphdef, sharded param state and arch of a HF checkpoint directory."""
-    from flowrl_jax.mesh import state_shardings
+    from flowrl_jax.mesh import logical_axes_of, named_sharding
 
     num = num or Numerics()
     src = Path(hf_dir)
     arch = read_arch(src)
-    plan = _match(arch, index_tensors(src), src, num)
-    graphdef, state = nnx.split(abstract_model(arch, num))
-    shardings = state_shardings(state, mesh)
-    flat_state = dict(nnx.to_flat_state(state))
-    flat_shard = dict(nnx.to_flat_state(shardings)) if isinstance(shardings, nnx.State) else None
-    for path, entry, transpose in plan:
-        var = flat_state[path]
-        sh = flat_shard[path] if flat_shard is not None else _get_path(shardings, path)
-        sh = sh.get_value() if isinstance(sh, nnx.Variable) else sh
-        var.set_value(place_tensor(entry, transpose, var.get_value().dtype, sh))
-    return graphdef, state, arch
-
-
-def _get_path(tree: Any, path: tuple) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
+    graphdef, params = _abstract(arch, num)
+    plan = _match(list(params), arch, index_tensors(src), src)
+    flat = []
+    for path, var, entry, transpose in plan:
+        v = var.get_value()
+        sharding = named_sharding(mesh, logical_axes_of(var), v.shape)
+        flat.append((path, var.replace(place_tensor(entry, transpose, v.dtype, sharding))))
+    return graphdef, nnx.from_flat_state(flat), arch
 
 
 def load_hf(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,

@@ -148,8 +148,10 @@ def save_policy(ckpt_dir: PathLike, model_or_state: Any, arch: ModelArch, step: 
     ocp = _ocp()
     mngr = _manager(d, create=True, max_to_keep=max_to_keep)
     try:
-        mngr.save(step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardSave(pure)}),
-                  force=True)
+        if step in mngr.all_steps():
+            raise CheckpointError(f"{d}: step {step} already exists; choose another step or an "
+                                  f"empty directory")
+        mngr.save(step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardSave(pure)}))
         mngr.wait_until_finished()
     finally:
         mngr.close()

@@ -1,0 +1,169 @@
+"""`flowrl-jax bench convert`: HF safetensors import throughput vs raw file read.
+
+Writes a random float32 checkpoint of the Qwen2.5-0.5B shape (≈ 2 GB, several shards) to a
+temp dir, then measures, both with a warm page cache (the files are read once first; we
+cannot drop the cache without root, and warm-vs-warm is the fair comparison):
+- reference: raw read of every byte of the same files (readinto a reused 64 MiB buffer);
+- ours: `checkpoint.hf.load_hf` (header parse, memory-map, transpose, place into sharded
+  jax arrays on all local devices), in a fresh subprocess so that peak RSS is clean.
+Best of `--repeats` for both. Peak RSS "extra" = peak − RSS before loading − final arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CASE = "qwen2.5-0.5b-f32"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default=None, help="where to write the checkpoint (default: temp)")
+    parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    parser.add_argument("--shard-size", default="500MB", help="safetensors shard size")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side (best)")
+    parser.add_argument("--preset", default="qwen2.5-0.5b", help="model preset (shape)")
+
+
+def _arch(preset: str):
+    import yaml
+
+    from flowrl_jax.config import CONFIG_DIR, ModelArch
+    return ModelArch(**yaml.safe_load((CONFIG_DIR / "models" / f"{preset}.yaml").read_text()))
+
+
+def write_random_checkpoint(out: Path, arch, shard_size: str, seed: int = 0) -> list[Path]:
+    """A random float32 HF checkpoint of `arch`, several shards, written straight from numpy."""
+    from safetensors.numpy import save_file
+
+    from flowrl_jax.checkpoint.hf import INDEX_FILE, expected_params, hf_name
+    from flowrl_jax.checkpoint.safetensors_io import parse_size
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    limit = parse_size(shard_size)
+    tensors = []
+    for path, var in expected_params(arch):
+        name, transpose = hf_name(path)
+        shape = tuple(var.get_value().shape)
+        tensors.append((name, shape[::-1] if transpose else shape))
+    groups: list[list] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = int(np.prod(shape)) * 4
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    files, weight_map = [], {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {n: (rng.random(s, dtype=np.float32) - 0.5) * 0.04 for n, s in group}
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        del shard
+        files.append(out / fname)
+        weight_map.update({n: fname for n, _ in group})
+    total = sum(f.stat().st_size for f in files)
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                              "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(arch.to_hf_dict("float32")))
+    return files
+
+
+def raw_read(files: list[Path]) -> tuple[int, float]:
+    """(bytes, seconds) to read every byte of `files` into a reused buffer."""
+    buf = bytearray(64 << 20)
+    mv = memoryview(buf)
+    n = 0
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while k := fh.readinto(mv):
+                n += k
+    return n, time.perf_counter() - t0
+
+
+def _child(ckpt: str) -> None:
+    """Run in a fresh process: load the checkpoint, print timing and memory as JSON."""
+    import resource
+
+    import jax
+    import psutil
+
+    from flowrl_jax.checkpoint.hf import load_hf
+    from flowrl_jax.mesh import make_mesh
+
+    mesh = make_mesh()
+    jax.block_until_ready(jax.device_put(np.zeros(4)))  # backend up before the baseline
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    model, _ = load_hf(ckpt, mesh)
+    leaves = jax.tree.leaves(model)
+    jax.block_until_ready(leaves)
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    arrays = sum(x.nbytes for x in leaves)
+    print(json.dumps({"seconds": secs, "base_rss": base, "peak_rss": peak,
+                      "peak_before": peak_before, "final_rss": proc.memory_info().rss,
+                      "arrays": arrays, "devices": len(mesh.devices.flat)}))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from flowrl_jax.checkpoint.hf import index_tensors
+
+    arch = _arch(args.preset)
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="flowrl-bench-convert-"))
+    ckpt = root / "hf"
+    try:
+        t0 = time.perf_counter()
+        files = write_random_checkpoint(ckpt, arch, args.shard_size)
+        print(f"bench convert: wrote {len(files)} shards in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        largest = max(e.nbytes for e in index_tensors(ckpt).values())
+        raw_read(files)  # warm the page cache
+        raws = [raw_read(files) for _ in range(max(1, args.repeats))]
+        nbytes = raws[0][0]
+        raw_mbs = max(n / s for n, s in raws) / 1e6
+        env = dict(os.environ)
+        children = []
+        for _ in range(max(1, args.repeats)):
+            r = subprocess.run([sys.executable, "-m", "flowrl_jax.bench.convert", str(ckpt)],
+                               capture_output=True, text=True, env=env, check=False)
+            if r.returncode != 0:
+                raise RuntimeError(f"bench convert child failed:\n{r.stderr[-3000:]}")
+            children.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        best = min(children, key=lambda c: c["seconds"])
+        ours_mbs = nbytes / best["seconds"] / 1e6
+        peak = max(c["peak_rss"] for c in children)
+        extra = max(c["peak_rss"] - c["base_rss"] - c["arrays"] for c in children)
+        gb = 1 << 30
+        bound = 2 * largest + gb
+        return [{
+            "case": CASE, "ours": ours_mbs, "reference": raw_mbs, "unit": "MB/s",
+            "ratio": ours_mbs / raw_mbs, "size_gb": nbytes / gb, "files": len(files),
+            "load_s": best["seconds"], "devices": best["devices"],
+            "peak_rss_gb": peak / gb, "base_rss_gb": best["base_rss"] / gb,
+            "arrays_gb": best["arrays"] / gb, "extra_rss_gb": extra / gb,
+            "largest_tensor_gb": largest / gb, "bound_gb": bound / gb,
+            "within_bound": bool(extra <= bound),
+            "cache": "warm (read once before timing)",
+        }]
+    finally:
+        if not args.keep:
+            shutil.rmtree(root if not args.dir else ckpt, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
