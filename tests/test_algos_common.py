@@ -74,6 +74,23 @@ def test_group_norm_random_vs_numpy_and_jit():
                                rtol=1e-10)
 
 
+def test_group_norm_all_equal_with_rounding_noise_is_exactly_zero():
+    for dt in (jnp.float32, jnp.float64):
+        got = np.asarray(C.group_normalize(jnp.full((7,), 0.1, dt), group_size=7))
+        assert np.all(got == 0.0), (dt, got)
+
+
+def test_group_ids_sparse_keys_and_range_check():
+    keys = np.array([1005, 1005, 7, 7, 7, 42])
+    dense = C.dense_group_ids(keys)
+    assert dense.tolist() == [2, 2, 0, 0, 0, 1]
+    r = jnp.asarray([1.0, 0.0, 1.0, 1.0, 0.0, 3.0])
+    np.testing.assert_allclose(np.asarray(C.group_normalize(r, jnp.asarray(dense))),
+                               np_group_norm(np.asarray(r), dense), rtol=1e-10)
+    with pytest.raises(ValueError, match="dense_group_ids"):
+        C.group_normalize(r, jnp.asarray(keys))
+
+
 def test_group_norm_bad_input():
     with pytest.raises(ValueError, match="group size"):
         C.group_normalize(jnp.zeros(10), group_size=4)

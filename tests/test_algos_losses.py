@@ -201,6 +201,16 @@ def test_flowrl_loss_and_grads_vs_numpy(mode):
         assert 0 < float(metrics["clip_frac"]) < 1  # row 0 is capped, others not
 
 
+def test_flowrl_reward_norm_none_uses_raw_reward():
+    d = make_data(9)
+    batch, _ = split(d)
+    got = get_algorithm("flowrl").advantages(batch, AlgoConfig(reward_norm="none"))["rhat"]
+    close(got, np.where(LENGTHS > 0, d["rewards"], 0.0), rtol=1e-12)
+    with pytest.raises(ValueError, match="reward_norm"):
+        get_algorithm("flowrl").advantages(batch, dataclasses.replace(AlgoConfig(),
+                                                                      reward_norm="zscore"))
+
+
 def test_flowrl_clip_modes_hand_cases():
     # one token per sequence, log w = logp − old chosen so w is known; δ = 1 for every row
     w_raw = np.array([0.5, 0.9, 1.1, 1.25, 5.0, 20.0])

@@ -10,7 +10,8 @@ the importance weights are exercised). The whole run is one jitted lax.scan.
 
 What FlowRL's loss matches: δ = log Z + log π(y) − β r̂(y) − log π_ref(y) is driven to 0 for
 every sampled y, so p(y) ∝ π_ref(y)·exp(β r̂(y)).
- * With a fixed log-reward (r̂ := raw reward) the target is exactly π_ref·exp(β r)/Z.
+ * With a fixed log-reward (algo.reward_norm = "none": r̂ := raw reward) the target is
+   exactly π_ref·exp(β r)/Z.
  * With group-normalised r̂ (what the trainer feeds it) r̂ depends on the other members of
    the group, i.e. on π itself. The stationary point of the expected gradient (softmax
    logits: π_k·E[δ | y = k] = 0 for all k) is the self-consistent target
@@ -46,7 +47,8 @@ P = REF_LOGITS.shape[0]
 @lru_cache(maxsize=None)
 def _train_fn(name: str, beta: float, rewards_key: str, raw_reward: bool, steps: int):
     """A jitted full training run → final answer distribution [P, K]."""
-    cfg = AlgoConfig(name=name, beta=beta)
+    # reward_norm="none": FlowRL's r̂ is the raw reward (GRPO ignores the field)
+    cfg = AlgoConfig(name=name, beta=beta, reward_norm="none" if raw_reward else "group")
     algo = get_algorithm(name)
     table = jnp.asarray({"graded": GRADED, "binary": BINARY}[rewards_key], jnp.float32)
     ref_lp = jax.nn.log_softmax(jnp.asarray(REF_LOGITS, jnp.float32), -1)
@@ -68,8 +70,6 @@ def _train_fn(name: str, beta: float, rewards_key: str, raw_reward: bool, steps:
                      old_logp=jax.lax.stop_gradient(logp_of(params["theta"], y)),
                      ref_logp=ref_lp[pid, y][:, None], rewards=table[pid, y], group_ids=gid)
         batch.update(algo.advantages(batch, cfg))
-        if raw_reward:
-            batch["rhat"] = batch["rewards"]
 
         def loss_fn(p):
             return algo.loss(cfg, batch, dict(logp=logp_of(p["theta"], y), log_z=p["log_z"][pid]))

@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -255,6 +256,22 @@ def group_ids_from_size(batch_size: int, group_size: int) -> Array:
     return jnp.arange(batch_size, dtype=jnp.int32) // group_size
 
 
+def dense_group_ids(group_ids) -> np.ndarray:
+    """Host-side remap of arbitrary group keys (e.g. dataset prompt ids) to 0..n_groups−1."""
+    _, inv = np.unique(np.asarray(group_ids), return_inverse=True)
+    return inv.reshape(-1).astype(np.int32)
+
+
+def _check_group_ids(group_ids: Array, num_groups: int) -> None:
+    """Out-of-range ids would be silently dropped by segment_sum: refuse them when concrete."""
+    if isinstance(group_ids, jax.core.Tracer):
+        return
+    g = np.asarray(group_ids)
+    if g.size and (g.min() < 0 or g.max() >= num_groups):
+        raise ValueError(f"group_ids: values must lie in [0, {num_groups}), got range "
+                         f"[{g.min()}, {g.max()}]; remap with dense_group_ids()")
+
+
 def group_normalize(rewards: Array, group_ids: Optional[Array] = None,
                     group_size: Optional[int] = None, valid: Optional[Array] = None,
                     eps: float = GROUP_NORM_EPS, num_groups: Optional[int] = None) -> Array:
@@ -262,8 +279,8 @@ def group_normalize(rewards: Array, group_ids: Optional[Array] = None,
 
     Groups come from `group_ids` [B] (ints in [0, num_groups), num_groups defaulting to B)
     or from a fixed `group_size` (consecutive blocks). std is unbiased (n − 1); a group of
-    one member uses mean 0 and std 1 (so r̂ = r); an all-equal group gives exactly 0.
-    Members with `valid` = False (padding rows) do not count and get r̂ = 0.
+    one member uses mean 0 and std 1 (so r̂ = r/(1 + eps)); a group whose rewards are all
+    equal gives exactly 0. Members with `valid` = False (padding rows) do not count and get 0.
     """
     rewards = jnp.asarray(rewards)
     dt = compute_dtype(rewards)
@@ -273,25 +290,27 @@ def group_normalize(rewards: Array, group_ids: Optional[Array] = None,
         if group_size is None:
             raise ValueError("group_normalize needs group_ids or group_size")
         group_ids = group_ids_from_size(b, group_size)
+    group_ids = jnp.asarray(group_ids) if not isinstance(group_ids, jax.Array) else group_ids
     if group_ids.shape != (b,):
         raise ValueError(f"group_ids: expected shape ({b},), got {group_ids.shape}")
     ng = b if num_groups is None else num_groups
-    vm = jnp.ones((b,), dt) if valid is None else jnp.asarray(valid).astype(dt)
-    r = jnp.where(vm > 0, r, 0.0)  # a NaN reward on a padding row must not reach its group
+    _check_group_ids(group_ids, ng)
+    vm = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid).astype(bool)
+    r = jnp.where(vm, r, 0.0)  # a NaN reward on a padding row must not reach its group
     gid = group_ids.astype(jnp.int32)
-    cnt = jax.ops.segment_sum(vm, gid, num_segments=ng)
-    tot = jax.ops.segment_sum(r * vm, gid, num_segments=ng)
-    mean = tot / jnp.maximum(cnt, 1)
-    dev = (r - mean[gid]) * vm
-    ss = jax.ops.segment_sum(dev * dev, gid, num_segments=ng)
-    std = jnp.sqrt(ss / jnp.maximum(cnt - 1, 1))
+    cnt = jax.ops.segment_sum(vm.astype(dt), gid, num_segments=ng)
+    mean = jax.ops.segment_sum(r, gid, num_segments=ng) / jnp.maximum(cnt, 1)
+    dev = jnp.where(vm, r - mean[gid], 0.0)
+    std = jnp.sqrt(jax.ops.segment_sum(dev * dev, gid, num_segments=ng) / jnp.maximum(cnt - 1, 1))
+    # all-equal test on max == min: r − mean can carry rounding noise (0.1 + 0.1 + 0.1 ...)
+    gmax = jax.ops.segment_max(jnp.where(vm, r, -jnp.inf), gid, num_segments=ng)
+    gmin = jax.ops.segment_min(jnp.where(vm, r, jnp.inf), gid, num_segments=ng)
     single = cnt[gid] <= 1
     mu = jnp.where(single, 0.0, mean[gid])
     sd = jnp.where(single, 1.0, std[gid])
     out = (r - mu) / (sd + eps)
-    # all-equal group: r − mean can carry rounding noise; force the exact 0 of SPEC §3
-    out = jnp.where(~single & (ss[gid] == 0), 0.0, out)
-    return jnp.where(vm > 0, out, 0.0)
+    out = jnp.where(~single & (gmax[gid] == gmin[gid]), 0.0, out)
+    return jnp.where(vm, out, 0.0)
 
 
 def last_token_rewards(rewards: Array, mask: Array) -> Array:

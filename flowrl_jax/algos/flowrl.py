@@ -96,15 +96,23 @@ class FlowRL(Algorithm):
 
     @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
-        """r̂ = group-normalised rewards (SPEC §3) over the whole rollout batch."""
+        """r̂ over the whole rollout batch: group-normalised rewards (SPEC §3) when
+        cfg.reward_norm == "group" (default), the raw reward when "none" (then the fixed point
+        is exactly π_ref·exp(β r)/Z). Padding rows get 0."""
         where = "flowrl.advantages"
         mask = response_mask(batch, where)
-        require(batch, ("rewards", "group_ids"), where)
+        require(batch, ("rewards",), where)
         b = mask.shape[0]
-        check_shape(jnp.asarray(batch["rewards"]), (b,), "batch['rewards']", where)
-        rhat = C.group_normalize(jnp.asarray(batch["rewards"]), jnp.asarray(batch["group_ids"]),
-                                 valid=seq_valid(batch, mask))
-        return {"rhat": rhat}
+        rewards = jnp.asarray(batch["rewards"])
+        check_shape(rewards, (b,), "batch['rewards']", where)
+        valid = seq_valid(batch, mask)
+        norm = cfg_get(cfg, "reward_norm", "group")
+        if norm == "none":
+            return {"rhat": jnp.where(valid, rewards.astype(C.compute_dtype(rewards)), 0.0)}
+        if norm != "group":
+            raise ValueError(f"algo.reward_norm: unknown value {norm!r} (expected group or none)")
+        require(batch, ("group_ids",), where)
+        return {"rhat": C.group_normalize(rewards, batch["group_ids"], valid=valid)}
 
     @classmethod
     def loss(cls, cfg: Any, batch: Mapping[str, Array],
