@@ -297,3 +297,23 @@ def test_plain_mode_fallback(caplog):
     alive = [p for p in psutil.process_iter(["cmdline", "ppid"])
              if p.info["cmdline"] and "time.sleep(60)" in " ".join(p.info["cmdline"])]
     assert alive == []
+
+
+PARITY_PROGRAMS = [
+    ("import sys\nprint(sys.argv[0], __name__)\nprint(input()[::-1])\n", "abc\n"),
+    ("raise ValueError('boom')\n", ""),
+    ("import sys\nsys.exit('bye')\n", ""),
+    ("import atexit\natexit.register(lambda: print('atexit ran'))\nexit(4)\n", ""),
+    ("from __future__ import annotations\ndef f(x: Undefined) -> int:\n    return 1\nquit()\n", ""),
+    ("import numpy as np\nprint(np.arange(4).sum())\n", ""),
+]
+
+
+def test_fast_inprocess_start_matches_exec_start():
+    fast, slow = SandboxConfig(), SandboxConfig(fast_startup=False)
+    for src, stdin in PARITY_PROGRAMS:
+        a, b = run_python(src, stdin, 10.0, fast), run_python(src, stdin, 10.0, slow)
+        assert (a.status, a.returncode, a.stdout) == (b.status, b.returncode, b.stdout), (src, a, b)
+        assert a.stderr.strip().splitlines()[-1:] == b.stderr.strip().splitlines()[-1:], (src, a.stderr, b.stderr)
+    r = run_python(*PARITY_PROGRAMS[0], 10.0, fast)
+    assert r.stdout == "main.py __main__\ncba\n"

@@ -189,6 +189,9 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
             "mode": mode, "files": list(files), "stdin_file": "stdin.txt", "timeout_s": timeout_s,
             "uid": uid, "gid": uid, "hide": mounts[0], "rebind": mounts[1], "tmpfs_mb": cfg.tmpfs_mb,
             "argv": argv, "env": env, "seccomp": cfg.seccomp,
+            # same interpreter as the launcher: run the program in the forked launcher itself
+            "inproc": cfg.fast_startup and os.path.realpath(cfg.python) == os.path.realpath(sys.executable),
+            "pythonpath": env.get("PYTHONPATH", "").split(os.pathsep) if cfg.fast_startup else [],
             "limits": {"cpu_s": cpu_s, "as_bytes": cfg.memory_mb << 20, "nproc": cfg.max_processes,
                        "fsize_bytes": cfg.max_file_mb << 20, "nofile": cfg.max_open_files},
         }
