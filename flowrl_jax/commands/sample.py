@@ -1,0 +1,127 @@
+"""`flowrl-jax sample`: generate text from a model (HF directory or Orbax checkpoint), or from a
+running `flowrl-jax serve` server with `--server HOST:PORT`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("source")
+    src.add_argument("--model", help="HF model directory (with tokenizer files) or Orbax checkpoint")
+    src.add_argument("--server", default=None, metavar="HOST:PORT",
+                     help="ask a running `flowrl-jax serve` instead of loading a model (sampling "
+                          "parameters are then the server's)")
+    pr = parser.add_mutually_exclusive_group(required=True)
+    pr.add_argument("--prompt", help="one prompt")
+    pr.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    parser.add_argument("--stop-token-ids", type=int, nargs="*", default=[],
+                        help="extra token ids that end a sample")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    parser.add_argument("--json", action="store_true", help="one JSON object per sample and line")
+    parser.add_argument("--decode-slots", type=int, default=64, help="continuous-batching slots")
+    parser.add_argument("--decode-chunk", type=int, default=32, help="decode steps per device loop")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute (and KV-cache) dtype")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from --prompt or --prompts-file (one per line, blank lines skipped)."""
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.exists():
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
+    prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts-file {path}: no prompts (one per line expected)")
+    return prompts
+
+
+def _emit(args: argparse.Namespace, rec: dict) -> None:
+    if args.json:
+        print(json.dumps(rec), flush=True)
+    else:
+        print(f"--- prompt {rec['prompt_index']} sample {rec['sample_index']} "
+              f"({rec['finish_reason']}, {len(rec['token_ids'])} tokens)")
+        print(rec["text"], flush=True)
+
+
+def _run_server(args: argparse.Namespace, prompts: list[str]) -> int:
+    from flowrl_jax.sampling.jetstream import request
+
+    for i, p in enumerate(prompts):
+        for s in range(args.n):
+            c = request(args.server, text=p, max_tokens=args.max_new_tokens)
+            _emit(args, {"prompt_index": i, "sample_index": s, "token_ids": c.token_ids,
+                         "text": c.text, "logprobs": None,
+                         "finish_reason": "length" if len(c.token_ids) >= args.max_new_tokens
+                         else "stop"})
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        prompts = read_prompts(args)
+    except (OSError, ValueError) as e:
+        print(f"flowrl-jax sample: {e}", file=sys.stderr)
+        return 2
+    if args.server:
+        return _run_server(args, prompts)
+    if not args.model:
+        print("flowrl-jax sample: give --model DIR (or --server HOST:PORT)", file=sys.stderr)
+        return 2
+
+    from flowrl_jax.config import ModelConfig
+    from flowrl_jax.data.templates import ChatRenderer
+    from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
+    from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
+
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p, max_new_tokens=args.max_new_tokens, n=args.n,
+                              seed=args.seed, ignore_eos=args.ignore_eos,
+                              stop_token_ids=tuple(args.stop_token_ids))
+    try:
+        sampling.validate()
+        model, arch, tok_dir = load_for_sampling(
+            args.model, None, ModelConfig(path=args.model, compute_dtype=args.dtype))
+        tokenizer = load_tokenizer_for(tok_dir)
+    except (OSError, ValueError, KeyError, SamplingError) as e:
+        print(f"flowrl-jax sample: {e}", file=sys.stderr)
+        return 2
+    if args.chat:
+        chat = ChatRenderer(tokenizer)
+        if not chat.enabled:
+            print(f"flowrl-jax sample: --chat: the tokenizer ({tok_dir or 'packaged'}) has no chat "
+                  "template", file=sys.stderr)
+            return 2
+        prompts = [chat(p) for p in prompts]
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    eos = {t for t in (arch.eos_token_id, tokenizer.eos_token_id) if t is not None}
+    engine = SamplingEngine(model, decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
+                            prefill_buckets=(32, 128, 512, 2048), eos_token_ids=sorted(eos),
+                            pad_token_id=tokenizer.pad_token_id or 0)
+    try:
+        out = engine.generate(model, ids, sampling)
+    except SamplingError as e:
+        print(f"flowrl-jax sample: {e}", file=sys.stderr)
+        return 2
+    for i in range(len(out.lengths)):
+        n = int(out.lengths[i])
+        toks = out.tokens[i, :n].tolist()
+        _emit(args, {"prompt_index": int(out.prompt_index[i]), "sample_index": int(out.sample_index[i]),
+                     "token_ids": toks, "text": tokenizer.decode(toks, skip_special_tokens=True),
+                     "logprobs": [float(x) for x in out.logprobs[i, :n]],
+                     "finish_reason": out.finish_reasons[i]})
+    return 0

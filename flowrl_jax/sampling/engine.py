@@ -1,0 +1,614 @@
+"""KV-cache generation engine for rollouts: jitted bucketed prefill, on-device decode chunks,
+continuous batching over a fixed number of decode slots.
+
+Layout. Every decode slot owns one row of a preallocated cache [slots, S, kv_heads, head_dim]
+per layer (GQA: only the kv heads are stored), sharded by the logical rules (`cache_batch`
+over data×fsdp, `kv_heads` over tensor). A prompt of length L sits left-aligned at cache slots
+0..L-1, so a token's cache slot equals its RoPE position and no padding is ever attended.
+
+Admission. Prefill computes the cache of `prompt[:-1]` (length bucketed to a static size) and
+scatters it into every slot that runs a sample of that prompt: G samples share one prefill.
+The last prompt token is fed by the first decode step, so the first generated token is sampled
+by the same code (and the same per-sample key schedule) as every other token.
+
+Decode. `decode_chunk` runs up to `chunk` steps in a `lax.while_loop` on device (leaving early
+when every slot is idle); between chunks the host reads the emitted tokens, frees finished
+slots and admits waiting requests (continuous batching).
+
+Randomness. The key of the token generated at step t of sample s of prompt p is
+fold_in(fold_in(fold_in(PRNGKey(seed), p), s), t): samples do not depend on slot assignment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from flowrl_jax.config import ModelArch, RolloutConfig
+from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
+from flowrl_jax.models.qwen2 import CACHE_AXES, CacheUpdate, KVCache, Qwen2ForCausalLM
+
+Array = jax.Array
+
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
+
+
+class SamplingError(ValueError):
+    """A request cannot be served (too long, bad parameters); the message names the culprit."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: greedy when temperature == 0; top_k == 0 / top_p == 1 / min_p == 0 = off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    n: int = 1
+    seed: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raise SamplingError naming the first impossible field."""
+        checks = [
+            (self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (0 = off)"),
+            (0 <= self.min_p < 1, "min_p", "must be in [0, 1)"),
+            (self.max_new_tokens > 0, "max_new_tokens", "must be > 0"),
+            (self.n > 0, "n", "must be > 0"),
+        ]
+        for ok, name, msg in checks:
+            if not ok:
+                raise SamplingError(f"SamplingParams.{name}={getattr(self, name)!r}: {msg}")
+
+    @classmethod
+    def from_rollout_config(cls, cfg: RolloutConfig, seed: int = 0) -> "SamplingParams":
+        """Sampling parameters of an RL rollout step (`cfg.rollout`); pass a per-step seed."""
+        return cls(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                   max_new_tokens=cfg.max_new_tokens, n=cfg.samples_per_prompt, seed=seed,
+                   ignore_eos=cfg.ignore_eos, stop_token_ids=tuple(cfg.stop_token_ids))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The static (compile-time) part of sampling: one compiled decode per distinct spec."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+
+
+@dataclass
+class Rollout:
+    """Generated samples, prompt-major (all n samples of prompt 0 first); numpy arrays."""
+
+    prompt_index: np.ndarray  # [N] int32
+    sample_index: np.ndarray  # [N] int32
+    tokens: np.ndarray  # [N, max_new_tokens] int32, right-padded with 0
+    logprobs: np.ndarray  # [N, max_new_tokens] float32, log_softmax(logits / T) of the sampled token
+    lengths: np.ndarray  # [N] int32, generated tokens (including a final stop token)
+    finish_reasons: list[str]  # "stop" | "length"
+
+    def token_lists(self) -> list[list[int]]:
+        """Generated tokens of each sample without padding."""
+        return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths)]
+
+    def logprob_lists(self) -> list[list[float]]:
+        """Per-token log-probs of each sample without padding."""
+        return [self.logprobs[i, :n].tolist() for i, n in enumerate(self.lengths)]
+
+
+# --------------------------------------------------------------------------- sampling kernel
+
+
+def sample_logits(logits: Array, keys: Array, spec: _Spec) -> tuple[Array, Array]:
+    """Sample one token per row of float32 logits [B, V] with raw keys [B, 2].
+
+    Returns (tokens [B], logp [B]) where logp = log_softmax(logits / T)[token]: the policy's
+    log-prob at the sampling temperature (what the trainer computes), not the truncated one.
+    Filters (top-k, then top-p on the renormalised top-k distribution, then min-p) are chosen
+    statically so the common T-only case does no sort.
+    """
+    if spec.temperature == 0.0:
+        tok = jnp.argmax(logits, axis=-1)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        return tok.astype(jnp.int32), jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+    scaled = logits / spec.temperature
+    logp_all = jax.nn.log_softmax(scaled, axis=-1)
+    neg = jnp.finfo(jnp.float32).min
+    filtered = scaled
+    if spec.top_k > 0 and spec.top_k < logits.shape[-1]:
+        top_vals = jax.lax.top_k(scaled, spec.top_k)[0]  # sorted descending
+        filtered = jnp.where(scaled < top_vals[:, -1:], neg, filtered)
+    else:
+        top_vals = None
+    if spec.top_p < 1.0:
+        # Keep the smallest top set whose mass reaches top_p: a token stays if the mass of the
+        # tokens strictly above it is < top_p. Sort only the top-k values when top-k is on.
+        vals = top_vals if top_vals is not None else -jnp.sort(-filtered, axis=-1)
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = before < spec.top_p
+        cutoff = jnp.min(jnp.where(keep, vals, jnp.inf), axis=-1, keepdims=True)
+        filtered = jnp.where(filtered < cutoff, neg, filtered)
+    if spec.min_p > 0.0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
+        top = jnp.max(filtered, axis=-1, keepdims=True)
+        filtered = jnp.where(filtered < top + math.log(spec.min_p), neg, filtered)
+    tok = jax.vmap(lambda k, l: jax.random.categorical(jax.random.wrap_key_data(k), l))(keys, filtered)
+    tok = tok.astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+
+
+def sample_keys(seed: Array, prompt_index: Array, sample_index: Array) -> Array:
+    """Raw base keys [M, 2] for (seed, prompt index, sample index) triples."""
+    def one(p, s):
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), p), s)
+        return jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+    return jax.vmap(one)(prompt_index, sample_index).astype(jnp.uint32)
+
+
+# --------------------------------------------------------------------------- decode state
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries, per slot; `pos` is both cache slot and RoPE position."""
+
+    cache: list[KVCache]  # per layer [slots, S, kv_heads, head_dim]
+    token: Array  # [slots] int32 token fed at the next step
+    pos: Array  # [slots] int32 its cache slot / position
+    active: Array  # [slots] bool
+    generated: Array  # [slots] int32 tokens generated so far
+    budget: Array  # [slots] int32 max new tokens
+    keys: Array  # [slots, 2] uint32 per-sample base key
+
+
+class ChunkOut(NamedTuple):
+    """Per-step outputs of a decode chunk, [chunk, slots] each."""
+
+    tokens: Array
+    logprobs: Array
+    emitted: Array  # bool: the slot produced a token at this step
+    finish: Array  # int32: FINISH_* for the step that ended the sample
+
+
+def cache_bytes(arch: ModelArch, slots: int, length: int, dtype: Any) -> int:
+    """KV-cache bytes: slots × length × layers × 2 × kv_heads × head_dim × itemsize."""
+    return (slots * length * arch.num_hidden_layers * 2 * arch.num_key_value_heads
+            * arch.resolved_head_dim * jnp.dtype(dtype).itemsize)
+
+
+def _device_free_bytes(device: jax.Device) -> Optional[int]:
+    """Free memory of a device when the backend reports it (GPU/TPU), else None (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without stats
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; beyond the largest, the next multiple of the largest."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    top = max(buckets)
+    return int(math.ceil(n / top) * top)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Kernels:
+    """The jitted device functions for one (model graph, mesh, cache dtype).
+
+    Cached per key, so every engine over the same architecture shares compilations (the
+    trainer's engine, eval engines, tests). Only array shapes and `_Spec` trigger recompiles.
+    """
+
+    def __init__(self, graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any):
+        self.graphdef, self.arch, self.mesh = graphdef, arch, mesh
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.admit = jax.jit(self._admit, donate_argnums=(1,))
+        self.prefill = jax.jit(self._prefill)
+        self.insert = jax.jit(self._insert, donate_argnums=(0,))
+        self.chunk = jax.jit(self._decode_chunk, static_argnums=(3, 4), donate_argnums=(1,))
+
+    # ----------------------------------------------------------------- shardings
+
+    def state_shardings(self, slots: int, length: int) -> Optional[DecodeState]:
+        """NamedShardings of a decode state (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+        cs = named_sharding(self.mesh, CACHE_AXES, shape)
+        b1 = batch_sharding(self.mesh, 1, (slots,))
+        b2 = batch_sharding(self.mesh, 2, (slots, 2))
+        return DecodeState([KVCache(cs, cs) for _ in range(self.arch.num_hidden_layers)],
+                           b1, b1, b1, b1, b1, b2)
+
+    def constrain(self, st: DecodeState) -> DecodeState:
+        sh = self.state_shardings(st.token.shape[0], st.cache[0].k.shape[1])
+        return st if sh is None else jax.lax.with_sharding_constraint(st, sh)
+
+    def init_state(self, slots: int, length: int) -> DecodeState:
+        """An empty decode state (all slots idle) placed in its shardings."""
+        shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+
+        def make():
+            z = jnp.zeros(shape, self.cache_dtype)
+            cache = [KVCache(z, z) for _ in range(self.arch.num_hidden_layers)]
+            zi = jnp.zeros((slots,), jnp.int32)
+            return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
+                               jnp.zeros((slots, 2), jnp.uint32))
+
+        return jax.jit(make, out_shardings=self.state_shardings(slots, length))()
+
+    # ----------------------------------------------------------------- traced functions
+
+    def _prefill(self, params: Any, tokens: Array, lengths: Array) -> list[KVCache]:
+        """Cache [B, P, ...] of right-padded prompts `tokens` [B, P] with `lengths` [B]."""
+        model = nnx.merge(self.graphdef, params)
+        b, p = tokens.shape
+        shape = (b, p, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+        empty = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+                 for _ in range(self.arch.num_hidden_layers)]
+        valid = jnp.arange(p)[None, :] < lengths[:, None]
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
+        out = model(tokens, valid, positions, cache=empty,
+                    cache_update=CacheUpdate(jnp.zeros((b,), jnp.int32), valid), return_logits=False)
+        return out.cache
+
+    def _insert(self, st: DecodeState, prefix: list[KVCache], src: Array, dst: Array,
+                last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
+        """Copy prefix rows `src` [M] into slots `dst` [M] (out-of-range dst = no-op)."""
+        p = prefix[0].k.shape[1]
+        cache = []
+        for c, pc in zip(st.cache, prefix):
+            k = c.k.at[dst, :p].set(pc.k[src].astype(c.k.dtype), mode="drop")
+            v = c.v.at[dst, :p].set(pc.v[src].astype(c.v.dtype), mode="drop")
+            cache.append(KVCache(k, v))
+
+        def put(a, x):
+            return a.at[dst].set(x.astype(a.dtype), mode="drop")
+
+        st = DecodeState(cache, put(st.token, last_token), put(st.pos, pos),
+                         put(st.active, jnp.ones_like(dst, bool)), put(st.generated, jnp.zeros_like(dst)),
+                         put(st.budget, budget), put(st.keys, keys))
+        return self.constrain(st)
+
+    def _admit(self, params: Any, st: DecodeState, tokens: Array, lengths: Array, src: Array,
+               dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
+               sample_index: Array) -> DecodeState:
+        """Prefill a batch of prompts once and insert each into its slots (G copies)."""
+        prefix = self._prefill(params, tokens, lengths)
+        keys = sample_keys(seed, prompt_index, sample_index)
+        return self._insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
+
+    def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec):
+        s = st.cache[0].k.shape[1]
+        pos = jnp.minimum(st.pos, s - 1)
+        valid = jnp.arange(s)[None, :] <= pos[:, None]
+        out = model(st.token[:, None], None, pos[:, None], cache=st.cache,
+                    cache_update=CacheUpdate(pos, valid))
+        logits = out.logits[:, 0].astype(jnp.float32)
+        keys = jax.vmap(lambda k, t: jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(k), t)))(st.keys, st.generated)
+        tok, logp = sample_logits(logits, keys, spec)
+        gen = st.generated + 1
+        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
+        at_length = (gen >= st.budget) | (pos + 1 >= s)
+        act = st.active
+        finish = jnp.where(act & stop, FINISH_STOP,
+                           jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
+        new = DecodeState(out.cache, jnp.where(act, tok, st.token), st.pos + act.astype(jnp.int32),
+                          act & (finish == FINISH_NONE), jnp.where(act, gen, st.generated),
+                          st.budget, st.keys)
+        return self.constrain(new), (tok, logp, act, finish.astype(jnp.int32))
+
+    def _decode_chunk(self, params: Any, st: DecodeState, stop_ids: Array, spec: _Spec,
+                      chunk: int) -> tuple[DecodeState, ChunkOut]:
+        """Up to `chunk` decode steps on device; stops early when every slot is idle."""
+        model = nnx.merge(self.graphdef, params)
+        slots = st.token.shape[0]
+        outs = ChunkOut(jnp.zeros((chunk, slots), jnp.int32), jnp.zeros((chunk, slots), jnp.float32),
+                        jnp.zeros((chunk, slots), bool), jnp.zeros((chunk, slots), jnp.int32))
+
+        def cond(carry):
+            i, st, _ = carry
+            return (i < chunk) & jnp.any(st.active)
+
+        def body(carry):
+            i, st, outs = carry
+            st, row = self._step(model, st, stop_ids, spec)
+            outs = ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
+            return i + 1, st, outs
+
+        _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
+        return st, outs
+
+
+_KERNELS: dict[tuple, Kernels] = {}
+
+
+def kernels_for(graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any) -> Kernels:
+    """The shared `Kernels` of a model graph on a mesh."""
+    key = (graphdef, arch, mesh, jnp.dtype(cache_dtype).name)
+    if key not in _KERNELS:
+        _KERNELS[key] = Kernels(graphdef, arch, mesh, cache_dtype)
+    return _KERNELS[key]
+
+
+MAX_STOP_IDS = 8  # stop ids travel as a padded array so that changing them never recompiles
+
+
+class SamplingEngine:
+    """Jitted prefill/insert/decode over a slot-based KV cache, driven by a host scheduler.
+
+    Build once per model architecture; call `generate(params, prompts, sampling)` with the
+    trainer's current parameters (an nnx.State or a model) each rollout step.
+    """
+
+    def __init__(self, model: Qwen2ForCausalLM, *, mesh: Optional[Mesh] = None,
+                 decode_slots: int = 256, decode_chunk: int = 64,
+                 prefill_buckets: Sequence[int] = (128, 256, 512, 1024, 2048),
+                 prefill_batch: int = 8, eos_token_ids: Optional[Sequence[int]] = None,
+                 pad_token_id: int = 0, cache_dtype: Any = None, verbose: bool = True):
+        self.graphdef = nnx.graphdef(model)
+        self.arch: ModelArch = model.arch
+        self.cache_dtype = jnp.dtype(cache_dtype or model.num.compute_dtype)
+        self.mesh = mesh
+        self.decode_slots = int(decode_slots)
+        self.decode_chunk = int(decode_chunk)
+        self.prefill_buckets = tuple(sorted(int(b) for b in prefill_buckets))
+        self.prefill_batch = int(prefill_batch)
+        if eos_token_ids is None:
+            eos_token_ids = () if self.arch.eos_token_id is None else (self.arch.eos_token_id,)
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        self.verbose = verbose
+        self._printed: set = set()
+        if (self.decode_slots <= 0 or self.decode_chunk <= 0 or self.prefill_batch <= 0
+                or not self.prefill_buckets):
+            raise SamplingError("decode_slots, decode_chunk, prefill_batch must be > 0 and "
+                                "prefill_buckets non-empty")
+        self.kernels = kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype)
+
+    @classmethod
+    def from_rollout_config(cls, model: Qwen2ForCausalLM, cfg: RolloutConfig,
+                            mesh: Optional[Mesh] = None, **kw: Any) -> "SamplingEngine":
+        """An engine sized by `cfg.rollout` (decode_slots, decode_chunk, prefill_buckets)."""
+        return cls(model, mesh=mesh, decode_slots=cfg.decode_slots, decode_chunk=cfg.decode_chunk,
+                   prefill_buckets=cfg.prefill_buckets, **kw)
+
+    # ----------------------------------------------------------------- params / memory
+
+    def params_of(self, params: Any) -> Any:
+        """The nnx.State to run with: the given arrays as they are, resharded only when they
+        live on a different mesh than the engine's."""
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        if self.mesh is None:
+            return params
+        leaves = jax.tree.leaves(params)
+        same = all(isinstance(getattr(x, "sharding", None), NamedSharding)
+                   and x.sharding.mesh == self.mesh for x in leaves)
+        if same:
+            return params
+        abstract = nnx.state(nnx.merge(self.graphdef, params))
+        return jax.device_put(params, state_shardings(abstract, self.mesh))
+
+    def init_state(self, slots: int, length: int) -> DecodeState:
+        """An empty decode state (all slots idle) placed in its shardings."""
+        return self.kernels.init_state(slots, length)
+
+    def check_fits(self, prompt_lengths: Sequence[int], max_new_tokens: int, slots: int,
+                   length: int) -> int:
+        """Validate lengths and memory before any compute; print and return the cache bytes."""
+        limit = self.arch.max_position_embeddings
+        for i, n in enumerate(prompt_lengths):
+            if n <= 0:
+                raise SamplingError(f"prompt {i} is empty: every prompt needs at least one token")
+            if n + max_new_tokens > limit:
+                raise SamplingError(
+                    f"prompt {i}: {n} prompt tokens + max_new_tokens {max_new_tokens} = "
+                    f"{n + max_new_tokens} exceeds the model's max_position_embeddings {limit}")
+            if n - 1 + max_new_tokens > length:  # the last generated token is never cached
+                raise SamplingError(f"prompt {i}: {n} + {max_new_tokens} tokens exceed the KV cache "
+                                    f"length {length}")
+        nbytes = cache_bytes(self.arch, slots, length, self.cache_dtype)
+        shards = 1
+        if self.mesh is not None:
+            spec = named_sharding(self.mesh, CACHE_AXES, (slots, length, self.arch.num_key_value_heads,
+                                                          self.arch.resolved_head_dim)).spec
+            for axes in spec:
+                for a in ((axes,) if isinstance(axes, str) else (axes or ())):
+                    shards *= self.mesh.shape[a]
+        dev = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        free = _device_free_bytes(dev)
+        if free is not None and nbytes / shards > free:
+            raise SamplingError(
+                f"KV cache needs {nbytes / shards / 2**30:.2f} GiB per device ({slots} slots × "
+                f"{length} tokens) but only {free / 2**30:.2f} GiB is free on {dev}; lower "
+                "rollout.decode_slots or max_new_tokens")
+        key = (slots, length)
+        if self.verbose and key not in self._printed:
+            self._printed.add(key)
+            print(f"[sampler] KV cache: {slots} slots × {length} tokens × "
+                  f"{self.arch.num_hidden_layers} layers × 2 × {self.arch.num_key_value_heads} kv "
+                  f"heads × {self.arch.resolved_head_dim} × {self.cache_dtype.itemsize} B = "
+                  f"{nbytes / 2**20:.1f} MiB", file=sys.stderr)
+        return nbytes
+
+    # ----------------------------------------------------------------- host API
+
+    def spec_for(self, sampling: SamplingParams) -> _Spec:
+        """The static (compiled) part of `sampling`."""
+        return _Spec(float(sampling.temperature), float(sampling.top_p), int(sampling.top_k),
+                     float(sampling.min_p))
+
+    def stop_ids_for(self, sampling: SamplingParams) -> np.ndarray:
+        """Stop ids (EOS unless ignore_eos, plus stop_token_ids) padded with -1."""
+        stops = set(int(t) for t in sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stops |= set(self.eos_token_ids)
+        width = max(MAX_STOP_IDS, _pow2(len(stops)))
+        out = np.full((width,), -1, np.int32)
+        out[:len(stops)] = sorted(stops)
+        return out
+
+    def cache_length(self, max_prompt_len: int, max_new_tokens: int) -> int:
+        """Cache length: prompt bucket + max_new_tokens rounded up to 32 (fewer shapes)."""
+        return (_bucket(max(1, max_prompt_len - 1), self.prefill_buckets)
+                + int(math.ceil(max_new_tokens / 32) * 32))
+
+    def num_slots(self, n_requests: int) -> int:
+        """Slots for a call: enough for every request up to decode_slots, a power of two,
+        divisible by the batch shards of the mesh."""
+        shards = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        slots = min(self.decode_slots, max(_pow2(n_requests), shards))
+        return int(math.ceil(slots / shards) * shards)
+
+    def generate(self, params: Any, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams) -> Rollout:
+        """Sample `sampling.n` responses for each prompt (token-id lists) with `params`."""
+        sampling.validate()
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            raise SamplingError("no prompts given")
+        vocab = self.arch.vocab_size
+        for i, p in enumerate(prompts):
+            if p and (min(p) < 0 or max(p) >= vocab):
+                raise SamplingError(f"prompt {i}: token id {max(p) if max(p) >= vocab else min(p)} "
+                                    f"is outside the vocabulary [0, {vocab})")
+        n_total = len(prompts) * sampling.n
+        slots = self.num_slots(n_total)
+        length = self.cache_length(max(len(p) for p in prompts), sampling.max_new_tokens)
+        self.check_fits([len(p) for p in prompts], sampling.max_new_tokens, slots, length)
+        params = self.params_of(params)
+        spec = self.spec_for(sampling)
+        stop_ids = self.stop_ids_for(sampling)
+        st = self.init_state(slots, length)
+
+        # Work items in prompt-major order; a prompt's samples may be split over admissions.
+        queue = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
+        qi = 0
+        owner = [-1] * slots  # slot → row in the output
+        toks: list[list[int]] = [[] for _ in range(n_total)]
+        lps: list[list[float]] = [[] for _ in range(n_total)]
+        reasons = [""] * n_total
+        free = list(range(slots))
+        done = 0
+        while done < n_total:
+            while free and qi < len(queue):
+                take, used = self._next_admission(queue, qi, len(free), prompts)
+                qi += len(take)
+                st = self._admit_batch(params, st, prompts, take, free[:len(take)], sampling)
+                for item, slot in zip(take, free[:len(take)]):
+                    owner[slot] = item[0] * sampling.n + item[1]
+                free = free[len(take):]
+            st, outs = self.kernels.chunk(params, st, stop_ids, spec, self.decode_chunk)
+            o_tok, o_lp, o_em, o_fin = (np.asarray(x) for x in jax.device_get(tuple(outs)))
+            for slot in np.nonzero(o_em.any(axis=0))[0].tolist():
+                row = owner[slot]
+                m = o_em[:, slot]
+                toks[row].extend(o_tok[m, slot].tolist())
+                lps[row].extend(o_lp[m, slot].tolist())
+                fin = int(o_fin[m, slot][-1])
+                if fin != FINISH_NONE:
+                    reasons[row] = FINISH_NAMES[fin]
+                    owner[slot] = -1
+                    free.append(slot)
+                    done += 1
+            free.sort()
+        return self._rollout(toks, lps, reasons, len(prompts), sampling)
+
+    def _next_admission(self, queue: list[tuple[int, int]], qi: int, n_free: int,
+                        prompts: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
+        """The next work items to admit: at most n_free samples of at most prefill_batch prompts."""
+        take: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        while qi < len(queue) and len(take) < n_free:
+            p = queue[qi][0]
+            if p not in seen and len(seen) == self.prefill_batch:
+                break
+            seen.add(p)
+            take.append(queue[qi])
+            qi += 1
+        return take, len(seen)
+
+    def _admit_batch(self, params: Any, st: DecodeState, prompts: list[list[int]],
+                     take: list[tuple[int, int]], slots_for: list[int],
+                     sampling: SamplingParams) -> DecodeState:
+        """Prefill the distinct prompts of `take` once and insert each sample into its slot."""
+        slots = st.token.shape[0]
+        uniq = sorted({p for p, _ in take})
+        row_of = {p: i for i, p in enumerate(uniq)}
+        plen = max(len(prompts[p]) - 1 for p in uniq)
+        pb = _bucket(max(plen, 1), self.prefill_buckets)
+        bb = min(self.prefill_batch, _pow2(slots))  # one static prefill batch size
+        tokens = np.full((bb, pb), self.pad_token_id, np.int32)
+        lengths = np.zeros((bb,), np.int32)
+        for p in uniq:
+            body = prompts[p][:-1]
+            tokens[row_of[p], :len(body)] = body
+            lengths[row_of[p]] = len(body)
+        src = np.zeros((slots,), np.int32)
+        dst = np.full((slots,), slots, np.int32)  # out of range → dropped by the scatter
+        last = np.zeros((slots,), np.int32)
+        pidx = np.zeros((slots,), np.int32)
+        sidx = np.zeros((slots,), np.int32)
+        for j, ((p, s), slot) in enumerate(zip(take, slots_for)):
+            src[j], dst[j], last[j], pidx[j], sidx[j] = row_of[p], slot, prompts[p][-1], p, s
+        budget = np.full((slots,), sampling.max_new_tokens, np.int32)
+        return self.kernels.admit(params, st, tokens, lengths, src, dst, last, budget,
+                                  np.uint32(sampling.seed % 2**32), pidx, sidx)
+
+    def _rollout(self, toks: list[list[int]], lps: list[list[float]], reasons: list[str],
+                 n_prompts: int, sampling: SamplingParams) -> Rollout:
+        n_total = len(toks)
+        width = sampling.max_new_tokens
+        tokens = np.zeros((n_total, width), np.int32)
+        logprobs = np.zeros((n_total, width), np.float32)
+        lengths = np.zeros((n_total,), np.int32)
+        for i, (t, lp) in enumerate(zip(toks, lps)):
+            tokens[i, :len(t)] = t
+            logprobs[i, :len(lp)] = lp
+            lengths[i] = len(t)
+        return Rollout(np.repeat(np.arange(n_prompts, dtype=np.int32), sampling.n),
+                       np.tile(np.arange(sampling.n, dtype=np.int32), n_prompts),
+                       tokens, logprobs, lengths, reasons)
+
+
+def generate(engine: SamplingEngine, params: Any, prompts: Sequence[Sequence[int]],
+             sampling: SamplingParams) -> Rollout:
+    """Functional alias of `engine.generate`."""
+    return engine.generate(params, prompts, sampling)

@@ -1,0 +1,350 @@
+"""Our sampling engine behind JetStream's Engine API, plus a validating gRPC server.
+
+JetStream's orchestrator drives `prefill` → `insert(slot)` → one `generate` step per call and
+detokenises on its own threads. Prefill computes the cache of `prompt[:-1]`; the first
+`generate` after `insert` feeds the last prompt token and samples the first new token (the
+same decode kernel as `SamplingEngine.generate`). A slot stops by itself on EOS/stop ids or a
+full cache and then reports `valid = False`, which completes the request.
+
+JetStream's driver threads SIGKILL the process on any exception, so requests are validated in
+the gRPC handler (`ValidatingOrchestrator`) and answered with INVALID_ARGUMENT before they
+reach the driver; prefill/insert additionally clamp their inputs instead of raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowrl_jax.sampling.engine import (DecodeState, SamplingEngine, SamplingParams, _bucket,
+                                        sample_keys)
+from flowrl_jax.sampling.jetstream_compat import import_jetstream
+
+js = import_jetstream()
+engine_api = js.engine_api
+
+# pad_tokens() only accepts a max_prefill_length from this list when it pads token requests.
+_JETSTREAM_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class HFTokenizer(js.tokenizer_api.Tokenizer):
+    """JetStream tokenizer over a Hugging Face tokenizer (no SentencePiece/seqio needed)."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int], buckets: tuple[int, ...]):
+        self.tokenizer = tokenizer
+        self._stop = set(int(t) for t in stop_ids)
+        self._buckets = list(buckets)
+
+    def encode(self, s: str, **kwargs: Any) -> tuple[Union[jax.Array, np.ndarray], int]:
+        ids = np.asarray(self.tokenizer.encode(s, add_special_tokens=False), np.int32)
+        is_bos = bool(kwargs.get("is_bos", True)) and self.tokenizer.bos_token_id is not None
+        return js.token_utils.pad_tokens(ids, self.bos_id, self.pad_id, is_bos=is_bos,
+                                         prefill_lengths=self._buckets,
+                                         max_prefill_length=kwargs.get("max_prefill_length"),
+                                         jax_padding=kwargs.get("jax_padding", False))
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    @property
+    def stop_tokens(self) -> set[int]:
+        return set(self._stop)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return int(pid if pid is not None else 0)
+
+    @property
+    def eos_id(self) -> int:
+        eid = self.tokenizer.eos_token_id
+        return int(eid if eid is not None else -1)
+
+    @property
+    def bos_id(self) -> int:
+        bid = self.tokenizer.bos_token_id
+        return int(bid if bid is not None else self.pad_id)
+
+
+class FlowRLEngine(engine_api.Engine):
+    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate."""
+
+    def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
+                 sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8):
+        sampling.validate()
+        self.core = core
+        self._params = core.params_of(params)
+        self.tokenizer = tokenizer
+        self.tokenizer_path = str(tokenizer_path)
+        self.sampling = sampling
+        self.spec = core.spec_for(sampling)
+        self.stop_ids = core.stop_ids_for(sampling)
+        self._max_prefill = _bucket(max_prefill_length, _JETSTREAM_LENGTHS)
+        self._buckets = tuple(b for b in _JETSTREAM_LENGTHS if b <= self._max_prefill)
+        self._slots = int(slots)
+        # Cache: the longest prompt + max_new_tokens; a slot stops itself when it is full.
+        self.cache_len = self._max_prefill + sampling.max_new_tokens
+        core.check_fits([1], sampling.max_new_tokens, self._slots, self.cache_len)
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._prefill = core.kernels.prefill
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+
+    # ----------------------------------------------------------------- kernels
+
+    def _insert_impl(self, prefix: dict, st: DecodeState, slot: Array, seed: Array, request: Array
+                     ) -> DecodeState:
+        keys = sample_keys(seed, request[None], jnp.zeros((1,), jnp.int32))
+        budget = jnp.full((1,), self.cache_len, jnp.int32)
+        return self.core.kernels._insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
+                                 prefix["last_token"][None], prefix["length"][None], budget, keys)
+
+    def _generate_impl(self, params: Any, st: DecodeState) -> tuple[DecodeState, jax.Array]:
+        st, outs = self.core.kernels._decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec, 1)
+        data = jnp.stack([outs.tokens[0], outs.emitted[0].astype(jnp.int32), st.generated], axis=1)
+        return st, data
+
+    # ----------------------------------------------------------------- Engine API
+
+    def prefill(self, *, params: Any, existing_prefix: Optional[Any] = None,
+                padded_tokens: Any, true_length: int) -> dict:
+        """Cache of the prompt without its last token (that one is fed by the first generate)."""
+        del existing_prefix  # session caches are not supported; validation rejects them
+        tokens = np.asarray(padded_tokens, np.int32).reshape(-1)
+        vocab = self.core.arch.vocab_size
+        n = int(min(max(int(true_length), 1), tokens.shape[0]))
+        tokens = np.clip(tokens, 0, vocab - 1)
+        body = np.zeros((1, _bucket(max(n - 1, 1), self._buckets)), np.int32)
+        body[0, :n - 1] = tokens[:n - 1]
+        cache = self._prefill(params, body, np.array([n - 1], np.int32))
+        return {"cache": cache, "length": jnp.int32(n - 1), "last_token": jnp.int32(tokens[n - 1])}
+
+    def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
+        with self._lock:
+            request = next(self._counter)
+        return self._insert(prefix, decode_state, np.int32(slot),
+                            np.uint32(self.sampling.seed % 2**32), np.int32(request % 2**31))
+
+    def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
+        st, data = self._generate(params, decode_state)
+        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2),
+                                           length_idx=(2, 3), samples_per_slot=1)
+
+    def load_params(self, *args: Any, **kwargs: Any) -> Any:
+        return self._params
+
+    def init_decode_state(self, *args: Any, **kwargs: Any) -> DecodeState:
+        return self.core.init_state(self._slots, self.cache_len)
+
+    def get_prefix_destination_sharding(self) -> Any:
+        if self.core.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.sharding.NamedSharding(self.core.mesh, jax.sharding.PartitionSpec())
+
+    def get_tokenizer(self) -> Any:
+        return js.tokenizer_pb2.TokenizerParameters(path=self.tokenizer_path)
+
+    def build_tokenizer(self, metadata: Any) -> HFTokenizer:
+        return HFTokenizer(self.tokenizer, {int(t) for t in self.stop_ids if t >= 0}, self._buckets)
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        if self.core.mesh is not None:
+            return self.core.mesh
+        from flowrl_jax.mesh import single_device_mesh
+        return single_device_mesh()
+
+    @property
+    def colocated_cpus(self) -> None:
+        return None
+
+    # ----------------------------------------------------------------- validation
+
+    def validate_request(self, request: Any) -> Optional[str]:
+        """None when the DecodeRequest can be served, else a message naming the problem."""
+        which = request.WhichOneof("content")
+        if which is None:
+            return "request has neither text_content nor token_content"
+        if request.session_cache:
+            return "session_cache (multi-turn prefix reuse) is not supported by this server"
+        if which == "text_content":
+            if not request.text_content.text:
+                return "text_content.text is empty"
+            ids = self.tokenizer.encode(request.text_content.text, add_special_tokens=False)
+            n = len(ids) + (1 if self.tokenizer.bos_token_id is not None else 0)
+        else:
+            ids = list(request.token_content.token_ids)
+            if not ids:
+                return "token_content.token_ids is empty"
+            vocab = self.core.arch.vocab_size
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                return f"token_content.token_ids: id {bad[0]} is outside the vocabulary [0, {vocab})"
+            n = len(ids) + (1 if self.tokenizer.bos_token_id is not None else 0)
+        if n == 0:
+            return "the prompt tokenizes to zero tokens"
+        if n > self._max_prefill:
+            return f"prompt has {n} tokens; this server accepts at most {self._max_prefill}"
+        if request.max_tokens <= 0:
+            return f"max_tokens must be > 0, got {request.max_tokens}"
+        if request.max_tokens > self.sampling.max_new_tokens:
+            return (f"max_tokens {request.max_tokens} exceeds this server's limit "
+                    f"{self.sampling.max_new_tokens} (serve --max-new-tokens)")
+        return None
+
+
+Array = jax.Array
+
+
+class ValidatingOrchestrator(js.orchestrator.LLMOrchestrator):
+    """JetStream's gRPC servicer with request validation (bad requests never reach the driver)."""
+
+    def __init__(self, driver: Any, engine: FlowRLEngine):
+        super().__init__(driver=driver)
+        self._engine = engine
+
+    async def Decode(self, request: Any, context: Any = None):  # noqa: N802 - gRPC name
+        try:
+            err = self._engine.validate_request(request)
+        except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: report, keep serving
+            err = f"could not process the request: {type(e).__name__}: {e}"
+        if err is not None:
+            import grpc
+
+            if context is None:
+                raise ValueError(err)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err)
+            return
+        async for resp in super().Decode(request, context):
+            yield resp
+
+
+class _Driver(js.orchestrator.Driver):
+    """JetStream's driver with token requests fixed: upstream always prepends `bos_id` (for
+    Qwen, which has no BOS, a stray pad token) and crashes on a list when it does not."""
+
+    def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
+        content = request.prefill_content
+        if isinstance(content, str):
+            return super()._process_prefill_content(request, tokenizer, is_bos, max_prefill_length)
+        has_bos = getattr(getattr(tokenizer, "tokenizer", None), "bos_token_id", None) is not None
+        return js.token_utils.pad_tokens(np.asarray(content, np.int32), tokenizer.bos_id,
+                                         tokenizer.pad_id, is_bos=is_bos and has_bos,
+                                         max_prefill_length=max_prefill_length,
+                                         jax_padding=self._jax_padding)
+
+
+@dataclass
+class Server:
+    """A running JetStream gRPC server; `stop()` shuts the driver threads and gRPC down."""
+
+    port: int
+    driver: Any
+    _grpc_server: Any
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.driver.stop()
+        asyncio.run_coroutine_threadsafe(self._grpc_server.stop(grace=grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def wait(self) -> None:
+        """Block until the server terminates (Ctrl-C stops it)."""
+        try:
+            asyncio.run_coroutine_threadsafe(self._grpc_server.wait_for_termination(),
+                                             self._loop).result()
+        finally:
+            self.stop()
+
+
+def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9000,
+                 threads: int = 64) -> Server:
+    """Start JetStream's driver (interleaved mode) and a gRPC server; port 0 picks a free one."""
+    import grpc
+
+    params = engine.load_params()
+    driver = _Driver(prefill_engines=[engine], generate_engines=[engine], prefill_params=[params],
+                     generate_params=[params], interleaved_mode=True, jax_padding=False)
+    loop = asyncio.new_event_loop()
+    executor = futures.ThreadPoolExecutor(max_workers=threads)
+    loop.set_default_executor(executor)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make():
+        server = grpc.aio.server(executor)
+        js.jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
+            ValidatingOrchestrator(driver, engine), server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        await server.start()
+        return server, bound
+
+    try:
+        server, bound = asyncio.run_coroutine_threadsafe(make(), loop).result()
+    except Exception:
+        driver.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    if bound == 0:
+        driver.stop()
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    return Server(bound, driver, server, loop, thread)
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class Completion:
+    """One server response: generated token ids and text."""
+
+    token_ids: list[int]
+    text: str
+
+
+def request(address: str, *, text: Optional[str] = None, token_ids: Optional[list[int]] = None,
+            max_tokens: int = 64, timeout: float = 60.0) -> Completion:
+    """Send one Decode request to a JetStream server at HOST:PORT and collect the stream."""
+    import grpc
+
+    if (text is None) == (token_ids is None):
+        raise ValueError("give exactly one of text= or token_ids=")
+    pb = js.jetstream_pb2
+    if text is not None:
+        req = pb.DecodeRequest(text_content=pb.DecodeRequest.TextContent(text=text),
+                               max_tokens=max_tokens)
+    else:
+        req = pb.DecodeRequest(token_content=pb.DecodeRequest.TokenContent(token_ids=token_ids),
+                               max_tokens=max_tokens)
+    with grpc.insecure_channel(address) as channel:
+        stub = js.jetstream_pb2_grpc.OrchestratorStub(channel)
+        ids: list[int] = []
+        parts: list[str] = []
+        for resp in stub.Decode(req, timeout=timeout):
+            for s in resp.stream_content.samples:
+                ids.extend(s.token_ids)
+                parts.append(s.text)
+    return Completion(ids, "".join(parts))

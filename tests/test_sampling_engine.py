@@ -1,0 +1,231 @@
+"""Sampling engine: greedy parity with HF generate, log-probs vs a full HF forward, sampling
+distributions (chi-square), determinism, EOS/stop handling, sharding, input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+
+from flowrl_jax.config import MeshConfig, RolloutConfig
+from flowrl_jax.mesh import make_mesh
+from flowrl_jax.sampling.engine import (SamplingEngine, SamplingError, SamplingParams, _Spec,
+                                        sample_logits)
+from flowrl_jax.sampling.testing import tiny_arch, tiny_model, to_hf
+
+NEW = 32
+# Upper 0.1 % points of the chi-square distribution, df = 1..11 (standard table values).
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322,
+            8: 26.124, 9: 27.877, 10: 29.588, 11: 31.264}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    arch = tiny_arch(128)
+    model = tiny_model(arch, seed=0)
+    hf = to_hf(model, arch)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 1, 9, 3, 12, 7)]
+    return arch, model, hf, prompts
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(setup):
+    """HF transformers greedy generate on the left-padded batch of all prompts."""
+    _, _, hf, prompts = setup
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                          do_sample=False, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+@pytest.fixture(scope="module")
+def engine(setup):
+    """8 slots ≥ 6 requests: every prompt decodes at once."""
+    return SamplingEngine(setup[1], decode_slots=8, decode_chunk=16, prefill_buckets=(8, 16),
+                          verbose=False)
+
+
+def _hf_logits(hf, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].double().numpy()
+
+
+def test_greedy_matches_hf_batch(setup, engine, hf_greedy):
+    _, model, _, prompts = setup
+    out = engine.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
+    assert out.token_lists() == hf_greedy
+    assert out.finish_reasons == ["length"] * len(prompts)
+    assert len({tuple(t) for t in hf_greedy}) == len(prompts)  # the prompts really differ
+
+
+def test_greedy_matches_hf_continuous_batching(setup, hf_greedy):
+    """2 slots for 6 requests, 5-step chunks: slots are refilled between chunks."""
+    _, model, _, prompts = setup
+    eng = SamplingEngine(model, decode_slots=2, decode_chunk=5, prefill_buckets=(8, 16), verbose=False)
+    out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
+    assert out.token_lists() == hf_greedy
+    # ragged budgets: the short request frees its slot early and the rest still match
+    short = eng.generate(model, prompts[:3], SamplingParams(temperature=0.0, max_new_tokens=7))
+    assert short.token_lists() == [t[:7] for t in hf_greedy[:3]]
+
+
+def test_logprobs_equal_full_forward(setup, engine):
+    _, model, hf, prompts = setup
+    t, k = 0.7, 10
+    out = engine.generate(model, prompts[:3], SamplingParams(temperature=t, top_k=k, n=2,
+                                                             max_new_tokens=16, seed=3))
+    assert list(out.prompt_index) == [0, 0, 1, 1, 2, 2] and list(out.sample_index) == [0, 1] * 3
+    for i in range(len(out.lengths)):
+        p = prompts[out.prompt_index[i]]
+        gen = out.tokens[i, :out.lengths[i]].tolist()
+        logits = _hf_logits(hf, p + gen)[len(p) - 1: len(p) - 1 + len(gen)] / t
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        ref = logp[np.arange(len(gen)), gen]
+        np.testing.assert_allclose(out.logprobs[i, :len(gen)], ref, atol=1e-4, rtol=0)
+        # each sampled token is inside the top-k of the policy at that step
+        ranks = (logits > logits[np.arange(len(gen)), gen][:, None]).sum(-1)
+        assert (ranks < k).all()
+
+
+def _ref_dist(logits: np.ndarray, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Truncated, renormalised distribution in float64 (top-k, then top-p, then min-p)."""
+    z = logits / t
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    keep = np.ones_like(probs, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1:
+        q = np.where(keep, probs, 0)
+        q /= q.sum()
+        order = np.argsort(-q)
+        before = np.cumsum(q[order]) - q[order]
+        kp = np.zeros_like(keep)
+        kp[order] = before < top_p
+        keep &= kp
+    if min_p:
+        q = np.where(keep, probs, 0)
+        keep &= q >= min_p * q.max()
+    out = np.where(keep, probs, 0)
+    return out / out.sum()
+
+
+def _chi2(counts: np.ndarray, expected_p: np.ndarray) -> tuple[float, int]:
+    n = counts.sum()
+    support = expected_p > 0
+    assert counts[~support].sum() == 0, "sampled a token outside the truncated support"
+    e = expected_p[support] * n
+    return float(((counts[support] - e) ** 2 / e).sum()), int(support.sum() - 1)
+
+
+@pytest.mark.parametrize("t,top_k,top_p,min_p", [
+    (1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.0, 0, 0.7, 0.0),
+    (1.0, 0, 1.0, 0.15), (0.8, 6, 0.8, 0.0), (1.3, 5, 0.9, 0.1)])
+def test_sampling_distribution_chi_square(t, top_k, top_p, min_p):
+    v, n = 12, 6000
+    logits = np.random.default_rng(0).normal(0, 1.5, v).astype(np.float32)
+    keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(42), n))
+    spec = _Spec(t, top_p, top_k, min_p)
+    tok, logp = jax.jit(lambda l, k: sample_logits(l, k, spec))(jnp.tile(logits, (n, 1)), keys)
+    counts = np.bincount(np.asarray(tok), minlength=v)
+    expected = _ref_dist(logits.astype(np.float64), t, top_k, top_p, min_p)
+    stat, df = _chi2(counts, expected)
+    assert stat < CHI2_999[df], (stat, df, counts, expected)
+    # log-probs are the untruncated log_softmax(logits / T) of the sampled token
+    full = logits / t - np.logaddexp.reduce(logits.astype(np.float64) / t)
+    np.testing.assert_allclose(np.asarray(logp), full[np.asarray(tok)], atol=1e-5)
+    if (top_k, top_p, min_p) != (0, 1.0, 0.0):  # the test has power: untruncated is rejected
+        untrunc = _ref_dist(logits.astype(np.float64), t, 0, 1.0, 0.0)
+        bad = ((counts - untrunc * n) ** 2 / (untrunc * n)).sum()
+        assert bad > CHI2_999[v - 1]
+
+
+def test_engine_first_token_distribution(setup):
+    """End to end: first tokens of 2048 samples of one prompt follow the truncated policy."""
+    _, model, hf, prompts = setup
+    t, k, p = 0.8, 6, 0.9
+    eng = SamplingEngine(model, decode_slots=256, decode_chunk=1, prefill_buckets=(8, 16),
+                         verbose=False)
+    out = eng.generate(model, [prompts[3]], SamplingParams(temperature=t, top_k=k, top_p=p, n=2048,
+                                                           max_new_tokens=1, seed=11))
+    counts = np.bincount(out.tokens[:, 0], minlength=128)
+    expected = _ref_dist(_hf_logits(hf, prompts[3])[-1], t, k, p, 0.0)
+    stat, df = _chi2(counts, expected)
+    assert df >= 1 and stat < CHI2_999[df], (stat, df)
+
+
+def test_same_seed_same_samples_any_slots(setup, engine):
+    _, model, _, prompts = setup
+    sp = SamplingParams(temperature=1.0, n=3, max_new_tokens=12, seed=5)
+    a = engine.generate(model, prompts[:3], sp)
+    small = SamplingEngine(model, decode_slots=2, decode_chunk=3, prefill_buckets=(8, 16), verbose=False)
+    b = small.generate(model, prompts[:3], sp)
+    assert a.token_lists() == b.token_lists()
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    c = engine.generate(model, prompts[:3], SamplingParams(temperature=1.0, n=3, max_new_tokens=12,
+                                                           seed=6))
+    assert c.token_lists() != a.token_lists()
+    assert len({tuple(x) for x in a.token_lists()[:3]}) > 1  # the G samples of a prompt differ
+
+
+def test_eos_and_stop_ids(setup, hf_greedy):
+    _, model, _, prompts = setup
+    ref = hf_greedy[0]
+    j = next(i for i in range(2, NEW) if ref[i] not in ref[:i])
+    x = ref[j]
+    eng = SamplingEngine(model, decode_slots=8, decode_chunk=16, prefill_buckets=(8, 16),
+                         eos_token_ids=(x,), verbose=False)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
+    out = eng.generate(model, prompts[:1], greedy)
+    assert out.token_lists()[0] == ref[:j + 1] and out.finish_reasons == ["stop"]
+    out = eng.generate(model, prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=NEW,
+                                                          ignore_eos=True))
+    assert out.token_lists()[0] == ref and out.finish_reasons == ["length"]
+    out = eng.generate(model, prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=NEW,
+                                                          ignore_eos=True, stop_token_ids=(ref[1],)))
+    assert out.token_lists()[0] == ref[:2] and out.finish_reasons == ["stop"]
+    assert out.lengths[0] == 2 and out.tokens[0, 2:].sum() == 0
+
+
+def test_sharded_mesh_matches_single_device(setup, hf_greedy):
+    _, model, _, prompts = setup
+    assert len(jax.devices()) >= 8
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    eng = SamplingEngine(model, mesh=mesh, decode_slots=8, decode_chunk=16, prefill_buckets=(8, 16),
+                         verbose=False)
+    from flax import nnx
+
+    params = eng.params_of(model)  # resharded: the model lives on one device
+    assert params is not nnx.state(model)
+    assert eng.params_of(params) is params  # already on the engine's mesh: used as is
+    st = eng.init_state(8, 48)
+    assert st.cache[0].k.sharding.spec[0] == ("data", "fsdp")
+    assert st.cache[0].k.sharding.spec[2] == "tensor"
+    out = eng.generate(params, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
+    assert out.token_lists() == hf_greedy
+
+
+def test_rollout_config_and_errors(setup, engine):
+    arch, model, _, prompts = setup
+    sp = SamplingParams.from_rollout_config(RolloutConfig(samples_per_prompt=4, temperature=0.9,
+                                                          top_p=0.95, max_new_tokens=64), seed=7)
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_new_tokens, sp.seed) == (4, 0.9, 0.95, 64, 7)
+    with pytest.raises(SamplingError, match="prompt 1.*max_position_embeddings"):
+        engine.generate(model, [[5], list(range(3, 100))],
+                        SamplingParams(max_new_tokens=arch.max_position_embeddings - 50))
+    with pytest.raises(SamplingError, match="prompt 1: token id 300"):
+        engine.generate(model, [[5], [4, 300]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(SamplingError, match="prompt 0 is empty"):
+        engine.generate(model, [[]], SamplingParams(max_new_tokens=4))
+    with pytest.raises(SamplingError, match="top_p"):
+        engine.generate(model, [[5]], SamplingParams(top_p=0.0))
