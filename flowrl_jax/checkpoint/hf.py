@@ -253,7 +253,7 @@ def _flat_arrays(x: Any) -> dict[tuple, Any]:
     if isinstance(x, nnx.Module):
         x = nnx.state(x, nnx.Param)
     if isinstance(x, nnx.State):
-        x = x.to_pure_dict()
+        x = nnx.to_pure_dict(x)
     out: dict[tuple, Any] = {}
 
     def walk(node: Any, prefix: tuple) -> None:

@@ -126,7 +126,7 @@ def policy_pure_dict(model_or_state: Any) -> dict:
     if isinstance(model_or_state, nnx.Module):
         model_or_state = nnx.state(model_or_state, nnx.Param)
     if isinstance(model_or_state, nnx.State):
-        return model_or_state.to_pure_dict()
+        return nnx.to_pure_dict(model_or_state)
     return model_or_state
 
 
@@ -141,16 +141,16 @@ def save_policy(ckpt_dir: PathLike, model_or_state: Any, arch: ModelArch, step: 
     if param_dtype is None:
         leaf = jax.tree.leaves(pure)[0]
         param_dtype = np.dtype(leaf.dtype).name
-    write_model_json(d, arch, param_dtype)
-    if tokenizer_dir is not None:
-        (d / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
-        copy_tokenizer(tokenizer_dir, d / TOKENIZER_SUBDIR)
     ocp = _ocp()
     mngr = _manager(d, create=True, max_to_keep=max_to_keep)
     try:
         if step in mngr.all_steps():
             raise CheckpointError(f"{d}: step {step} already exists; choose another step or an "
                                   f"empty directory")
+        write_model_json(d, arch, param_dtype)
+        if tokenizer_dir is not None:
+            (d / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
+            copy_tokenizer(tokenizer_dir, d / TOKENIZER_SUBDIR)
         mngr.save(step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardSave(pure)}))
         mngr.wait_until_finished()
     finally:
