@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import logging
 import os
 import shutil
@@ -37,28 +38,32 @@ needs_ns = pytest.mark.skipif(not _ns_available(),
                               reason="namespace sandbox needs root + unshare (plain-mode tests still run)")
 
 
-def _sandbox_procs() -> list[psutil.Process]:
-    """Processes running under a sandbox uid or started by the sandbox launcher."""
-    base = CFG.uid_base
+def _sandbox_procs(root: str) -> list[psutil.Process]:
+    """Live processes of sandboxes whose host dirs are under `root` (launchers and their forks)."""
     out = []
-    for p in psutil.process_iter(["uids", "cmdline"]):
+    for p in psutil.process_iter(["cmdline", "status"]):
         try:
-            uid = p.info["uids"].real if p.info["uids"] else -1
             cmd = " ".join(p.info["cmdline"] or [])
-        except (psutil.Error, AttributeError):
+        except psutil.Error:
             continue
-        if base <= uid < base + 100_000 or "_launcher.py" in cmd or (uid == 65534 and "main.py" in cmd):
+        if root in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
             out.append(p)
     return out
 
 
-def _wait_no_sandbox_procs(timeout: float = 3.0) -> list:
+def _wait_no_sandbox_procs(root: str, timeout: float = 3.0) -> list:
     deadline = time.monotonic() + timeout
     while True:
-        left = [p for p in _sandbox_procs() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in _sandbox_procs(root) if p.is_running()]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """The test config with a private host temp root, so leftovers are attributable to us."""
+    return dataclasses.replace(CFG, host_tmp_dir=str(tmp_path_factory.mktemp("sbx_host")))
 
 
 @pytest.fixture()
@@ -171,13 +176,28 @@ def test_sandbox_identity_and_isolation_basics():
 
 
 @needs_ns
-def test_hostile_programs_are_contained(host):
+def test_leftover_detector_sees_a_live_sandbox(cfg):
+    # the "nothing survives" checks below rely on this detector, so prove it can see a sandbox
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(run_python, "import os, time\nif os.fork() == 0:\n    time.sleep(30)\ntime.sleep(30)\n",
+                        "", 1.5, cfg)
+        seen = []
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            seen = _sandbox_procs(cfg.host_tmp_dir)
+            time.sleep(0.05)
+        assert len(seen) >= 2  # launcher + program (+ its child)
+        assert fut.result().status == "timeout"
+    assert _wait_no_sandbox_procs(cfg.host_tmp_dir) == []
+
+
+@needs_ns
+def test_hostile_programs_are_contained(host, cfg):
     progs = hostile_programs(host)
     assert len(progs) >= 20
-    before = {p.pid for p in _sandbox_procs()}
-    assert not before, f"sandbox processes alive before the test: {before}"
+    root = cfg.host_tmp_dir
     with cf.ThreadPoolExecutor(6) as ex:
-        futs = {name: ex.submit(run_python, src, "", TIMEOUT, CFG) for name, src in progs.items()}
+        futs = {name: ex.submit(run_python, src, "", TIMEOUT, cfg) for name, src in progs.items()}
         res = {name: f.result() for name, f in futs.items()}
     for name, r in res.items():
         print(f"{name:22s} {r.status:12s} rc={r.returncode:4d} wall={r.wall_s:5.2f} out={r.stdout[:150]!r}")
@@ -245,20 +265,20 @@ def test_hostile_programs_are_contained(host):
     # daemons and exit tricks: run ends promptly, nothing survives
     assert res["daemon"].ok and res["daemon"].wall_s < TIMEOUT
     assert res["exit_tricks"].ok and res["exit_tricks"].stdout.strip() == "partial"
-    assert _wait_no_sandbox_procs() == []
+    assert _wait_no_sandbox_procs(root) == []
     me = psutil.Process()
     leftovers = [c for c in me.children(recursive=True)
                  if any(k in " ".join(c.cmdline()) for k in ("_launcher.py", "unshare", "main.py"))]
     assert leftovers == []
-    assert not list(Path(tempfile.gettempdir()).glob("flowrl_sbx_*")), "host temp dirs left behind"
+    assert list(Path(root).iterdir()) == [], "host temp dirs left behind"
 
 
 @needs_ns
-def test_pool_scores_hostile_batch_zero_then_recovers(host):
+def test_pool_scores_hostile_batch_zero_then_recovers(host, cfg):
     progs = hostile_programs(host)
     gt = {"tests": [{"input": "", "output": "SAFE-SENTINEL-NEVER-PRINTED", "testtype": "stdin"}]}
     items = [("livecodebench", f"```python\n{src}```", gt) for src in progs.values()]
-    with rewards.RewardPool(num_workers=6, sandbox=CFG, code_limits=CodeLimits(livecodebench_s=1.0)) as pool:
+    with rewards.RewardPool(num_workers=6, sandbox=cfg, code_limits=CodeLimits(livecodebench_s=1.0)) as pool:
         t0 = time.monotonic()
         assert pool.score_batch(items) == [0.0] * len(items)
         assert time.monotonic() - t0 < 30.0
@@ -266,7 +286,8 @@ def test_pool_scores_hostile_batch_zero_then_recovers(host):
         good = {"tests": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": "6"}]}
         assert pool.score_batch([("codeforces", ok_prog, good)] * 3) == [1.0, 1.0, 1.0]
         assert pool.submit("livecodebench", ok_prog, good).result(timeout=30) == 1.0
-    assert _wait_no_sandbox_procs() == []
+    assert _wait_no_sandbox_procs(cfg.host_tmp_dir) == []
+    assert list(Path(cfg.host_tmp_dir).iterdir()) == []
     assert (host["canary"] / "keep.txt").exists() and host["accepted"] == []
 
 

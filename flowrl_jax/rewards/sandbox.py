@@ -23,6 +23,7 @@ There is no network isolation in that mode; a warning is logged once.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -65,7 +66,8 @@ class SandboxConfig:
     # run the program with `python -S` and site-packages on PYTHONPATH: skips .pth processing
     # (~50-70 ms per run with an editable install); exit()/quit() are re-added by a prologue
     fast_startup: bool = True
-    seccomp: bool = True  # deny namespace/mount/ptrace/bpf/io_uring/... syscalls (x86_64, aarch64)
+    seccomp: bool = True
+    host_tmp_dir: str | None = None  # where per-run host dirs are made (None: system temp dir)  # deny namespace/mount/ptrace/bpf/io_uring/... syscalls (x86_64, aarch64)
 
 
 @dataclass
@@ -85,25 +87,58 @@ class RunResult:
 
 
 class _SlotAllocator:
-    """Hands out small integers, one per concurrently running sandbox."""
+    """Hands out small integers, one per running sandbox, unique across processes on this host.
+
+    A slot is held as an exclusive flock on `<tmp>/flowrl_sandbox_slots/<n>.lock`, so trainer
+    and eval worker processes never run two programs under the same uid at once (RLIMIT_NPROC
+    counts per uid). Falls back to per-process slots if the lock dir is unusable.
+    """
 
     def __init__(self) -> None:
-        self._free: set[int] = set()
-        self._next = 0
         self._lock = threading.Lock()
+        self._local_free: set[int] = set()
+        self._local_next = 0
+        self._held: dict[int, int] = {}  # slot -> fd
+
+    def _lock_dir(self) -> str | None:
+        path = os.path.join(tempfile.gettempdir(), f"flowrl_sandbox_slots_{os.geteuid()}")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            return path
+        except OSError:
+            return None
 
     def acquire(self) -> int:
-        with self._lock:
-            if self._free:
-                slot = min(self._free)
-                self._free.discard(slot)
+        lock_dir = self._lock_dir()
+        if lock_dir is not None:
+            for slot in range(100_000):
+                try:
+                    fd = os.open(os.path.join(lock_dir, f"{slot}.lock"), os.O_CREAT | os.O_RDWR, 0o600)
+                except OSError:
+                    break
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    continue
+                with self._lock:
+                    self._held[slot] = fd
                 return slot
-            self._next += 1
-            return self._next - 1
+        with self._lock:  # fallback: unique within this process only
+            if self._local_free:
+                slot = min(self._local_free)
+                self._local_free.discard(slot)
+                return slot
+            self._local_next += 1
+            return self._local_next - 1
 
     def release(self, slot: int) -> None:
         with self._lock:
-            self._free.add(slot)
+            fd = self._held.pop(slot, None)
+            if fd is None:
+                self._local_free.add(slot)
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
 
 
 _slots = _SlotAllocator()
@@ -165,7 +200,7 @@ def _interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
 
 def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mode: str,
               uid: int | None, mounts: tuple[list[str], list[str]]) -> RunResult:
-    host_dir = tempfile.mkdtemp(prefix="flowrl_sbx_")
+    host_dir = tempfile.mkdtemp(prefix="flowrl_sbx_", dir=cfg.host_tmp_dir)
     start = time.monotonic()
     proc = None
     try:
