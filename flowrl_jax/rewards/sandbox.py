@@ -8,16 +8,20 @@ Design (namespaces mode, used when running as root with a working `unshare`):
 - The launcher mounts private tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock (writes vanish
   with the namespace), hides non-world-readable ancestors of the interpreter (e.g. /root) behind
   an empty tmpfs and re-exposes just the interpreter directories read-only.
-- The program runs with an empty environment (PATH, HOME, LANG only), rlimits on CPU seconds,
-  address space, processes, file size and open files, and a uid/gid of its own
-  (`uid_base + slot`, one per concurrently running sandbox, so one fork bomb cannot exhaust
-  another sandbox's RLIMIT_NPROC), no supplementary groups and no_new_privs.
+- The program gets an empty environment (PATH, HOME, LANG, thread caps), rlimits on CPU seconds,
+  address space, processes, file size and open files, a uid/gid of its own (`uid_base + slot`,
+  slots unique across processes on the host, so one fork bomb cannot exhaust another sandbox's
+  RLIMIT_NPROC), no supplementary groups, no_new_privs and a seccomp deny-list (no user
+  namespaces, setns, mount, ptrace, bpf, io_uring, keyrings, module loading).
+- Fast start: the launcher forks, drops privileges and runs the program in the forked
+  interpreter (`runpy`), one Python start per run instead of two (`fast_startup=False` execs
+  `python -B -s main.py` instead).
 - Wall-clock timeouts are enforced by the launcher (kill the program's process group) with a
   backstop in the parent (SIGKILL the launcher's process group, which tears the namespace down);
   stdout is capped; the host temp dir is always removed.
 Fallback ("plain" mode, when namespaces are unavailable): same launcher without namespaces; it
 is a child subreaper that kills all descendants when the program ends, uid drop only as root.
-There is no network isolation in that mode; a warning is logged once.
+There is no network or filesystem isolation in that mode; a warning is logged once.
 """
 
 from __future__ import annotations
