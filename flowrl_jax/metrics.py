@@ -19,7 +19,7 @@ import numpy as np
 # What the live table shows (when present), in order: (metric key, column header).
 DISPLAY = (
     ("reward/mean", "reward"), ("accuracy", "acc"), ("response_length/mean", "len"),
-    ("loss", "loss"), ("log_z/mean", "logZ"), ("kl/ref", "kl_ref"), ("grad_norm", "gnorm"),
+    ("loss", "loss"), ("log_z_mean", "logZ"), ("kl/ref", "kl_ref"), ("optimizer/grad_norm", "gnorm"),
     ("time/step", "s/step"), ("throughput/tokens_per_s", "tok/s"),
 )
 

@@ -169,6 +169,26 @@ class DataTask:
             self._pool = None
 
 
+def task_from_config(cfg: Config) -> Optional[Task]:
+    """The task named by `task.factory: "package.module:callable"` (called with cfg), or None.
+
+    This lets `flowrl-jax train` run a custom task (demo, tests) from a YAML file alone.
+    """
+    spec = (cfg.task or {}).get("factory")
+    if not spec:
+        return None
+    import importlib
+
+    from flowrl_jax.config import ConfigError
+
+    mod_name, _, attr = str(spec).partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr or "Task")
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"task.factory: cannot import {spec!r}: {e}") from e
+    return factory(cfg)
+
+
 def _tokenizer_dir(model_path: Optional[str]) -> Optional[str]:
     """The model directory when it holds a tokenizer, else None (the packaged one)."""
     if not model_path:

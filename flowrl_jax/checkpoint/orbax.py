@@ -252,3 +252,4 @@ def checkpoint_tokenizer_dir(ckpt_dir: PathLike) -> Optional[Path]:
 
     d = resolve_checkpoint_dir(ckpt_dir) / TOKENIZER_SUBDIR
     return d if d.is_dir() and has_tokenizer(d) else None
+from flowrl_jax.checkpoint.manager import TrainCheckpointManager  # noqa: E402,F401  (training runs)

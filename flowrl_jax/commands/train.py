@@ -1,0 +1,55 @@
+"""`flowrl-jax train --config FILE [--out DIR] [key=value ...]`: RL post-training.
+
+Rerunning the same command with the same `--out` resumes from the newest complete
+checkpoint in `OUT/checkpoints` (bit-exactly: data position, RNG, optimizer all restored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the train options."""
+    parser.add_argument("--config", required=True,
+                        help="YAML config (a path, or a name in the packaged configs/)")
+    parser.add_argument("--out", default=None,
+                        help="run directory (default runs/<config name>); reused to resume")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="refuse to start when OUT already holds checkpoints")
+    parser.add_argument("--no-console", action="store_true",
+                        help="no live progress display (logs and metrics.jsonl only)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. trainer.steps=10 algo.name=grpo")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point: init multi-process JAX if needed, load the config, train."""
+    from flowrl_jax.distributed import maybe_initialize
+
+    maybe_initialize()  # before anything touches a JAX backend
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("absl", "orbax", "jax._src"):  # per-save chatter at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pathlib import Path
+
+    from flowrl_jax.config import ConfigError, load_config
+    from flowrl_jax.trainer import Trainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"flowrl-jax train: config error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    try:
+        trainer = Trainer(cfg, out, console=not args.no_console,
+                          allow_resume=not args.no_resume)
+        trainer.run()
+    except ConfigError as e:
+        print(f"flowrl-jax train: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
