@@ -338,3 +338,25 @@ def test_fast_inprocess_start_matches_exec_start():
         assert a.stderr.strip().splitlines()[-1:] == b.stderr.strip().splitlines()[-1:], (src, a.stderr, b.stderr)
     r = run_python(*PARITY_PROGRAMS[0], 10.0, fast)
     assert r.stdout == "main.py __main__\ncba\n"
+
+
+def test_auto_mode_without_namespaces(monkeypatch, caplog):
+    import flowrl_jax.rewards.sandbox as sbx
+
+    real_which = shutil.which
+    monkeypatch.setattr(sbx.shutil, "which", lambda name, *a, **k: None if name == "unshare" else real_which(name, *a, **k))
+    cfg = SandboxConfig(uid_base=1_999_000_000)  # its own probe-cache entry
+    caplog.set_level(logging.WARNING, logger="flowrl_jax.rewards.sandbox")
+    if os.geteuid() == 0:
+        try:
+            mode, uid = isolation_mode(cfg)
+        except RuntimeError as exc:  # root, the interpreter unreachable for uid 65534: refuse
+            assert "isolation='plain'" in str(exc)
+        else:  # root and uid 65534 can run the interpreter: plain mode, dropped uid, warned
+            assert (mode, uid) == ("plain", 65534)
+            assert any("plain mode" in r.getMessage() for r in caplog.records)
+    else:
+        assert isolation_mode(cfg) == ("plain", None)
+        assert any("plain mode" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="no working isolation mode"):
+        isolation_mode(SandboxConfig(python="/nonexistent/python3"))

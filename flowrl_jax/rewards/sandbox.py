@@ -323,7 +323,9 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
     if cfg.isolation in ("auto", "plain"):
         if root:
             candidates.append(("plain", 65534))
-        candidates.append(("plain", None))
+        # untrusted code as root with no isolation at all only when explicitly asked for
+        if not root or cfg.isolation == "plain":
+            candidates.append(("plain", None))
     reasons = []
     for mode, uid in candidates:
         try:
@@ -344,7 +346,9 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
         reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} {res.stderr.strip()[-200:]}")
     if cfg.isolation == "namespaces":
         raise RuntimeError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
-    raise RuntimeError("sandbox: no working isolation mode: " + "; ".join(reasons))
+    hint = (" (as root, unisolated execution needs SandboxConfig(isolation='plain'))"
+            if root and cfg.isolation == "auto" else "")
+    raise RuntimeError("sandbox: no working isolation mode" + hint + ": " + "; ".join(reasons))
 
 
 _mounts_cache: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
