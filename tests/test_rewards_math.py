@@ -214,3 +214,11 @@ def test_pool_math_and_custom_reward():
                 pool.submit("unknown_source", "x", "y")
     finally:
         rewards.unregister_reward("test_pool_custom")
+
+
+def test_every_shipped_dataset_routes_to_a_reward():
+    registry = pytest.importorskip("flowrl_jax.data.registry")
+    sources = {info.data_source for info in registry.REGISTRY.values()}
+    assert sources  # the data registry lists its data sets
+    for src in sources:
+        rewards.resolve(src)  # raises KeyError naming the source if it has no reward
