@@ -21,6 +21,15 @@ Batch keys (all jax/numpy arrays, B sequences, T response positions):
   rhat [B], advantages [B, T], returns [B, T]
 Output keys: logp [B, T] (always), log_z [B] (needs_z), values [B, T] (needs_critic),
   entropy [B, T] (optional, only logged).
+
+Metrics (scalars, stop-gradient): every algorithm logs loss, kl_old (k3 estimate of
+KL(π_old‖πθ)), kl_ref (k3 of KL(πθ‖π_ref), when ref_logp is in the batch), response_length
+(mean valid tokens per valid sequence), num_seqs, num_tokens, entropy (if given).
+FlowRL adds delta_mean, delta_std, log_z_mean, w_mean, log_w_mean, clip_frac, rhat_mean;
+the surrogate family adds pg_loss, pg_clip_frac, ratio_mean, adv_mean (+ pg_clip_frac_lower
+with dual clip), GRPO kl_loss (use_kl_loss), PPO vf_loss, vf_clip_frac, value_mean.
+Losses are means over the (micro-)batch given: token-mean over its valid tokens, FlowRL a
+mean over its valid sequences.
 """
 
 from __future__ import annotations
