@@ -1,0 +1,91 @@
+"""config.py: YAML with includes and dotted overrides; errors name the key; HF config parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flowrl_jax.config import (Config, ConfigError, ModelArch, config_from_dict, config_to_dict,
+                               load_config)
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_yaml_include_and_overrides(tmp_path):
+    write(tmp_path / "base.yaml", "algo: {name: grpo, beta: 5}\noptimizer: {lr: 1.0e-5}\n"
+                                  "rollout: {samples_per_prompt: 4}\n")
+    write(tmp_path / "mid.yaml", "include: base.yaml\nalgo: {beta: 10}\n")
+    cfg_file = write(tmp_path / "run.yaml",
+                     "include: [mid.yaml, mesh/cpu.yaml]\nalgo: {name: flowrl}\nseed: 3\n")
+    cfg = load_config(cfg_file, ["optimizer.lr=2e-6", "rollout.stop_token_ids=[1, 2]",
+                                 "model.preset=tiny", "trainer.export_hf=true"])
+    assert cfg.algo.name == "flowrl" and cfg.algo.beta == 10.0  # file wins over includes
+    assert cfg.rollout.samples_per_prompt == 4 and cfg.seed == 3
+    assert cfg.optimizer.lr == 2e-6  # override wins; YAML's "2e-6" string is read as a number
+    assert cfg.rollout.stop_token_ids == (1, 2) and cfg.trainer.export_hf is True
+    assert cfg.mesh.fsdp == -1  # from the packaged configs/mesh/cpu.yaml
+    assert cfg.model.arch.hidden_size == 64  # preset resolved from configs/models/tiny.yaml
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # a saved config reloads identically
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["algo.betta=3"], "algo.betta: unknown key"),
+    (["nosuchsection.x=1"], "nosuchsection: unknown key"),
+    (["algo.beta=high"], "algo.beta: expected a number"),
+    (["trainer.steps=1.5"], "trainer.steps: expected an integer"),
+    (["trainer.export_hf=maybe"], "trainer.export_hf: expected true/false"),
+    (["algo.name=dpo"], "algo.name: 'dpo' is not one of"),
+    (["algo.beta=-1"], "algo.beta: must be > 0"),
+    (["rollout.top_p=1.5"], "rollout.top_p: must be in (0, 1]"),
+    (["trainer.mini_batch_size=10", "trainer.micro_batch_size=4"], "trainer.micro_batch_size: must divide"),
+    (["mesh.fsdp=-1", "mesh.data=-1"], "mesh: at most one axis may be -1"),
+    (["model.preset=gpt5"], "model.preset: unknown preset 'gpt5'"),
+    (["model.arch.num_key_value_heads=3", "model.arch.num_attention_heads=4",
+      "model.arch.hidden_size=64", "model.arch.vocab_size=8", "model.arch.intermediate_size=8",
+      "model.arch.num_hidden_layers=1"], "model.arch.num_key_value_heads"),
+])
+def test_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    write(tmp_path / "a.yaml", "include: b.yaml\n")
+    write(tmp_path / "b.yaml", "include: a.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "bad.yaml", "algo: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["algo.beta"])
+
+
+HF = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 128,
+      "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+      "tie_word_embeddings": True, "max_position_embeddings": 256, "eos_token_id": [2, 3]}
+
+
+def test_hf_config_both_rope_spellings():
+    old = ModelArch.from_hf_dict({**HF, "rope_theta": 1e6})
+    new = ModelArch.from_hf_dict({**HF, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
+    assert old.rope_theta == 1e6 and new.rope_theta == 5e5
+    assert old.eos_token_id == 2 and old.resolved_head_dim == 16
+    # our own export writes both; reading it back gives the same arch
+    assert ModelArch.from_hf_dict(new.to_hf_dict()) == dataclasses.replace(new, head_dim=16)
+    with pytest.raises(ConfigError, match="rope_type 'yarn' is not supported"):
+        ModelArch.from_hf_dict({**HF, "rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn"}})
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        ModelArch.from_hf_dict({**HF, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+
+
+def test_defaults_validate():
+    Config().validate()
