@@ -197,6 +197,10 @@ def test_flowrl_loss_and_grads_vs_numpy(mode):
              - np.where(m > 0, d["ref_logp"], 0).sum(1) / np.maximum(LENGTHS, 1))[valid]
     close(metrics["delta_mean"], delta.mean())
     close(metrics["delta_std"], delta.std())
+    x = (d["ref_logp"] - d["logp"])[m > 0]
+    close(metrics["kl_ref"], np.mean(np.exp(x) - x - 1))
+    x = (d["logp"] - d["old_logp"])[m > 0]
+    close(metrics["kl_old"], np.mean(np.exp(x) - x - 1))
     if mode == "cap":
         assert 0 < float(metrics["clip_frac"]) < 1  # row 0 is capped, others not
 
