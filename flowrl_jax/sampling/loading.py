@@ -77,6 +77,10 @@ def load_for_sampling(path: str, mesh: Any = None, model_cfg: Optional[ModelConf
     except ImportError:
         load_model = None
     if load_model is not None:
+        if mesh is None:
+            from flowrl_jax.mesh import single_device_mesh
+
+            mesh = single_device_mesh()
         model, arch, tok = load_model(str(p), mesh, model_cfg)
         return model, arch, (str(tok) if tok else None)
     model, arch = _read_hf_dir(p, model_cfg)
@@ -84,10 +88,28 @@ def load_for_sampling(path: str, mesh: Any = None, model_cfg: Optional[ModelConf
     return model, arch, (str(p) if has_tok else None)
 
 
+_GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def load_tokenizer_for(tokenizer_dir: Optional[str]) -> Any:
-    """The model's tokenizer, or the packaged Qwen2.5 one when the model dir has none."""
+    """The model's tokenizer, or the packaged Qwen2.5 one when the model dir has none.
+
+    A generic `tokenizer.json` tokenizer next to a Qwen2 config.json is loaded as what it is:
+    AutoTokenizer would pick Qwen2Tokenizer from the model type and re-tokenise wrongly."""
     from flowrl_jax.data.tokenizer import load_tokenizer
 
+    if tokenizer_dir:
+        d = Path(tokenizer_dir)
+        cfg_file = d / "tokenizer_config.json"
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+        if cls in _GENERIC_CLASSES and (d / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"
+            return tok
     return load_tokenizer(tokenizer_dir)
 
 

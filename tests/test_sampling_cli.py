@@ -1,0 +1,70 @@
+"""`flowrl-jax sample --json` on a tiny HF directory with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowrl_jax.cli import main
+from flowrl_jax.sampling.testing import save_hf_dir, tiny_arch, tiny_model, to_hf, word_tokenizer
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    arch = tiny_arch(64, eos_token_id=EOS)
+    model = tiny_model(arch, seed=4)
+    tok = word_tokenizer(64)
+    out = tmp_path_factory.mktemp("tiny_hf")
+    save_hf_dir(model, arch, str(out), tok)
+    return str(out), to_hf(model, arch), tok
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_sample_json_greedy_matches_hf(hf_dir, capsys, tmp_path):
+    path, hf, tok = hf_dir
+    prompts = ["w1 w2 w3", "w9 w40"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    code, out, err = _run(capsys, ["sample", "--model", path, "--prompts-file", str(f), "--n", "2",
+                                   "--temperature", "0", "--max-new-tokens", "10", "--json"])
+    assert code == 0, err
+    recs = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in recs:
+        ids = tok.encode(prompts[r["prompt_index"]], add_special_tokens=False)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=10, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+        ref = ref[0, len(ids):].tolist()
+        if EOS in ref:
+            ref = ref[:ref.index(EOS) + 1]
+        assert r["token_ids"] == ref
+        assert r["text"] == tok.decode(ref, skip_special_tokens=True)
+        assert len(r["logprobs"]) == len(ref) and all(lp <= 0 for lp in r["logprobs"])
+        assert r["finish_reason"] == ("stop" if ref[-1] == EOS else "length")
+
+
+def test_sample_sampling_seed_and_errors(hf_dir, capsys):
+    path, _, _ = hf_dir
+    argv = ["sample", "--model", path, "--prompt", "w5 w6", "--n", "3", "--temperature", "1.0",
+            "--top-k", "20", "--max-new-tokens", "6", "--seed", "3", "--ignore-eos", "--json"]
+    code, out1, _ = _run(capsys, argv)
+    code2, out2, _ = _run(capsys, argv)
+    assert code == code2 == 0 and out1 == out2
+    recs = [json.loads(x) for x in out1.splitlines()]
+    assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" for r in recs)
+    code, _, err = _run(capsys, ["sample", "--model", path, "--prompt", "w1", "--chat"])
+    assert code == 2 and "chat template" in err
+    code, _, err = _run(capsys, ["sample", "--model", path, "--prompts-file", "/nonexistent/p.txt"])
+    assert code == 2 and "/nonexistent/p.txt" in err
+    code, _, err = _run(capsys, ["sample", "--model", path, "--prompt", "w1", "--top-p", "0"])
+    assert code == 2 and "top_p" in err
