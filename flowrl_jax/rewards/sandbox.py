@@ -257,7 +257,6 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
             status = "timeout"
         elif rc == EXIT_SETUP and "sandbox-setup-error" in stderr:
             status = "sandbox_error"
-            logger.error("sandbox setup failed: %s", stderr.strip()[-500:])
         elif rc == 0:
             status = "ok"
         else:
@@ -374,9 +373,12 @@ def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,
     slot = _slots.acquire()
     try:
         uid = None if uid_base is None else (uid_base + slot if uid_base != 65534 else 65534)
-        return _run_once(source, stdin, float(timeout_s), cfg, mode, uid, mounts)
+        res = _run_once(source, stdin, float(timeout_s), cfg, mode, uid, mounts)
     finally:
         _slots.release(slot)
+    if res.status == "sandbox_error":  # infrastructure failure, not the program's fault
+        logger.error("sandbox setup failed (%s mode, uid %s): %s", mode, uid, res.stderr.strip()[-500:])
+    return res
 
 
 def with_overrides(cfg: SandboxConfig | None = None, **kw) -> SandboxConfig:
