@@ -97,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-prompts", type=int, default=64,
                         help="problems per generation call (each sampled n times)")
-    parser.add_argument("--score-workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
-                        help="reward worker processes (0 = score in this process)")
+    parser.add_argument("--score-workers", type=int, default=max(1, min(16, (os.cpu_count() or 2))),
+                        help="reward worker threads (code runs sandboxed, Math-Verify in worker "
+                             "processes); 0 = score inline")
     parser.add_argument("--diversity", default=",".join(DIVERSITY_DEFAULT),
                         help="benchmarks to compute diversity metrics on: NAME[,NAME] | all | none")
     parser.add_argument("--judge", action="store_true",
@@ -106,6 +107,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cf-standings", default=None,
                         help="JSON file of cached Codeforces standings for the CodeElo rating")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute/KV-cache dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--devices", default="auto", choices=("auto", "1", "all"),
+                        help="devices to shard the model over (auto: all on GPU/TPU, 1 on CPU)")
+    parser.add_argument("--decode-slots", type=int, default=256, help="continuous-batching slots")
+    parser.add_argument("--decode-chunk", type=int, default=64, help="decode steps per device loop")
+    parser.add_argument("--prefill-buckets", default=None,
+                        help="comma-separated prompt-length buckets (fewer buckets = fewer "
+                             "compilations; default powers of two from 128 to the model's context)")
+
+
+def _mesh(devices: str) -> Any:
+    """1-device mesh, or all devices on the fsdp axis (auto: all on GPU/TPU, 1 on CPU)."""
+    import jax
+
+    from flowrl_jax.mesh import make_mesh, single_device_mesh
+
+    if devices == "auto":
+        devices = "1" if jax.default_backend() == "cpu" else "all"
+    return make_mesh() if devices == "all" else single_device_mesh()
+
+
+def _buckets(spec: str | None) -> tuple[int, ...] | None:
+    if not spec:
+        return None
+    try:
+        out = tuple(sorted(int(x) for x in spec.split(",") if x.strip()))
+    except ValueError as e:
+        raise EvalError(f"--prefill-buckets {spec!r}: expected comma-separated integers") from e
+    if not out or out[0] < 1:
+        raise EvalError(f"--prefill-buckets {spec!r}: buckets must be positive")
+    return out
+
+
+def _dtype(name: str) -> str:
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def parse_suite(suite: str) -> list[str]:
@@ -434,38 +475,64 @@ def build_problems(benchmarks: Sequence[str], data_dir: Path, limit: int | None,
 class EngineBackend:
     """The JAX sampling engine behind the Backend protocol (token ids in, decoded text out)."""
 
-    def __init__(self, model_dir: str, temperature: float, top_p: float, top_k: int,
-                 max_new_tokens: int):
-        from flowrl_jax.sampling import load_model
+    def __init__(self, model_dir: str, *, temperature: float, top_p: float, top_k: int,
+                 max_new_tokens: int, dtype: str = "float32", decode_slots: int = 256,
+                 decode_chunk: int = 64, devices: str = "auto",
+                 prefill_buckets: Sequence[int] | None = None):
+        from flowrl_jax.config import ModelConfig
+        from flowrl_jax.data.templates import ChatRenderer
         from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+        from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
 
-        self.model_cfg, self.params, self.tokenizer = load_model(model_dir)
-        self.engine = SamplingEngine(self.model_cfg)
+        self.mesh = _mesh(devices)
+        self.model, self.arch, tok_dir = load_for_sampling(
+            model_dir, self.mesh, ModelConfig(path=model_dir, compute_dtype=dtype))
+        self.tokenizer = load_tokenizer_for(tok_dir)
+        self.tokenizer_dir = tok_dir
+        self.render = ChatRenderer(self.tokenizer)
+        # Stop at the model's EOS, the tokenizer's EOS and Qwen's chat end-of-turn token.
+        eos = {t for t in (self.arch.eos_token_id, self.tokenizer.eos_token_id) if t is not None}
+        unk = self.tokenizer.unk_token_id
+        for name in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != unk and 0 <= tid < self.arch.vocab_size:
+                eos.add(tid)
+        buckets = tuple(prefill_buckets or (
+            b for b in (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+            if b <= self.arch.max_position_embeddings)) or (128,)
+        self.engine = SamplingEngine(self.model, mesh=self.mesh, decode_slots=decode_slots,
+                                     decode_chunk=decode_chunk, prefill_buckets=buckets,
+                                     eos_token_ids=sorted(eos),
+                                     pad_token_id=self.tokenizer.pad_token_id or 0, verbose=False)
         self._params_cls = SamplingParams
+        self.max_new_tokens = max_new_tokens
         self.settings = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=max_new_tokens)
 
     def encode(self, user_message: str) -> list[int]:
         """Chat-templated prompt token ids."""
-        from flowrl_jax.data.templates import ChatRenderer
+        return self.tokenizer.encode(self.render(user_message), add_special_tokens=False)
 
-        if not hasattr(self, "_render"):
-            self._render = ChatRenderer(self.tokenizer)
-        return self.tokenizer.encode(self._render(user_message), add_special_tokens=False)
+    def check_lengths(self, problems: Sequence[Problem]) -> None:
+        """Refuse prompts that cannot fit the model's context up front, naming them."""
+        limit = self.arch.max_position_embeddings
+        bad = [f"{p.prompt_id} ({len(p.prompt)} tokens)" for p in problems
+               if len(p.prompt) + self.max_new_tokens > limit]
+        if bad:
+            raise EvalError(f"{len(bad)} prompt(s) + --max-new-tokens {self.max_new_tokens} exceed "
+                            f"the model's max_position_embeddings {limit}: {', '.join(bad[:5])}"
+                            f"{' …' if len(bad) > 5 else ''}; lower --max-new-tokens")
 
     def generate(self, prompts: Sequence[Any], n: int, seed: int) -> list[Generation]:
         """Sample n responses per prompt in one engine call."""
-        import numpy as np
-
         sp = self._params_cls(n=n, seed=seed, **self.settings)
-        ro = self.engine.generate(self.params, [list(p) for p in prompts], sp)
-        tokens, lengths = np.asarray(ro.tokens), np.asarray(ro.lengths)
+        ro = self.engine.generate(self.model, [list(p) for p in prompts], sp)
         out = []
-        for r in range(tokens.shape[0]):
-            ids = tokens[r, :int(lengths[r])].tolist()
+        for r in range(len(ro.lengths)):
+            ids = ro.tokens[r, :int(ro.lengths[r])].tolist()
             out.append(Generation(int(ro.prompt_index[r]), int(ro.sample_index[r]),
                                   self.tokenizer.decode(ids, skip_special_tokens=True),
-                                  int(lengths[r]), str(ro.finish_reasons[r])))
+                                  int(ro.lengths[r]), str(ro.finish_reasons[r])))
         return out
 
 
@@ -502,13 +569,24 @@ def run(args: argparse.Namespace) -> int:
     except EvalError as e:
         print(f"flowrl-jax eval: {e}", file=sys.stderr)
         return 2
-    backend = EngineBackend(args.model, args.temperature, args.top_p, args.top_k,
-                            args.max_new_tokens)
-    problems = build_problems(benchmarks, data_dir, args.limit, backend.encode)
+    from flowrl_jax.rewards import RewardPool
+
+    try:
+        backend = EngineBackend(args.model, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                dtype=_dtype(args.dtype), decode_slots=args.decode_slots,
+                                decode_chunk=args.decode_chunk, devices=args.devices,
+                                prefill_buckets=_buckets(args.prefill_buckets))
+        problems = build_problems(benchmarks, data_dir, args.limit, backend.encode)
+        backend.check_lengths(problems)
+    except (OSError, ValueError, KeyError, EvalError) as e:
+        print(f"flowrl-jax eval: {e}", file=sys.stderr)
+        return 2
     config = {"model": str(Path(args.model).resolve()), "n": args.n, "seed": args.seed,
               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
               "max_new_tokens": args.max_new_tokens, "batch_prompts": args.batch_prompts}
-    scorer = Scorer(args.score_workers)
+    scorer = (RewardPool(num_workers=args.score_workers) if args.score_workers > 0
+              else Scorer(0))
     try:
         summary = run_eval(problems, backend, Path(args.out), n=args.n, seed=args.seed,
                            batch_prompts=args.batch_prompts, scorer=scorer, config=config,
