@@ -115,3 +115,24 @@ def test_scorer_pool_runs_in_processes():
         assert [f.result(timeout=60) for f in futs] == [1.0, 0.0, 1.0]
     finally:
         s.close()
+
+
+def test_judge_scores_land_in_summary(tmp_path):
+    from test_judge import _FakeServer
+
+    from flowrl_jax import judge as jg
+
+    server = _FakeServer()
+    try:
+        server.replies = [(200, "Score: 2"), (200, "Score: 4")] + [(200, "Score: 1")] * 10
+        cfg = jg.JudgeConfig(url=server.url, retries=1, backoff_s=0.0)
+        out = ev_cmd.run_eval(_problems()[:2], FakeBackend(), tmp_path, n=3, seed=0,
+                              batch_prompts=2, scorer=ev_cmd.Scorer(0, fake_score),
+                              config={"model": "fake"}, diversity_on=("aime24",), judge_cfg=cfg)
+    finally:
+        server.close()
+    assert len(server.requests) == 2  # one request per judged problem
+    assert out["judge"]["mean_score"] == 3.0 and out["judge"]["num_scored"] == 2
+    user_msg = server.requests[0]["body"]["messages"][1]["content"]
+    assert "Solution 3:" in user_msg and "Solution 4:" not in user_msg
+    assert "LLM-judge diversity (1–5): 3.0" in (tmp_path / "results.md").read_text()
