@@ -73,3 +73,65 @@ def toy_overrides(algo: str = "flowrl", steps: int = 2, **extra: Any) -> list[st
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
+
+
+# --------------------------------------------------------------------------- subprocess runs
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# A persistent XLA cache shared by the trainer test subprocesses: entries are keyed by the
+# program itself, so reuse is exact; it turns the ~20 s compile of each restart into a load.
+XLA_CACHE = Path(tempfile.gettempdir()) / "flowrl-jax-trainer-tests-xla-cache"
+VOLATILE = ("time/", "throughput/", "perf/")
+
+
+def train_env(devices: int = 1, **extra: str) -> dict:
+    """Environment of a `flowrl-jax train` subprocess (CPU, `devices` local devices)."""
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT / "tests") + os.pathsep + str(ROOT),
+        "JAX_COMPILATION_CACHE_DIR": str(XLA_CACHE),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    })
+    env.update(extra)
+    return env
+
+
+def start_train(out: Path, overrides: list[str], env: dict | None = None,
+                log: Path | None = None) -> subprocess.Popen:
+    """Start `python -m flowrl_jax.cli train` on the toy task (no config file)."""
+    cmd = [sys.executable, "-m", "flowrl_jax.cli", "train", "--config", os.devnull,
+           "--out", str(out), "--no-console", *overrides]
+    logf = open(log or (Path(str(out) + ".log")), "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or train_env(), stdout=logf,
+                            stderr=subprocess.STDOUT)
+
+
+def stable_records(out: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock dependent keys."""
+    from flowrl_jax.metrics import read_metrics
+
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in read_metrics(out)]
+
+
+def checkpoint_arrays(out: Path, step: int) -> dict:
+    """Every array of the policy and train items of a run's checkpoint `step` (numpy)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    res = {}
+    ck = ocp.StandardCheckpointer()
+    for item in ("policy", "train"):
+        tree = ck.restore((out / "checkpoints" / str(step) / item).absolute())
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            res[item + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    ck.close()
+    return res
