@@ -50,6 +50,16 @@ def code_items(n: int, seed: int = 0) -> list[tuple[str, dict]]:
     return out
 
 
+def humaneval_items(n: int) -> list[tuple[str, dict]]:
+    """HumanEval+-style items (numpy-importing check(), 20 asserted inputs), half of them wrong."""
+    test = ("import numpy as np\n\ndef check(candidate):\n    inputs = [[i, i + 1] for i in range(20)]\n"
+            "    for a, b in inputs:\n        assert np.allclose(candidate(a, b), a + b)\n")
+    gt = {"test": test, "entry_point": "add", "prompt": "def add(a, b):\n"}
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    return [(good if i % 2 else bad, gt) for i in range(n)]
+
+
 def _rate(n: int, fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -102,6 +112,11 @@ def reward_throughput(n_math: int = 400, n_mv: int = 200, n_code: int = 32,
                      "reference_kind": "serial in-process, no hard timeout"})
         ours = _rate(n_code, lambda: pool.score_batch([("livecodebench", r, g) for r, g in code]))
         ref = _rate(n_code, lambda: _code_reference(code))
+        he = humaneval_items(max(2, n_code // 2))
+        ours_he = _rate(len(he), lambda: pool.score_batch([("humanevalplus", r, g) for r, g in he]))
+        rows.append({"case": "code_humaneval_numpy", "ours": ours_he, "reference": None,
+                     "unit": "programs/s", "ratio": None, "workers": workers, "n": len(he),
+                     "reference_kind": "none"})
         rows.append({"case": "code_stdin_2tests", "ours": ours, "reference": ref, "unit": "programs/s",
                      "ratio": ours / ref, "workers": workers, "n": n_code,
                      "reference_kind": "serial unsandboxed subprocess"})

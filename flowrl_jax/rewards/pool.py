@@ -32,7 +32,9 @@ class RewardPool:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {n}")
         self.num_workers = n
         self._executor = cf.ThreadPoolExecutor(max_workers=n, thread_name_prefix="reward")
-        self._mv = MathVerifyScorer(num_workers=math_verify_workers or min(n, os.cpu_count() or 1),
+        # each Math-Verify process holds sympy (~100 MB): cap the default on many-core hosts
+        mv_workers = math_verify_workers or min(n, os.cpu_count() or 1, 16)
+        self._mv = MathVerifyScorer(num_workers=mv_workers,
                                     timeout_s=math_verify_timeout_s)
         self._sandbox = sandbox
         self._limits = code_limits or CodeLimits()
