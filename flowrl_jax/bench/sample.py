@@ -1,0 +1,156 @@
+"""`flowrl-jax bench sample`: generation tokens/s of our engine vs HF transformers `generate`
+(PyTorch, same machine, same random weights, same lengths, sampling at T = 1 with no
+truncation, EOS ignored so every sample runs to the same length).
+
+Also reported: on CPU, the fraction of the measured matmul peak (big jnp matmul, same run)
+that decoding reaches (2 × matmul params per token); on GPU/TPU, the fraction of the HBM
+bandwidth roofline (params + KV cache bytes read per decode step ÷ step time ÷ peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+SHAPES = ("tiny", "qwen2.5-0.5b")
+
+# Peak HBM bandwidth, bytes/s, by substring of jax's device_kind (vendor data sheets).
+PEAK_HBM = {
+    "H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 3.0e11,
+    "TPU v6": 1.64e12, "TPU v5p": 2.765e12, "TPU v5 lite": 8.19e11, "TPU v5e": 8.19e11,
+    "TPU v4": 1.2e12,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    parser.add_argument("--batches", default="1,8,32", help="comma list of batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
+
+
+def _arch(shape: str):
+    from flowrl_jax.config import ModelArch
+    from flowrl_jax.sampling.testing import tiny_arch
+
+    if shape == "tiny":
+        return tiny_arch(128)
+    if shape == "qwen2.5-0.5b":
+        return ModelArch(eos_token_id=None, bos_token_id=None)  # the defaults are Qwen2.5-0.5B
+    raise ValueError(f"--shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a big float32 jnp matmul on the default device (best of `reps`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_hbm_bandwidth(device_kind: str) -> Optional[float]:
+    """Peak HBM bytes/s of an accelerator from the table, None when unknown (or CPU)."""
+    for k, v in PEAK_HBM.items():
+        if k.lower() in device_kind.lower():
+            return v
+    return None
+
+
+def matmul_params(arch) -> int:
+    """Parameters touched by matmuls per token (all linear layers + the LM head)."""
+    h, i, d = arch.hidden_size, arch.intermediate_size, arch.resolved_head_dim
+    attn = h * arch.num_attention_heads * d * 2 + h * arch.num_key_value_heads * d * 2
+    return arch.num_hidden_layers * (attn + 3 * h * i) + h * arch.vocab_size
+
+
+def _ours(model, arch, batch: int, prompt_len: int, new: int) -> tuple[float, float]:
+    """(tokens/s, seconds per decode step) of a warm engine."""
+    from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+
+    eng = SamplingEngine(model, decode_slots=batch, decode_chunk=new, prefill_buckets=(prompt_len,),
+                         prefill_batch=batch, verbose=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, arch.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True)
+    eng.generate(model, prompts, sp)  # compile
+    t = time.perf_counter()
+    out = eng.generate(model, prompts, sp)
+    dt = time.perf_counter() - t
+    assert int(out.lengths.sum()) == batch * new
+    return batch * new / dt, dt / new
+
+
+def _reference(hf, arch, batch: int, prompt_len: int, new: int) -> float:
+    import torch
+
+    rng = np.random.default_rng(0)
+    ids = torch.tensor(rng.integers(0, arch.vocab_size, (batch, prompt_len)))
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+              top_p=1.0, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
+    with torch.no_grad():
+        hf.generate(ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+        t = time.perf_counter()
+        out = hf.generate(ids, **kw)
+        dt = time.perf_counter() - t
+    assert out.shape[1] == prompt_len + new
+    return batch * new / dt
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import jax
+
+    from flowrl_jax.sampling.engine import cache_bytes
+    from flowrl_jax.sampling.testing import tiny_model, to_hf
+
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    dev = jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
+    peak = matmul_peak_flops() if on_cpu else None
+    bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)
+    rows: list[dict] = []
+    for shape in shapes:
+        arch = _arch(shape)
+        model = tiny_model(arch, seed=0, scale=1.0 if shape != "tiny" else 10.0)
+        hf = None
+        if not args.no_reference:
+            import torch
+
+            torch.manual_seed(0)
+            hf = to_hf(model, arch)
+        for b in batches:
+            ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens)
+            ref = _reference(hf, arch, b, args.prompt_len, args.new_tokens) if hf is not None else None
+            row: dict[str, Any] = {"shape": shape, "batch": b, "prompt_len": args.prompt_len,
+                                   "new_tokens": args.new_tokens, "unit": "tokens/s",
+                                   "ours": round(ours, 1),
+                                   "reference": None if ref is None else round(ref, 1),
+                                   "ratio": None if ref is None else round(ours / ref, 2),
+                                   "device": dev.device_kind}
+            if on_cpu:
+                row["matmul_peak_gflops"] = round(peak / 1e9, 1)
+                row["frac_matmul_peak"] = round(2 * matmul_params(arch) * ours / peak, 3)
+            elif bw is not None:
+                avg_len = args.prompt_len + args.new_tokens / 2
+                kv = cache_bytes(arch, b, int(avg_len), np.float32)
+                from flax import nnx
+
+                param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+                row["frac_hbm_roofline"] = round((param_bytes + kv) / step_s / bw, 3)
+            rows.append(row)
+        del model, hf
+        gc.collect()
+    return rows
