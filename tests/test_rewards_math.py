@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import sys
 import time
 
@@ -222,3 +223,30 @@ def test_every_shipped_dataset_routes_to_a_reward():
     assert sources  # the data registry lists its data sets
     for src in sources:
         rewards.resolve(src)  # raises KeyError naming the source if it has no reward
+
+
+def _worker_pids(scorer):
+    return {w._proc.pid for w in scorer._workers if w._proc is not None}
+
+
+def test_math_verify_scorer_survives_fork(mv_scorer):
+    assert mv_scorer.score("\\boxed{3}", "3") == 1.0  # parent worker running
+    parent_pids = _worker_pids(mv_scorer)
+    assert parent_pids
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must start its own worker instead of sharing the parent's pipes
+        try:
+            ok = mv_scorer.score("\\boxed{4}", "4") == 1.0 and mv_scorer.score("\\boxed{5}", "4") == 0.0
+            ok = ok and bool(_worker_pids(mv_scorer)) and not (_worker_pids(mv_scorer) & parent_pids)
+            mv_scorer.close()
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert got == b"1"
+    assert _worker_pids(mv_scorer) == parent_pids  # the child neither used nor killed them
+    assert mv_scorer.score("\\boxed{6}", "6") == 1.0

@@ -113,15 +113,25 @@ class MathVerifyScorer:
             raise ValueError(f"MathVerifyScorer: num_workers must be >= 1, got {num_workers}")
         self.timeout_s = float(timeout_s)
         argv = worker_argv or [sys.executable, "-B", _WORKER_SCRIPT, str(int(inner_timeout_s))]
+        self._argv = list(argv)
+        self._num_workers = num_workers
+        self._make_workers()
+        self.num_timeouts = 0
+
+    def _make_workers(self) -> None:
+        # Workers start lazily on first use; the pid guards against use after os.fork(),
+        # where parent and child would otherwise share the same worker pipes.
+        self._pid = os.getpid()
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
-        self._workers = [_Worker(list(argv)) for _ in range(num_workers)]
+        self._workers = [_Worker(list(self._argv)) for _ in range(self._num_workers)]
         for w in self._workers:
             self._idle.put(w)
-        self.num_timeouts = 0
 
     def score(self, response: str, ground_truth: str) -> float:
         """1.0 if Math-Verify accepts `response` against boxed `ground_truth`, else 0.0."""
         request = {"gold": boxed_gold(ground_truth), "pred": str(response)}
+        if os.getpid() != self._pid:  # forked child: never touch the parent's workers
+            self._make_workers()
         worker = self._idle.get()
         try:
             result = worker.call(request, self.timeout_s)
@@ -136,7 +146,9 @@ class MathVerifyScorer:
         return float(result.get("score", 0.0))
 
     def close(self) -> None:
-        """Stop all worker processes."""
+        """Stop all worker processes (only those this process started)."""
+        if os.getpid() != self._pid:
+            return
         for w in self._workers:
             w.kill()
 
