@@ -221,6 +221,10 @@ def test_lcb_functional(lcb):
     q = lcb["contains only set bits"]
     assert rewards.score("livecodebench", fence(SETBITS_OK, "py"), lcb_gt(q)) == 1.0
     assert rewards.score("livecodebench", fence(SETBITS_BAD), lcb_gt(q)) == 0.0
+    # numpy results compare by value (as in LCB); a set is not a list
+    np_ok = "import numpy as np\n" + SETBITS_OK.replace("return x", "return np.int64(x)")
+    assert rewards.score("livecodebench", fence(np_ok), lcb_gt(q)) == 1.0
+    assert rewards.score("livecodebench", fence(SETBITS_OK.replace("return x", "return {x}")), lcb_gt(q)) == 0.0
     # stray prints do not confuse the result channel; tests as a JSON string are accepted
     noisy = SETBITS_OK.replace("x = 1\n", "x = 1\n        print('debug', n)\n")
     assert rewards.score("livecodebench", fence(noisy), json.dumps(lcb_gt(q))) == 1.0

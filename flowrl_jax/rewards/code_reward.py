@@ -116,7 +116,9 @@ def __flowrl_main():
     _res = Solution().{method}(*_args)
     if isinstance(_res, tuple):
         _res = list(_res)
-    _s.stdout.write("\\n{marker}" + _j.dumps(_res) + "\\n")
+    # numpy scalars/arrays compare equal to Python values in LCB; make them serialisable
+    _enc = lambda _o: _o.tolist() if hasattr(_o, "tolist") else repr(_o)
+    _s.stdout.write("\\n{marker}" + _j.dumps(_res, default=_enc) + "\\n")
     _s.stdout.flush()
 
 __flowrl_main()
@@ -132,8 +134,6 @@ def _functional_passes(result: RunResult, expected: str, marker: str) -> bool:
         got, want = json.loads(got_text), json.loads(expected)
     except json.JSONDecodeError:
         return False
-    if isinstance(want, tuple):
-        want = list(want)
     return got == want
 
 
