@@ -201,6 +201,14 @@ class PromptIterator:
             close()
 
 
+def _ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; mark them parsed (defaults) when no absl main ran."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def _process_index_count(process_index: Optional[int], process_count: Optional[int]
                          ) -> tuple[int, int]:
     if process_index is None or process_count is None:
@@ -293,6 +301,7 @@ def build_train_pipeline(cfg: Union[Config, DataConfig], tokenizer: Any, group_s
                   batch_fn=Collate(group_size, data.length_buckets, max_len, pad_id))
     it_ds = ds.to_iter_dataset()
     if data.worker_count > 0:
+        _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
     log.info("data: %d prompts, %d per step (%d on this host), G=%d, %d steps/epoch",
              len(records), prompts_per_step, local, group_size, info.steps_per_epoch)
