@@ -49,7 +49,7 @@ def _eval(model_dir, out):
 
     return main(["eval", "--model", str(model_dir), "--suite", "all", "--limit", "3", "--n", "2",
                  "--max-new-tokens", "8", "--out", str(out), "--data-dir", str(DATA),
-                 "--score-workers", "2", "--prefill-buckets", "2048", "--decode-slots", "8",
+                 "--score-workers", "1", "--prefill-buckets", "2048", "--decode-slots", "8",
                  "--decode-chunk", "8", "--no-progress"])
 
 

@@ -136,3 +136,12 @@ def test_judge_scores_land_in_summary(tmp_path):
     user_msg = server.requests[0]["body"]["messages"][1]["content"]
     assert "Solution 3:" in user_msg and "Solution 4:" not in user_msg
     assert "LLM-judge diversity (1–5): 3.0" in (tmp_path / "results.md").read_text()
+
+
+def test_scoring_failure_names_the_sample(tmp_path):
+    def boom(data_source, text, gt):
+        raise KeyError("no reward for 'mystery'")
+
+    with pytest.raises(ev_cmd.EvalError, match=r"scoring aime24 aime24-0 sample \d .*mystery"):
+        ev_cmd.run_eval(_problems()[:1], FakeBackend(), tmp_path, n=2, seed=0, batch_prompts=1,
+                        scorer=ev_cmd.Scorer(0, boom), config={"model": "fake"})

@@ -310,7 +310,12 @@ def generate_and_score(problems: Sequence[Problem], backend: Backend, scorer: Sc
             keep = []
             for rec, fut in pending:
                 if block or fut.done():
-                    rec["score"] = float(fut.result())
+                    try:
+                        rec["score"] = float(fut.result())
+                    except Exception as e:  # noqa: BLE001 - re-raised naming the sample
+                        raise EvalError(f"scoring {rec['benchmark']} {rec['prompt_id']} sample "
+                                        f"{rec['sample_index']} (data_source "
+                                        f"{rec['data_source']!r}) failed: {e}") from e
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     written += 1
                     if prog is not None:
