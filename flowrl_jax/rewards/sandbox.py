@@ -26,7 +26,6 @@ There is no network or filesystem isolation in that mode; a warning is logged on
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import logging
@@ -379,8 +378,3 @@ def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,
     if res.status == "sandbox_error":  # infrastructure failure, not the program's fault
         logger.error("sandbox setup failed (%s mode, uid %s): %s", mode, uid, res.stderr.strip()[-500:])
     return res
-
-
-def with_overrides(cfg: SandboxConfig | None = None, **kw) -> SandboxConfig:
-    """A copy of `cfg` (default config if None) with fields replaced."""
-    return dataclasses.replace(cfg or SandboxConfig(), **kw)
