@@ -145,3 +145,24 @@ def test_scoring_failure_names_the_sample(tmp_path):
     with pytest.raises(ev_cmd.EvalError, match=r"scoring aime24 aime24-0 sample \d .*mystery"):
         ev_cmd.run_eval(_problems()[:1], FakeBackend(), tmp_path, n=2, seed=0, batch_prompts=1,
                         scorer=ev_cmd.Scorer(0, boom), config={"model": "fake"})
+
+
+def test_cli_bad_input_clear_errors(tmp_path, capsys, monkeypatch):
+    from flowrl_jax.cli import main
+
+    model = tmp_path / "m"
+    model.mkdir()
+    base = ["eval", "--model", str(model), "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)]
+    cases = [(["--suite", "aime23"], "unknown benchmark 'aime23'"),
+             (["--diversity", "foo"], "--diversity: unknown benchmark(s) ['foo']"),
+             (["--n", "0"], "--n must be >= 1"),
+             (["--limit", "0"], "--limit must be >= 1"),
+             (["--judge"], "--judge needs FLOWRL_JUDGE_URL"),
+             (["--cf-standings", str(tmp_path / "none.json")], "--cf-standings")]
+    monkeypatch.delenv("FLOWRL_JUDGE_URL", raising=False)
+    for extra, msg in cases:
+        assert main(base + extra) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+                 "--data-dir", str(tmp_path)]) == 2
+    assert "nope: no such directory" in capsys.readouterr().err

@@ -105,7 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", action="store_true",
                         help="also ask the LLM judge (FLOWRL_JUDGE_URL etc.) for diversity scores")
     parser.add_argument("--cf-standings", default=None,
-                        help="JSON file of cached Codeforces standings for the CodeElo rating")
+                        help="JSON file of cached Codeforces standings for the CodeElo rating: "
+                             '{contest_id: {"problems": [{"index", "points"?}], "rows": '
+                             '[{"points", "penalty"}], "old_ratings": [...]}} (rated users only)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute/KV-cache dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
@@ -556,6 +558,10 @@ def run(args: argparse.Namespace) -> int:
             raise EvalError(f"--model {args.model}: no such directory")
         div = (list(KNOWN) if args.diversity == "all" else [] if args.diversity == "none"
                else [d.strip() for d in args.diversity.split(",") if d.strip()])
+        unknown = [d for d in div if d not in KNOWN]
+        if unknown:
+            raise EvalError(f"--diversity: unknown benchmark(s) {unknown} (known: "
+                            f"{', '.join(KNOWN)}, or all / none)")
         judge_cfg = None
         if args.judge:
             from flowrl_jax import judge as jg
@@ -589,7 +595,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = {"model": str(Path(args.model).resolve()), "n": args.n, "seed": args.seed,
               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-              "max_new_tokens": args.max_new_tokens, "batch_prompts": args.batch_prompts}
+              "max_new_tokens": args.max_new_tokens, "batch_prompts": args.batch_prompts,
+              "dtype": _dtype(args.dtype)}
     scorer = (RewardPool(num_workers=args.score_workers) if args.score_workers > 0
               else Scorer(0))
     try:
