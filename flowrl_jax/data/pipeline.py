@@ -299,7 +299,9 @@ def build_train_pipeline(cfg: Union[Config, DataConfig], tokenizer: Any, group_s
     ds = ds.map(encoder)
     ds = ds.batch(local, drop_remainder=True,
                   batch_fn=Collate(group_size, data.length_buckets, max_len, pad_id))
-    it_ds = ds.to_iter_dataset()
+    # Grain's default read-ahead (16 threads, 500 elements) would tokenise hundreds of rollout
+    # batches in the background; one thread two batches ahead keeps up with any rollout step.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if data.worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))

@@ -94,8 +94,8 @@ def infer_format(path: Path) -> str:
 
 def _open_text(path: Path):
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, "r", encoding="utf-8-sig")  # tolerate a BOM
 
 
 def iter_rows(path: Union[str, Path], fmt: Optional[str] = None,
