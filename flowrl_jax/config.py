@@ -272,7 +272,7 @@ class RolloutConfig:
 class AlgoConfig:
     """Loss selection and hyper-parameters (SPEC §1–§4)."""
 
-    name: Literal["flowrl", "grpo", "ppo", "reinforce_pp"] = "flowrl"
+    name: str = "flowrl"  # a registered algorithm: flowrl, grpo, ppo, reinforce_pp, or your own
     # FlowRL
     beta: float = 15.0
     # The reward inside FlowRL's δ: "group" = r̂, group-normalised (SPEC §3, the paper);
@@ -306,7 +306,19 @@ class AlgoConfig:
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
 
     def validate(self, key: str = "algo") -> None:
+        from flowrl_jax.algos import list_algorithms  # the registry is the list of valid names
+
+        known = list_algorithms()
+        _check(self.name in known, f"{key}.name", f"unknown algorithm {self.name!r} (known: "
+               f"{', '.join(known)})")
         _check(self.beta > 0, f"{key}.beta", "must be > 0")
+        _check(self.surrogate_clip_high is None or self.surrogate_clip_high > 0,
+               f"{key}.surrogate_clip_high", "must be > 0")
+        _check(self.dual_clip_c is None or self.dual_clip_c > 1, f"{key}.dual_clip_c",
+               "must be > 1")
+        _check(self.vf_coef >= 0, f"{key}.vf_coef", "must be >= 0")
+        _check(self.value_clip > 0, f"{key}.value_clip", "must be > 0")
+        _check(self.kl_penalty_coef >= 0, f"{key}.kl_penalty_coef", "must be >= 0")
         _check(self.is_cap > 0, f"{key}.is_cap", "must be > 0")
         _check(self.log_w_clamp > 0, f"{key}.log_w_clamp", "must be > 0")
         _check(self.z_depth >= 0, f"{key}.z_depth", "must be >= 0")

@@ -15,6 +15,8 @@ Directories may be local or `gs://` (etils epath / tensorstore).
 
 from __future__ import annotations
 
+import os
+
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -85,7 +87,9 @@ class TrainCheckpointManager:
 
     def __init__(self, directory: str, keep_last: int = 3, keep_every: Optional[int] = None,
                  async_save: bool = True):
-        self.directory = epath.Path(directory)
+        # Orbax/tensorstore need absolute local paths; URLs (gs://) are kept as they are.
+        self.directory = epath.Path(directory if "://" in str(directory)
+                                    else os.path.abspath(directory))
         self.keep_last, self.keep_every = keep_last, keep_every
         self._async = async_save
         self._mgr = self._open()
