@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -34,3 +36,13 @@ def hf_logits(model: Qwen2ForCausalLM, ids: np.ndarray) -> np.ndarray:
     """float32 logits of a HF model for int ids [B, T] (no padding)."""
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+@jax.jit
+def _forward(model, ids):
+    return model(ids).logits
+
+
+def jax_logits(model, ids: np.ndarray) -> np.ndarray:
+    """Logits of our model through one shared jit (compiled once per model structure)."""
+    return np.asarray(_forward(model, jnp.asarray(ids)))

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from transformers import AutoModelForCausalLM
 
-from _ckpt_util import hf_logits, make_hf
+from _ckpt_util import hf_logits, jax_logits, make_hf
 from flowrl_jax.checkpoint import CheckpointError, orbax
 from flowrl_jax.checkpoint.hf import (INDEX_FILE, export_hf, index_tensors, iter_hf_tensors,
                                       load_hf)
@@ -93,15 +93,18 @@ def test_tied_round_trip_writes_no_lm_head(tied, tmp_path):
     assert np.array_equal(hf_logits(reloaded, IDS), hf_logits(ref_model, IDS))
 
 
-def test_restore_onto_another_mesh(ckpt, untied):
+def test_restore_onto_another_mesh(ckpt, untied, tmp_path):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
-    model, _ = orbax.restore_policy(ckpt, mesh)
+    model, arch = orbax.restore_policy(ckpt, mesh)
     single, _ = orbax.restore_policy(ckpt, single_device_mesh())
     k = model.layers[1].mlp.down_proj.kernel.get_value()
     assert k.sharding.mesh.shape == mesh.shape and k.sharding.spec == P("tensor", "fsdp")
     assert k.addressable_shards[0].data.shape == (k.shape[0] // 2, k.shape[1] // 2)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(single))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    # exporting from the sharded model gathers each tensor: same bytes as the original
+    export_hf(model, arch, tmp_path / "hf")
+    assert_bit_exact(tensors(untied[0]), tensors(tmp_path / "hf"))
 
 
 def test_export_keeps_bf16_and_casts_on_request(untied, tmp_path):
@@ -150,7 +153,7 @@ def test_restore_casts_dtype_and_load_model_dispatch(untied, ckpt, tmp_path):
         assert model_kind(p)[0] == kind
         model, arch, tok = load_model(p, mesh, ModelConfig())
         assert tok is None  # no tokenizer files in these dirs
-        np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS)).logits), ref, atol=1e-4)
+        np.testing.assert_allclose(jax_logits(model, IDS), ref, atol=1e-4)
     with pytest.raises(CheckpointError, match="neither"):
         load_model(tmp_path, mesh)
 

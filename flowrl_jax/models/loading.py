@@ -7,15 +7,19 @@ checkpoint directory (model.json, see checkpoint/orbax.py) or a training run dir
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import jax
+from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
 from flowrl_jax.config import ModelArch, ModelConfig
-from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, init_sharded
+from flowrl_jax.mesh import state_shardings
+from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,11 +66,28 @@ def load_model(path: PathLike, mesh: Mesh, cfg: Union[ModelConfig, Numerics, Non
     return model, arch, orbax.checkpoint_tokenizer_dir(d)
 
 
+@functools.lru_cache(maxsize=8)
+def _sharded_init(arch: ModelArch, num: Numerics, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
+    # One compiled initialiser per (arch, numerics, mesh); the seed is a traced argument,
+    # so new seeds do not recompile.
+    graphdef, abstract = nnx.split(abstract_model(arch, num))
+    shardings = state_shardings(abstract, mesh)
+
+    @jax.jit
+    def make(key: jax.Array) -> nnx.State:
+        with nnx.use_eager_sharding(False):
+            state = nnx.state(Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(key)))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return graphdef, make
+
+
 def random_model(arch: ModelArch, numerics: Optional[Numerics], mesh: Mesh,
                  seed: int = 0) -> Qwen2ForCausalLM:
     """A randomly initialised model created directly in its shardings on `mesh`."""
     arch.validate()
-    return init_sharded(arch, numerics, mesh, seed)
+    graphdef, make = _sharded_init(arch, numerics or Numerics(), mesh)
+    return nnx.merge(graphdef, make(jax.random.key(seed)))
 
 
 def model_from_config(cfg: ModelConfig, mesh: Mesh) -> tuple[Qwen2ForCausalLM, ModelArch, Optional[Path]]:
