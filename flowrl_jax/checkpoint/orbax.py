@@ -147,8 +147,9 @@ def save_policy(ckpt_dir: PathLike, model_or_state: Any, arch: ModelArch, step: 
         if step in mngr.all_steps():
             raise CheckpointError(f"{d}: step {step} already exists; choose another step or an "
                                   f"empty directory")
-        write_model_json(d, arch, param_dtype)
-        if tokenizer_dir is not None:
+        if jax.process_index() == 0:  # one writer in multi-host runs
+            write_model_json(d, arch, param_dtype)
+        if tokenizer_dir is not None and jax.process_index() == 0:
             (d / TOKENIZER_SUBDIR).mkdir(exist_ok=True)
             copy_tokenizer(tokenizer_dir, d / TOKENIZER_SUBDIR)
         mngr.save(step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardSave(pure)}))
