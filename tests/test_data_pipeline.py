@@ -230,13 +230,14 @@ _CHILD = textwrap.dedent("""
     it = build_train_pipeline(cfg, load_tokenizer(), 2, 4, process_index=0, process_count=1)
     {restore}
     out = [_digest(next(it)) for _ in range({n})]
+    state = it.get_state()
     it.close()
-    print("RESULT" + json.dumps(out), flush=True)
+    print("RESULT" + json.dumps({{"digests": out, "state": state}}), flush=True)
     os._exit(0)  # skip the slow interpreter teardown of grain worker processes
 """)
 
 
-def _run_child(cfg: DataConfig, restore: str, n: int) -> list:
+def _run_child(cfg: DataConfig, restore: str, n: int) -> dict:
     d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()
          if k != "custom"}
     code = _CHILD.format(tests=str(REPO / "tests"), cfg=json.dumps(d), restore=restore, n=n)
@@ -257,7 +258,8 @@ def test_orbax_save_restore_in_new_process(tok, tmp_path):
     save_iterator(ckpt, it)
     want = [_digest(next(it)) for _ in range(100)]  # crosses several epoch boundaries
     got = _run_child(cfg, f"restore_iterator({str(ckpt)!r}, it)", 100)
-    assert got == want
+    assert got["digests"] == want
+    assert got["state"]["batches"] == 113
     assert json.loads((ckpt / "data_iter" / "process_0-of-1.json").read_text()) == \
         {"next_index": 13}
 
@@ -268,7 +270,8 @@ def test_worker_processes_give_the_same_stream(tok):
     ref = build_train_pipeline(cfg, tok, 2, 4, process_index=0, process_count=1)
     want = [_digest(next(ref)) for _ in range(8)]
     got = _run_child(DataConfig(**{**cfg.__dict__, "worker_count": 1}), "", 8)
-    assert got == want
+    assert got["digests"] == want
+    assert got["state"]["worker_count"] == 1 and got["state"]["batches"] == 8
 
 
 def test_records_override_and_too_few_prompts(tok):
@@ -279,3 +282,40 @@ def test_records_override_and_too_few_prompts(tok):
     assert next(it)["id"] == ["r0", "r1", "r2"]
     with pytest.raises(DataError, match="only 3 training prompts"):
         build_train_pipeline(_cfg(), tok, 1, 4, process_index=0, process_count=1, records=recs)
+
+
+def test_state_portable_to_no_workers_and_refused_otherwise(tok):
+    cfg = _cfg(train=("aime24", "amc23"), seed=2)
+    a = build_train_pipeline(cfg, tok, 1, 4)  # process index/count from jax (1 process here)
+    assert (a.info.process_index, a.info.process_count) == (0, 1)
+    for _ in range(3):
+        next(a)
+    state = a.get_state()
+    assert state["batches"] == 3 and state["worker_count"] == 0
+    want = [next(a)["uid"].tolist() for _ in range(4)]
+    # A state saved by a 2-worker pipeline (its per-worker Grain state is not needed here).
+    moved = dict(state, worker_count=2, grain={"opaque": True})
+    b = build_train_pipeline(cfg, tok, 1, 4, process_index=0, process_count=1)
+    b.set_state(moved)
+    assert [next(b)["uid"].tolist() for _ in range(4)] == want
+    c = build_train_pipeline(DataConfig(**{**cfg.__dict__, "worker_count": 1}), tok, 1, 4,
+                             process_index=0, process_count=1)
+    try:
+        with pytest.raises(DataError, match="worker_count=0, this pipeline has 1"):
+            c.set_state(state)
+    finally:
+        c.close()
+
+
+def test_mixed_math_and_code_sets_use_their_own_templates(tok):
+    it = build_train_pipeline(_cfg(train=("aime24", "humaneval"), num_epochs=1,
+                                   max_prompt_length=2048), tok, 1, 194,
+                              process_index=0, process_count=1)
+    b = next(it)
+    by_source = {}
+    for src, text in zip(b["data_source"], b["prompt_text"]):
+        by_source.setdefault(src, []).append(text)
+    assert len(by_source["aime24"]) == 30 and len(by_source["humaneval"]) == 164
+    assert all(SPEC_MATH.split("\n")[0] in t for t in by_source["aime24"])
+    assert all("Complete the following Python function" in t and "Answer: $Answer" not in t
+               for t in by_source["humaneval"])

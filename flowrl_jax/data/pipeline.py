@@ -156,23 +156,44 @@ class PipelineInfo:
     filtered_ids: list[str] = field(default_factory=list)
 
 
+def _batches_from_grain(state: Any) -> Optional[int]:
+    """Batches consumed, read from a Grain state (plain or per-worker), when it says so."""
+    if isinstance(state, dict):
+        if isinstance(state.get("next_index"), int):
+            return state["next_index"]
+        subs = state.get("iterators_in_use_states")
+        if isinstance(subs, list) and subs and all(isinstance(x, dict) and
+                                                   isinstance(x.get("next_index"), int)
+                                                   for x in subs):
+            return sum(x["next_index"] for x in subs)
+    return None
+
+
 class PromptIterator:
     """Iterator over rollout-step prompt batches with JSON-able and Orbax-able state."""
 
-    def __init__(self, dataset: grain.IterDataset, info: PipelineInfo):
+    def __init__(self, dataset: grain.IterDataset, info: PipelineInfo, worker_count: int = 0):
         self.dataset = dataset
         self.info = info
+        self.worker_count = worker_count
+        self.batches = 0  # rollout batches consumed (survives set_state)
         self.grain_iterator = iter(dataset)
 
     def __iter__(self) -> "PromptIterator":
         return self
 
     def __next__(self) -> dict:
-        return next(self.grain_iterator)
+        item = next(self.grain_iterator)
+        self.batches += 1
+        return item
 
     def get_state(self) -> dict:
         """JSON-able position in the stream (plus a fingerprint of the pipeline)."""
-        return {"grain": self.grain_iterator.get_state(), "fingerprint": self.info.fingerprint}
+        gs = self.grain_iterator.get_state()
+        batches = _batches_from_grain(gs)
+        return {"grain": gs, "fingerprint": self.info.fingerprint,
+                "worker_count": self.worker_count,
+                "batches": self.batches if batches is None else batches}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` output; refuses a state of a differently built pipeline."""
@@ -180,7 +201,17 @@ class PromptIterator:
         if fp and fp != self.info.fingerprint:
             raise DataError("data iterator state was saved by a different data pipeline (data "
                             "sets, seed, sizes or hosts changed); cannot resume it exactly")
-        self.grain_iterator.set_state(state["grain"])
+        saved_workers = state.get("worker_count", self.worker_count)
+        grain_state = state["grain"]
+        if saved_workers != self.worker_count:
+            if self.worker_count != 0 or "batches" not in state:
+                raise DataError(f"data iterator state was saved with data.worker_count="
+                                f"{saved_workers}, this pipeline has {self.worker_count}: resume "
+                                f"with the same worker_count (or 0)")
+            # Without workers the Grain state is just the next batch index of the MapDataset.
+            grain_state = {"next_index": int(state["batches"])}
+        self.grain_iterator.set_state(grain_state)
+        self.batches = int(state.get("batches", self.batches))
 
     def save_args(self) -> Any:
         """Orbax args saving this iterator (`ocp.args.Composite(..., data_iter=it.save_args())`)."""
@@ -307,7 +338,7 @@ def build_train_pipeline(cfg: Union[Config, DataConfig], tokenizer: Any, group_s
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
     log.info("data: %d prompts, %d per step (%d on this host), G=%d, %d steps/epoch",
              len(records), prompts_per_step, local, group_size, info.steps_per_epoch)
-    return PromptIterator(it_ds, info)
+    return PromptIterator(it_ds, info, data.worker_count)
 
 
 def save_iterator(directory: Union[str, Path], iterator: PromptIterator) -> None:
