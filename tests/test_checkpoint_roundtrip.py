@@ -124,6 +124,11 @@ def test_export_keeps_bf16_and_casts_on_request(untied, tmp_path):
     assert next(reloaded.parameters()).dtype == torch.bfloat16
     export_hf(model, arch, tmp_path / "f32", dtype="float32")
     assert all(v.dtype == np.float32 for v in tensors(tmp_path / "f32").values())
+    # a bf16 file imported as float32 params is widened exactly
+    m32, _ = load_hf(tmp_path / "bf16", single_device_mesh())
+    up = m32.layers[0].mlp.up_proj.kernel.get_value()
+    assert up.dtype == jnp.float32
+    assert np.array_equal(np.asarray(up), got["model.layers.0.mlp.up_proj.weight"].astype(np.float32).T)
 
 
 def test_export_refuses_parameters_outside_the_policy(untied, tmp_path):
