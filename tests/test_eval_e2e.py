@@ -88,6 +88,16 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
     assert resumed["benchmarks"] == benches
     assert sorted((part / "samples.jsonl").read_text().splitlines()) == sorted(lines)
 
+    # the comparison report reads real eval output directories
+    from flowrl_jax.cli import main
+
+    assert main(["report", str(full), str(part), "--out", str(tmp_path / "rep")]) == 0
+    rep = (tmp_path / "rep" / "report.md").read_text()
+    avg = f"{100 * summary['math_average']['value']:.2f}"
+    assert f"| **math average (6)** | {avg} | {avg} |" in rep
+    assert (tmp_path / "rep" / "pass_at_k_codeforces.png").is_file()
+    assert (tmp_path / "rep" / "diversity.png").is_file()
+
 
 class ScriptedBackend:
     """Sample 0 = a hand-written correct response, sample 1 = a wrong one."""
@@ -152,3 +162,29 @@ def test_scoring_path_hand_written_responses(tmp_path):
     for b, s in summary["benchmarks"].items():
         assert s["avg_at_n"] == 0.5 and s["pass_at_k"]["2"] == 1.0, b
     assert summary["codeforces"]["solved_first_of_n"] == 1
+
+
+def test_concurrent_humaneval_parsing_is_thread_safe():
+    # Eval scores in RewardPool threads; CPython 3.11's ast.parse raised SystemError when two
+    # threads parsed the large HumanEval+ checks at once (seen in the scoring test above).
+    import threading
+
+    from flowrl_jax.data.registry import load_eval_set
+    from flowrl_jax.rewards import code_reward
+
+    test = load_eval_set("humanevalplus", DATA, limit=1)[0].ground_truth["test"]
+    errors, budgets = [], []
+
+    def work():
+        for _ in range(5):
+            try:
+                budgets.append(code_reward.humaneval_budget_s(test))
+            except SystemError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(set(budgets)) == 1 and len(budgets) == 15

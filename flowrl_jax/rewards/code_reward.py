@@ -18,11 +18,21 @@ import ast
 import json
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping
 
 from flowrl_jax.rewards.sandbox import RunResult, SandboxConfig, run_python
+
+# CPython 3.11's ast.parse is not thread-safe ("SystemError: AST constructor recursion depth
+# mismatch" when two RewardPool threads parse at once), so parses are serialised.
+_AST_LOCK = threading.Lock()
+
+
+def _parse(code: str) -> ast.AST:
+    with _AST_LOCK:
+        return ast.parse(code)
 
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -169,7 +179,7 @@ def run_io_tests(code: str, tests: list[Mapping[str, Any]], timeout_s: float, *,
 def _count_inputs(test_code: str) -> int:
     """Number of test inputs in a HumanEval(+) check: `inputs = [...]` length, else assert count."""
     try:
-        tree = ast.parse(test_code)
+        tree = _parse(test_code)
     except SyntaxError:
         return test_code.count("assert")
     n = 0
@@ -188,7 +198,7 @@ def humaneval_budget_s(test_code: str, limits: CodeLimits = CodeLimits()) -> flo
 
 def _defines(code: str, name: str) -> bool:
     try:
-        tree = ast.parse(code)
+        tree = _parse(code)
     except SyntaxError:
         return re.search(rf"def\s+{re.escape(name)}\s*\(", code) is not None
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name
