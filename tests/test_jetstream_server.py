@@ -124,3 +124,59 @@ def test_health_and_missing_content(served):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Decode(js.jetstream_pb2.DecodeRequest(max_tokens=3), timeout=30))
         assert "neither text_content nor token_content" in err.value.details()
+
+
+def test_sample_cli_client(served, capsys):
+    """`flowrl-jax sample --server` talks to the server and prints JSON lines."""
+    import json
+
+    from flowrl_jax.cli import main
+
+    core, model, tok, addr = served
+    code = main(["sample", "--server", addr, "--prompt", "w3 w4", "--n", "2", "--max-new-tokens", "5",
+                 "--json"])
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    ref = _reference(core, model, [tok.encode("w3 w4", add_special_tokens=False)], 5)[0]
+    assert code == 0 and [r["sample_index"] for r in recs] == [0, 1]
+    assert all(r["token_ids"] == ref for r in recs)
+
+
+@pytest.mark.slow
+def test_serve_command_subprocess(tmp_path):
+    """`flowrl-jax serve --model DIR --port 0` starts, answers a request, and is stopped."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from flowrl_jax.sampling.jetstream import request
+    from flowrl_jax.sampling.testing import save_hf_dir
+
+    arch = tiny_arch(64, eos_token_id=EOS)
+    save_hf_dir(tiny_model(arch, seed=3), arch, str(tmp_path), word_tokenizer(64))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowrl_jax.cli", "serve", "--model", str(tmp_path), "--port", "0",
+         "--slots", "2", "--max-new-tokens", "8", "--max-prefill-length", "16", "--temperature", "0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=dict(os.environ))
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader():
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        assert ready.wait(timeout=120), "".join(lines[-20:])
+        port = [ln for ln in lines if "listening on" in ln][-1].split(":")[-1].split()[0]
+        c = request(f"127.0.0.1:{port}", text="w1 w2", max_tokens=4, timeout=60)
+        assert 0 < len(c.token_ids) <= 4
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
