@@ -194,6 +194,12 @@ def test_two_host_sharding_is_disjoint_and_complete(tok):
         u = set(hosts[0][s]["uid"].tolist()) | set(hosts[1][s]["uid"].tolist())
         assert u == set(range(10 * s, 10 * s + 10))
         assert hosts[0][s]["input_ids"].shape[0] == 10  # 5 local prompts × G=2
+    # 21 prompts, 2 per global step (1 per host): 10 whole steps on both hosts, 1 prompt unused
+    recs = [Record(id=f"r{i}", prompt=f"p{i}", ground_truth="1", data_source="math_dapo")
+            for i in range(21)]
+    uneven = [list(build_train_pipeline(cfg, tok, 1, 2, process_index=h, process_count=2,
+                                        records=recs)) for h in range(2)]
+    assert len(uneven[0]) == len(uneven[1]) == 10
     with pytest.raises(ValueError, match="not divisible"):
         build_train_pipeline(cfg, tok, 2, 9, process_index=0, process_count=2)
 

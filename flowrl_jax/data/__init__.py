@@ -19,5 +19,5 @@ __all__ = [
     "build_train_pipeline", "code_prompt", "gsm8k_answer", "iter_rows", "last_boxed",
     "list_datasets", "load_custom", "load_dataset", "load_eval_set", "load_tokenizer",
     "load_train_records", "number_to_str", "olympiad_answer", "read_records",
-    "restore_iterator", "save_iterator",
+    "resolve_data_dir", "restore_iterator", "save_iterator",
 ]

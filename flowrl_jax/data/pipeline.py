@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -325,6 +325,9 @@ def build_train_pipeline(cfg: Union[Config, DataConfig], tokenizer: Any, group_s
         ds = ds.shuffle(seed=data.seed)  # reshuffled differently in every epoch by repeat()
     ds = ds.repeat(data.num_epochs)
     ds = ds.map_with_index(_tag)
+    if data.num_epochs is not None:
+        # Whole global steps only, so every host yields the same number of batches.
+        ds = ds[:len(ds) - len(ds) % prompts_per_step]
     if pc > 1:
         ds = ds[pi::pc]
     ds = ds.map(encoder)
