@@ -26,7 +26,7 @@ TRUNCATED_REASONS = ("length", "max_tokens", "truncated")
 CODEELO_NOT_DONE = (
     "CodeElo rating (SPEC §6) is NOT computed: it needs each contest's live standings "
     "and rating changes from the Codeforces API (contest.standings / contest.ratingChanges), "
-    "which are not shipped and not reachable offline. The `rating_proxy` below is an offline "
+    "which are not shipped and not reachable offline. The offline rating proxy reported here is a "
     "stand-in (per-contest solved fraction mapped through the rllm/DeepCoder percentile→rating "
     "curve) and is NOT comparable to the paper's CodeForces ratings. Pass cached standings "
     "with --cf-standings to compute the real per-contest performance rating."
