@@ -166,3 +166,38 @@ def test_cli_bad_input_clear_errors(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
                  "--data-dir", str(tmp_path)]) == 2
     assert "nope: no such directory" in capsys.readouterr().err
+
+
+def test_samples_hit_disk_while_the_next_chunk_generates(tmp_path):
+    import concurrent.futures as cf
+    import time
+
+    class ThreadScorer:
+        def __init__(self):
+            self.pool = cf.ThreadPoolExecutor(2)
+
+        def submit(self, ds, text, gt):
+            return self.pool.submit(fake_score, ds, text, gt)
+
+        def close(self):
+            self.pool.shutdown()
+
+    seen = []
+
+    class WatchingBackend(FakeBackend):
+        def generate(self, prompts, n, seed):
+            if self.calls:  # wait (bounded) for the previous chunk's scored samples
+                path = tmp_path / "samples.jsonl"
+                deadline = time.time() + 10
+                while time.time() < deadline and len(path.read_text().splitlines()) < 8:
+                    time.sleep(0.01)
+                seen.append(len(path.read_text().splitlines()))
+            return super().generate(prompts, n, seed)
+
+    scorer = ThreadScorer()
+    try:
+        ev_cmd.run_eval(_problems()[:4], WatchingBackend(), tmp_path, n=4, seed=0,
+                        batch_prompts=2, scorer=scorer, config={"model": "fake"})
+    finally:
+        scorer.close()
+    assert seen == [8]  # chunk 1 (2 prompts × 4) was on disk before chunk 2 finished

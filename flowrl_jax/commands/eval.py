@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,47 +305,67 @@ def generate_and_score(problems: Sequence[Problem], backend: Backend, scorer: Sc
     total = sum(1 for _, _, ch in work for p in ch for i in range(n)
                 if (p.benchmark, p.prompt_id, i) not in done)
     prog = _progress(total, show_progress and total > 0)
-    pending: list[tuple[dict[str, Any], cf.Future]] = []
+    lock = threading.Condition()
+    outstanding = 0  # scores whose callback has not finished yet
+    errors: list[str] = []
     written = 0
-    with open(samples_path, "a", encoding="utf-8") as f:
 
-        def flush(block: bool) -> None:
-            nonlocal written, pending
-            keep = []
-            for rec, fut in pending:
-                if block or fut.done():
-                    try:
-                        rec["score"] = float(fut.result())
-                    except Exception as e:  # noqa: BLE001 - re-raised naming the sample
-                        raise EvalError(f"scoring {rec['benchmark']} {rec['prompt_id']} sample "
-                                        f"{rec['sample_index']} (data_source "
-                                        f"{rec['data_source']!r}) failed: {e}") from e
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    written += 1
-                    if prog is not None:
-                        prog.advance(prog.task_ids[0])
-                else:
-                    keep.append((rec, fut))
-            pending = keep
-            f.flush()
-
+    def on_scored(rec: dict[str, Any], fut: cf.Future) -> None:
+        # Runs in the scoring thread as soon as a score exists: the sample is on disk
+        # before the next generate call returns, so a kill loses as little as possible.
+        nonlocal written, outstanding
         try:
-            for b, c, chunk in work:
-                gens = backend.generate([p.prompt for p in chunk], n, chunk_seed(seed, b, c))
-                for g in gens:
-                    p = chunk[g.prompt_index]
-                    if (b, p.prompt_id, g.sample_index) in done:
-                        continue  # finished before an interruption: never recomputed
-                    rec = {"benchmark": b, "prompt_id": p.prompt_id,
-                           "sample_index": g.sample_index, "text": g.text,
-                           "num_tokens": g.num_tokens, "finish_reason": g.finish_reason,
-                           "data_source": p.data_source}
-                    pending.append((rec, scorer.submit(p.data_source, g.text, p.ground_truth)))
-                flush(block=False)  # scoring of this chunk overlaps the next generate call
-            flush(block=True)
-        finally:
-            if prog is not None:
-                prog.stop()
+            rec["score"] = float(fut.result())
+        except Exception as e:  # noqa: BLE001 - reported below, naming the sample
+            with lock:
+                errors.append(f"scoring {rec['benchmark']} {rec['prompt_id']} sample "
+                              f"{rec['sample_index']} (data_source {rec['data_source']!r}) "
+                              f"failed: {e}")
+                outstanding -= 1
+                lock.notify_all()
+            return
+        with lock:
+            if not f.closed:  # an interrupted run has closed the file: drop late scores
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                written += 1
+            outstanding -= 1
+            lock.notify_all()
+        if prog is not None:
+            prog.advance(prog.task_ids[0])
+
+    def check() -> None:
+        with lock:
+            if errors:
+                raise EvalError(errors[0] + (f" (and {len(errors) - 1} more)"
+                                             if len(errors) > 1 else ""))
+
+    f = open(samples_path, "a", encoding="utf-8")
+    try:
+        for b, c, chunk in work:
+            check()
+            gens = backend.generate([p.prompt for p in chunk], n, chunk_seed(seed, b, c))
+            for g in gens:
+                p = chunk[g.prompt_index]
+                if (b, p.prompt_id, g.sample_index) in done:
+                    continue  # finished before an interruption: never recomputed
+                rec = {"benchmark": b, "prompt_id": p.prompt_id,
+                       "sample_index": g.sample_index, "text": g.text,
+                       "num_tokens": g.num_tokens, "finish_reason": g.finish_reason,
+                       "data_source": p.data_source}
+                fut = scorer.submit(p.data_source, g.text, p.ground_truth)
+                with lock:  # before add_done_callback, which may run the callback at once
+                    outstanding += 1
+                # scoring of this chunk overlaps the next generate call
+                fut.add_done_callback(functools.partial(on_scored, rec))
+        with lock:  # callbacks (not just futures) must finish before the file is read
+            lock.wait_for(lambda: outstanding == 0)
+        check()
+    finally:
+        with lock:  # closed under the lock: a late callback never writes half a line
+            f.close()
+        if prog is not None:
+            prog.stop()
     return written
 
 
