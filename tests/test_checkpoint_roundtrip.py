@@ -124,6 +124,8 @@ def test_export_keeps_bf16_and_casts_on_request(untied, tmp_path):
     assert next(reloaded.parameters()).dtype == torch.bfloat16
     export_hf(model, arch, tmp_path / "f32", dtype="float32")
     assert all(v.dtype == np.float32 for v in tensors(tmp_path / "f32").values())
+    m_default, _, _ = load_model(tmp_path / "bf16", single_device_mesh())  # keeps bf16
+    assert m_default.embed_tokens.get_value().dtype == jnp.bfloat16
     # a bf16 file imported as float32 params is widened exactly
     m32, _ = load_hf(tmp_path / "bf16", single_device_mesh())
     up = m32.layers[0].mlp.up_proj.kernel.get_value()

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
 from flowrl_jax.config import ModelArch, ModelConfig
 from flowrl_jax.mesh import state_shardings
-from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model
+from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,13 +53,16 @@ def load_model(path: PathLike, mesh: Mesh, cfg: Union[ModelConfig, Numerics, Non
                step: Optional[int] = None) -> tuple[Qwen2ForCausalLM, ModelArch, Optional[Path]]:
     """(model with params sharded on `mesh`, arch, tokenizer dir or None) from a model path.
 
-    `cfg` None keeps the stored dtype (Orbax) or uses float32 (HF); `step` picks an Orbax step.
+    `cfg` None keeps the stored parameter dtype (and computes in it); `step` picks an Orbax step.
     """
     from flowrl_jax.checkpoint import hf, orbax
 
     kind, d = model_kind(path)
     num = _numerics(cfg)
     if kind == "hf":
+        if num is None:  # keep the checkpoint's own dtype (a bf16 model stays bf16)
+            dt = dtype_of(hf.checkpoint_dtype(d))
+            num = Numerics(param_dtype=dt, compute_dtype=dt)
         model, arch = hf.load_hf(d, mesh, num)
         return model, arch, (d if hf.has_tokenizer(d) else None)
     model, arch = orbax.restore_policy(d, mesh, num, step)
