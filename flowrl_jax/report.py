@@ -7,9 +7,10 @@ On-disk layout read here (anything missing is reported as a note, never fatal):
   mean metrics}, optional ``codeforces``, optional ``judge``) and ``samples.jsonl``;
 * a *run dir* (written by ``flowrl-jax train``) holds ``metrics.jsonl``, one JSON object per
   rollout step with ``step`` and metrics such as ``reward/mean``,
-  ``response_length/mean``, ``kl/ref``; its evaluations live in ``eval/`` (an eval dir
-  itself, or one eval dir per subfolder, e.g. ``eval/step_200/``; the last in name order
-  is used);
+  ``response_length/mean``, ``kl/ref`` and, after periodic validation,
+  ``val/<set>/accuracy``; its evaluations live in ``eval/`` (an eval dir
+  itself, or one eval dir per subfolder, e.g. ``eval/step_200/``; the last in natural
+  name order, step_1000 after step_200, is used);
 * a directory given on the command line may be either kind.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -64,6 +66,11 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, notes
 
 
+def _natural_key(p: Path) -> list:
+    """'step_200' < 'step_1000' (numbers compared as numbers)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.name)]
+
+
 def _find_eval_dir(run: Path) -> Path | None:
     if (run / "summary.json").is_file():
         return run
@@ -71,7 +78,8 @@ def _find_eval_dir(run: Path) -> Path | None:
     if (ev / "summary.json").is_file():
         return ev
     if ev.is_dir():
-        subs = sorted(p for p in ev.iterdir() if (p / "summary.json").is_file())
+        subs = sorted((p for p in ev.iterdir() if (p / "summary.json").is_file()),
+                      key=_natural_key)
         if subs:
             return subs[-1]
     return None
@@ -187,17 +195,32 @@ def _curve(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> tuple[str,
     return None
 
 
+def _val_keys(runs: Sequence[RunData]) -> list[str]:
+    """Periodic-validation accuracy keys (``val/<set>/accuracy``) found in any run."""
+    keys = {k for r in runs for row in r.metrics for k in row
+            if k.startswith("val/") and k.endswith("/accuracy")}
+    return sorted(keys)
+
+
 def _plot_training(runs: Sequence[RunData], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.5 * len(CURVES), 3.4), squeeze=False)
+    val = _val_keys(runs)
+    panels = list(CURVES.items()) + ([("validation accuracy", tuple(val))] if val else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     used: list[str] = []
-    for ax, (title, keys) in zip(axes[0], CURVES.items()):
+    for ax, (title, keys) in zip(axes[0], panels):
+        is_val = title == "validation accuracy"
         for r in runs:
-            c = _curve(r.metrics, keys)
-            if c:
-                ax.plot(c[1], c[2], label=r.label)
+            for key in keys:  # validation: one line per set; else the first key present
+                c = _curve(r.metrics, (key,))
+                if not c:
+                    continue
+                label = f"{r.label} {key[len('val/'):-len('/accuracy')]}" if is_val else r.label
+                ax.plot(c[1], c[2], label=label, marker="." if len(c[1]) < 30 else None)
                 used.append(f"{r.label}: {title} ← `{c[0]}`")
+                if not is_val:
+                    break
         ax.set_title(title)
         ax.set_xlabel("rollout step")
         ax.grid(alpha=0.3)

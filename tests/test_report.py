@@ -29,7 +29,9 @@ def _write_run(root, name, acc, with_metrics=True, nested=True):
     (eval_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples))
     if with_metrics:
         lines = [json.dumps({"step": s, "reward/mean": acc * s, "response_length/mean": 100 + s,
-                             "kl/ref": 0.01 * s}) for s in range(5)]
+                             "kl/ref": 0.01 * s, **({"val/aime24/accuracy": 0.1 * s}
+                                                     if s % 2 == 0 else {})})
+                 for s in range(5)]
         lines.insert(2, "{not json")
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run, summary
@@ -56,6 +58,7 @@ def test_report_markdown_and_pngs(tmp_path):
     assert "pass@8" in md and "pass@16" not in md
     assert "NOT computed" in md and "| 2.5 |" in md
     assert "reward ← `reward/mean`" in md
+    assert "flowrl: validation accuracy ← `val/aime24/accuracy`" in md
     assert "metrics.jsonl:3: skipped unparsable line" in md
     assert f"{b}: no metrics.jsonl" in md
     assert f"{missing}: no eval results" in md
@@ -72,3 +75,16 @@ def test_report_without_anything_still_writes(tmp_path):
     md = (out / "report.md").read_text()
     assert "No evaluation results found" in md and "No training metrics found" in md
     assert not (out / "training_curves.png").exists()
+
+
+def test_latest_eval_subdir_in_natural_order(tmp_path):
+    from flowrl_jax.report import load_run
+
+    run = tmp_path / "run"
+    for step, acc in (("step_200", 0.2), ("step_1000", 0.9), ("step_30", 0.1)):
+        d = run / "eval" / step
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"benchmarks": {}, "acc": acc}))
+    r = load_run(run)
+    assert r.eval_dir.name == "step_1000" and r.summary["acc"] == 0.9
+
