@@ -148,3 +148,27 @@ def test_config_file_is_saved_with_the_run(runs):
     saved = (runs / "ppo" / "config.yaml").read_text()
     assert "name: ppo" in saved
     assert json.loads((runs / "ppo" / "checkpoints" / "model.json").read_text())["arch"]["vocab_size"] == 128
+
+
+@pytest.mark.parametrize("name,preset,devices,gb", [
+    ("qwen2.5-0.5b-math", "qwen2.5-0.5b", 8, 16),      # TPU v5e-8
+    ("qwen2.5-1.5b-math", "qwen2.5-1.5b", 8, 16),
+    ("qwen2.5-7b-math", "qwen2.5-7b", 32, 95),         # TPU v5p-64
+    ("qwen2.5-32b-math", "qwen2.5-32b", 32, 95),
+    ("r1-distill-qwen-7b-code", "deepseek-r1-distill-qwen-7b", 32, 95),
+])
+def test_shipped_configs_load_and_fit_their_hardware(name, preset, devices, gb):
+    from flowrl_jax.memory import GiB, estimate
+    from flowrl_jax.mesh import resolve_axis_sizes
+
+    cfg = load_config(f"{name}.yaml", ["model.path=null", f"model.preset={preset}"])
+    assert cfg.trainer.mini_batch_size % cfg.trainer.micro_batch_size == 0
+    if "math" in name:  # SPEC §5 recipe
+        assert (cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt) == (512, 8)
+        assert cfg.rollout.prompts_per_step * 8 // cfg.trainer.mini_batch_size == 16
+        assert (cfg.algo.beta, cfg.algo.is_clip, cfg.optimizer.lr) == (15.0, "cap", 1e-6)
+        assert (cfg.data.max_prompt_length, cfg.rollout.max_new_tokens) == (2048, 8192)
+    else:
+        assert (cfg.rollout.prompts_per_step, cfg.rollout.temperature) == (64, 0.6)
+    est = estimate(cfg, cfg.model.arch, resolve_axis_sizes(cfg.mesh, devices), (gb * GiB, "spec"))
+    assert est.fits(), est.table()
