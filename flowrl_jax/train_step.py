@@ -37,7 +37,7 @@ exactly those of one pass over the whole mini-batch (tested), whatever the paddi
 Metrics from the algorithm are weighted the same way; num_seqs/num_tokens are summed.
 
 Non-finite guard: if the loss or any gradient is NaN/inf, the update is skipped inside
-the step (lax.cond): params and optimizer state come back bit-identical, `step` stays,
+the step (a leaf-wise select of the old values, fused with the update): params and optimizer state come back bit-identical, `step` stays,
 `skipped` increments and the metric `skipped` is 1.
 
 Metrics (scalars): the algorithm's own (e.g. FlowRL loss, delta_mean, log_z_mean, w_mean,
@@ -251,23 +251,31 @@ class TrainStep:
             acc = lax.with_sharding_constraint(acc, self.param_shardings)
             return acc, (loss, metrics, weight)
 
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-                             state.params)
-        zeros = lax.with_sharding_constraint(zeros, self.param_shardings)
-        grads, (losses, mets, weights) = lax.scan(body, zeros, (micro, jnp.arange(n)))
+        if n == 1:  # no accumulator buffer needed
+            (loss1, (mets, weights)), grads = grad_fn(state.params, batch,
+                                                      jax.random.fold_in(step_key, 0))
+            grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
+            losses, mets, weights = loss1[None], jax.tree.map(lambda x: x[None], mets), weights[None]
+        else:
+            zeros = jax.tree.map(
+                lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), state.params)
+            zeros = lax.with_sharding_constraint(zeros, self.param_shardings)
+            grads, (losses, mets, weights) = lax.scan(body, zeros, (micro, jnp.arange(n)))
 
         loss = jnp.sum(losses)
         metrics = {k: (jnp.sum(v) if k in COUNT_METRICS else jnp.sum(v * weights))
                    for k, v in mets.items()}
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
-        def apply(operand):
-            params, opt_state = operand
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        params, opt_state = lax.cond(ok, apply, lambda o: o, (state.params, state.opt_state))
+        # Skip = select the old values leaf by leaf. Unlike lax.cond this fuses with the
+        # elementwise AdamW update and writes in place into the donated buffers (a cond
+        # would hold a second copy of params + optimizer state).
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         okf = ok.astype(jnp.int32)
         new_state = state.replace(step=state.step + okf, params=params, opt_state=opt_state,
                                   skipped=state.skipped + (1 - okf))
@@ -283,7 +291,7 @@ class TrainStep:
             "input_tokens": jnp.sum(batch["attention_mask"].astype(jnp.float32)),
         })
         for role in self.roles:
-            metrics[f"grad_norm_{role}"] = optax.global_norm(grads[role])
+            metrics[f"grad_norm_{role}"] = optax.tree.norm(grads[role])
         return new_state, metrics
 
     def compiled(self, batch: Mapping[str, Array]) -> Callable:

@@ -1,0 +1,299 @@
+"""`flowrl-jax bench train`: tokens/s of the full train step against HF PyTorch, same run.
+
+Ours: the jitted train step of flowrl_jax/train_step.py (FlowRL loss with Z_φ, AdamW,
+grad clip, non-finite guard, donated state). Reference: transformers' Qwen2ForCausalLM
+forward + backward + torch.optim.AdamW with the same FlowRL loss and a torch Z_φ, on the
+same shape and batch. Both float32, random weights. Each side runs 1 warm-up step
+(compile) and `--steps` timed steps; the best step time counts (the machine may be shared).
+
+Also reported: this CPU's measured float32 GEMM peak (a big matmul in the same run), the
+model FLOPs of one step and the fraction of that peak each side reaches; on accelerators
+the MFU against the vendor bf16 dense peak (`PEAK_FLOPS`).
+
+Model FLOPs per step (standard accounting, no remat): 6·N_body·B·T (non-embedding
+weights, every token) + 6·H·V·B·R (LM head, response positions only: the only ones whose
+log-probs are needed) + 12·L·n_heads·head_dim·T·B·T (attention scores and values,
+PaLM convention, causal mask not discounted) + 6·N_z·B (Z_φ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+#: vendor peak dense bf16 FLOP/s per chip (what MFU is measured against)
+PEAK_FLOPS = {
+    "h100": 989e12,  # H100 SXM
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+}
+
+SHAPES = ("tiny", "qwen2.5-0.5b")
+_MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+    """Vendor bf16 dense peak of a jax device_kind string (None when unknown, e.g. CPU)."""
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def mfu(flops_per_s: float, device_kind: str, n_devices: int = 1) -> Optional[float]:
+    """Model FLOPs utilisation against the vendor peak of `n_devices` chips."""
+    peak = peak_flops(device_kind)
+    return None if peak is None else flops_per_s / (peak * n_devices)
+
+
+def step_flops(arch: Any, batch: int, prompt: int, response: int, z_depth: int = 2) -> float:
+    """Model FLOPs of one train step (see module docstring)."""
+    h, v, l = arch.hidden_size, arch.vocab_size, arch.num_hidden_layers
+    hd, nh, kv = arch.resolved_head_dim, arch.num_attention_heads, arch.num_key_value_heads
+    t = prompt + response
+    attn_w = h * nh * hd * 2 + h * kv * hd * 2  # q, o and k, v projections
+    body = l * (attn_w + 3 * h * arch.intermediate_size)
+    n_z = z_depth * h * h + h
+    return (6.0 * body * batch * t + 6.0 * h * v * batch * response
+            + 12.0 * l * nh * hd * t * batch * t + 6.0 * n_z * batch)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    parser.add_argument("--seq", type=int, default=512, help="prompt + response tokens per sequence")
+    parser.add_argument("--batch-tiny", type=int, default=4)
+    parser.add_argument("--batch-large", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the number of layers of the large shape (memory-bound hosts)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
+
+
+def _arch(shape: str):
+    from flowrl_jax.config import ModelArch
+    return ModelArch(**yaml.safe_load((_MODELS / f"{shape}.yaml").read_text()))
+
+
+def _inputs(arch, b: int, p: int, r: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = p + r
+    return {
+        "input_ids": rng.integers(0, arch.vocab_size, (b, t)).astype(np.int32),
+        "attention_mask": np.ones((b, t), bool),
+        "response_mask": np.ones((b, r), np.float32),
+        "old_logp": np.full((b, r), -math.log(arch.vocab_size), np.float32),
+        "ref_logp": np.full((b, r), -math.log(arch.vocab_size), np.float32),
+        "rhat": rng.normal(size=b).astype(np.float32),
+    }
+
+
+def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Measured float32 GEMM rate of this machine (jax, best of `reps`), GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def _isolated(fn_name: str, *args: Any) -> dict[str, Any]:
+    """Run one bench side in a fresh process (spawn): each side starts with all the memory
+    the other freed, and an out-of-memory kill becomes an error row instead of a crash."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        try:
+            return ex.submit(_call, fn_name, *args).result()
+        except cf.process.BrokenProcessPool:
+            return {"error": f"{fn_name}: worker died (killed, likely out of memory)"}
+
+
+def _call(fn_name: str, *args: Any) -> dict[str, Any]:
+    return globals()[fn_name](*args)
+
+
+def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
+    """Best step time of our jitted FlowRL train step on one device."""
+    import jax
+
+    from flowrl_jax.config import (AlgoConfig, Config, ModelConfig, RolloutConfig, TrainerConfig)
+    from flowrl_jax.mesh import single_device_mesh
+    from flowrl_jax.models.qwen2 import Numerics, init_sharded, param_count
+    from flowrl_jax.train_state import create_train_state
+    from flowrl_jax.train_step import make_train_step
+
+    cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype="float32", remat=False),
+                 algo=AlgoConfig(name="flowrl"),
+                 trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
+                 rollout=RolloutConfig(temperature=1.0))
+    mesh = single_device_mesh()
+    model = init_sharded(arch, Numerics(), mesh, seed=0)
+    n_params = param_count(model)
+    state = create_train_state(cfg, model, mesh, rng=0)
+    del model
+    step = make_train_step(cfg, state, mesh)
+    batch = step.place(_inputs(arch, b, p, r))
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready((state.step, m))
+        times.append(time.perf_counter() - t0)
+    ok = float(m["skipped"]) == 0 and math.isfinite(float(m["loss"]))
+    del state, step, batch
+    gc.collect()
+    return {"step_s": min(times), "compile_s": compile_s, "params": n_params, "ok": ok,
+            "device": jax.devices()[0].device_kind}
+
+
+def bench_reference(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
+    """Best step time of HF transformers Qwen2 (PyTorch) + the FlowRL loss + AdamW."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    hf_cfg = Qwen2Config(**{k: v for k, v in arch.to_hf_dict(torch_dtype="float32").items()
+                            if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
+    model = Qwen2ForCausalLM(hf_cfg).float()
+    h = arch.hidden_size
+    layers = []
+    for _ in range(2):
+        layers += [torch.nn.Linear(h, h), torch.nn.GELU(), torch.nn.LayerNorm(h), torch.nn.Dropout(0.1)]
+    znet = torch.nn.Sequential(*layers, torch.nn.Linear(h, 1))
+    params = list(model.parameters()) + list(znet.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    data = {k: torch.from_numpy(np.asarray(v)) for k, v in _inputs(arch, b, p, r).items()}
+    ids = data["input_ids"].long()
+    am = data["attention_mask"].long()
+    beta = 15.0
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state
+        logits = model.lm_head(hidden[:, p - 1:-1]).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p:, None])[..., 0]
+        mask = data["response_mask"]
+        n = mask.sum(-1)
+        pm = am[:, :p, None].float()
+        log_z = znet((hidden[:, :p] * pm).sum(1) / pm.sum(1))[:, 0]
+        delta = log_z + (logp * mask).sum(-1) / n - beta * data["rhat"] - (data["ref_logp"] * mask).sum(-1) / n
+        log_w = ((logp - data["old_logp"]) * mask).sum(-1).detach().clamp(-20, 20)
+        w = torch.exp(log_w).clamp(max=10.0)
+        loss = (w * delta ** 2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    t0 = time.perf_counter()
+    one_step()
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        times.append(time.perf_counter() - t0)
+    torch_peak = _torch_sgemm_gflops()
+    del model, znet, opt, params
+    gc.collect()
+    return {"step_s": min(times), "warmup_s": warm_s, "torch_sgemm_gflops": torch_peak}
+
+
+def _torch_sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per shape: tokens/s ours vs reference, ratio, fraction of the SGEMM peak, MFU."""
+    import jax
+
+    shapes = [s.strip() for s in str(getattr(args, "shapes", ",".join(SHAPES))).split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            raise ValueError(f"bench train: unknown shape {s!r} (known: {', '.join(SHAPES)})")
+    seq = int(getattr(args, "seq", 512))
+    p = seq // 2
+    r = seq - p
+    steps = int(getattr(args, "steps", 3))
+    on_cpu = jax.default_backend() == "cpu"
+    use_ref = on_cpu and not getattr(args, "no_reference", False)
+    peak_gflops = sgemm_gflops() if on_cpu else None
+    rows = []
+    for shape in shapes:
+        arch = _arch(shape)
+        b = int(getattr(args, "batch_tiny", 4) if shape == "tiny" else getattr(args, "batch_large", 2))
+        tokens = b * seq
+        layers = getattr(args, "layers", None)
+        if layers and shape != "tiny":
+            arch = dataclasses.replace(arch, num_hidden_layers=int(layers))
+        flops = step_flops(arch, b, p, r)
+        ours = _isolated("bench_ours", arch, b, p, r, steps)
+        ref = _isolated("bench_reference", arch, b, p, r, steps) if use_ref else None
+        if "error" in ours or (ref is not None and "error" in ref):
+            rows.append({"shape": shape, "unit": "tokens/s", "ours": None, "reference": None,
+                         "ratio": None, "batch": b, "seq": seq,
+                         "layers": arch.num_hidden_layers,
+                         "error": "; ".join(x["error"] for x in (ours, ref) if x and "error" in x)})
+            continue
+        ours_tps = tokens / ours["step_s"]
+        row: dict[str, Any] = {
+            "shape": shape, "unit": "tokens/s", "ours": ours_tps,
+            "reference": None if ref is None else tokens / ref["step_s"],
+            "ratio": None if ref is None else ref["step_s"] / ours["step_s"],
+            "batch": b, "seq": seq, "layers": arch.num_hidden_layers, "params": ours["params"],
+            "step_flops": flops,
+            "ours_step_s": ours["step_s"], "ours_compile_s": ours["compile_s"],
+            "ours_tflops": flops / ours["step_s"] / 1e12, "ours_ok": ours["ok"],
+            "device": ours["device"],
+        }
+        if ref is not None:
+            row["reference_step_s"] = ref["step_s"]
+            row["reference_tflops"] = flops / ref["step_s"] / 1e12
+        if peak_gflops is not None:
+            peak = max(peak_gflops, ref["torch_sgemm_gflops"] if ref else 0.0)
+            row["sgemm_gflops"] = peak
+            row["ours_frac_of_sgemm_peak"] = flops / ours["step_s"] / (peak * 1e9)
+            if ref is not None:
+                row["reference_frac_of_sgemm_peak"] = flops / ref["step_s"] / (peak * 1e9)
+        else:
+            row["mfu"] = mfu(flops / ours["step_s"], ours["device"])
+        rows.append(row)
+    return rows
