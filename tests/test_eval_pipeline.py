@@ -197,7 +197,8 @@ def test_samples_hit_disk_while_the_next_chunk_generates(tmp_path):
     scorer = ThreadScorer()
     try:
         ev_cmd.run_eval(_problems()[:4], WatchingBackend(), tmp_path, n=4, seed=0,
-                        batch_prompts=2, scorer=scorer, config={"model": "fake"})
+                        batch_prompts=2, scorer=scorer, config={"model": "fake"},
+                        show_progress=True)  # rich bar advanced from scoring threads
     finally:
         scorer.close()
     assert seen == [8]  # chunk 1 (2 prompts × 4) was on disk before chunk 2 finished
