@@ -45,7 +45,13 @@ class MetricsLogger:
                  tensorboard: bool = True, console: bool = True, total_steps: int = 0,
                  history: Optional[Iterable[dict]] = None, start_step: int = 0):
         self.enabled = enabled
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.remote = "://" in str(out_dir)
+        if self.remote:  # object stores cannot append: the file is rewritten each step
+            from etils import epath
+
+            self.path = epath.Path(str(out_dir)) / "metrics.jsonl"
+        else:
+            self.path = Path(out_dir) / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
         self._tb = None
         self._progress = None
@@ -55,20 +61,26 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Rewrite from the checkpointed history: lines a killed run wrote after its last
         # checkpoint must not survive (the resumed run writes them again).
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for rec in self.history:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, self.path)
+        self._rewrite()
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
+                self._tb = SummaryWriter(f"{out_dir}/tb", purge_step=start_step + 1)
             except Exception:  # noqa: BLE001 - TensorBoard is optional; JSONL is the record
                 self._tb = None
         if console:
             self._start_console(total_steps, start_step)
+
+    def _rewrite(self) -> None:
+        """Write the whole history (atomically for local files)."""
+        text = "".join(json.dumps(rec) + "\n" for rec in self.history)
+        if self.remote:
+            self.path.write_text(text)
+            return
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
 
     def _start_console(self, total: int, done: int) -> None:
         from rich.console import Console
@@ -89,9 +101,12 @@ class MetricsLogger:
         self.history.append(rec)
         if not self.enabled:
             return rec
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        if self.remote:
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
         if self._tb is not None:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, float) and math.isfinite(v):

@@ -56,6 +56,15 @@ class TrainResult:
     out_dir: Optional[Path] = None
 
 
+def out_path(out_dir: Any) -> Any:
+    """A local `Path`, or an etils `epath.Path` for URLs such as gs://bucket/run."""
+    if "://" in str(out_dir):
+        from etils import epath
+
+        return epath.Path(str(out_dir))
+    return Path(out_dir)
+
+
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
     """A 31-bit seed that depends only on (seed, step, salt)."""
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -78,7 +87,7 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), mesh: Any = None):
         cfg.validate()
         self.cfg = cfg
-        self.out = Path(out_dir)
+        self.out = out_path(out_dir)
         self.algo = get_algorithm(cfg.algo.name)
         self.uses_ref = bool(self.algo.uses_ref(cfg.algo))
         self._task = task
@@ -217,10 +226,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg),
                                                              sort_keys=False))
-        from flowrl_jax.checkpoint.orbax import write_model_json
-
         # model.json makes OUT/checkpoints readable by `convert orbax-to-hf` and load_model
-        write_model_json(self.out / "checkpoints", self.arch, self.cfg.model.param_dtype)
+        if isinstance(self.out, Path):
+            from flowrl_jax.checkpoint.orbax import write_model_json
+
+            write_model_json(self.out / "checkpoints", self.arch, self.cfg.model.param_dtype)
+        else:  # gs:// and other remote run directories
+            import dataclasses
+
+            from flowrl_jax.checkpoint.orbax import FORMAT, MODEL_JSON, VERSION
+
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.out / "checkpoints" / MODEL_JSON).write_text(json.dumps(
+                {"format": FORMAT, "version": VERSION, "arch": dataclasses.asdict(self.arch),
+                 "param_dtype": self.cfg.model.param_dtype}, indent=2))
 
     def _info(self, msg: str) -> None:
         if jax.process_index() == 0:
@@ -484,8 +503,12 @@ class Trainer:
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     self.save(done)
             self.ckpt.wait()
-            if cfg.export_hf and self.start_step <= cfg.steps:
-                self.export_hf(self.out / "hf")
+            if cfg.export_hf and self.pi == 0:
+                if isinstance(self.out, Path):
+                    self.export_hf(self.out / "hf")
+                else:
+                    log.warning("trainer.export_hf: %s is remote; export the run with `flowrl-jax "
+                                "convert orbax-to-hf --ckpt %s/checkpoints`", self.out, self.out)
         finally:
             self.close()
         return TrainResult(max(self.start_step, cfg.steps), self.state, self.logger.history,

@@ -33,7 +33,11 @@ ALGO_KEYS = {
 def runs(tmp_path_factory):
     """Two rollout steps of each algorithm, run concurrently through the CLI."""
     root = tmp_path_factory.mktemp("algos")
-    procs = {a: start_train(root / a, toy_overrides(a, 2, **{"trainer.checkpoint_every": 2}))
+    extra = {"flowrl": {"trainer.export_hf": "true", "trainer.ref_offload": "true"},
+             "grpo": {"trainer.validate_every": 2, "eval.greedy": "true",
+                      "eval.max_new_tokens": 4}}
+    procs = {a: start_train(root / a, toy_overrides(a, 2, **{"trainer.checkpoint_every": 2,
+                                                               **extra.get(a, {})}))
              for a in ALGOS}
     for a, p in procs.items():
         assert p.wait(600) == 0, (root / f"{a}.log").read_text()[-4000:]
@@ -142,6 +146,30 @@ def test_task_factory_from_config():
     assert isinstance(task_from_config(_cfg()), ToyTask)
     with pytest.raises(ConfigError, match=r"task\.factory"):
         task_from_config(_cfg("task.factory=no_such_module:Thing"))
+
+
+def test_validation_scores_in_the_metrics(runs):
+    recs = read_metrics(runs / "grpo")
+    assert "val/toyval/reward" not in recs[0]  # validate_every=2
+    assert -1.0 <= recs[1]["val/toyval/reward"] <= 1.0
+    assert 0.0 <= recs[1]["val/toyval/accuracy"] <= 1.0
+
+
+def test_final_policy_exported_to_hf_without_z(runs):
+    from flowrl_jax.mesh import single_device_mesh
+    from flowrl_jax.models.loading import load_model
+
+    hf = runs / "flowrl" / "hf"
+    assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
+    model, arch, _ = load_model(hf, single_device_mesh())
+    saved = checkpoint_arrays(runs / "flowrl", 2)
+    emb = [v for k, v in saved.items() if k.startswith("policy") and "embed_tokens" in k]
+    np.testing.assert_array_equal(np.asarray(model.embed_tokens[...]), emb[0])
+    from safetensors import safe_open
+
+    for f in hf.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            assert not [k for k in st.keys() if "z" in k.split(".")[0]]
 
 
 def test_config_file_is_saved_with_the_run(runs):

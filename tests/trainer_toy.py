@@ -58,6 +58,13 @@ class ToyTask:
                            for p, r in zip(prompt_index, responses)], np.float32)
 
 
+    def validation_batches(self, cfg: Any) -> list[PromptBatch]:
+        """Three fixed prompts (scored like training prompts)."""
+        prompts = [[5, 6, 7], [9, 10, 11, 12], [40, 41]]
+        return [PromptBatch(prompts, [p[0] % 16 + 3 for p in prompts], ["toy"] * 3,
+                            [{"set": "toyval"}] * 3)]
+
+
 def toy_overrides(algo: str = "flowrl", steps: int = 2, **extra: Any) -> list[str]:
     """Config overrides of a tiny run (tiny Qwen2, 4 prompts × 4 samples, 8 new tokens)."""
     ov = {
