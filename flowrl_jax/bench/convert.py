@@ -5,10 +5,11 @@ temp dir, then measures, both with a warm page cache (the files are read once fi
 cannot drop the cache without root, and warm-vs-warm is the fair comparison):
 - reference: raw read of every byte of the same files (readinto a reused 64 MiB buffer);
 - raw_fresh_mem: the same bytes read into newly allocated memory (np.fromfile) in a fresh
-  subprocess: on a CPU backend the loaded arrays must live in new pages, whose first-touch
-  faults cost about as much as the read itself, so this is the floor for any loader;
+  subprocess. Loaded arrays must live in new pages, whose first-touch faults cost about as
+  much as the read itself on a CPU backend: this is the like-for-like plain-read baseline;
 - ours: `checkpoint.hf.load_hf` (header parse, memory-map, transpose, place into sharded
-  jax arrays on all local devices), in a fresh subprocess so that peak RSS is clean.
+  jax arrays on all local devices), in a fresh subprocess so that peak RSS is clean;
+  `ours_data_path` excludes the one-off trace of the abstract model (`abstract_trace_s`).
 A second row times `export_hf` against safetensors' own `save_file` of the same tensors
 already on the host (page-cache writes; the files are deleted afterwards).
 Best of `--repeats` for both. Peak RSS "extra" = peak − RSS before loading − final arrays.
