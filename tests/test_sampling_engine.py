@@ -17,6 +17,7 @@ from flowrl_jax.sampling.engine import (SamplingEngine, SamplingError, SamplingP
 from flowrl_jax.sampling.testing import tiny_arch, tiny_model, to_hf
 
 NEW = 32
+SPEC = dict(temperature=0.8, top_k=10, top_p=0.9)  # one compiled sampling spec for the engine tests
 # Upper 0.1 % points of the chi-square distribution, df = 1..11 (standard table values).
 CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322,
             8: 26.124, 9: 27.877, 10: 29.588, 11: 31.264}
@@ -81,9 +82,8 @@ def test_greedy_matches_hf_continuous_batching(setup, hf_greedy):
 
 def test_logprobs_equal_full_forward(setup, engine):
     _, model, hf, prompts = setup
-    t, k = 0.7, 10
-    out = engine.generate(model, prompts[:3], SamplingParams(temperature=t, top_k=k, n=2,
-                                                             max_new_tokens=16, seed=3))
+    t, k = SPEC["temperature"], SPEC["top_k"]
+    out = engine.generate(model, prompts[:3], SamplingParams(**SPEC, n=2, max_new_tokens=16, seed=3))
     assert list(out.prompt_index) == [0, 0, 1, 1, 2, 2] and list(out.sample_index) == [0, 1] * 3
     for i in range(len(out.lengths)):
         p = prompts[out.prompt_index[i]]
@@ -150,50 +150,54 @@ def test_sampling_distribution_chi_square(t, top_k, top_p, min_p):
         assert bad > CHI2_999[v - 1]
 
 
-def test_engine_first_token_distribution(setup):
-    """End to end: first tokens of 2048 samples of one prompt follow the truncated policy."""
+def test_engine_first_token_distribution(setup, engine):
+    """End to end: first tokens of 2048 samples of one prompt follow the truncated policy
+    (8 slots: 256 rounds of admission, so also per-sample keys across refills)."""
     _, model, hf, prompts = setup
-    t, k, p = 0.8, 6, 0.9
-    eng = SamplingEngine(model, decode_slots=256, decode_chunk=1, prefill_buckets=(8, 16),
-                         verbose=False)
-    out = eng.generate(model, [prompts[3]], SamplingParams(temperature=t, top_k=k, top_p=p, n=2048,
-                                                           max_new_tokens=1, seed=11))
+    out = engine.generate(model, [prompts[3]], SamplingParams(**SPEC, n=2048, max_new_tokens=1,
+                                                              seed=11))
     counts = np.bincount(out.tokens[:, 0], minlength=128)
-    expected = _ref_dist(_hf_logits(hf, prompts[3])[-1], t, k, p, 0.0)
+    expected = _ref_dist(_hf_logits(hf, prompts[3])[-1], SPEC["temperature"], SPEC["top_k"],
+                         SPEC["top_p"], 0.0)
     stat, df = _chi2(counts, expected)
     assert df >= 1 and stat < CHI2_999[df], (stat, df)
 
 
 def test_same_seed_same_samples_any_slots(setup, engine):
     _, model, _, prompts = setup
-    sp = SamplingParams(temperature=1.0, n=3, max_new_tokens=12, seed=5)
+    sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=5)
     a = engine.generate(model, prompts[:3], sp)
     small = SamplingEngine(model, decode_slots=2, decode_chunk=3, prefill_buckets=(8, 16), verbose=False)
     b = small.generate(model, prompts[:3], sp)
     assert a.token_lists() == b.token_lists()
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-    c = engine.generate(model, prompts[:3], SamplingParams(temperature=1.0, n=3, max_new_tokens=12,
-                                                           seed=6))
+    c = engine.generate(model, prompts[:3], SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=6))
     assert c.token_lists() != a.token_lists()
     assert len({tuple(x) for x in a.token_lists()[:3]}) > 1  # the G samples of a prompt differ
 
 
 def test_eos_and_stop_ids(setup, hf_greedy):
+    """EOS (engine-level) and stop_token_ids end a sample at that token; ignore_eos does not.
+    All prompts are sent so the batch shape (and compiled code) is the one of the other tests."""
     _, model, _, prompts = setup
     ref = hf_greedy[0]
     j = next(i for i in range(2, NEW) if ref[i] not in ref[:i])
     x = ref[j]
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=16, prefill_buckets=(8, 16),
                          eos_token_ids=(x,), verbose=False)
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW)
-    out = eng.generate(model, prompts[:1], greedy)
-    assert out.token_lists()[0] == ref[:j + 1] and out.finish_reasons == ["stop"]
-    out = eng.generate(model, prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=NEW,
-                                                          ignore_eos=True))
-    assert out.token_lists()[0] == ref and out.finish_reasons == ["length"]
-    out = eng.generate(model, prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=NEW,
-                                                          ignore_eos=True, stop_token_ids=(ref[1],)))
-    assert out.token_lists()[0] == ref[:2] and out.finish_reasons == ["stop"]
+
+    def first(**kw):
+        out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW, **kw))
+        return out.token_lists()[0], out.finish_reasons[0], out
+
+    toks, reason, out = first()
+    assert toks == ref[:j + 1] and reason == "stop"
+    for i, t in enumerate(out.token_lists()):  # every sample stops at its first x, or runs out
+        assert t == (hf_greedy[i][:hf_greedy[i].index(x) + 1] if x in hf_greedy[i] else hf_greedy[i])
+    toks, reason, _ = first(ignore_eos=True)
+    assert toks == ref and reason == "length"
+    toks, reason, out = first(ignore_eos=True, stop_token_ids=(ref[1],))
+    assert toks == ref[:2] and reason == "stop"
     assert out.lengths[0] == 2 and out.tokens[0, 2:].sum() == 0
 
 
