@@ -44,6 +44,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ALGOS)
 def test_metrics_of_each_algorithm(runs, algo):
     recs = read_metrics(runs / algo)
@@ -59,6 +60,7 @@ def test_metrics_of_each_algorithm(runs, algo):
     assert (runs / algo / "checkpoints" / "2" / "policy").is_dir()
 
 
+@pytest.mark.slow
 def test_same_rollouts_for_every_algorithm(runs):
     """Step 1 samples with identical params and seeds: only the loss differs between algos."""
     first = {a: read_metrics(runs / a)[0] for a in ALGOS}
@@ -72,6 +74,7 @@ def test_same_rollouts_for_every_algorithm(runs):
     assert any(k.startswith("train['params/z/") for k in train)  # Z_φ is checkpointed
 
 
+@pytest.mark.slow
 def test_run_dir_loads_as_a_model(runs):
     """OUT/checkpoints has the policy layout that load_model / convert read."""
     from flowrl_jax.mesh import single_device_mesh
@@ -148,6 +151,7 @@ def test_task_factory_from_config():
         task_from_config(_cfg("task.factory=no_such_module:Thing"))
 
 
+@pytest.mark.slow
 def test_validation_scores_in_the_metrics(runs):
     recs = read_metrics(runs / "grpo")
     assert "val/toyval/reward" not in recs[0]  # validate_every=2
@@ -155,6 +159,7 @@ def test_validation_scores_in_the_metrics(runs):
     assert 0.0 <= recs[1]["val/toyval/accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_final_policy_exported_to_hf_without_z(runs):
     from flowrl_jax.mesh import single_device_mesh
     from flowrl_jax.models.loading import load_model
@@ -172,6 +177,7 @@ def test_final_policy_exported_to_hf_without_z(runs):
             assert not [k for k in st.keys() if "z" in k.split(".")[0]]
 
 
+@pytest.mark.slow
 def test_config_file_is_saved_with_the_run(runs):
     saved = (runs / "ppo" / "config.yaml").read_text()
     assert "name: ppo" in saved
