@@ -21,7 +21,6 @@ fold_in(fold_in(fold_in(PRNGKey(seed), p), s), t): samples do not depend on slot
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -162,6 +161,11 @@ def sample_logits(logits: Array, keys: Array, spec: _Spec) -> tuple[Array, Array
     return tok, jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
 
 
+def key_width() -> int:
+    """uint32 words in a raw PRNG key of the default implementation (2 for threefry)."""
+    return int(jax.random.key_data(jax.random.key(0)).shape[-1])
+
+
 def sample_keys(seed: Array, prompt_index: Array, sample_index: Array) -> Array:
     """Raw base keys [M, 2] for (seed, prompt index, sample index) triples."""
     def one(p, s):
@@ -182,7 +186,7 @@ class DecodeState(NamedTuple):
     active: Array  # [slots] bool
     generated: Array  # [slots] int32 tokens generated so far
     budget: Array  # [slots] int32 max new tokens
-    keys: Array  # [slots, 2] uint32 per-sample base key
+    keys: Array  # [slots, key_width()] uint32 per-sample base key
 
 
 class ChunkOut(NamedTuple):
@@ -251,7 +255,7 @@ class Kernels:
         shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
         cs = named_sharding(self.mesh, CACHE_AXES, shape)
         b1 = batch_sharding(self.mesh, 1, (slots,))
-        b2 = batch_sharding(self.mesh, 2, (slots, 2))
+        b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
         return DecodeState([KVCache(cs, cs) for _ in range(self.arch.num_hidden_layers)],
                            b1, b1, b1, b1, b1, b2)
 
@@ -268,7 +272,7 @@ class Kernels:
             cache = [KVCache(z, z) for _ in range(self.arch.num_hidden_layers)]
             zi = jnp.zeros((slots,), jnp.int32)
             return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
-                               jnp.zeros((slots, 2), jnp.uint32))
+                               jnp.zeros((slots, key_width()), jnp.uint32))
 
         return jax.jit(make, out_shardings=self.state_shardings(slots, length))()
 

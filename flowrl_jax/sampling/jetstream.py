@@ -30,6 +30,7 @@ from flowrl_jax.sampling.jetstream_compat import import_jetstream
 
 js = import_jetstream()
 engine_api = js.engine_api
+Array = jax.Array
 
 # pad_tokens() only accepts a max_prefill_length from this list when it pads token requests.
 _JETSTREAM_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -212,9 +213,6 @@ class FlowRLEngine(engine_api.Engine):
             return (f"max_tokens {request.max_tokens} exceeds this server's limit "
                     f"{self.sampling.max_new_tokens} (serve --max-new-tokens)")
         return None
-
-
-Array = jax.Array
 
 
 class ValidatingOrchestrator(js.orchestrator.LLMOrchestrator):

@@ -18,9 +18,6 @@ import sys
 import types
 from typing import Any
 
-_DONE = False
-
-
 def _install_seqio_shim() -> None:
     """Register a minimal `seqio.vocabularies` module unless the real seqio is installed."""
     if "seqio" in sys.modules or importlib.util.find_spec("seqio") is not None:
@@ -49,7 +46,6 @@ def _install_seqio_shim() -> None:
 def import_jetstream() -> types.SimpleNamespace:
     """Import the JetStream modules we use, with the fixes applied; raises ImportError with the
     install command when google-jetstream is missing."""
-    global _DONE
     try:
         import jetstream  # noqa: F401
     except ImportError as e:
@@ -72,7 +68,6 @@ def import_jetstream() -> types.SimpleNamespace:
         for h in list(root.handlers):
             if h not in handlers:
                 root.removeHandler(h)
-    _DONE = True
     return types.SimpleNamespace(
         engine_api=engine_api, token_utils=token_utils, tokenizer_api=tokenizer_api,
         tokenizer_pb2=tokenizer_pb2, orchestrator=orchestrator, server_lib=server_lib,
