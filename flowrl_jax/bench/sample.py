@@ -142,14 +142,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
-                row["frac_matmul_peak"] = round(2 * matmul_params(arch) * ours / peak, 3)
+                row["frac_matmul_peak"] = float(f"{2 * matmul_params(arch) * ours / peak:.3g}")
             elif bw is not None:
                 avg_len = args.prompt_len + args.new_tokens / 2
                 kv = cache_bytes(arch, b, int(avg_len), np.float32)
                 from flax import nnx
 
                 param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-                row["frac_hbm_roofline"] = round((param_bytes + kv) / step_s / bw, 3)
+                row["frac_hbm_roofline"] = float(f"{(param_bytes + kv) / step_s / bw:.3g}")
             rows.append(row)
         del model, hf
         gc.collect()

@@ -1,0 +1,41 @@
+"""`bench sample` plumbing: FLOP/bandwidth helpers against independent counts, and one tiny
+case end to end (row contract: ours, reference, ratio = ours ÷ reference)."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flowrl_jax.bench import sample as bench
+from flowrl_jax.config import ModelArch
+from flowrl_jax.models.qwen2 import abstract_model
+
+
+def test_matmul_params_counts_every_kernel():
+    arch = ModelArch()  # Qwen2.5-0.5B shape
+    state = nnx.state(abstract_model(arch), nnx.Param)
+    kernels = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if len(x.shape) == 2)
+    # 2-D params = all linear kernels + the (tied) embedding, which is also the LM head
+    assert bench.matmul_params(arch) == kernels
+    assert 480e6 < bench.matmul_params(arch) < 500e6  # Qwen2.5-0.5B: 494M parameters
+
+
+def test_peak_bandwidth_table():
+    assert bench.peak_hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench.peak_hbm_bandwidth("NVIDIA H200") == 4.8e12
+    assert bench.peak_hbm_bandwidth("TPU v5 lite") == 8.19e11
+    assert bench.peak_hbm_bandwidth("cpu") is None
+
+
+def test_bench_tiny_case():
+    args = argparse.Namespace(shapes="tiny", batches="2", new_tokens=4, prompt_len=8,
+                              no_reference=False)
+    rows = bench.run(args)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["shape"] == "tiny" and r["batch"] == 2 and r["ours"] > 0 and r["reference"] > 0
+    assert abs(r["ratio"] - r["ours"] / r["reference"]) < 0.01 * r["ratio"] + 0.01
+    assert 0 < r["frac_matmul_peak"] < 1
