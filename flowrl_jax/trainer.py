@@ -331,29 +331,23 @@ class Trainer:
         return [json.loads(bytes(allbufs[i][:int(n.reshape(-1)[i])]).decode())
                 for i in range(self.pc)]
 
-    def sample(self, batch: PromptBatch, step: int) -> tuple[PromptBatch, Any, np.ndarray, float]:
-        """Generate G responses per prompt and score them; (global batch, rollout, rewards,
-        reward seconds). With several processes each samples and scores its own prompts and
-        the results are gathered, so every host then holds the same global rollout."""
+    def sample(self, batch: PromptBatch, step: int) -> tuple[Any, PromptBatch, Any]:
+        """Generate G responses per prompt: (this host's rollout, global batch, global rollout).
+
+        With several processes each samples its own prompts and the rollouts are gathered,
+        so every host then holds the same global rollout (process order)."""
         from flowrl_jax.sampling.engine import Rollout, SamplingParams
 
         salt = 1 if self.pc == 1 else 1000 + self.pi
         sp = SamplingParams.from_rollout_config(self.cfg.rollout,
                                                 seed=step_seed(self.cfg.seed, step, salt))
         ro = self.engine.generate(self.sampler_params(), batch.prompts, sp)
-        t0 = time.perf_counter()
-        responses = ro.token_lists()
-        rewards = np.asarray(self.task.score(batch, ro.prompt_index, responses), np.float32)
-        if rewards.shape != (len(responses),):
-            raise ValueError(f"task.score returned shape {rewards.shape}, expected "
-                             f"({len(responses)},)")
-        t_reward = time.perf_counter() - t0
         if self.pc == 1:
-            return batch, ro, rewards, t_reward
+            return ro, batch, ro
         parts = self._gather({"p": batch.prompts, "g": batch.ground_truth, "d": batch.data_source,
                               "e": batch.extra, "pi": ro.prompt_index.tolist(),
                               "si": ro.sample_index.tolist(), "len": ro.lengths.tolist(),
-                              "fr": list(ro.finish_reasons), "r": rewards.tolist()})
+                              "fr": list(ro.finish_reasons)})
         from jax.experimental import multihost_utils
 
         toks = np.asarray(multihost_utils.process_allgather(ro.tokens))
@@ -368,29 +362,52 @@ class Trainer:
         ro_all = Rollout(np.asarray(pidx, np.int32), np.asarray(cat("si"), np.int32),
                          toks.reshape(-1, toks.shape[-1]), lps.reshape(-1, lps.shape[-1]),
                          np.asarray(cat("len"), np.int32), cat("fr"))
-        return gb, ro_all, np.asarray(cat("r"), np.float32), t_reward
+        return ro, gb, ro_all
+
+    def score(self, batch: PromptBatch, ro: Any) -> tuple[np.ndarray, float]:
+        """Rewards of this host's rollout by the task, and the seconds scoring took."""
+        t0 = time.perf_counter()
+        responses = ro.token_lists()
+        rewards = np.asarray(self.task.score(batch, ro.prompt_index, responses), np.float32)
+        if rewards.shape != (len(responses),):
+            raise ValueError(f"task.score returned shape {rewards.shape}, expected "
+                             f"({len(responses)},)")
+        return rewards, time.perf_counter() - t0
 
     def rollout_step(self, step: int) -> dict:
         """Run rollout step `step` (0-based) and return its metrics."""
+        from concurrent.futures import ThreadPoolExecutor
+
         cfg = self.cfg
         t: dict[str, float] = {}
         t0 = time.perf_counter()
-        batch, ro, rewards, t["reward"] = self.sample(next(self.source), step)
-        t["sampling"] = time.perf_counter() - t0 - t["reward"]
+        local_batch = next(self.source)
+        local_ro, batch, ro = self.sample(local_batch, step)
+        t["sampling"] = time.perf_counter() - t0
 
         buckets = cfg.data.length_buckets
         plen = RB.bucket(max(len(p) for p in batch.prompts), buckets,
                          max(cfg.data.max_prompt_length, max(len(p) for p in batch.prompts)))
         rlen = RB.bucket(max(int(np.max(ro.lengths)), 1), buckets, cfg.rollout.max_new_tokens)
         data = RB.build_rollout_batch(batch.prompts, ro.prompt_index, ro.tokens, ro.lengths,
-                                      rewards, plen, rlen, sampler_logp=ro.logprobs)
+                                      np.zeros(len(ro.lengths), np.float32), plen, rlen,
+                                      sampler_logp=ro.logprobs)
 
-        t0 = time.perf_counter()
-        data.update(self.step_fns.logprobs(self.state, self._reference_on_device(), data))
-        t["logprobs"] = time.perf_counter() - t0
+        # Rewards are scored (reward workers) while the device computes old/ref log-probs.
+        with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
+            fut = pool.submit(self.score, local_batch, local_ro)
+            t0 = time.perf_counter()
+            data.update(self.step_fns.logprobs(self.state, self._reference_on_device(), data))
+            t["logprobs"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            local_rewards, t_score = fut.result()
+        rewards = (local_rewards if self.pc == 1 else
+                   np.asarray([r for part in self._gather(local_rewards.tolist()) for r in part],
+                              np.float32))
+        t["reward"] = time.perf_counter() - t0  # the part not hidden behind the log-prob pass
+        data["rewards"] = rewards
 
-        adv = self.step_fns.advantages(data)
-        data.update(adv)
+        data.update(self.step_fns.advantages(data))
 
         t0 = time.perf_counter()
         train_metrics = []
@@ -402,7 +419,9 @@ class Trainer:
         train_metrics = to_host(train_metrics)
         t["update"] = time.perf_counter() - t0
 
-        return self._step_metrics(step, batch, ro, rewards, data, train_metrics, t)
+        m = self._step_metrics(step, batch, ro, rewards, data, train_metrics, t)
+        m["time/reward_scoring"] = t_score  # total scoring time (mostly overlapped)
+        return m
 
     # ================================================================== metrics
 
