@@ -68,6 +68,29 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(two[k], one[k], rtol=2e-6, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.slow
+def test_trainer_runs_as_two_processes(tmp_path):
+    """The whole loop with 2 processes: each host samples and scores its own prompts, the
+    rollouts are gathered, the update runs on the global mesh, one checkpoint is written."""
+    sys.path.insert(0, str(HERE.parent))
+    from trainer_toy import start_train, toy_overrides
+
+    from flowrl_jax.metrics import read_metrics
+
+    port = _free_port()
+    out = tmp_path / "run"
+    procs = [start_train(out, toy_overrides("grpo", 2), env=_env(
+        1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i)), log=tmp_path / f"p{i}.log") for i in range(2)]
+    for i, p in enumerate(procs):
+        assert p.wait(600) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == [1, 2]
+    # 4 prompts × 4 samples in total, 2 prompts from each host
+    assert recs[0]["throughput/response_tokens"] == pytest.approx(16 * recs[0]["response_length/mean"])
+    assert (out / "checkpoints" / "2" / "policy").is_dir()
+
+
 # --------------------------------------------------------------------------- worker
 
 
