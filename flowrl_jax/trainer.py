@@ -4,12 +4,26 @@ metrics → checkpoint, identical for every `algo.name` (only the loss differs).
 Programmatic use:
 
     from flowrl_jax.trainer import Trainer
-    result = Trainer(cfg, "runs/x", task=my_task).run()   # TrainResult
-    result.state            # final TrainState (params by role, optimizer state)
-    result.history          # list of per-step metric dicts (also OUT/metrics.jsonl)
+    result = Trainer(cfg, "runs/x", task=my_task, callbacks=[fn]).run()   # TrainResult
+    result.state            # final TrainState (params by role: policy, z, value; opt state)
+    result.history          # per-step metric dicts (also OUT/metrics.jsonl)
+
+`task` is any object with `prompt_source(cfg, process_index, process_count)` and
+`score(batch, prompt_index, responses)` (see flowrl_jax/task.py); None → `task.factory`
+from the config, else the data pipeline + reward registry. Each callback is called as
+`fn(trainer, step, record)` after every rollout step (record = the metrics.jsonl line).
 
 Outputs under OUT: `metrics.jsonl`, `tb/` (TensorBoard), `checkpoints/` (Orbax; see
-checkpoint/manager.py), `config.yaml`, `hf/` (when `trainer.export_hf`).
+checkpoint/manager.py; readable by `load_model` and `convert orbax-to-hf`),
+`config.yaml`, `hf/` (when `trainer.export_hf`). Running again with the same OUT resumes.
+
+Per step: this host's prompts → sampler (the trainer's own param arrays when the sampler
+shares the mesh; on several processes each host samples its prompts on its local devices
+from a gathered replica) → rollouts gathered so every host holds the global batch →
+rewards scored by the task while the device computes old (current params) and reference
+(frozen initial params) log-probs → the algorithm's batch preprocessing (r̂, advantages)
+→ `trainer.epochs` × shuffled mini-batches (padded to length buckets) through the jitted
+train step → metrics → async checkpoint every `trainer.checkpoint_every` steps.
 
 Determinism: every random choice of step s derives from (cfg.seed, s): the sampler seed,
 the mini-batch shuffles and the train step's dropout keys (from the TrainState's own
