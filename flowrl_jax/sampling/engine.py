@@ -245,6 +245,7 @@ class Kernels:
         self.prefill = jax.jit(self._prefill)
         self.insert = jax.jit(self._insert, donate_argnums=(0,))
         self.chunk = jax.jit(self._decode_chunk, static_argnums=(3, 4), donate_argnums=(1,))
+        self._init_fns: dict[tuple[int, int], Any] = {}
 
     # ----------------------------------------------------------------- shardings
 
@@ -265,16 +266,19 @@ class Kernels:
 
     def init_state(self, slots: int, length: int) -> DecodeState:
         """An empty decode state (all slots idle) placed in its shardings."""
-        shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+        key = (slots, length)
+        if key not in self._init_fns:  # one compiled initialiser per shape, not one per call
+            shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
 
-        def make():
-            z = jnp.zeros(shape, self.cache_dtype)
-            cache = [KVCache(z, z) for _ in range(self.arch.num_hidden_layers)]
-            zi = jnp.zeros((slots,), jnp.int32)
-            return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
-                               jnp.zeros((slots, key_width()), jnp.uint32))
+            def make():
+                cache = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+                         for _ in range(self.arch.num_hidden_layers)]
+                zi = jnp.zeros((slots,), jnp.int32)
+                return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
+                                   jnp.zeros((slots, key_width()), jnp.uint32))
 
-        return jax.jit(make, out_shardings=self.state_shardings(slots, length))()
+            self._init_fns[key] = jax.jit(make, out_shardings=self.state_shardings(slots, length))
+        return self._init_fns[key]()
 
     # ----------------------------------------------------------------- traced functions
 
