@@ -79,6 +79,9 @@ class ModelArch:
         if model_type not in (None, "qwen2") or (arch and not any("Qwen2" in a for a in arch)):
             raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r} "
                               f"architectures={arch!r}; only Qwen2/Qwen2.5 is supported")
+        if d.get("use_sliding_window"):
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported (Qwen2.5 "
+                              "checkpoints ship it off; full attention only)")
         rope_theta = d.get("rope_theta")
         rp = d.get("rope_parameters") or d.get("rope_scaling")
         if isinstance(rp, dict):
