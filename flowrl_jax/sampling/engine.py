@@ -34,7 +34,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
-from flowrl_jax.models.qwen2 import CACHE_AXES, CacheUpdate, KVCache, Qwen2ForCausalLM
+from flowrl_jax.models.qwen2 import CacheUpdate, HeadsMajorKVCache, Qwen2ForCausalLM
+
+# Decode layout of the cache: [slots, kv_heads, S, head_dim], so that attention reads it in
+# place (a [B, S, K, D] cache gets transposed by XLA at every step and layer).
+CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", "head_dim")
 
 Array = jax.Array
 
@@ -180,7 +184,7 @@ def sample_keys(seed: Array, prompt_index: Array, sample_index: Array) -> Array:
 class DecodeState(NamedTuple):
     """Everything the decode loop carries, per slot; `pos` is both cache slot and RoPE position."""
 
-    cache: list[KVCache]  # per layer [slots, S, kv_heads, head_dim]
+    cache: list[HeadsMajorKVCache]  # per layer [slots, kv_heads, S, head_dim]
     token: Array  # [slots] int32 token fed at the next step
     pos: Array  # [slots] int32 its cache slot / position
     active: Array  # [slots] bool
@@ -253,25 +257,29 @@ class Kernels:
         """NamedShardings of a decode state (None without a mesh)."""
         if self.mesh is None:
             return None
-        shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
-        cs = named_sharding(self.mesh, CACHE_AXES, shape)
+        cs = named_sharding(self.mesh, CACHE_AXES, self.cache_shape(slots, length))
         b1 = batch_sharding(self.mesh, 1, (slots,))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
-        return DecodeState([KVCache(cs, cs) for _ in range(self.arch.num_hidden_layers)],
+        return DecodeState([HeadsMajorKVCache(cs, cs) for _ in range(self.arch.num_hidden_layers)],
                            b1, b1, b1, b1, b1, b2)
 
+    def cache_shape(self, slots: int, length: int) -> tuple[int, int, int, int]:
+        """[slots, kv_heads, length, head_dim]."""
+        return (slots, self.arch.num_key_value_heads, length, self.arch.resolved_head_dim)
+
     def constrain(self, st: DecodeState) -> DecodeState:
-        sh = self.state_shardings(st.token.shape[0], st.cache[0].k.shape[1])
+        sh = self.state_shardings(st.token.shape[0], st.cache[0].k.shape[2])
         return st if sh is None else jax.lax.with_sharding_constraint(st, sh)
 
     def init_state(self, slots: int, length: int) -> DecodeState:
         """An empty decode state (all slots idle) placed in its shardings."""
         key = (slots, length)
         if key not in self._init_fns:  # one compiled initialiser per shape, not one per call
-            shape = (slots, length, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+            shape = self.cache_shape(slots, length)
 
             def make():
-                cache = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+                cache = [HeadsMajorKVCache(jnp.zeros(shape, self.cache_dtype),
+                                           jnp.zeros(shape, self.cache_dtype))
                          for _ in range(self.arch.num_hidden_layers)]
                 zi = jnp.zeros((slots,), jnp.int32)
                 return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
@@ -282,12 +290,12 @@ class Kernels:
 
     # ----------------------------------------------------------------- traced functions
 
-    def _prefill(self, params: Any, tokens: Array, lengths: Array) -> list[KVCache]:
-        """Cache [B, P, ...] of right-padded prompts `tokens` [B, P] with `lengths` [B]."""
+    def _prefill(self, params: Any, tokens: Array, lengths: Array) -> list[HeadsMajorKVCache]:
+        """Cache [B, K, P, D] of right-padded prompts `tokens` [B, P] with `lengths` [B]."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        shape = (b, p, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
-        empty = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+        shape = self.cache_shape(b, p)
+        empty = [HeadsMajorKVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
                  for _ in range(self.arch.num_hidden_layers)]
         valid = jnp.arange(p)[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
@@ -295,15 +303,15 @@ class Kernels:
                     cache_update=CacheUpdate(jnp.zeros((b,), jnp.int32), valid), return_logits=False)
         return out.cache
 
-    def _insert(self, st: DecodeState, prefix: list[KVCache], src: Array, dst: Array,
+    def _insert(self, st: DecodeState, prefix: list[HeadsMajorKVCache], src: Array, dst: Array,
                 last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
         """Copy prefix rows `src` [M] into slots `dst` [M] (out-of-range dst = no-op)."""
-        p = prefix[0].k.shape[1]
+        p = prefix[0].k.shape[2]
         cache = []
         for c, pc in zip(st.cache, prefix):
-            k = c.k.at[dst, :p].set(pc.k[src].astype(c.k.dtype), mode="drop")
-            v = c.v.at[dst, :p].set(pc.v[src].astype(c.v.dtype), mode="drop")
-            cache.append(KVCache(k, v))
+            k = c.k.at[dst, :, :p].set(pc.k[src].astype(c.k.dtype), mode="drop")
+            v = c.v.at[dst, :, :p].set(pc.v[src].astype(c.v.dtype), mode="drop")
+            cache.append(HeadsMajorKVCache(k, v))
 
         def put(a, x):
             return a.at[dst].set(x.astype(a.dtype), mode="drop")
@@ -322,7 +330,7 @@ class Kernels:
         return self._insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
     def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec):
-        s = st.cache[0].k.shape[1]
+        s = st.cache[0].k.shape[2]
         pos = jnp.minimum(st.pos, s - 1)
         valid = jnp.arange(s)[None, :] <= pos[:, None]
         out = model(st.token[:, None], None, pos[:, None], cache=st.cache,
@@ -455,8 +463,8 @@ class SamplingEngine:
         nbytes = cache_bytes(self.arch, slots, length, self.cache_dtype)
         shards = 1
         if self.mesh is not None:
-            spec = named_sharding(self.mesh, CACHE_AXES, (slots, length, self.arch.num_key_value_heads,
-                                                          self.arch.resolved_head_dim)).spec
+            spec = named_sharding(self.mesh, CACHE_AXES,
+                                  self.kernels.cache_shape(slots, length)).spec
             for axes in spec:
                 for a in ((axes,) if isinstance(axes, str) else (axes or ())):
                     shards *= self.mesh.shape[a]
