@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,13 +170,14 @@ class Trainer:
 
     def setup(self) -> None:
         """Mesh, policy, train state, reference, sampler, data, checkpoint restore."""
+        cfg = self.cfg
+        self.preflight()  # before the heavy imports and any compute
+
         from flowrl_jax.checkpoint.manager import TrainCheckpointManager
         from flowrl_jax.mesh import make_mesh
         from flowrl_jax.sampling.engine import SamplingEngine
         from flowrl_jax.train_state import create_train_state
 
-        cfg = self.cfg
-        self.preflight()
         self._info(self.memory.table())
         self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
         arch, model, self.tokenizer_dir = self._load_policy()
@@ -262,7 +262,9 @@ class Trainer:
     # ================================================================== checkpoints
 
     def _policy_tree(self, state: Any) -> Any:
-        return state.params["policy"].to_pure_dict()
+        from flax import nnx
+
+        return nnx.to_pure_dict(state.params["policy"])
 
     def _train_tree(self, state: Any) -> dict:
         return {"step": state.step, "skipped": state.skipped, "rng": state.rng,

@@ -206,3 +206,16 @@ def test_shipped_configs_load_and_fit_their_hardware(name, preset, devices, gb):
         assert (cfg.rollout.prompts_per_step, cfg.rollout.temperature) == (64, 0.6)
     est = estimate(cfg, cfg.model.arch, resolve_axis_sizes(cfg.mesh, devices), (gb * GiB, "spec"))
     assert est.fits(), est.table()
+
+
+@pytest.mark.slow
+def test_resuming_with_another_algorithm_is_refused_and_keeps_checkpoints(runs):
+    from flowrl_jax.mesh import single_device_mesh
+
+    before = sorted(p.name for p in (runs / "flowrl" / "checkpoints").iterdir())
+    cfg = load_config(None, toy_overrides("grpo", 3))
+    tr = Trainer(cfg, runs / "flowrl", task=ToyTask(), console=False, mesh=single_device_mesh())
+    with pytest.raises(ConfigError, match=r"algo\.name.*'flowrl'"):
+        tr.run()
+    assert sorted(p.name for p in (runs / "flowrl" / "checkpoints").iterdir()) == before
+    assert not (runs / "flowrl" / "checkpoints.corrupt").exists()

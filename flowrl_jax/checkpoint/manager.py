@@ -162,20 +162,28 @@ class TrainCheckpointManager:
         steps = self.all_steps()
         for step in reversed(steps):
             try:
-                policy, train, meta = self.restore_step(step, policy_like, train_like)
-            except Exception as e:  # noqa: BLE001 - any read/shape error means "unusable"
-                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); "
-                            "falling back to the previous checkpoint", step, self.directory,
-                            type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-                self._move_aside(step)
+                meta = self.restore_meta(step)
+            except Exception as e:  # noqa: BLE001 - unreadable meta means "unusable"
+                self._unusable(step, e)
                 continue
             if check is not None:
-                check(meta)
+                check(meta)  # before touching arrays: a config mismatch is not corruption
+            try:
+                policy, train, meta = self.restore_step(step, policy_like, train_like)
+            except Exception as e:  # noqa: BLE001 - any read/shape error means "unusable"
+                self._unusable(step, e)
+                continue
             return step, policy, train, meta
         if steps:
             raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} "
                                   "could be restored")
         return None
+
+    def _unusable(self, step: int, e: Exception) -> None:
+        log.warning("checkpoint step %d in %s cannot be restored (%s: %s); "
+                    "falling back to the previous checkpoint", step, self.directory,
+                    type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        self._move_aside(step)
 
     def _move_aside(self, step: int) -> None:
         """Rename a bad step dir out of the manager's view (so later saves are not blocked)."""
