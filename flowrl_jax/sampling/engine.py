@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
-from flowrl_jax.models.qwen2 import CacheUpdate, HeadsMajorKVCache, Qwen2ForCausalLM
+from flowrl_jax.models.qwen2 import CacheUpdate, HeadsMajorKVCache, KVCache, Qwen2ForCausalLM
 
 # Decode layout of the cache: [slots, kv_heads, S, head_dim], so that attention reads it in
 # place (a [B, S, K, D] cache gets transposed by XLA at every step and layer).
@@ -294,14 +294,17 @@ class Kernels:
         """Cache [B, K, P, D] of right-padded prompts `tokens` [B, P] with `lengths` [B]."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        shape = self.cache_shape(b, p)
-        empty = [HeadsMajorKVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
+        # Prefill runs the model's standard [B, P, K, D] path (cuDNN/flash attention where
+        # available) and transposes once to the decode layout.
+        shape = (b, p, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
+        empty = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
                  for _ in range(self.arch.num_hidden_layers)]
         valid = jnp.arange(p)[None, :] < lengths[:, None]
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
         out = model(tokens, valid, positions, cache=empty,
                     cache_update=CacheUpdate(jnp.zeros((b,), jnp.int32), valid), return_logits=False)
-        return out.cache
+        return [HeadsMajorKVCache(c.k.transpose(0, 2, 1, 3), c.v.transpose(0, 2, 1, 3))
+                for c in out.cache]
 
     def _insert(self, st: DecodeState, prefix: list[HeadsMajorKVCache], src: Array, dst: Array,
                 last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
