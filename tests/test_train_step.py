@@ -158,6 +158,17 @@ def test_sharded_step_matches_single_device(flowrl_single):
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params["policy"])}
     assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
     assert len(state8.params["policy"]["embed_tokens"][...].sharding.device_set) == 8
+    # Adam moments live in their params' shardings
+    pspec = {jax.tree_util.keystr(p): x.sharding.spec
+             for p, x in jax.tree_util.tree_leaves_with_path(state8.params)}
+    matched = 0
+    for p, x in jax.tree_util.tree_leaves_with_path(state8.opt_state):
+        ks = jax.tree_util.keystr(p)
+        hits = [s for k, s in pspec.items() if ks.endswith(k)]
+        if hits and x.ndim:
+            assert x.sharding.spec == hits[0], ks
+            matched += 1
+    assert matched >= 2 * len(pspec)  # mu and nu of every param
     np.testing.assert_allclose(m8["grad_norm_z"], m1["grad_norm_z"], rtol=1e-5)
     assert_same_update((before, m1, after), (before8, m8, after8))
     assert m1["skipped"] == 0 and m1["step"] == 1 and m1["loss"] > 0
