@@ -520,10 +520,16 @@ class Trainer:
     # ================================================================== run
 
     def run(self) -> TrainResult:
-        """Train from the newest checkpoint (or scratch) to `trainer.steps`."""
+        """Train from the newest checkpoint (or scratch) to `trainer.steps`.
+
+        SIGTERM (preemption) stops at the next step boundary after a checkpoint of that
+        step; rerunning the command continues from it.
+        """
         if not self._ready:
             self.setup()
         cfg = self.cfg.trainer
+        done = self.start_step
+        restore_handler = self._catch_sigterm()
         try:
             for step in range(self.start_step, cfg.steps):
                 m = self.rollout_step(step)
@@ -535,19 +541,50 @@ class Trainer:
                     self.logger.table(rec)
                 for cb in self.callbacks:
                     cb(self, done, rec)
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                stop = self._stop_requested()
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
                     self.save(done)
-            self.ckpt.wait()
-            if cfg.export_hf and self.pi == 0:
-                if isinstance(self.out, Path):
-                    self.export_hf(self.out / "hf")
-                else:
-                    log.warning("trainer.export_hf: %s is remote; export the run with `flowrl-jax "
-                                "convert orbax-to-hf --ckpt %s/checkpoints`", self.out, self.out)
+                if stop:
+                    self.ckpt.wait()
+                    self._info(f"stopping after step {done} (SIGTERM); rerun to continue")
+                    break
+            else:
+                self.ckpt.wait()
+                if cfg.export_hf and self.pi == 0:
+                    if isinstance(self.out, Path):
+                        self.export_hf(self.out / "hf")
+                    else:
+                        log.warning("trainer.export_hf: %s is remote; export the run with "
+                                    "`flowrl-jax convert orbax-to-hf --ckpt %s/checkpoints`",
+                                    self.out, self.out)
         finally:
+            restore_handler()
             self.close()
-        return TrainResult(max(self.start_step, cfg.steps), self.state, self.logger.history,
-                           self.out)
+        return TrainResult(max(done, self.start_step), self.state, self.logger.history, self.out)
+
+    def _catch_sigterm(self) -> Callable[[], None]:
+        """Turn SIGTERM into a stop request (main thread only); returns the undo function."""
+        import signal
+        import threading
+
+        self._sigterm = False
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            self._sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got SIGTERM (agreed by all, so they all save the same step)."""
+        flag = bool(getattr(self, "_sigterm", False))
+        if self.pc == 1:
+            return flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
     def export_hf(self, out_dir: Path) -> None:
         """Write the policy (Z-network / critic stripped) as a HF checkpoint."""

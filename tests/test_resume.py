@@ -87,6 +87,11 @@ def _writing(run: Path) -> bool:
     return d.exists() and any("tmp" in p.name for p in d.iterdir())
 
 
+def _records(run: Path) -> list:
+    f = run / "metrics.jsonl"
+    return f.read_text().splitlines() if f.exists() else []
+
+
 def _wait(cond, proc, timeout: float) -> bool:
     end = time.time() + timeout
     while time.time() < end:
@@ -129,6 +134,16 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
     time.sleep(rnd.uniform(0.0, 0.3))
     _kill(p)
     events.append(("random-late", _steps(run)))
+    # 3b) SIGTERM (preemption): a graceful stop with the current step checkpointed
+    p = start_train(run, ov)
+    n0 = len(_records(run))
+    if _wait(lambda: len(_records(run)) > n0, p, 240):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(120) == 0
+        assert _steps(run)[-1] == len(_records(run))
+        events.append(("sigterm", _steps(run)))
+    else:
+        _kill(p)
     # 4) corrupt the newest complete checkpoint: the restart warns and uses the previous one
     done = _steps(run)
     corrupted = None
