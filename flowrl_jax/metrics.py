@@ -56,6 +56,7 @@ class MetricsLogger:
         self._tb = None
         self._progress = None
         self._task = None
+        self._rows = 0
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,18 +120,19 @@ class MetricsLogger:
         return rec
 
     def table(self, rec: dict) -> None:
-        """Print a compact one-row table of the headline metrics."""
+        """Print one compact fixed-width row of the headline metrics (header every 20 rows)."""
         if not self.enabled or self._progress is None:
             return
-        from rich.table import Table
-
-        t = Table(box=None, pad_edge=False, show_edge=False)
         cols = [(k, h) for k, h in DISPLAY if isinstance(rec.get(k), float)]
-        t.add_column("step")
-        for _, h in cols:
-            t.add_column(h, justify="right")
-        t.add_row(str(rec["step"]), *(f"{rec[k]:.4g}" for k, _ in cols))
-        self._progress.console.print(t)
+        if [k for k, _ in cols] != getattr(self, "_cols", None) or self._rows % 20 == 0:
+            self._cols = [k for k, _ in cols]
+            self._progress.console.print(
+                "[bold]" + f"{'step':>6}" + "".join(f"{h:>10}" for _, h in cols) + "[/bold]",
+                soft_wrap=True)
+        self._rows = getattr(self, "_rows", 0) + 1
+        self._progress.console.print(f"{rec['step']:>6}" +
+                                     "".join(f"{rec[k]:>10.4g}" for k, _ in cols),
+                                     soft_wrap=True)
 
     def print(self, msg: str) -> None:
         """A log line that does not break the progress bar."""
