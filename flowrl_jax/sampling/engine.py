@@ -1,9 +1,9 @@
 """KV-cache generation engine for rollouts: jitted bucketed prefill, on-device decode chunks,
 continuous batching over a fixed number of decode slots.
 
-Layout. Every decode slot owns one row of a preallocated cache [slots, S, kv_heads, head_dim]
-per layer (GQA: only the kv heads are stored), sharded by the logical rules (`cache_batch`
-over data×fsdp, `kv_heads` over tensor). A prompt of length L sits left-aligned at cache slots
+Layout. Every decode slot owns one row of a preallocated cache [slots, kv_heads, S, head_dim]
+per layer (GQA: only the kv heads are stored; heads-major so that decode attention reads it in
+place), sharded by the logical rules (`cache_batch` over data×fsdp, `kv_heads` over tensor). A prompt of length L sits left-aligned at cache slots
 0..L-1, so a token's cache slot equals its RoPE position and no padding is ever attended.
 
 Admission. Prefill computes the cache of `prompt[:-1]` (length bucketed to a static size) and
