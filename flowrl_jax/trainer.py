@@ -185,7 +185,8 @@ class Trainer:
         # Multi-process: every host samples its own prompts on its local devices (the sampler
         # reads tokens back to the host each decode chunk, which needs addressable arrays).
         self.sample_mesh = self.mesh if jax.process_count() == 1 else make_mesh(
-            MeshConfig(data=1, fsdp=-1, tensor=1), jax.local_devices())
+            MeshConfig(data=1, fsdp=-1, tensor=1),
+            sorted(jax.local_devices(), key=lambda d: d.id))  # same rule on every host
         self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
                                                          mesh=self.sample_mesh, verbose=False)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
@@ -324,14 +325,42 @@ class Trainer:
 
     def sampler_params(self) -> Any:
         """The policy params for the sampler: the trainer's own arrays on one process; on
-        several, a full replica gathered once per step and placed on this host's devices."""
+        several, one copy per host, sharded over that host's devices (the sampler's mesh)
+        and replicated across hosts, built by one resharding jit per step."""
         policy = self.state.params["policy"]
         if self.pc == 1:
             return policy
-        from flowrl_jax.mesh import replicated
+        if getattr(self, "_host_fn", None) is None:
+            self._host_fn = self._make_host_reshard(policy)
+        fn, local_shardings = self._host_fn
+        hosted = fn(policy)
+        leaves, treedef = jax.tree.flatten(hosted)
+        local = [jax.make_array_from_single_device_arrays(
+            x.shape, sh, [s.data for s in sorted(x.addressable_shards, key=lambda s: s.device.id)])
+            if len(x.addressable_shards) > 1 else x.addressable_shards[0].data
+            for x, sh in zip(leaves, local_shardings)]
+        return jax.tree.unflatten(treedef, local)
 
-        rep = jax.jit(lambda p: p, out_shardings=replicated(self.mesh))(policy)
-        return jax.tree.map(lambda x: x.addressable_shards[0].data, rep)
+    def _make_host_reshard(self, policy: Any) -> tuple[Callable, list]:
+        """(jit: training layout → per-host copies, local sharding of each leaf)."""
+        from jax.sharding import Mesh, NamedSharding
+
+        from flowrl_jax.mesh import state_shardings
+
+        local = self.sample_mesh
+        by_host: dict[int, list] = {}
+        for d in jax.devices():
+            by_host.setdefault(d.process_index, []).append(d)
+        # Every host builds the same mesh: one row per process, devices in id order (which
+        # is also the order of each host's sampler mesh).
+        rows = [sorted(by_host[pi], key=lambda d: d.id) for pi in sorted(by_host)]
+        shape = (len(rows),) + local.devices.shape
+        gmesh = Mesh(np.asarray(rows, dtype=object).reshape(shape), ("hosts",) + local.axis_names)
+        local_sh = state_shardings(policy, local)  # NamedSharding per nnx Variable
+        specs = jax.tree.leaves(local_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
+        out = jax.tree.map(lambda sh: NamedSharding(gmesh, sh.spec), local_sh,
+                           is_leaf=lambda x: isinstance(x, NamedSharding))
+        return jax.jit(lambda p: p, out_shardings=out), specs
 
     def _gather(self, obj: Any) -> list[Any]:
         """A JSON-able object from every process, in process order."""
