@@ -91,8 +91,13 @@ def device_budget(cfg: Config) -> tuple[float, str]:
 
 
 def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
-             budget: Optional[tuple[float, str]] = None, uses_ref: bool = True) -> MemoryEstimate:
-    """Per-device memory of a run with this config on a mesh of `mesh_shape` axis sizes."""
+             budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
+             sampler_local_devices: Optional[int] = None) -> MemoryEstimate:
+    """Per-device memory of a run with this config on a mesh of `mesh_shape` axis sizes.
+
+    `sampler_local_devices`: on multi-process runs each host samples with its own copy of
+    the policy sharded over its local devices; that copy counts with the KV cache.
+    """
     n = param_count(arch)
     pb = _BYTES[cfg.model.param_dtype]
     cb = _BYTES[cfg.model.compute_dtype]
@@ -109,6 +114,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
                 cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
     kv = (2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.resolved_head_dim * seq *
           max(1, slots // batch_shard) * cb / kv_heads_split)
+    if sampler_local_devices:
+        kv += n * pb / sampler_local_devices
     rows = max(1, cfg.trainer.micro_batch_size // batch_shard)
     k = 2 if cfg.model.remat else 34
     act = rows * seq * arch.hidden_size * cb * (k * arch.num_hidden_layers + (34 if k == 2 else 0))
@@ -142,9 +149,11 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
 
 
 def check_fits(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
-               uses_ref: bool = True) -> MemoryEstimate:
+               uses_ref: bool = True, sampler_local_devices: Optional[int] = None
+               ) -> MemoryEstimate:
     """Estimate and raise ConfigError with advice when the run cannot fit a device."""
-    est = estimate(cfg, arch, mesh_shape, uses_ref=uses_ref)
+    est = estimate(cfg, arch, mesh_shape, uses_ref=uses_ref,
+                   sampler_local_devices=sampler_local_devices)
     if not est.fits():
         tips = "\n  - ".join(advice(cfg, est, mesh_shape))
         raise ConfigError(

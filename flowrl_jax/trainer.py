@@ -139,7 +139,9 @@ class Trainer:
             shape = dict(self._mesh.shape)
         else:
             shape = resolve_axis_sizes(cfg.mesh, jax.device_count())
-        self.memory = check_fits(cfg, arch, shape, uses_ref=self.uses_ref)
+        self.memory = check_fits(cfg, arch, shape, uses_ref=self.uses_ref,
+                                 sampler_local_devices=(jax.local_device_count()
+                                                        if jax.process_count() > 1 else None))
         return arch
 
     def _arch_from_config(self) -> Any:

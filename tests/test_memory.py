@@ -44,3 +44,11 @@ def test_tiny_model_fits():
     cfg = load_config(None, ["model.preset=tiny", "trainer.device_memory_gb=4"])
     est = check_fits(cfg, cfg.model.arch, {"data": 1, "fsdp": 1, "tensor": 1})
     assert 0 < est.total < 4 * GiB and "total" in est.table()
+
+
+def test_multi_host_sampler_copy_is_counted():
+    cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000"])
+    shape = {"data": 1, "fsdp": 32, "tensor": 1}
+    single = estimate(cfg, cfg.model.arch, shape)
+    pod = estimate(cfg, cfg.model.arch, shape, sampler_local_devices=4)
+    assert pod.kv_cache - single.kv_cache == param_count(cfg.model.arch) * 4 / 4
