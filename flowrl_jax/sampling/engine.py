@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
-from flowrl_jax.models.qwen2 import CacheUpdate, HeadsMajorKVCache, KVCache, Qwen2ForCausalLM
+from flowrl_jax.models.qwen2 import (CacheUpdate, HeadsMajorKVCache, KVCache, Qwen2ForCausalLM,
+                                     apply_rope, rope_cos_sin)
 
 # Decode layout of the cache: [slots, kv_heads, S, head_dim], so that attention reads it in
 # place (a [B, S, K, D] cache gets transposed by XLA at every step and layer).
@@ -160,9 +161,77 @@ def sample_logits(logits: Array, keys: Array, spec: _Spec) -> tuple[Array, Array
         # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p)
         top = jnp.max(filtered, axis=-1, keepdims=True)
         filtered = jnp.where(filtered < top + math.log(spec.min_p), neg, filtered)
-    tok = jax.vmap(lambda k, l: jax.random.categorical(jax.random.wrap_key_data(k), l))(keys, filtered)
-    tok = tok.astype(jnp.int32)
+    tok = categorical_rows(keys, filtered)
     return tok, jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+
+
+# ---- threefry, unrolled
+# jax lowers threefry2x32 on CPU as a rolled while loop (5 iterations, each a few kernels);
+# inside the decode loop that costs ~0.3 ms per step for [32, 128] logits. The functions below
+# compute the same hash with plain uint32 ops (one fusion) and reproduce, bit for bit,
+# jax.random.fold_in and jax.random.categorical (default threefry, "low" gumbel mode) — the
+# tests check both against jax.random.
+
+_ROT = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _rotl(x: Array, d: int) -> Array:
+    return (x << jnp.uint32(d)) | (x >> jnp.uint32(32 - d))
+
+
+def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Array]:
+    """The Threefry-2x32 hash (20 rounds) of counters (x1, x2) under key (k1, k2), broadcast."""
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x = [x1 + ks[0], x2 + ks[1]]
+    for i in range(5):
+        for r in _ROT[i % 2]:
+            x[0] = x[0] + x[1]
+            x[1] = x[0] ^ _rotl(x[1], r)
+        x = [x[0] + ks[(i + 1) % 3], x[1] + ks[(i + 2) % 3] + jnp.uint32(i + 1)]
+    return x[0], x[1]
+
+
+def _fast_threefry() -> bool:
+    """Whether the unrolled functions match jax.random under the current config."""
+    impl = jax.config.jax_default_prng_impl
+    return (impl == "threefry2x32" and jax.config.jax_threefry_partitionable
+            and not jax.config.jax_high_dynamic_range_gumbel)
+
+
+def fold_in_rows(keys: Array, data: Array) -> Array:
+    """jax.random.fold_in of raw threefry keys [B, 2] with uint32-able data [B]."""
+    y1, y2 = threefry2x32(keys[:, 0], keys[:, 1], jnp.zeros_like(data, jnp.uint32),
+                          data.astype(jnp.uint32))
+    # Materialise the [B, 2] keys: fused into a [B, V] consumer, XLA would redo the 20 rounds
+    # for every vocabulary entry.
+    return jax.lax.optimization_barrier(jnp.stack([y1, y2], axis=-1))
+
+
+def categorical_rows(keys: Array, logits: Array) -> Array:
+    """One draw per row of logits [B, V] with raw threefry keys [B, 2]: equals
+    vmap(jax.random.categorical)(keys, logits) (gumbel-max over uniform(tiny, 1) bits)."""
+    if not _fast_threefry():
+        return jax.vmap(lambda k, l: jax.random.categorical(jax.random.wrap_key_data(k), l))(
+            keys, logits).astype(jnp.int32)
+    v = logits.shape[-1]
+    lo = jax.lax.broadcasted_iota(jnp.uint32, (1, v), 1)
+    b1, b2 = threefry2x32(keys[:, :1], keys[:, 1:], jnp.zeros_like(lo), lo)
+    bits = b1 ^ b2
+    tiny = jnp.finfo(jnp.float32).tiny
+    u = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000),
+                                     jnp.float32) - jnp.float32(1.0)
+    u = jnp.maximum(jnp.float32(tiny), u * (jnp.float32(1.0) - jnp.float32(tiny)) + jnp.float32(tiny))
+    # The barrier keeps the hash and logs in their own elementwise (vectorised) fusion: fused
+    # into argmax's variadic reduce they run one scalar element at a time (~5x slower on CPU).
+    g = jax.lax.optimization_barrier(logits - jnp.log(-jnp.log(u)))
+    return _argmax_rows(g)
+
+
+def _argmax_rows(x: Array) -> Array:
+    """argmax over the last axis (first index of the max) as two plain reductions."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, idx, x.shape[-1]), axis=-1).astype(jnp.int32)
 
 
 def key_width() -> int:
@@ -176,6 +245,51 @@ def sample_keys(seed: Array, prompt_index: Array, sample_index: Array) -> Array:
         k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), p), s)
         return jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
     return jax.vmap(one)(prompt_index, sample_index).astype(jnp.uint32)
+
+
+# --------------------------------------------------------------------------- decode forward
+
+
+def _write_rows(cache: Array, new: Array, pos: Array) -> Array:
+    """Write new [B, K, D] into cache [B, K, S, D] at slot pos [B] (in place when donated)."""
+    def one(c, n, i):
+        return jax.lax.dynamic_update_slice(c, n[:, None, :].astype(c.dtype), (0, i, 0))
+    return jax.vmap(one)(cache, new, pos)
+
+
+def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
+                   cache: list[HeadsMajorKVCache]) -> tuple[Array, list[HeadsMajorKVCache]]:
+    """One decode step: logits [B, V] of `token` [B] at position/cache slot `pos` [B].
+
+    The same computation as the model's cached forward with a heads-major cache, specialised
+    to one query token: the attention products are written as broadcast-multiply + reduce,
+    which XLA fuses, instead of tiny batched matmuls (on CPU each costs ~0.1 ms per layer
+    and step at 32 slots). Sampler only; the model's own forward stays the reference.
+    """
+    arch, num = model.arch, model.num
+    b, s = token.shape[0], cache[0].k.shape[2]
+    cos, sin = rope_cos_sin(pos[:, None], arch.resolved_head_dim, arch.rope_theta)
+    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(num.compute_dtype)
+    visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    neg = jnp.finfo(jnp.float32).min
+    new_cache = []
+    for layer, c in zip(model.layers, cache):
+        at = layer.self_attn
+        n, kh, d = at.n_heads, at.n_kv, at.head_dim
+        h = layer.input_layernorm(x)
+        q = apply_rope(at.q_proj(h).reshape(b, 1, n, d), cos, sin)
+        k = apply_rope(at.k_proj(h).reshape(b, 1, kh, d), cos, sin)
+        v = at.v_proj(h).reshape(b, 1, kh, d)
+        k_all = _write_rows(c.k, k[:, 0], pos)
+        v_all = _write_rows(c.v, v[:, 0], pos)
+        qh = q.reshape(b, kh, n // kh, 1, d).astype(jnp.float32)  # [B, K, G, 1, D]
+        sc = jnp.sum(qh * k_all[:, :, None].astype(jnp.float32), axis=-1) * d ** -0.5  # [B,K,G,S]
+        p = jax.nn.softmax(jnp.where(visible, sc, neg), axis=-1)
+        out = jnp.sum(p[..., None] * v_all[:, :, None].astype(jnp.float32), axis=3)  # [B,K,G,D]
+        x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        new_cache.append(HeadsMajorKVCache(k_all, v_all))
+    return model.logits(model.norm(x))[:, 0], new_cache
 
 
 # --------------------------------------------------------------------------- decode state
@@ -335,12 +449,11 @@ class Kernels:
     def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec):
         s = st.cache[0].k.shape[2]
         pos = jnp.minimum(st.pos, s - 1)
-        valid = jnp.arange(s)[None, :] <= pos[:, None]
-        out = model(st.token[:, None], None, pos[:, None], cache=st.cache,
-                    cache_update=CacheUpdate(pos, valid))
-        logits = out.logits[:, 0].astype(jnp.float32)
-        keys = jax.vmap(lambda k, t: jax.random.key_data(
-            jax.random.fold_in(jax.random.wrap_key_data(k), t)))(st.keys, st.generated)
+        logits, new_cache = decode_forward(model, st.token, pos, st.cache)
+        logits = logits.astype(jnp.float32)
+        keys = (fold_in_rows(st.keys, st.generated) if _fast_threefry() else
+                jax.vmap(lambda k, t: jax.random.key_data(
+                    jax.random.fold_in(jax.random.wrap_key_data(k), t)))(st.keys, st.generated))
         tok, logp = sample_logits(logits, keys, spec)
         gen = st.generated + 1
         stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
@@ -348,7 +461,7 @@ class Kernels:
         act = st.active
         finish = jnp.where(act & stop, FINISH_STOP,
                            jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
-        new = DecodeState(out.cache, jnp.where(act, tok, st.token), st.pos + act.astype(jnp.int32),
+        new = DecodeState(new_cache, jnp.where(act, tok, st.token), st.pos + act.astype(jnp.int32),
                           act & (finish == FINISH_NONE), jnp.where(act, gen, st.generated),
                           st.budget, st.keys)
         return self.constrain(new), (tok, logp, act, finish.astype(jnp.int32))
