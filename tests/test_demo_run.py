@@ -12,6 +12,9 @@ def test_demo_flowrl_matches_target_grpo_collapses(tmp_path):
     out = tmp_path / "demo"
     summary = run_demo(out, console=False)
     on_disk = json.loads((out / "summary.json").read_text())
+    assert sorted(on_disk) == ["flowrl", "grpo"]  # one object per algorithm, nothing else
+    details = json.loads((out / "details.json").read_text())
+    assert details["reference_policy"]["modes_covered"] >= 0 and len(details["target"]) == 4
     for algo in ("flowrl", "grpo"):
         s = on_disk[algo]
         for key in ("kl_target_policy", "kl_policy_target", "mass_per_mode", "modes_covered"):

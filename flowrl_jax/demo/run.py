@@ -4,7 +4,8 @@ Both algorithms start from the same random tiny Qwen2 (written once in HF format
 same budget. Each run is trained in two halves — the second half resumes from the first half's
 Orbax checkpoint — and exported to HF at the end; the learned answer distributions are read
 back from the exported HF directories, so the demo exercises the whole system.
-Outputs in OUT: summary.json, report.md, distributions.png, and one run dir per algorithm.
+Outputs in OUT: summary.json, details.json, report.md, distributions.png, and one run dir per
+algorithm.
 """
 
 from __future__ import annotations
@@ -152,11 +153,16 @@ def run_demo(out: str | Path, config: str | Path = "demo", overrides: list[str] 
         dists[algo] = answer_distribution(model, task, temperature)
         summary[algo] = {**summarize(task, dists[algo], target), **runs[algo]}
 
-    summary["reference"] = summarize(task, ref, target)
-    summary["config"] = {"beta": cfg.algo.beta, "reward_norm": cfg.algo.reward_norm,
-                         "steps": cfg.trainer.steps, "lr": cfg.optimizer.lr,
-                         "samples_per_prompt": cfg.rollout.samples_per_prompt}
+    # summary.json holds exactly one object per algorithm (tools iterate over it);
+    # the reference policy and the settings go to details.json.
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    details = {"reference_policy": summarize(task, ref, target),
+               "config": {"beta": cfg.algo.beta, "reward_norm": cfg.algo.reward_norm,
+                          "steps": cfg.trainer.steps, "lr": cfg.optimizer.lr,
+                          "prompts_per_step": cfg.rollout.prompts_per_step,
+                          "samples_per_prompt": cfg.rollout.samples_per_prompt},
+               "target": target.tolist(), **{f"policy_{a}": dists[a].tolist() for a in ALGOS}}
+    (out / "details.json").write_text(json.dumps(details, indent=2) + "\n")
     plot(out / "distributions.png", task, target, dists)
     (out / "report.md").write_text(report_markdown(cfg, summary, runs))
     return summary
