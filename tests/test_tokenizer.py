@@ -9,10 +9,8 @@ from transformers import AutoTokenizer
 
 from flowrl_jax.data.tokenizer import PACKAGED_TOKENIZER
 
-SHARED = Path("/work/shared/data/qwen2.5-tokenizer")
-DIRS = [pytest.param(PACKAGED_TOKENIZER, id="packaged")]
-if SHARED.exists():  # the shared copy exists on the build machines only
-    DIRS.append(pytest.param(SHARED, id="shared"))
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwen2.5-tokenizer"
+DIRS = [pytest.param(PACKAGED_TOKENIZER, id="packaged"), pytest.param(SHARED, id="shared")]
 
 
 @pytest.mark.parametrize("path", DIRS)
