@@ -1,6 +1,7 @@
 """`flowrl-jax bench sample`: generation tokens/s of our engine vs HF transformers `generate`
 (PyTorch, same machine, same random weights, same lengths, sampling at T = 1 with no
-truncation, EOS ignored so every sample runs to the same length).
+truncation, EOS ignored so every sample runs to the same length). Each side reports the best
+of `--repeats` timed runs after a warm-up (CPU timings on a shared machine are noisy).
 
 Also reported: on CPU, the fraction of the measured matmul peak (big jnp matmul, same run)
 that decoding reaches (2 × matmul params per token); on GPU/TPU, the fraction of the HBM
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per case and side; the best is reported (load noise)")
 
 
 def _arch(shape: str):
@@ -76,8 +79,11 @@ def matmul_params(arch) -> int:
     return arch.num_hidden_layers * (attn + 3 * h * i) + h * arch.vocab_size
 
 
-def _ours(model, arch, batch: int, prompt_len: int, new: int) -> tuple[float, float]:
-    """(tokens/s, seconds per decode step) of a warm engine."""
+def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
+          ) -> tuple[float, float]:
+    """(tokens/s, seconds per decode step) of a warm engine, best of `repeats` runs."""
+    from flax import nnx
+
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 
     eng = SamplingEngine(model, decode_slots=batch, decode_chunk=new, prefill_buckets=(prompt_len,),
@@ -85,15 +91,18 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int) -> tuple[float, fl
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, arch.vocab_size, prompt_len).tolist() for _ in range(batch)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True)
-    eng.generate(model, prompts, sp)  # compile
-    t = time.perf_counter()
-    out = eng.generate(model, prompts, sp)
-    dt = time.perf_counter() - t
-    assert int(out.lengths.sum()) == batch * new
+    params = nnx.state(model)  # what the trainer passes each rollout step
+    eng.generate(params, prompts, sp)  # compile
+    dt = float("inf")
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        out = eng.generate(params, prompts, sp)
+        dt = min(dt, time.perf_counter() - t)
+        assert int(out.lengths.sum()) == batch * new
     return batch * new / dt, dt / new
 
 
-def _reference(hf, arch, batch: int, prompt_len: int, new: int) -> float:
+def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1) -> float:
     import torch
 
     rng = np.random.default_rng(0)
@@ -102,10 +111,12 @@ def _reference(hf, arch, batch: int, prompt_len: int, new: int) -> float:
               top_p=1.0, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
     with torch.no_grad():
         hf.generate(ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
-        t = time.perf_counter()
-        out = hf.generate(ids, **kw)
-        dt = time.perf_counter() - t
-    assert out.shape[1] == prompt_len + new
+        dt = float("inf")
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            out = hf.generate(ids, **kw)
+            dt = min(dt, time.perf_counter() - t)
+            assert out.shape[1] == prompt_len + new
     return batch * new / dt
 
 
@@ -132,8 +143,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             torch.manual_seed(0)
             hf = to_hf(model, arch)
         for b in batches:
-            ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens)
-            ref = _reference(hf, arch, b, args.prompt_len, args.new_tokens) if hf is not None else None
+            reps = getattr(args, "repeats", 1)
+            ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps)
+            ref = (_reference(hf, arch, b, args.prompt_len, args.new_tokens, reps)
+                   if hf is not None else None)
             row: dict[str, Any] = {"shape": shape, "batch": b, "prompt_len": args.prompt_len,
                                    "new_tokens": args.new_tokens, "unit": "tokens/s",
                                    "ours": round(ours, 1),
