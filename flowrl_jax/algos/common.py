@@ -135,11 +135,14 @@ def token_logprobs_from_logits(logits: Array, targets: Array, temperature: float
 
 
 def _chunk_logprobs_full_vocab(h: Array, w: Array, tgt: Array, temperature: float,
-                               dt: jnp.dtype) -> tuple[Array, Array]:
-    """Log-probs and entropy for one sequence chunk with the whole vocabulary at once."""
+                               dt: jnp.dtype, entropy: bool = True) -> tuple[Array, Array]:
+    """Log-probs and entropy for one sequence chunk with the whole vocabulary at once
+    (entropy 0 without `entropy`: skips a [B, c, V] exp pass in the train step)."""
     z = jnp.einsum("bch,hv->bcv", h, w, preferred_element_type=dt).astype(dt) / temperature
     logz = jax.nn.logsumexp(z, axis=-1)
     zt = jnp.take_along_axis(z, tgt[..., None], axis=-1)[..., 0]
+    if not entropy:
+        return zt - logz, jnp.zeros_like(logz)
     p = jnp.exp(z - logz[..., None])
     return zt - logz, logz - jnp.sum(p * z, axis=-1)
 
@@ -220,7 +223,7 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_w: Array, targets: Array,
 
     if vocab_chunk_size is None or vocab_chunk_size >= v:
         def chunk_fn(w, h, tg):
-            return _chunk_logprobs_full_vocab(h, w, tg, temperature, dt)
+            return _chunk_logprobs_full_vocab(h, w, tg, temperature, dt, return_entropy)
         w_arg = lm_head_w
     else:
         vc = vocab_chunk_size
