@@ -1,7 +1,8 @@
 """`flowrl-jax bench sample`: generation tokens/s of our engine vs HF transformers `generate`
 (PyTorch, same machine, same random weights, same lengths, sampling at T = 1 with no
 truncation, EOS ignored so every sample runs to the same length). Each side reports the best
-of `--repeats` timed runs after a warm-up (CPU timings on a shared machine are noisy).
+of `--repeats` timed runs after a warm-up (CPU timings on a shared machine are noisy); HF is
+timed with torch's default thread count and with 1 thread, and the faster one is reported.
 
 Also reported: on CPU, the fraction of the measured matmul peak (big jnp matmul, same run)
 that decoding reaches (2 × matmul params per token); on GPU/TPU, the fraction of the HBM
@@ -102,6 +103,25 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
     return batch * new / dt, dt / new
 
 
+def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
+                    ) -> tuple[float, int]:
+    """(tokens/s, torch threads) of HF at its best thread count: torch's default, and 1.
+
+    On a small shared CPU, torch's OpenMP threads spin against other processes and HF can
+    run 10-100x slower than single-threaded; the faster setting is the fair reference."""
+    import torch
+
+    default = torch.get_num_threads()
+    best = (-1.0, default)
+    try:
+        for threads in sorted({default, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            best = max(best, (_reference(hf, arch, batch, prompt_len, new, repeats), threads))
+    finally:
+        torch.set_num_threads(default)
+    return best
+
+
 def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1) -> float:
     import torch
 
@@ -145,13 +165,14 @@ def run(args: argparse.Namespace) -> list[dict]:
         for b in batches:
             reps = getattr(args, "repeats", 1)
             ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps)
-            ref = (_reference(hf, arch, b, args.prompt_len, args.new_tokens, reps)
-                   if hf is not None else None)
+            ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps)
+                                if hf is not None else (None, None))
             row: dict[str, Any] = {"shape": shape, "batch": b, "prompt_len": args.prompt_len,
                                    "new_tokens": args.new_tokens, "unit": "tokens/s",
                                    "ours": round(ours, 1),
                                    "reference": None if ref is None else round(ref, 1),
                                    "ratio": None if ref is None else round(ours / ref, 2),
+                                   "reference_threads": ref_threads,
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
