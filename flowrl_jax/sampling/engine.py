@@ -257,35 +257,8 @@ def _write_rows(cache: Array, new: Array, pos: Array) -> Array:
     return jax.vmap(one)(cache, new, pos)
 
 
-class FusedLayer(NamedTuple):
-    """One layer's projections concatenated for decode: [H, (N + 2K)·D] (+ bias), [H, 2I]."""
-
-    qkv: Array
-    qkv_bias: Optional[Array]
-    gate_up: Array
-
-
-def fuse_projections(model: Qwen2ForCausalLM) -> list[FusedLayer]:
-    """Concatenated q/k/v and gate/up kernels (compute dtype), built once per decode chunk
-    outside the loop: a decode step then runs 2 matmuls per layer instead of 5 (on CPU each
-    small matmul costs a fixed dispatch of several µs)."""
-    cd = model.num.compute_dtype
-    out = []
-    for layer in model.layers:
-        at, mlp = layer.self_attn, layer.mlp
-        projs = (at.q_proj, at.k_proj, at.v_proj)
-        w = jnp.concatenate([p.kernel[...].astype(cd) for p in projs], axis=1)
-        b = (None if at.q_proj.bias is None else
-             jnp.concatenate([p.bias[...].astype(cd) for p in projs]))
-        gu = jnp.concatenate([mlp.gate_proj.kernel[...].astype(cd),
-                              mlp.up_proj.kernel[...].astype(cd)], axis=1)
-        out.append(FusedLayer(w, b, gu))
-    return out
-
-
 def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
-                   cache: list[HeadsMajorKVCache], fused: Optional[list[FusedLayer]] = None
-                   ) -> tuple[Array, list[HeadsMajorKVCache]]:
+                   cache: list[HeadsMajorKVCache]) -> tuple[Array, list[HeadsMajorKVCache]]:
     """One decode step: logits [B, V] of `token` [B] at position/cache slot `pos` [B].
 
     The same computation as the model's cached forward with a heads-major cache, specialised
@@ -300,21 +273,13 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
     neg = jnp.finfo(jnp.float32).min
     new_cache = []
-    cd = num.compute_dtype
-    for li, (layer, c) in enumerate(zip(model.layers, cache)):
+    for layer, c in zip(model.layers, cache):
         at = layer.self_attn
         n, kh, d = at.n_heads, at.n_kv, at.head_dim
         h = layer.input_layernorm(x)
-        if fused is None:
-            q, k, v = at.q_proj(h), at.k_proj(h), at.v_proj(h)
-        else:
-            qkv = jnp.dot(h.astype(cd), fused[li].qkv)
-            if fused[li].qkv_bias is not None:
-                qkv = qkv + fused[li].qkv_bias
-            q, k, v = jnp.split(qkv, [n * d, (n + kh) * d], axis=-1)
-        q = apply_rope(q.reshape(b, 1, n, d), cos, sin)
-        k = apply_rope(k.reshape(b, 1, kh, d), cos, sin)
-        v = v.reshape(b, 1, kh, d)
+        q = apply_rope(at.q_proj(h).reshape(b, 1, n, d), cos, sin)
+        k = apply_rope(at.k_proj(h).reshape(b, 1, kh, d), cos, sin)
+        v = at.v_proj(h).reshape(b, 1, kh, d)
         k_all = _write_rows(c.k, k[:, 0], pos)
         v_all = _write_rows(c.v, v[:, 0], pos)
         qh = q.reshape(b, kh, n // kh, 1, d).astype(jnp.float32)  # [B, K, G, 1, D]
@@ -322,12 +287,7 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
         p = jax.nn.softmax(jnp.where(visible, sc, neg), axis=-1)
         out = jnp.sum(p[..., None] * v_all[:, :, None].astype(jnp.float32), axis=3)  # [B,K,G,D]
         x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d))
-        h = layer.post_attention_layernorm(x)
-        if fused is None:
-            x = x + layer.mlp(h)
-        else:
-            gate, up = jnp.split(jnp.dot(h.astype(cd), fused[li].gate_up), 2, axis=-1)
-            x = x + layer.mlp.down_proj(jax.nn.silu(gate) * up)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
         new_cache.append(HeadsMajorKVCache(k_all, v_all))
     return model.logits(model.norm(x))[:, 0], new_cache
 
@@ -486,11 +446,10 @@ class Kernels:
         keys = sample_keys(seed, prompt_index, sample_index)
         return self._insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
-    def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec,
-              fused: Optional[list[FusedLayer]] = None):
+    def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec):
         s = st.cache[0].k.shape[2]
         pos = jnp.minimum(st.pos, s - 1)
-        logits, new_cache = decode_forward(model, st.token, pos, st.cache, fused)
+        logits, new_cache = decode_forward(model, st.token, pos, st.cache)
         logits = logits.astype(jnp.float32)
         keys = (fold_in_rows(st.keys, st.generated) if _fast_threefry() else
                 jax.vmap(lambda k, t: jax.random.key_data(
@@ -519,14 +478,9 @@ class Kernels:
             i, st, _ = carry
             return (i < chunk) & jnp.any(st.active)
 
-        # Fused projections only without tensor parallelism: splitting a tensor-sharded
-        # q/k/v product at head boundaries would cost a reshard per step.
-        tp = 1 if self.mesh is None else dict(self.mesh.shape).get("tensor", 1)
-        fused = fuse_projections(model) if tp == 1 else None
-
         def body(carry):
             i, st, outs = carry
-            st, row = self._step(model, st, stop_ids, spec, fused)
+            st, row = self._step(model, st, stop_ids, spec)
             outs = ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
             return i + 1, st, outs
 
