@@ -233,3 +233,20 @@ def test_rollout_config_and_errors(setup, engine):
         engine.generate(model, [[]], SamplingParams(max_new_tokens=4))
     with pytest.raises(SamplingError, match="top_p"):
         engine.generate(model, [[5]], SamplingParams(top_p=0.0))
+
+
+def test_unrolled_threefry_matches_jax_random():
+    """The sampler's hand-written fold_in / categorical must equal jax.random bit for bit
+    (a jax upgrade that changes either would silently change every sampled token)."""
+    from flowrl_jax.sampling.engine import _fast_threefry, categorical_rows, fold_in_rows
+
+    assert _fast_threefry(), "jax's default PRNG config changed: the sampler falls back"
+    base = jax.random.split(jax.random.PRNGKey(7), 4096)
+    raw = jax.random.key_data(base) if jnp.issubdtype(base.dtype, jax.dtypes.prng_key) else base
+    data = jnp.arange(4096, dtype=jnp.uint32) * 7919
+    expect = jax.vmap(jax.random.fold_in)(raw, data)
+    np.testing.assert_array_equal(np.asarray(fold_in_rows(raw, data)), np.asarray(expect))
+    for vocab in (12, 128, 1000):
+        logits = jax.random.normal(jax.random.PRNGKey(vocab), (4096, vocab))
+        ref = jax.vmap(jax.random.categorical)(raw, logits)
+        np.testing.assert_array_equal(np.asarray(categorical_rows(raw, logits)), np.asarray(ref))
