@@ -195,8 +195,9 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_w: Array, targets: Array,
     targets[:, t]), lm_head_w [H, V] (the embedding matrix transposed for tied models),
     targets [B, T] int. Returns logp [B, T] (and the entropy [B, T] with `return_entropy`)
     in ≥ float32. The sequence is processed `chunk_size` positions at a time inside a
-    lax.scan whose body is rematerialised (jax.checkpoint), so neither the forward nor the
-    backward pass ever holds more than one [B, chunk, V] logits block; with
+    lax.scan whose body is rematerialised (jax.checkpoint; skipped for a single chunk), so
+    neither the forward nor the backward pass ever holds more than one [B, chunk, V] logits
+    block; with
     `vocab_chunk_size` the vocabulary is also split (online logsumexp), bounding the block
     to [B, chunk, vocab_chunk]. The matmul accumulates in float32 from bf16 inputs.
     """
@@ -234,8 +235,11 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_w: Array, targets: Array,
         def chunk_fn(w, h, tg):
             return _chunk_logprobs_vocab_chunks(h, w, tg, temperature, dt, v)
 
-    # remat: the backward pass recomputes each chunk's logits instead of storing them
-    chunk_fn = jax.checkpoint(chunk_fn)
+    # remat: the backward pass recomputes each chunk's logits instead of storing them. With
+    # a single chunk there is nothing to save by it: the backward needs that one block
+    # anyway (peak memory unchanged), so skip the second LM-head matmul.
+    if n_chunks > 1:
+        chunk_fn = jax.checkpoint(chunk_fn)
 
     def body(_, xs):
         h, tg = xs

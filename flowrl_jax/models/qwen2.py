@@ -170,14 +170,14 @@ def causal_block_attention(q: Array, k: Array, v: Array, k_valid: Array,
     kh = k.shape[2]
     g = n // kh
     block = max(block, -(-t // CAUSAL_MAX_BLOCKS))
-    qf = q.astype(jnp.float32).reshape(b, t, kh, g, d)
+    # the 1/sqrt(D) scale goes on q (T×D), not on every score (T×T); exact when D is a power of 4
+    qf = q.astype(jnp.float32).reshape(b, t, kh, g, d) * (d ** -0.5)
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-    scale = d ** -0.5
     neg = jnp.finfo(jnp.float32).min
     outs = []
     for s0 in range(0, t, block):
         e = min(s0 + block, t)
-        sc = jnp.einsum("btkgd,bskd->bkgts", qf[:, s0:e], kf[:, :e]) * scale
+        sc = jnp.einsum("btkgd,bskd->bkgts", qf[:, s0:e], kf[:, :e])
         causal = jnp.arange(e)[None, :] <= jnp.arange(s0, e)[:, None]  # [e - s0, e]
         mask = causal[None, None, None] & k_valid[:, None, None, None, :e]
         p = jax.nn.softmax(jnp.where(mask, sc, neg), axis=-1)
