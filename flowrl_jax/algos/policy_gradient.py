@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from flowrl_jax.algos import common as C
-from flowrl_jax.algos.base import Metrics, cfg_get, response_mask, seq_valid, token_arrays
+from flowrl_jax.algos.base import (Metrics, cfg_get, check_shape, require, response_mask,
+                                   seq_valid, token_arrays)
 
 Array = jax.Array
 
@@ -58,3 +59,19 @@ def outcome_token_rewards(batch: Mapping[str, Array], cfg: Any, mask: Array,
         tok = tok - coef * kl
         metrics["kl_penalty"] = C.masked_mean(kl, mask)
     return tok, metrics
+
+
+def valid_outcome_rewards(batch: Mapping[str, Array], cfg: Any, where: str) -> tuple[Array, Array]:
+    """(mask [B, T] restricted to valid sequences, token rewards [B, T]) for the critic-style
+    advantage estimators (PPO, REINFORCE++): checks `rewards`, then `outcome_token_rewards`."""
+    mask = response_mask(batch, where)
+    require(batch, ("rewards",), where)
+    check_shape(jnp.asarray(batch["rewards"]), (mask.shape[0],), "batch['rewards']", where)
+    mask = mask * seq_valid(batch, mask)[:, None]
+    tok, _ = outcome_token_rewards(batch, cfg, mask, where)
+    return mask, tok
+
+
+def kl_penalty_uses_ref(cfg: Any) -> bool:
+    """Ref log-probs are needed only for the optional in-reward KL penalty."""
+    return float(cfg_get(cfg, "kl_penalty_coef", 0.0)) > 0

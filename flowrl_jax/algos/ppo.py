@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from flowrl_jax.algos import common as C
-from flowrl_jax.algos.base import (Algorithm, Metrics, cfg_get, check_shape, common_metrics,
-                                   register, require, response_mask, seq_valid, token_arrays)
-from flowrl_jax.algos.policy_gradient import outcome_token_rewards, policy_loss
+from flowrl_jax.algos.base import Algorithm, Metrics, cfg_get, common_metrics, register, token_arrays
+from flowrl_jax.algos.policy_gradient import (kl_penalty_uses_ref, policy_loss,
+                                              valid_outcome_rewards)
 
 Array = jax.Array
 
@@ -70,18 +70,14 @@ class PPO(Algorithm):
     @classmethod
     def uses_ref(cls, cfg: Any) -> bool:
         """Ref log-probs are needed only for the optional in-reward KL penalty."""
-        return float(cfg_get(cfg, "kl_penalty_coef", 0.0)) > 0
+        return kl_penalty_uses_ref(cfg)
 
     @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
         """GAE advantages (whitened over all valid tokens of the batch) and returns."""
         where = "ppo.advantages"
-        mask = response_mask(batch, where)
-        require(batch, ("rewards",), where)
-        check_shape(jnp.asarray(batch["rewards"]), (mask.shape[0],), "batch['rewards']", where)
+        mask, tok = valid_outcome_rewards(batch, cfg, where)
         (old_values,) = token_arrays(batch, ("old_values",), mask.shape, where)
-        mask = mask * seq_valid(batch, mask)[:, None]
-        tok, _ = outcome_token_rewards(batch, cfg, mask, where)
         adv, ret = gae(tok, old_values, mask, cfg.gamma, cfg.lam)
         return {"advantages": C.masked_whiten(adv, mask), "returns": ret}
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from flowrl_jax.algos import common as C
-from flowrl_jax.algos.base import (Algorithm, Metrics, check_shape, cfg_get, common_metrics,
-                                   register, require, response_mask, seq_valid)
-from flowrl_jax.algos.policy_gradient import outcome_token_rewards, policy_loss
+from flowrl_jax.algos.base import Algorithm, Metrics, common_metrics, register
+from flowrl_jax.algos.policy_gradient import (kl_penalty_uses_ref, policy_loss,
+                                              valid_outcome_rewards)
 
 Array = jax.Array
 
@@ -45,17 +45,12 @@ class ReinforcePP(Algorithm):
     @classmethod
     def uses_ref(cls, cfg: Any) -> bool:
         """Ref log-probs are needed only for the optional KL penalty."""
-        return float(cfg_get(cfg, "kl_penalty_coef", 0.0)) > 0
+        return kl_penalty_uses_ref(cfg)
 
     @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
         """Discounted returns of the (KL-penalised) outcome reward, whitened over the batch."""
-        where = "reinforce_pp.advantages"
-        mask = response_mask(batch, where)
-        require(batch, ("rewards",), where)
-        check_shape(jnp.asarray(batch["rewards"]), (mask.shape[0],), "batch['rewards']", where)
-        mask = mask * seq_valid(batch, mask)[:, None]
-        tok, _ = outcome_token_rewards(batch, cfg, mask, where)
+        mask, tok = valid_outcome_rewards(batch, cfg, "reinforce_pp.advantages")
         ret = discounted_returns(tok, mask, cfg.gamma)
         return {"advantages": C.masked_whiten(ret, mask), "returns": ret}
 
