@@ -52,8 +52,9 @@ class DemoTask:
         """Reward of a response to prompt k: the table entry of its first token (0 if empty)."""
         if len(response) == 0:
             return 0.0
+        modes = self.mode_tokens(k)  # scored per response: no table to rebuild each call
         tok = int(response[0])
-        return float(self.reward_table()[k, tok]) if 0 <= tok < self.vocab_size else 0.0
+        return float(MODE_REWARDS[modes.index(tok)]) if tok in modes else 0.0
 
     def target(self, ref_logp: np.ndarray, beta: float) -> np.ndarray:
         """p ∝ π_ref·exp(β r) per prompt, from reference log-probs [K, V] (float64)."""
