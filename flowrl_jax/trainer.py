@@ -47,14 +47,10 @@ import yaml
 from flowrl_jax import rollout_batch as RB
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
+from flowrl_jax.hardware import peak_flops
 from flowrl_jax.task import PromptBatch, Task
 
 log = logging.getLogger(__name__)
-
-# bf16 peak FLOP/s per chip for the MFU estimate (dense, no sparsity).
-PEAK_FLOPS = {"tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
-              "tpu v4": 275e12, "tpu v6 lite": 918e12, "h100": 989e12, "h200": 989e12,
-              "a100": 312e12}
 
 Callback = Callable[["Trainer", int, dict], None]
 
@@ -81,15 +77,6 @@ def out_path(out_dir: Any) -> Any:
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
     """A 31-bit seed that depends only on (seed, step, salt)."""
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def peak_flops(device: Any) -> Optional[float]:
-    """Peak FLOP/s of one device from its kind, None when unknown (CPU)."""
-    kind = getattr(device, "device_kind", "").lower()
-    for k, v in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if k in kind:
-            return v
-    return None
 
 
 class Trainer:
@@ -516,7 +503,7 @@ class Trainer:
         tokens = float(np.sum(lengths)) + float(np.sum(data["prompt_mask"]))
         m["throughput/tokens_per_s"] = tokens / max(total, 1e-9)
         m["throughput/response_tokens"] = float(np.sum(lengths))
-        peak = peak_flops(jax.devices()[0])
+        peak = peak_flops(getattr(jax.devices()[0], "device_kind", ""))
         if peak:
             n_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params["policy"]))
             # forward+backward per epoch (6N) + old/ref log-prob passes (2N each) + sampling (2N)

@@ -14,19 +14,13 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
+from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
+
 SHAPES = ("tiny", "qwen2.5-0.5b")
-
-# Peak HBM bandwidth, bytes/s, by substring of jax's device_kind (vendor data sheets).
-PEAK_HBM = {
-    "H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 3.0e11,
-    "TPU v6": 1.64e12, "TPU v5p": 2.765e12, "TPU v5 lite": 8.19e11, "TPU v5e": 8.19e11,
-    "TPU v4": 1.2e12,
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
@@ -51,26 +45,7 @@ def _arch(shape: str):
 
 def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of a big float32 jnp matmul on the default device (best of `reps`)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-def peak_hbm_bandwidth(device_kind: str) -> Optional[float]:
-    """Peak HBM bytes/s of an accelerator from the table, None when unknown (or CPU)."""
-    for k, v in PEAK_HBM.items():
-        if k.lower() in device_kind.lower():
-            return v
-    return None
+    return measured_matmul_flops(n, reps)
 
 
 def matmul_params(arch) -> int:

@@ -8,7 +8,7 @@ same shape and batch. Both float32, random weights. Each side runs 1 warm-up ste
 
 Also reported: this CPU's measured float32 GEMM peak (a big matmul in the same run), the
 model FLOPs of one step and the fraction of that peak each side reaches; on accelerators
-the MFU against the vendor bf16 dense peak (`PEAK_FLOPS`).
+the MFU against the vendor bf16 dense peak (`flowrl_jax.hardware.PEAK_FLOPS`).
 
 Model FLOPs per step (standard accounting, no remat): 6·N_body·B·T (non-embedding
 weights, every token) + 6·H·V·B·R (LM head, response positions only: the only ones whose
@@ -30,30 +30,11 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-#: vendor peak dense bf16 FLOP/s per chip (what MFU is measured against)
-PEAK_FLOPS = {
-    "h100": 989e12,  # H100 SXM
-    "h200": 989e12,
-    "a100": 312e12,
-    "tpu v5 lite": 197e12,  # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v4": 275e12,
-    "tpu v6 lite": 918e12,  # v6e (Trillium)
-}
+from flowrl_jax.hardware import measured_matmul_flops, peak_flops
 
+#: vendor peak dense bf16 FLOP/s per chip (what MFU is measured against)
 SHAPES = ("tiny", "qwen2.5-0.5b")
 _MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
-
-
-def peak_flops(device_kind: str) -> Optional[float]:
-    """Vendor bf16 dense peak of a jax device_kind string (None when unknown, e.g. CPU)."""
-    kind = device_kind.lower()
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in kind:
-            return PEAK_FLOPS[key]
-    return None
 
 
 def mfu(flops_per_s: float, device_kind: str, n_devices: int = 1) -> Optional[float]:
@@ -105,18 +86,7 @@ def _inputs(arch, b: int, p: int, r: int, seed: int = 0) -> dict[str, np.ndarray
 
 def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
     """Measured float32 GEMM rate of this machine (jax, best of `reps`), GFLOP/s."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
+    return measured_matmul_flops(n, reps) / 1e9
 
 
 def _isolated(fn_name: str, *args: Any) -> dict[str, Any]:
