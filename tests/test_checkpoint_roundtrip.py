@@ -97,8 +97,8 @@ def test_restore_onto_another_mesh(ckpt, untied, tmp_path):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     model, arch = orbax.restore_policy(ckpt, mesh)
     single, _ = orbax.restore_policy(ckpt, single_device_mesh())
-    k = model.layers[1].mlp.down_proj.kernel.get_value()
-    assert k.sharding.mesh.shape == mesh.shape and k.sharding.spec == P("tensor", "fsdp")
+    k = model.layers[1].mlp.down_proj.weight.get_value()
+    assert k.sharding.mesh.shape == mesh.shape and k.sharding.spec == P("fsdp", "tensor")
     assert k.addressable_shards[0].data.shape == (k.shape[0] // 2, k.shape[1] // 2)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(single))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -128,9 +128,9 @@ def test_export_keeps_bf16_and_casts_on_request(untied, tmp_path):
     assert m_default.embed_tokens.get_value().dtype == jnp.bfloat16
     # a bf16 file imported as float32 params is widened exactly
     m32, _ = load_hf(tmp_path / "bf16", single_device_mesh())
-    up = m32.layers[0].mlp.up_proj.kernel.get_value()
+    up = m32.layers[0].mlp.up_proj.weight.get_value()
     assert up.dtype == jnp.float32
-    assert np.array_equal(np.asarray(up), got["model.layers.0.mlp.up_proj.weight"].astype(np.float32).T)
+    assert np.array_equal(np.asarray(up), got["model.layers.0.mlp.up_proj.weight"].astype(np.float32))
 
 
 def test_export_refuses_parameters_outside_the_policy(untied, tmp_path):

@@ -77,7 +77,7 @@ def test_bfloat16_logits_close_to_float32_reference(hf_models, forward, record_p
     path, ref_model = hf_models["untied-kv4-theta1e6"]
     num = Numerics(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
     model, _ = load_hf(path, single_device_mesh(), num)
-    assert model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
+    assert model.layers[0].mlp.up_proj.weight.get_value().dtype == jnp.bfloat16
     ours = forward(model, IDS).astype(np.float32)
     ref = hf_logits(ref_model, IDS)
     diff = float(np.abs(ours - ref).max())
@@ -96,7 +96,7 @@ def test_sharded_forward_on_8_devices_equals_single_device(hf_models, forward):
     path, _ = hf_models["untied-kv4-theta1e6"]
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     sharded, _ = load_hf(path, mesh)
-    q = sharded.layers[0].self_attn.q_proj.kernel.get_value()
+    q = sharded.layers[0].self_attn.q_proj.weight.get_value()
     assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
     assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
     single, _ = load_hf(path, single_device_mesh())

@@ -1,12 +1,13 @@
 """Hugging Face Qwen2 checkpoints ⇄ NNX model state.
 
-Import streams tensor by tensor: each tensor is memory-mapped, transposed/cast lazily and
-copied by `jax.make_array_from_callback` straight into its NamedSharding (each device gets
-only its slice), so the host never holds the full model; peak extra host memory is about
-one tensor. Export gathers one tensor at a time and writes sharded safetensors that
+Import streams tensor by tensor: each tensor is read (or, when aligned and of the wanted
+dtype, memory-mapped in place) by `safetensors_io.read_tensor` and handed to
+`jax.make_array_from_callback`, which places it in its NamedSharding (each device gets only
+its slice); no tensor is ever transposed because our layouts are HF's. On a CPU backend an
+unsharded tensor is adopted without another copy; peak extra host memory is about one tensor. Export gathers one tensor at a time and writes sharded safetensors that
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-Names: our NNX paths mirror HF names; `kernel` [in, out] ↔ HF `weight` [out, in].
+Names and layouts mirror HF's (Linear weights [out, in]), so a tensor is never transposed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.checkpoint.safetensors_io import (
-    CheckpointError, TensorEntry, TensorSpec, map_tensor, parse_size, read_header, write_file)
+    CheckpointError, TensorEntry, TensorSpec, map_tensor, parse_size, read_header, read_tensor,
+    write_file)
 from flowrl_jax.config import ConfigError, ModelArch
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
 
@@ -47,15 +49,12 @@ DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(jax.numpy.bfloat16): "b
 # --------------------------------------------------------------------------- names
 
 
-def hf_name(path: tuple) -> tuple[str, bool]:
-    """HF tensor name for an NNX param path, and whether the layout is transposed."""
+def hf_name(path: tuple) -> str:
+    """HF tensor name for an NNX param path (same layout: only the prefix differs)."""
     parts = [str(p) for p in path]
-    transpose = parts[-1] == "kernel"
-    if transpose:
-        parts[-1] = "weight"
     if parts == ["embed_tokens"]:
         parts = ["embed_tokens", "weight"]
-    return ".".join(parts if parts[0] == "lm_head" else ["model"] + parts), transpose
+    return ".".join(parts if parts[0] == "lm_head" else ["model"] + parts)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,25 +139,22 @@ def checkpoint_dtype(hf_dir: PathLike) -> str:
 
 
 def _match(params: list[tuple[tuple, Any]], arch: ModelArch, tensors: dict[str, TensorEntry],
-           src: Path) -> list[tuple[tuple, Any, TensorEntry, bool]]:
+           src: Path) -> list[tuple[tuple, Any, TensorEntry]]:
     """Pair each model param with its checkpoint tensor; any gap or surplus is an error."""
     plan, seen = [], set()
     for path, var in params:
-        name, transpose = hf_name(path)
+        name = hf_name(path)
         shape = tuple(var.get_value().shape)
         entry = tensors.get(name)
         if entry is None:
-            raise CheckpointError(f"{src}: tensor {name!r} is missing (expected shape "
-                                  f"{(shape[::-1] if transpose else shape)})")
-        src_shape = entry.shape[::-1] if transpose else entry.shape
-        if src_shape != shape:
-            raise CheckpointError(
-                f"{entry.file}: tensor {name!r} has shape {entry.shape}, expected "
-                f"{shape[::-1] if transpose else shape} for this config.json")
+            raise CheckpointError(f"{src}: tensor {name!r} is missing (expected shape {shape})")
+        if entry.shape != shape:
+            raise CheckpointError(f"{entry.file}: tensor {name!r} has shape {entry.shape}, "
+                                  f"expected {shape} for this config.json")
         if entry.dtype not in DTYPE_NAMES:
             raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, "
                                   f"expected a floating dtype")
-        plan.append((path, var, entry, transpose))
+        plan.append((path, var, entry))
         seen.add(name)
     for name, entry in tensors.items():
         if name in seen or name.endswith(IGNORED_SUFFIXES):
@@ -172,20 +168,14 @@ def _match(params: list[tuple[tuple, Any]], arch: ModelArch, tensors: dict[str, 
     return plan
 
 
-def place_tensor(entry: TensorEntry, transpose: bool, dtype: Any, sharding: Any) -> jax.Array:
-    """One checkpoint tensor → a global jax.Array; each device receives only its slice."""
-    mm = map_tensor(entry)
-    src = mm.T if transpose else mm
-    target = np.dtype(dtype)
+def place_tensor(entry: TensorEntry, dtype: Any, sharding: Any) -> jax.Array:
+    """One checkpoint tensor → a global jax.Array; each device receives only its slice.
 
-    def shard(index: tuple) -> np.ndarray:
-        # A view of the mapped file (cast when needed); jax copies it into the device buffer.
-        return np.asarray(src[index], dtype=target)
-
-    try:
-        return jax.make_array_from_callback(src.shape, sharding, shard)
-    except OSError as e:  # an I/O error while paging the file in
-        raise CheckpointError(f"{entry.file}: tensor {entry.name!r}: read failed: {e}") from e
+    The host copy is `read_tensor`'s read-only aligned array: on a CPU backend an unsharded
+    tensor becomes the device buffer as is (for aligned files, the file's own pages).
+    """
+    host = read_tensor(entry, dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
@@ -199,10 +189,10 @@ def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
     graphdef, params = _abstract(arch, num)
     plan = _match(list(params), arch, index_tensors(src), src)
     flat = []
-    for path, var, entry, transpose in plan:
+    for path, var, entry in plan:
         v = var.get_value()
         sharding = named_sharding(mesh, logical_axes_of(var), v.shape)
-        flat.append((path, var.replace(place_tensor(entry, transpose, v.dtype, sharding))))
+        flat.append((path, var.replace(place_tensor(entry, v.dtype, sharding))))
     return graphdef, nnx.from_flat_state(flat), arch
 
 
@@ -289,7 +279,7 @@ def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
     expected = expected_params(arch)
     specs: list[TensorSpec] = []
     for path, var in expected:
-        name, transpose = hf_name(path)
+        name = hf_name(path)
         if path not in arrays:
             raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} "
                                   f"({name}) is missing from the given state")
@@ -299,11 +289,10 @@ def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
             raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} has "
                                   f"shape {tuple(arr.shape)}, expected {want} for this arch")
         out_dt = np.dtype(dtype_of(dtype)) if dtype else np.dtype(arr.dtype)
-        shape = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
+        shape = tuple(arr.shape)
 
-        def fetch(arr=arr, transpose=transpose, out_dt=out_dt) -> np.ndarray:
-            h = _to_host(arr)
-            return np.ascontiguousarray(h.T if transpose else h, dtype=out_dt)
+        def fetch(arr=arr, out_dt=out_dt) -> np.ndarray:
+            return np.ascontiguousarray(_to_host(arr), dtype=out_dt)
 
         specs.append(TensorSpec(name, out_dt, shape, fetch))
     if arrays:

@@ -2,12 +2,13 @@
 
 Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from
 `flowrl_jax.mesh.LOGICAL_RULES`); shardings are derived from those names, never hard-coded.
-Kernels are stored [in, out] (HF stores Linear weights [out, in]; the converter transposes).
-Attribute names mirror HF parameter names so that the conversion map stays trivial.
+Linear weights are stored [out, in] like HF's, and attribute names mirror HF parameter
+names, so checkpoint conversion is a renaming with no layout change.
 """
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -39,24 +40,45 @@ class Numerics:
         return cls(dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype), cfg.remat, cfg.attention)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, dtype: Any,
+# While set, parameters are built as ShapeDtypeStructs without running (or tracing) their
+# initialisers: `abstract_model` of a 0.5B model then takes milliseconds instead of a second.
+_ABSTRACT = contextvars.ContextVar("flowrl_abstract_params", default=False)
+_NORMAL = nnx.initializers.normal(stddev=0.02)
+
+
+def _param(rngs: Optional[nnx.Rngs], shape: tuple[int, ...], axes: tuple, dtype: Any,
            init: Callable | None = None) -> nnx.Param:
-    init = init or nnx.initializers.normal(stddev=0.02)
-    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+    """A Param with logical axes; `init(key, shape, dtype)` (default N(0, 0.02)) when concrete."""
+    if _ABSTRACT.get():
+        return nnx.Param(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)), logical_axes=axes)
+    init = init or _NORMAL
+    return nnx.Param(init(rngs.params() if rngs is not None else None, shape, dtype),
+                     logical_axes=axes)
+
+
+def _constant(value: float) -> Callable:
+    return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+
+def linear(x: Array, weight: Array) -> Array:
+    """x [..., in] · weight [out, in]ᵀ → [..., out] (HF / PyTorch layout, no transpose op)."""
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 class Linear(nnx.Module):
-    """y = x @ W (+ b); W stored [in, out] with logical axes (in_axis, out_axis)."""
+    """y = x Wᵀ (+ b) with W stored [out, in], the Hugging Face layout, so that checkpoints
+    import and export without a transpose (and can alias the file's pages, see
+    checkpoint/hf.py). `axes` = (in_axis, out_axis) logical names; W carries (out, in)."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple, *, bias: bool, num: Numerics,
                  rngs: nnx.Rngs):
-        self.kernel = _param(rngs, (d_in, d_out), axes, num.param_dtype)
-        self.bias = (nnx.Param(jnp.zeros((d_out,), num.param_dtype), logical_axes=(axes[1],))
+        self.weight = _param(rngs, (d_out, d_in), (axes[1], axes[0]), num.param_dtype)
+        self.bias = (_param(None, (d_out,), (axes[1],), num.param_dtype, _constant(0.0))
                      if bias else None)
         self.compute_dtype = num.compute_dtype
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        y = linear(x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -66,7 +88,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm computed in float32 (as HF does), scaled by a learned weight."""
 
     def __init__(self, dim: int, eps: float, num: Numerics):
-        self.weight = nnx.Param(jnp.ones((dim,), num.param_dtype), logical_axes=("norm",))
+        self.weight = _param(None, (dim,), ("norm",), num.param_dtype, _constant(1.0))
         self.eps = eps
 
     def __call__(self, x: Array) -> Array:
@@ -299,10 +321,8 @@ class Qwen2ForCausalLM(nnx.Module):
     def __init__(self, arch: ModelArch, num: Numerics | None = None, *, rngs: nnx.Rngs):
         num = num or Numerics()
         self.arch, self.num = arch, num
-        self.embed_tokens = nnx.Param(
-            nnx.initializers.normal(stddev=0.02)(rngs.params(), (arch.vocab_size, arch.hidden_size),
-                                                 num.param_dtype),
-            logical_axes=("vocab", "embed"))
+        self.embed_tokens = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"),
+                                   num.param_dtype)
         self.layers = nnx.List([DecoderLayer(arch, num, rngs) for _ in range(arch.num_hidden_layers)])
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, num)
         self.lm_head = (None if arch.tie_word_embeddings else
@@ -310,10 +330,10 @@ class Qwen2ForCausalLM(nnx.Module):
                                num=num, rngs=rngs))
 
     def lm_head_matrix(self) -> Array:
-        """The output projection as [H, V] in compute dtype (tied → embedding transposed)."""
-        if self.lm_head is None:
-            return self.embed_tokens[...].astype(self.num.compute_dtype).T
-        return self.lm_head.kernel[...].astype(self.num.compute_dtype)
+        """The output projection as [H, V] in compute dtype (a transposed view of the [V, H]
+        embedding or head weight; XLA folds the transpose into the dot)."""
+        w = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return w[...].astype(self.num.compute_dtype).T
 
     def logits(self, hidden: Array) -> Array:
         """Logits [.., V] from final hidden states."""
@@ -378,8 +398,12 @@ def build_model(arch: ModelArch, num: Numerics | None = None, seed: int = 0) -> 
 
 def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCausalLM:
     """The model with ShapeDtypeStruct leaves: no memory, metadata intact (for loading)."""
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(0)))
+    token = _ABSTRACT.set(True)
+    try:
+        with nnx.use_eager_sharding(False):
+            return Qwen2ForCausalLM(arch, num, rngs=None)
+    finally:
+        _ABSTRACT.reset(token)
 
 
 def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0) -> Qwen2ForCausalLM:

@@ -52,23 +52,10 @@ def to_hf(model: Qwen2ForCausalLM, arch: ModelArch) -> Any:
         d.pop(k, None)
     hf = HFQwen2(Qwen2Config(**d)).float().eval()
 
-    def t(v):
-        return torch.tensor(np.asarray(v[...], np.float32))
+    from flowrl_jax.checkpoint.hf import hf_name
 
-    sd = {"model.embed_tokens.weight": t(model.embed_tokens), "model.norm.weight": t(model.norm.weight)}
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(layer.self_attn, n)
-            sd[f"{p}self_attn.{n}.weight"] = t(lin.kernel).T.contiguous()
-            if lin.bias is not None:
-                sd[f"{p}self_attn.{n}.bias"] = t(lin.bias)
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            sd[f"{p}mlp.{n}.weight"] = t(getattr(layer.mlp, n).kernel).T.contiguous()
-        sd[f"{p}input_layernorm.weight"] = t(layer.input_layernorm.weight)
-        sd[f"{p}post_attention_layernorm.weight"] = t(layer.post_attention_layernorm.weight)
-    if model.lm_head is not None:
-        sd["lm_head.weight"] = t(model.lm_head.kernel).T.contiguous()
+    sd = {hf_name(path): torch.tensor(np.asarray(var.get_value(), np.float32))
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if unexpected or any("lm_head" not in m for m in missing):
         raise RuntimeError(f"HF conversion mismatch: missing={missing} unexpected={unexpected}")
