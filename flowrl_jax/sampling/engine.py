@@ -446,8 +446,11 @@ class Kernels:
         keys = sample_keys(seed, prompt_index, sample_index)
         return self._insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
-    def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec):
-        s = st.cache[0].k.shape[2]
+    def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec,
+              length: Optional[int] = None):
+        """One decode step. `length` is the full cache length when `st` carries a window of
+        the cache (its first slots); every active slot's position is then inside the window."""
+        s = st.cache[0].k.shape[2] if length is None else length
         pos = jnp.minimum(st.pos, s - 1)
         logits, new_cache = decode_forward(model, st.token, pos, st.cache)
         logits = logits.astype(jnp.float32)
@@ -468,24 +471,66 @@ class Kernels:
 
     def _decode_chunk(self, params: Any, st: DecodeState, stop_ids: Array, spec: _Spec,
                       chunk: int) -> tuple[DecodeState, ChunkOut]:
-        """Up to `chunk` decode steps on device; stops early when every slot is idle."""
+        """Up to `chunk` decode steps on device; stops early when every slot is idle.
+
+        Attention reads only a window of the cache: the steps run in segments, one per
+        static window size (`decode_windows`), each on the cache's first `w` slots while every
+        active slot's position is below `w`. Slots past the window are never read before they
+        are written, so this is exact; a segment costs one copy of its window in and out.
+        """
         model = nnx.merge(self.graphdef, params)
-        slots = st.token.shape[0]
+        slots, length = st.token.shape[0], st.cache[0].k.shape[2]
         outs = ChunkOut(jnp.zeros((chunk, slots), jnp.int32), jnp.zeros((chunk, slots), jnp.float32),
                         jnp.zeros((chunk, slots), bool), jnp.zeros((chunk, slots), jnp.int32))
 
-        def cond(carry):
-            i, st, _ = carry
-            return (i < chunk) & jnp.any(st.active)
+        def fits(s: DecodeState, window: int) -> Array:
+            return jnp.max(jnp.where(s.active, s.pos, 0)) < window
 
-        def body(carry):
-            i, st, outs = carry
-            st, row = self._step(model, st, stop_ids, spec)
-            outs = ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
-            return i + 1, st, outs
+        def segment(carry, window: int):
+            def cond(c):
+                i, s, _ = c
+                ok = (i < chunk) & jnp.any(s.active)
+                return ok & fits(s, window) if window < length else ok
 
-        _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
+            def body(c):
+                i, s, outs = c
+                s, row = self._step(model, s, stop_ids, spec, length)
+                outs = ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
+                return i + 1, s, outs
+
+            return jax.lax.while_loop(cond, body, carry)
+
+        carry = (jnp.int32(0), st, outs)
+        for w in decode_windows(length, chunk)[:-1]:
+            def windowed(c, w=w):
+                i, s, o = c
+                part = s._replace(cache=[HeadsMajorKVCache(x.k[:, :, :w], x.v[:, :, :w])
+                                         for x in s.cache])
+                i, part, o = segment((i, part, o), w)
+                full = [HeadsMajorKVCache(jax.lax.dynamic_update_slice(x.k, y.k, (0, 0, 0, 0)),
+                                          jax.lax.dynamic_update_slice(x.v, y.v, (0, 0, 0, 0)))
+                        for x, y in zip(s.cache, part.cache)]
+                return i, self.constrain(part._replace(cache=full)), o
+
+            i, s, _ = carry
+            run = (i < chunk) & jnp.any(s.active) & fits(s, w)
+            carry = jax.lax.cond(run, windowed, lambda c: c, carry)
+        _, st, outs = segment(carry, length)
         return st, outs
+
+
+def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
+    """Static attention windows of a decode chunk over a cache of `length` slots: up to
+    DECODE_WINDOWS sizes, multiples of 16, ending with `length` (only `length` for short
+    chunks or caches, where a segment's copies and compile time would not pay off)."""
+    if chunk < 8 or length < 64:
+        return (length,)
+    step = max(16, -(-length // DECODE_WINDOWS // 16) * 16)
+    return tuple(range(step, length, step)) + (length,)
+
+
+#: most attention windows per decode chunk (each compiles one more decode loop)
+DECODE_WINDOWS = 4
 
 
 _KERNELS: dict[tuple, Kernels] = {}
