@@ -214,7 +214,8 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert eng.params_of(params) is params  # already on the engine's mesh: used as is
     st = eng.init_state(8, 48)
     assert st.cache[0].k.sharding.spec[0] == ("data", "fsdp")
-    assert st.cache[0].k.sharding.spec[1] == "tensor"  # [slots, kv_heads, S, head_dim]
+    assert st.cache[0].k.sharding.spec[1] == "tensor"  # keys [slots, kv_heads, head_dim, S]
+    assert st.cache[0].v.sharding.spec[:2] == (("data", "fsdp"), "tensor")
     out = eng.generate(params, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy
 
