@@ -138,11 +138,9 @@ def sample_logits(logits: Array, keys: Array, spec: _Spec) -> tuple[Array, Array
     statically so the common T-only case does no sort.
     """
     if spec.temperature == 0.0:
-        tok = jnp.argmax(logits, axis=-1)
-        logp_all = jax.nn.log_softmax(logits, axis=-1)
-        return tok.astype(jnp.int32), jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, token_logprob(logits, tok)
     scaled = logits / spec.temperature
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
     neg = jnp.finfo(jnp.float32).min
     filtered = scaled
     if spec.top_k > 0 and spec.top_k < logits.shape[-1]:
@@ -164,7 +162,15 @@ def sample_logits(logits: Array, keys: Array, spec: _Spec) -> tuple[Array, Array
         top = jnp.max(filtered, axis=-1, keepdims=True)
         filtered = jnp.where(filtered < top + math.log(spec.min_p), neg, filtered)
     tok = categorical_rows(keys, filtered)
-    return tok, jnp.take_along_axis(logp_all, tok[:, None], axis=-1)[:, 0]
+    return tok, token_logprob(scaled, tok)
+
+
+def token_logprob(x: Array, tok: Array) -> Array:
+    """log_softmax(x)[row, tok] for x [B, V], tok [B], without the [B, V] log-softmax: the same
+    arithmetic as jax.nn.log_softmax: (x - max) - log(sum(exp(x - max)))."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
+    return (jnp.take_along_axis(x, tok[:, None], axis=-1) - m)[:, 0] - lse
 
 
 # ---- threefry, unrolled
