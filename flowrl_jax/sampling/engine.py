@@ -319,8 +319,14 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
         v = at.v_proj(h).reshape(b, 1, kh, d)
         k_all = _write_cols(c.k, k[:, 0], pos)
         v_all = _write_rows(c.v, v[:, 0], pos)
-        qh = q.reshape(b, kh, n // kh, d, 1).astype(jnp.float32)  # [B, K, G, D, 1]
-        sc = jnp.sum(qh * k_all[:, :, None].astype(jnp.float32), axis=3) * d ** -0.5  # [B,K,G,S]
+        # q.k as head_dim multiply-adds of whole key rows [S]: one elementwise fusion (as a
+        # broadcast-multiply + reduce, XLA materialises the [B, K, G, D, S] product first)
+        qh = q.reshape(b, kh, n // kh, d).astype(jnp.float32)  # [B, K, G, D]
+        kf = k_all.astype(jnp.float32)
+        sc = qh[..., 0, None] * kf[:, :, None, 0]
+        for j in range(1, d):
+            sc = sc + qh[..., j, None] * kf[:, :, None, j]
+        sc = sc * d ** -0.5  # [B, K, G, S]
         p = jax.nn.softmax(jnp.where(visible, sc, neg), axis=-1)
         out = jnp.sum(p[..., None] * v_all[:, :, None].astype(jnp.float32), axis=3)  # [B,K,G,D]
         x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d))
