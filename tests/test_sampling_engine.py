@@ -214,9 +214,42 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert eng.params_of(params) is params  # already on the engine's mesh: used as is
     st = eng.init_state(8, 48)
     assert st.cache[0].k.sharding.spec[0] == ("data", "fsdp")
-    assert st.cache[0].k.sharding.spec[1] == "tensor"  # [slots, kv_heads, S, head_dim]
+    assert st.cache[0].k.sharding.spec[1] == "tensor"  # keys [slots, kv_heads, head_dim, S]
+    assert st.cache[0].v.sharding.spec[:2] == (("data", "fsdp"), "tensor")
     out = eng.generate(params, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy
+
+
+def test_windowed_decode_matches_hf(setup):
+    """Long generations decode in attention windows of the cache (`decode_windows`): greedy
+    tokens over 80 steps, crossing every window boundary from ragged prompt lengths, equal
+    HF's with all prompts in flight, with slots refilled between chunks, and on a mesh."""
+    from flowrl_jax.sampling.engine import decode_windows
+
+    _, model, hf, prompts = setup
+    new = 80
+    assert decode_windows(16 + 96, 40) == (32, 64, 96, 112)  # the cache length used below
+    assert decode_windows(48, 16) == (48,) and decode_windows(112, 1) == (112,)
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0)[:, width:].tolist()
+    sp = SamplingParams(temperature=0.0, max_new_tokens=new)
+    eng = SamplingEngine(model, decode_slots=8, decode_chunk=40, prefill_buckets=(8, 16),
+                         verbose=False)
+    assert eng.generate(model, prompts, sp).token_lists() == ref
+    few = SamplingEngine(model, decode_slots=2, decode_chunk=9, prefill_buckets=(8, 16),
+                         verbose=False)
+    assert few.generate(model, prompts, sp).token_lists() == ref
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    sharded = SamplingEngine(model, mesh=mesh, decode_slots=8, decode_chunk=40,
+                             prefill_buckets=(8, 16), verbose=False)
+    assert sharded.generate(sharded.params_of(model), prompts, sp).token_lists() == ref
 
 
 def test_rollout_config_and_errors(setup, engine):
