@@ -10,6 +10,7 @@ import pytest
 from _ckpt_util import hf_logits, make_hf
 from flowrl_jax.checkpoint.hf import load_hf
 from flowrl_jax.mesh import single_device_mesh
+from flowrl_jax.models import attention
 from flowrl_jax.models.attention import flash_attention
 from flowrl_jax.models.qwen2 import Numerics, attention_weights_mask, plain_attention
 
@@ -68,8 +69,11 @@ def test_forward_and_gradients_match_float64_reference(t, n, kh, block):
             np.testing.assert_allclose(float(grads[which][idx]), num, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-probs", "recomputed-probs"])
 @pytest.mark.parametrize("t,n,kh,block", CASES)
-def test_all_gradients_match_autodiff_of_plain_attention(t, n, kh, block):
+def test_all_gradients_match_autodiff_of_plain_attention(t, n, kh, block, keep, monkeypatch):
+    # both backward variants: probabilities kept from the forward, or recomputed from lse
+    monkeypatch.setattr(attention, "FLASH_KEEP_PROBS_MAX", 2 ** 25 if keep else 0)
     q, k, v, valid, w = (jnp.asarray(x, jnp.float32) for x in _case(t, n, kh, t + 1))
     valid = valid.astype(bool)
     mask = attention_weights_mask(jnp.broadcast_to(jnp.arange(t), valid.shape), valid)

@@ -27,6 +27,9 @@ Array = jax.Array
 FLASH_BLOCK = 64
 #: at most this many query blocks (bounds the unrolled HLO for long sequences)
 FLASH_MAX_BLOCKS = 16
+#: keep the forward's probabilities for the backward (instead of recomputing them) while
+#: they total at most this many float32 elements per call (2^25: 128 MiB)
+FLASH_KEEP_PROBS_MAX = 2 ** 25
 #: additive bias of a padded key: finite (exp underflows to exactly 0, no inf − inf NaN)
 _MASKED = -1e30
 
@@ -51,9 +54,10 @@ def _scores(qb: Array, k: Array, bias: Array, s0: int, e: int, g: int,
 
 
 def _forward(q: Array, k: Array, v: Array, bias: Array, g: int, block: int):
-    """q [B,KV,T·G,D] (pre-scaled), k/v [B,KV,T,D], bias [B,T] → out like q, lse [B,KV,T·G]."""
+    """q [B,KV,T·G,D] (pre-scaled), k/v [B,KV,T,D], bias [B,T] → out like q, lse [B,KV,T·G],
+    and per block the unnormalised probabilities p [B,KV,rows,e] and 1/Σp [B,KV,rows,1]."""
     t = k.shape[2]
-    outs, lses = [], []
+    outs, lses, probs = [], [], []
     for s0, e in _blocks(t, block):
         s = _scores(q[:, :, s0 * g:e * g], k, bias, s0, e, g)
         m = jnp.max(s, axis=-1, keepdims=True)
@@ -61,39 +65,47 @@ def _forward(q: Array, k: Array, v: Array, bias: Array, g: int, block: int):
         l = jnp.sum(p, axis=-1, keepdims=True)
         outs.append(jnp.einsum("bkrs,bksd->bkrd", p, v[:, :, :e]) / l)
         lses.append((m + jnp.log(l))[..., 0])
-    return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+        probs.append((p, 1.0 / l))
+    return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2), probs
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q: Array, k: Array, v: Array, bias: Array, g: int, block: int) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q: Array, k: Array, v: Array, bias: Array, g: int, block: int, keep: bool) -> Array:
     return _forward(q, k, v, bias, g, block)[0]
 
 
-def _flash_fwd(q, k, v, bias, g, block):
-    out, lse = _forward(q, k, v, bias, g, block)
-    return out, (q, k, v, bias, out, lse)
+def _flash_fwd(q, k, v, bias, g, block, keep):
+    out, lse, probs = _forward(q, k, v, bias, g, block)
+    return out, (q, k, v, bias, out, lse, probs if keep else None)
 
 
-def _flash_bwd(g, block, res, dout):
-    q, k, v, bias, out, lse = res
+def _flash_bwd(g, block, keep, res, dout):
+    q, k, v, bias, out, lse, probs = res
     t = k.shape[2]
     # D_r = Σ_d dO·O: the softmax Jacobian's row term, one number per query row
     delta = jnp.sum(dout * out, axis=-1)
     dqs = []
     dkt = jnp.zeros(k.shape[:2] + (k.shape[3], t), k.dtype)  # [B, KV, D, T]
     dvt = jnp.zeros_like(dkt)
-    for s0, e in _blocks(t, block):
+    for i, (s0, e) in enumerate(_blocks(t, block)):
         rows = slice(s0 * g, e * g)
         qb, dob = q[:, :, rows], dout[:, :, rows]
-        p = jnp.exp(_scores(qb, k, bias, s0, e, g) - lse[:, :, rows, None])
+        if probs is None:  # recompute the normalised probabilities from lse
+            p = jnp.exp(_scores(qb, k, bias, s0, e, g) - lse[:, :, rows, None])
+            dob_p = dob
+        else:  # kept unnormalised p: fold 1/Σp into ds and into dO's rows for dV
+            p, inv_l = probs[i]
+            dob_p = dob * inv_l
         dp = jnp.einsum("bkrd,bksd->bkrs", dob, v[:, :, :e])
         ds = p * (dp - delta[:, :, rows, None])
+        if probs is not None:
+            ds = ds * inv_l
         dqs.append(jnp.einsum("bkrs,bksd->bkrd", ds, k[:, :, :e]))
         # dK, dV come out transposed ([D, keys]): XLA:CPU runs P^T·Q-shaped products
         # (contraction over the big tile's rows into a [keys, D] result) several times slower
         pad = ((0, 0), (0, 0), (0, 0), (0, t - e))
         dkt = dkt + jnp.pad(jnp.einsum("bkrd,bkrs->bkds", qb, ds), pad)
-        dvt = dvt + jnp.pad(jnp.einsum("bkrd,bkrs->bkds", dob, p), pad)
+        dvt = dvt + jnp.pad(jnp.einsum("bkrd,bkrs->bkds", dob_p, p), pad)
     dq = jnp.concatenate(dqs, axis=2)
     return dq, dkt.swapaxes(2, 3), dvt.swapaxes(2, 3), jnp.zeros_like(bias)
 
@@ -129,7 +141,8 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
     # materialise the re-laid-out inputs once: otherwise XLA fuses their producers (RoPE,
     # transposes) into every block's slice and recomputes them per block
     qf, kf, vf, bias = jax.lax.optimization_barrier((qf, kf, vf, bias))
-    out = _flash(qf, kf, vf, bias, g, block)  # [B, KV, T·G, D]
+    keep = b * kh * g * t * (t + block) // 2 <= FLASH_KEEP_PROBS_MAX
+    out = _flash(qf, kf, vf, bias, g, block, keep)  # [B, KV, T·G, D]
     out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
     # a query with no visible key: the full masked softmax is uniform over all T slots
     seen = no_key_seen(k_valid)
