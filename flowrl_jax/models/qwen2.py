@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowrl_jax.config import ModelArch, ModelConfig
+from flowrl_jax.models.attention import FLASH_BLOCK, flash_attention
 
 Array = jax.Array
 
@@ -175,46 +176,6 @@ def plain_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     return jnp.einsum("bnts,bsnd->btnd", p, v.astype(jnp.float32)).astype(q.dtype)
 
 
-#: query block of `causal_block_attention` (measured best on CPU for T = 512)
-CAUSAL_BLOCK = 64
-#: at most this many query blocks per layer (bounds the unrolled HLO for long sequences)
-CAUSAL_MAX_BLOCKS = 16
-
-
-def causal_block_attention(q: Array, k: Array, v: Array, k_valid: Array,
-                           block: int = CAUSAL_BLOCK) -> Array:
-    """Causal self-attention (no cache: query i is slot i) that skips fully masked key blocks.
-
-    q [B,T,N,D], k/v [B,T,K,D], k_valid [B,T] bool. Query block [s, e) attends only to keys
-    [0, e) (a static loop over blocks), so about half of the T×T scores are never computed.
-    Equals `plain_attention` with the causal mask up to rounding, including rows with no
-    visible key at all (left padding): those get the uniform average of v over all T slots,
-    as the full masked softmax gives them.
-    """
-    b, t, n, d = q.shape
-    kh = k.shape[2]
-    g = n // kh
-    block = max(block, -(-t // CAUSAL_MAX_BLOCKS))
-    # the 1/sqrt(D) scale goes on q (T×D), not on every score (T×T); exact when D is a power of 4
-    qf = q.astype(jnp.float32).reshape(b, t, kh, g, d) * (d ** -0.5)
-    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-    neg = jnp.finfo(jnp.float32).min
-    outs = []
-    for s0 in range(0, t, block):
-        e = min(s0 + block, t)
-        sc = jnp.einsum("btkgd,bskd->bkgts", qf[:, s0:e], kf[:, :e])
-        causal = jnp.arange(e)[None, :] <= jnp.arange(s0, e)[:, None]  # [e - s0, e]
-        mask = causal[None, None, None] & k_valid[:, None, None, None, :e]
-        p = jax.nn.softmax(jnp.where(mask, sc, neg), axis=-1)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", p, vf[:, :e]))
-    out = jnp.concatenate(outs, axis=1).reshape(b, t, n, d)
-    # a query with no visible key: the full [T, T] masked softmax is uniform over all T
-    seen = jnp.cumsum(k_valid.astype(jnp.int32), axis=1) > 0  # [B, T]: any valid key j <= i
-    v_mean = jnp.repeat(jnp.mean(vf, axis=1), g, axis=1)  # [B, N, D]
-    out = jnp.where(seen[:, :, None, None], out, v_mean[:, None])
-    return out.astype(q.dtype)
-
-
 def dot_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
     """Attention through jax.nn.dot_product_attention (cuDNN/XLA), or the plain fallback."""
     if impl == "plain":
@@ -254,10 +215,10 @@ class Attention(nnx.Module):
             v_all = _write_cache(cache.v, v, update.write_index)
             cache = KVCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        elif update is None and self.impl == "plain" and t > CAUSAL_BLOCK:
+        elif update is None and self.impl == "plain" and t > FLASH_BLOCK:
             # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the
-            # mask is causal and whole key blocks above the diagonal can be skipped
-            out = causal_block_attention(q, k, v, k_valid)
+            # mask is causal: blocked attention with a recomputing backward (attention.py)
+            out = flash_attention(q, k, v, k_valid)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
