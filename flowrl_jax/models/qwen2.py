@@ -77,12 +77,9 @@ class Linear(nnx.Module):
         self.bias = (_param(None, (d_out,), (axes[1],), num.param_dtype, _constant(0.0))
                      if bias else None)
         self.compute_dtype = num.compute_dtype
-        # Static: True when `weight` holds Wᵀ [in, out] instead (see `with_in_out_weights`).
-        self.in_out = False
 
     def __call__(self, x: Array) -> Array:
-        x, w = x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype)
-        y = jnp.dot(x, w) if self.in_out else linear(x, w)
+        y = linear(x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -296,8 +293,6 @@ class Qwen2ForCausalLM(nnx.Module):
     def lm_head_matrix(self) -> Array:
         """The output projection as [H, V] in compute dtype (a transposed view of the [V, H]
         embedding or head weight; XLA folds the transpose into the dot)."""
-        if self.lm_head is not None and self.lm_head.in_out:
-            return self.lm_head.weight[...].astype(self.num.compute_dtype)
         w = self.embed_tokens if self.lm_head is None else self.lm_head.weight
         return w[...].astype(self.num.compute_dtype).T
 
@@ -370,37 +365,6 @@ def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCaus
             return Qwen2ForCausalLM(arch, num, rngs=None)
     finally:
         _ABSTRACT.reset(token)
-
-
-def with_in_out_weights(model: nnx.Module) -> tuple[nnx.GraphDef, Callable[[nnx.State], nnx.State]]:
-    """A graph of `model` whose Linear layers take Wᵀ [in, out], and the function that
-    converts a param state to it (one transposed copy of every Linear weight).
-
-    For inference on the CPU backend only: XLA:CPU runs x·Wᵀ against a [out, in] weight
-    10–30 % slower than x·W at decode shapes (measured, tiny and 0.5B), while on GPU/TPU the
-    transposed operand is free. Params keep the HF layout everywhere else.
-    """
-    graphdef, state = nnx.split(model)
-    twin = nnx.merge(graphdef, state)  # same arrays, new module objects
-    paths = set()
-    for path, module in twin.iter_modules():
-        if isinstance(module, Linear):
-            module.in_out = True
-            paths.add(tuple(path) + ("weight",))
-
-    @jax.jit
-    def transpose(weights: list) -> list:
-        return [w.T for w in weights]
-
-    def convert(params: nnx.State) -> nnx.State:
-        flat = list(nnx.to_flat_state(params))
-        idx = [i for i, (p, _) in enumerate(flat) if tuple(p) in paths]
-        done = transpose([flat[i][1].get_value() for i in idx])
-        for i, w in zip(idx, done):
-            flat[i] = (flat[i][0], flat[i][1].replace(w))
-        return nnx.from_flat_state(flat)
-
-    return nnx.graphdef(twin), convert
 
 
 def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0) -> Qwen2ForCausalLM:

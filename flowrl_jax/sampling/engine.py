@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
 from flowrl_jax.models.qwen2 import (CacheUpdate, KVCache, Qwen2ForCausalLM, apply_rope,
-                                     rope_cos_sin, with_in_out_weights)
+                                     rope_cos_sin)
 
 # Decode layout of the cache, read in place by decode attention (a [B, S, K, D] cache gets
 # transposed by XLA at every step and layer): values [slots, kv_heads, S, head_dim], keys
@@ -578,11 +578,6 @@ def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
 DECODE_WINDOWS = 4
 
 
-def _platform(mesh: Optional[Mesh]) -> str:
-    """The platform the engine runs on (the mesh's devices, else the default backend)."""
-    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-
-
 _KERNELS: dict[tuple, Kernels] = {}
 
 
@@ -609,12 +604,7 @@ class SamplingEngine:
                  prefill_buckets: Sequence[int] = (128, 256, 512, 1024, 2048),
                  prefill_batch: int = 8, eos_token_ids: Optional[Sequence[int]] = None,
                  pad_token_id: int = 0, cache_dtype: Any = None, verbose: bool = True):
-        self.graphdef = self._model_graphdef = nnx.graphdef(model)
-        # On CPU the engine runs on a transposed copy of the Linear weights (made per
-        # generate call, see `params_of`): XLA:CPU's x·W is 10–30 % faster than x·Wᵀ here.
-        self._to_run_layout = None
-        if _platform(mesh) == "cpu":
-            self.graphdef, self._to_run_layout = with_in_out_weights(model)
+        self.graphdef = nnx.graphdef(model)
         self.arch: ModelArch = model.arch
         self.cache_dtype = jnp.dtype(cache_dtype or model.num.compute_dtype)
         self.mesh = mesh
@@ -648,14 +638,15 @@ class SamplingEngine:
         live on a different mesh than the engine's."""
         if isinstance(params, nnx.Module):
             params = nnx.state(params)
-        if self.mesh is not None:
-            leaves = jax.tree.leaves(params)
-            same = all(isinstance(getattr(x, "sharding", None), NamedSharding)
-                       and x.sharding.mesh == self.mesh for x in leaves)
-            if not same:
-                abstract = nnx.state(nnx.merge(self._model_graphdef, params))
-                params = jax.device_put(params, state_shardings(abstract, self.mesh))
-        return params if self._to_run_layout is None else self._to_run_layout(params)
+        if self.mesh is None:
+            return params
+        leaves = jax.tree.leaves(params)
+        same = all(isinstance(getattr(x, "sharding", None), NamedSharding)
+                   and x.sharding.mesh == self.mesh for x in leaves)
+        if same:
+            return params
+        abstract = nnx.state(nnx.merge(self.graphdef, params))
+        return jax.device_put(params, state_shardings(abstract, self.mesh))
 
     def init_state(self, slots: int, length: int) -> DecodeState:
         """An empty decode state (all slots idle) placed in its shardings."""
