@@ -212,9 +212,11 @@ class Attention(nnx.Module):
             v_all = _write_cache(cache.v, v, update.write_index)
             cache = KVCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        elif update is None and self.impl == "plain" and t > FLASH_BLOCK:
+        elif update is None and t > FLASH_BLOCK and (
+                self.impl == "plain" or (self.impl == "auto" and jax.default_backend() == "cpu")):
             # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the
-            # mask is causal: blocked attention with a recomputing backward (attention.py)
+            # mask is causal: blocked attention with a recomputing backward (attention.py);
+            # also "auto"'s choice on CPU, where it beats XLA's dot_product_attention
             out = flash_attention(q, k, v, k_valid)
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
