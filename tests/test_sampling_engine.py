@@ -33,10 +33,8 @@ def setup():
     return arch, model, hf, prompts
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(setup):
-    """HF transformers greedy generate on the left-padded batch of all prompts."""
-    _, _, hf, prompts = setup
+def hf_greedy_tokens(hf, prompts, new: int) -> list[list[int]]:
+    """HF transformers greedy generate of `new` tokens on the left-padded batch of prompts."""
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -44,9 +42,16 @@ def hf_greedy(setup):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     with torch.no_grad():
-        out = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                           do_sample=False, pad_token_id=0)
     return out[:, width:].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(setup):
+    """HF greedy tokens for all prompts (NEW new tokens)."""
+    _, _, hf, prompts = setup
+    return hf_greedy_tokens(hf, prompts, NEW)
 
 
 @pytest.fixture(scope="module")
@@ -230,15 +235,7 @@ def test_windowed_decode_matches_hf(setup):
     new = 80
     assert decode_windows(16 + 96, 40) == (32, 64, 96, 112)  # the cache length used below
     assert decode_windows(48, 16) == (48,) and decode_windows(112, 1) == (112,)
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, pad_token_id=0)[:, width:].tolist()
+    ref = hf_greedy_tokens(hf, prompts, new)
     sp = SamplingParams(temperature=0.0, max_new_tokens=new)
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=40, prefill_buckets=(8, 16),
                          verbose=False)
