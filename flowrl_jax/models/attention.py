@@ -112,7 +112,7 @@ def _flash_bwd(g, block, keep, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def no_key_seen(k_valid: Array) -> Array:
+def sees_a_key(k_valid: Array) -> Array:
     """[B, T] bool: query slot i sees at least one valid key j <= i (O(T); a cumsum lowers
     to an O(T²) reduce-window on CPU)."""
     t = k_valid.shape[1]
@@ -144,7 +144,7 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
     out = _flash(qf, kf, vf, bias, g, block, keep)  # [B, KV, T·G, D]
     out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
     # a query with no visible key: the full masked softmax is uniform over all T slots
-    seen = no_key_seen(k_valid)
+    seen = sees_a_key(k_valid)
     v_mean = jnp.repeat(jnp.mean(vf, axis=2), g, axis=1)  # [B, N, D]
     out = jnp.where(seen[:, :, None, None], out, v_mean[:, None])
     return out.astype(dt)

@@ -133,20 +133,6 @@ class CacheUpdate(NamedTuple):
     kv_valid: Array
 
 
-class HeadsMajorKVCache(NamedTuple):
-    """One layer's cache in decode layout: k, v [B, kv_heads, S, head_dim] (sampler only)."""
-
-    k: Array
-    v: Array
-
-
-def _write_cache_heads_major(cache: Array, new: Array, index: Array) -> Array:
-    """Write new [B, T, K, D] into cache [B, K, S, D] at per-row slot index [B]."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice(c, n.transpose(1, 0, 2).astype(c.dtype), (0, i, 0))
-    return jax.vmap(one)(cache, new, index)
-
-
 def _write_cache(cache: Array, new: Array, index: Array) -> Array:
     """Write new [B, T, ...] into cache [B, S, ...] at per-row slot index [B]."""
     def one(c, n, i):
@@ -205,8 +191,6 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_slots, k_valid, update = mask_info
-        if isinstance(cache, HeadsMajorKVCache):
-            return self._heads_major(q, k, v, q_slots, k_valid, update, cache)
         if cache is not None:
             k_all = _write_cache(cache.k, k, update.write_index)
             v_all = _write_cache(cache.v, v, update.write_index)
@@ -221,23 +205,6 @@ class Attention(nnx.Module):
             return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
-
-    def _heads_major(self, q: Array, k: Array, v: Array, q_slots: Array, k_valid: Array,
-                     update: "CacheUpdate", cache: "HeadsMajorKVCache"
-                     ) -> tuple[Array, "HeadsMajorKVCache"]:
-        """Attention over a [B, kv_heads, S, D] cache (the sampler's decode layout): the
-        per-head dots read the cache in place instead of transposing it every step."""
-        b, t = q.shape[:2]
-        k_all = _write_cache_heads_major(cache.k, k, update.write_index)
-        v_all = _write_cache_heads_major(cache.v, v, update.write_index)
-        g = self.n_heads // self.n_kv
-        qh = q.reshape(b, t, self.n_kv, g, self.head_dim).astype(jnp.float32)
-        s = jnp.einsum("btkgd,bksd->bkgts", qh, k_all.astype(jnp.float32)) * self.head_dim ** -0.5
-        mask = attention_weights_mask(q_slots, k_valid)[:, :, None]  # [B, 1, 1, T, S]
-        p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
-        out = jnp.einsum("bkgts,bksd->btkgd", p, v_all.astype(jnp.float32)).astype(q.dtype)
-        return (self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)),
-                HeadsMajorKVCache(k_all, v_all))
 
 
 class MLP(nnx.Module):

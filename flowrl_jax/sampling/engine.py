@@ -1,10 +1,12 @@
 """KV-cache generation engine for rollouts: jitted bucketed prefill, on-device decode chunks,
 continuous batching over a fixed number of decode slots.
 
-Layout. Every decode slot owns one row of a preallocated cache [slots, kv_heads, S, head_dim]
-per layer (GQA: only the kv heads are stored; heads-major so that decode attention reads it in
-place), sharded by the logical rules (`cache_batch` over data×fsdp, `kv_heads` over tensor). A prompt of length L sits left-aligned at cache slots
-0..L-1, so a token's cache slot equals its RoPE position and no padding is ever attended.
+Layout. Every decode slot owns one row of a preallocated cache per layer (GQA: only the kv
+heads are stored), heads-major so that decode attention reads it in place: values
+[slots, kv_heads, S, head_dim], keys [slots, kv_heads, head_dim, S] (`DecodeCache`), sharded by
+the logical rules (`cache_batch` over data×fsdp, `kv_heads` over tensor). A prompt of length
+L sits left-aligned at cache slots 0..L-1, so a token's cache slot equals its RoPE position
+and no padding is ever attended.
 
 Admission. Prefill computes the cache of `prompt[:-1]` (length bucketed to a static size) and
 scatters it into every slot that runs a sample of that prompt: G samples share one prefill.
@@ -298,7 +300,7 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
                    cache: list[DecodeCache]) -> tuple[Array, list[DecodeCache]]:
     """One decode step: logits [B, V] of `token` [B] at position/cache slot `pos` [B].
 
-    The same computation as the model's cached forward with a heads-major cache, specialised
+    The same computation as the model's cached forward on the decode-layout cache, specialised
     to one query token: the attention products are written as broadcast-multiply + reduce,
     which XLA fuses, instead of tiny batched matmuls (on CPU each costs ~0.1 ms per layer
     and step at 32 slots). Sampler only; the model's own forward stays the reference.
