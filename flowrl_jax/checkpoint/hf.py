@@ -4,7 +4,8 @@ Import streams tensor by tensor: each tensor is read (or, when aligned and of th
 dtype, memory-mapped in place) by `safetensors_io.read_tensor` and handed to
 `jax.make_array_from_callback`, which places it in its NamedSharding (each device gets only
 its slice); no tensor is ever transposed because our layouts are HF's. On a CPU backend an
-unsharded tensor is adopted without another copy; peak extra host memory is about one tensor. Export gathers one tensor at a time and writes sharded safetensors that
+unsharded tensor is adopted without another copy; peak extra host memory is about one
+tensor. Export gathers one tensor at a time and writes sharded safetensors that
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 Names and layouts mirror HF's (Linear weights [out, in]), so a tensor is never transposed.
@@ -28,8 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.checkpoint.safetensors_io import (
-    CheckpointError, TensorEntry, TensorSpec, map_tensor, parse_size, read_header, read_tensor,
-    write_file)
+    CheckpointError, TensorEntry, TensorSpec, parse_size, read_header, read_tensor, write_file)
 from flowrl_jax.config import ConfigError, ModelArch
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
 
@@ -350,4 +350,4 @@ def _write_json(path: Path, obj: Any) -> None:
 def iter_hf_tensors(hf_dir: PathLike) -> Iterable[tuple[str, np.ndarray]]:
     """(name, host array) for every tensor of a HF checkpoint, one at a time (tests, tools)."""
     for name, e in sorted(index_tensors(hf_dir).items()):
-        yield name, np.array(map_tensor(e))
+        yield name, np.array(read_tensor(e))

@@ -2,9 +2,9 @@
 
 We parse the (simple, documented) safetensors header ourselves so that we can validate
 every offset against the file size before touching data (a truncated file must give an
-error naming file and tensor, never a SIGBUS from a mapping past EOF), memory-map each
-tensor on its own (only one tensor's pages are resident at a time) and write shards
-tensor by tensor without holding a whole shard in memory.
+error naming file and tensor, never a SIGBUS from a mapping past EOF), read each tensor on
+its own straight into the memory it will live in (`read_tensor`) and write shards tensor by
+tensor without holding a whole shard in memory.
 Format: 8-byte little-endian header length N, N bytes of JSON header, then the data.
 """
 
@@ -146,7 +146,7 @@ def read_tensor(entry: TensorEntry, dtype: Any = None) -> np.ndarray:
     """One tensor as a read-only host array in `dtype` (default: its own), 64-byte aligned.
 
     Same dtype and an aligned offset: the file's pages mapped in place (no copy at all).
-    Otherwise one read (or cast) into fresh huge-page memory. Either way jax can adopt the
+    Otherwise one read (or cast) into fresh pre-faulted memory. Either way jax can adopt the
     result as a CPU device buffer without copying it again.
     """
     target = np.dtype(dtype or entry.dtype)
@@ -170,13 +170,6 @@ def read_tensor(entry: TensorEntry, dtype: Any = None) -> np.ndarray:
         raise CheckpointError(f"{entry.file}: tensor {entry.name!r}: read failed: {e}") from e
     out.flags.writeable = False
     return out
-
-
-def map_tensor(entry: TensorEntry) -> np.ndarray:
-    """A read-only memory map of one tensor (pages are read on first touch, freed on del)."""
-    if entry.nbytes == 0:
-        return np.zeros(entry.shape, entry.dtype)
-    return np.memmap(entry.file, dtype=entry.dtype, mode="r", offset=entry.start, shape=entry.shape)
 
 
 def parse_size(size: int | str) -> int:
