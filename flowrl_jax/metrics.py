@@ -16,6 +16,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from flowrl_jax.paths import as_path, is_url
+
 # What the live table shows (when present), in order: (metric key, column header).
 DISPLAY = (
     ("reward/mean", "reward"), ("accuracy", "acc"), ("response_length/mean", "len"),
@@ -45,13 +47,8 @@ class MetricsLogger:
                  tensorboard: bool = True, console: bool = True, total_steps: int = 0,
                  history: Optional[Iterable[dict]] = None, start_step: int = 0):
         self.enabled = enabled
-        self.remote = "://" in str(out_dir)
-        if self.remote:  # object stores cannot append: the file is rewritten each step
-            from etils import epath
-
-            self.path = epath.Path(str(out_dir)) / "metrics.jsonl"
-        else:
-            self.path = Path(out_dir) / "metrics.jsonl"
+        self.remote = is_url(out_dir)  # object stores cannot append: rewritten each step
+        self.path = as_path(out_dir) / "metrics.jsonl"
         self.history: list[dict] = list(history or [])
         self._tb = None
         self._progress = None

@@ -48,6 +48,7 @@ from flowrl_jax import rollout_batch as RB
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
 from flowrl_jax.hardware import peak_flops
+from flowrl_jax.paths import as_path, is_url
 from flowrl_jax.task import PromptBatch, Task
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,6 @@ class TrainResult:
     out_dir: Optional[Path] = None
 
 
-def out_path(out_dir: Any) -> Any:
-    """A local `Path`, or an etils `epath.Path` for URLs such as gs://bucket/run."""
-    if "://" in str(out_dir):
-        from etils import epath
-
-        return epath.Path(str(out_dir))
-    return Path(out_dir)
-
-
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
     """A 31-bit seed that depends only on (seed, step, salt)."""
     return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -87,7 +79,7 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), mesh: Any = None):
         cfg.validate()
         self.cfg = cfg
-        self.out = out_path(out_dir)
+        self.out = as_path(out_dir)
         self.algo = get_algorithm(cfg.algo.name)
         self.uses_ref = bool(self.algo.uses_ref(cfg.algo))
         self._task = task
@@ -139,7 +131,7 @@ class Trainer:
                 raise ConfigError("model: set model.path (a HF or Orbax checkpoint) or "
                                   "model.preset")
             return cfg.model.arch
-        if "://" not in cfg.model.path and not Path(cfg.model.path).exists():
+        if not is_url(cfg.model.path) and not Path(cfg.model.path).exists():
             raise ConfigError(f"model.path: {cfg.model.path!r} does not exist")
         try:
             from flowrl_jax.models.loading import model_kind
@@ -230,20 +222,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg),
                                                              sort_keys=False))
+        from flowrl_jax.checkpoint.orbax import write_model_json
+
         # model.json makes OUT/checkpoints readable by `convert orbax-to-hf` and load_model
-        if isinstance(self.out, Path):
-            from flowrl_jax.checkpoint.orbax import write_model_json
-
-            write_model_json(self.out / "checkpoints", self.arch, self.cfg.model.param_dtype)
-        else:  # gs:// and other remote run directories
-            import dataclasses
-
-            from flowrl_jax.checkpoint.orbax import FORMAT, MODEL_JSON, VERSION
-
-            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (self.out / "checkpoints" / MODEL_JSON).write_text(json.dumps(
-                {"format": FORMAT, "version": VERSION, "arch": dataclasses.asdict(self.arch),
-                 "param_dtype": self.cfg.model.param_dtype}, indent=2))
+        write_model_json(self.out / "checkpoints", self.arch, self.cfg.model.param_dtype)
 
     def _info(self, msg: str) -> None:
         if jax.process_index() == 0:

@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
 from flowrl_jax.config import ConfigError, ModelArch, build_dataclass
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
+from flowrl_jax.paths import as_path, is_url
 
 PathLike = Union[str, os.PathLike]
 POLICY_ITEM = "policy"
@@ -46,15 +47,21 @@ def _ocp():
 # --------------------------------------------------------------------------- model.json
 
 
-def write_model_json(ckpt_dir: PathLike, arch: ModelArch, param_dtype: str) -> Path:
-    """Write CKPT_DIR/model.json atomically (temp file + rename)."""
+def write_model_json(ckpt_dir: PathLike, arch: ModelArch, param_dtype: str) -> Any:
+    """Write CKPT_DIR/model.json atomically: temp file + rename locally; a URL such as
+    gs://bucket/run/checkpoints goes through etils (object stores write whole objects)."""
+    body = json.dumps({"format": FORMAT, "version": VERSION, "arch": dataclasses.asdict(arch),
+                       "param_dtype": param_dtype}, indent=2) + "\n"
+    if is_url(ckpt_dir):
+        d = as_path(ckpt_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / MODEL_JSON).write_text(body)
+        return d / MODEL_JSON
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     p = d / MODEL_JSON
-    body = {"format": FORMAT, "version": VERSION, "arch": dataclasses.asdict(arch),
-            "param_dtype": param_dtype}
     tmp = p.with_name(f".{MODEL_JSON}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.write_text(body)
     os.replace(tmp, p)
     return p
 
