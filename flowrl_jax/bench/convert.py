@@ -204,10 +204,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raw_mbs = max(n / s for n, s in raws) / 1e6
         env = dict(os.environ)
 
-        def child(mode: str) -> dict:
-            return child_dir(mode, ckpt)
-
-        def child_dir(mode: str, path: Path) -> dict:
+        def child(mode: str, path: Path = ckpt) -> dict:
             r = subprocess.run([sys.executable, "-m", "flowrl_jax.bench.convert", str(path), mode],
                                capture_output=True, text=True, env=env, check=False)
             if r.returncode != 0:
@@ -234,7 +231,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         exported = root / "export"
         ex_files = sorted(exported.glob("*.safetensors"))
         ex_raw = max(n / s for n, s in (raw_read(ex_files) for _ in range(max(1, args.repeats))))
-        ex_ours = min(child_dir("ours", exported)["seconds"] for _ in range(max(1, args.repeats)))
+        ex_ours = min(child("ours", exported)["seconds"] for _ in range(max(1, args.repeats)))
         ex_bytes = sum(f.stat().st_size for f in ex_files)
         aligned_row = {"case": CASE + "-own-export", "ours": ex_bytes / ex_ours / 1e6,
                        "reference": ex_raw / 1e6, "unit": "MB/s",

@@ -22,6 +22,7 @@ from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
 
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     parser.add_argument("--batches", default="1,8,32", help="comma list of batch sizes")
@@ -41,11 +42,6 @@ def _arch(shape: str):
     if shape == "qwen2.5-0.5b":
         return ModelArch(eos_token_id=None, bos_token_id=None)  # the defaults are Qwen2.5-0.5B
     raise ValueError(f"--shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a big float32 jnp matmul on the default device (best of `reps`)."""
-    return measured_matmul_flops(n, reps)
 
 
 def matmul_params(arch) -> int:
@@ -125,7 +121,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
-    peak = matmul_peak_flops() if on_cpu else None
+    peak = measured_matmul_flops() if on_cpu else None
     bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)
     rows: list[dict] = []
     for shape in shapes:

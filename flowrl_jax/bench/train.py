@@ -84,11 +84,6 @@ def _inputs(arch, b: int, p: int, r: int, seed: int = 0) -> dict[str, np.ndarray
     }
 
 
-def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Measured float32 GEMM rate of this machine (jax, best of `reps`), GFLOP/s."""
-    return measured_matmul_flops(n, reps) / 1e9
-
-
 def _isolated(fn_name: str, *args: Any) -> dict[str, Any]:
     """Run one bench side in a fresh process (spawn): each side starts with all the memory
     the other freed, and an out-of-memory kill becomes an error row instead of a crash."""
@@ -116,15 +111,14 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
     from flowrl_jax.train_state import create_train_state
     from flowrl_jax.train_step import make_train_step
 
+    # attention "auto": the flash-style path on CPU, cuDNN/XLA on accelerators
     cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype="float32", remat=False,
-                                   attention="plain" if jax.default_backend() == "cpu" else "auto"),
+                                   attention="auto"),
                  algo=AlgoConfig(name="flowrl"),
                  trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
                  rollout=RolloutConfig(temperature=1.0))
     mesh = single_device_mesh()
-    # on CPU the plain einsum attention beats XLA's dot_product_attention (measured)
-    attention = "plain" if jax.default_backend() == "cpu" else "auto"
-    model = init_sharded(arch, Numerics(attention=attention), mesh, seed=0)
+    model = init_sharded(arch, Numerics.from_config(cfg.model), mesh, seed=0)
     n_params = param_count(model)
     state = create_train_state(cfg, model, mesh, rng=0)
     del model
@@ -228,7 +222,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     steps = int(getattr(args, "steps", 3))
     on_cpu = jax.default_backend() == "cpu"
     use_ref = on_cpu and not getattr(args, "no_reference", False)
-    peak_gflops = sgemm_gflops() if on_cpu else None
+    peak_gflops = measured_matmul_flops() / 1e9 if on_cpu else None
     rows = []
     for shape in shapes:
         arch = _arch(shape)
