@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from flowrl_jax import cpu_runtime
+
 # name → (module under flowrl_jax.commands, one-line help). Modules expose
 # `add_arguments(parser)` and `run(args) -> int`; they are imported lazily so that
 # `flowrl-jax --help` and light commands do not pay for importing JAX.
@@ -52,5 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
+def entry() -> int:
+    """The console script: process-wide CPU runtime settings first (before JAX creates its
+    CPU client; see cpu_runtime.py), then `main`. In-process callers of `main` (tests,
+    notebooks) keep their own settings."""
+    cpu_runtime.configure()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
