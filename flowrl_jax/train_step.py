@@ -60,6 +60,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 
+from flowrl_jax import cpu_runtime
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.algos.base import seq_valid
 from flowrl_jax.algos.common import token_logprobs_from_hidden
@@ -191,6 +192,15 @@ def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any]
     return outputs
 
 
+def widest_layer(policy_params: Any) -> int:
+    """The largest dimension of the policy's 2-D weights other than the vocabulary (the MLP
+    width): activations are at most [rows, tokens, this] outside the LM head."""
+    flat = jax.tree_util.tree_flatten_with_path(policy_params)[0]
+    shapes = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
+    vocab = {s[0] for k, s in shapes.items() if "embed_tokens" in k}
+    return max((d for s in shapes.values() if len(s) == 2 for d in s if d not in vocab), default=1)
+
+
 # --------------------------------------------------------------------------- train step
 
 
@@ -209,7 +219,13 @@ class TrainStep:
         self.tx = make_optimizer(cfg, self.roles)
         self.state_shardings = tree_shardings(state, mesh)
         self.param_shardings = tree_shardings(state.params, mesh)
+        self.width = widest_layer(state.params["policy"])
         self._fns: dict[tuple, Callable] = {}
+
+    def _compiler_options(self, rows: int, tokens: int) -> Optional[dict[str, str]]:
+        """XLA options for a pass over [rows, tokens] (cpu_runtime decides by activation size)."""
+        return cpu_runtime.model_pass_compiler_options(
+            self.mesh.devices.flat[0].platform, rows * tokens * self.width)
 
     def num_micro(self, b: int) -> int:
         """Number of micro-batches for a mini-batch of b sequences."""
@@ -299,10 +315,12 @@ class TrainStep:
         sig = _signature(batch)
         fn = self._fns.get(sig)
         if fn is None:
+            b, t = batch["input_ids"].shape
             fn = jax.jit(self._step,
                          in_shardings=(self.state_shardings, batch_shardings(batch, self.mesh)),
                          out_shardings=(self.state_shardings, replicated(self.mesh)),
-                         donate_argnums=(0,))
+                         donate_argnums=(0,),
+                         compiler_options=self._compiler_options(b // self.num_micro(b), t))
             self._fns[sig] = fn
         return fn
 
@@ -370,8 +388,11 @@ class LogProbs:
             bsh = batch_shardings(batch, self.mesh)
             r = batch["response_mask"].shape[1]
             out_sh = named_sharding(self.mesh, ("batch", None), (b + pad, r))
+            options = cpu_runtime.model_pass_compiler_options(
+                self.mesh.devices.flat[0].platform,
+                mb * batch["input_ids"].shape[1] * widest_layer(params["policy"]))
             fn = jax.jit(self._run, in_shardings=(tree_shardings(params, self.mesh), bsh),
-                         out_shardings=out_sh)
+                         out_shardings=out_sh, compiler_options=options)
             self._fns[sig] = fn
         batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         out = fn(params, batch)
