@@ -3,7 +3,8 @@
 Writes a random float32 checkpoint of the Qwen2.5-0.5B shape (≈ 2 GB, several shards) to a
 temp dir, then measures, both with a warm page cache (the files are read once first; we
 cannot drop the cache without root, and warm-vs-warm is the fair comparison):
-- reference: raw read of every byte of the same files (readinto a reused 64 MiB buffer);
+- reference: raw read of every byte of the same files (readinto a reused 64 MiB buffer), in
+  a fresh subprocess like ours (the parent's allocator state changed it by up to 2×);
 - raw_fresh_mem: the same bytes read into newly allocated memory (np.fromfile) in a fresh
   subprocess: the plain-read baseline when the result must live in new pages;
 - ours: `checkpoint.hf.load_hf` (header parse, read or map each tensor, place into sharded
@@ -133,6 +134,11 @@ def _child(ckpt: str, mode: str = "ours") -> None:
     if mode == "export":
         _export_child(ckpt, mesh)
         return
+    if mode == "raw":
+        files = sorted(Path(ckpt).glob("*.safetensors"))
+        n, secs = min((raw_read(files) for _ in range(2)), key=lambda r: r[1])
+        print(json.dumps({"seconds": secs, "bytes": n}))
+        return
     if mode == "fresh":
         leaves = [np.fromfile(f, dtype=np.uint8) for f in sorted(Path(ckpt).glob("*.safetensors"))]
     else:
@@ -199,9 +205,6 @@ def run(args: argparse.Namespace) -> list[dict]:
               file=sys.stderr)
         largest = max(e.nbytes for e in index_tensors(ckpt).values())
         raw_read(files)  # warm the page cache
-        raws = [raw_read(files) for _ in range(max(1, args.repeats))]
-        nbytes = raws[0][0]
-        raw_mbs = max(n / s for n, s in raws) / 1e6
         env = dict(os.environ)
 
         def child(mode: str, path: Path = ckpt) -> dict:
@@ -211,10 +214,13 @@ def run(args: argparse.Namespace) -> list[dict]:
                 raise RuntimeError(f"bench convert child failed:\n{r.stderr[-3000:]}")
             return json.loads(r.stdout.strip().splitlines()[-1])
 
-        children, fresh = [], []
-        for _ in range(max(1, args.repeats)):  # interleaved so that load changes hit both
+        children, fresh, raws = [], [], []
+        for _ in range(max(1, args.repeats)):  # interleaved so that load changes hit all
+            raws.append(child("raw"))
             children.append(child("ours"))
             fresh.append(child("fresh"))
+        nbytes = raws[0]["bytes"]
+        raw_mbs = nbytes / min(r["seconds"] for r in raws) / 1e6
         best = min(children, key=lambda c: c["seconds"])
         fresh_mbs = nbytes / min(c["seconds"] for c in fresh) / 1e6
         ours_mbs = nbytes / best["seconds"] / 1e6
@@ -230,9 +236,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Our own export aligns tensor data to 64 bytes: importing it maps the files in place.
         exported = root / "export"
         ex_files = sorted(exported.glob("*.safetensors"))
-        ex_raw = max(n / s for n, s in (raw_read(ex_files) for _ in range(max(1, args.repeats))))
-        ex_ours = min(child("ours", exported)["seconds"] for _ in range(max(1, args.repeats)))
         ex_bytes = sum(f.stat().st_size for f in ex_files)
+        ex_raw = ex_bytes / min(child("raw", exported)["seconds"] for _ in range(max(1, args.repeats)))
+        ex_ours = min(child("ours", exported)["seconds"] for _ in range(max(1, args.repeats)))
         aligned_row = {"case": CASE + "-own-export", "ours": ex_bytes / ex_ours / 1e6,
                        "reference": ex_raw / 1e6, "unit": "MB/s",
                        "ratio": ex_bytes / ex_ours / ex_raw,
