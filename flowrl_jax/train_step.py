@@ -66,7 +66,7 @@ from flowrl_jax.algos.base import seq_valid
 from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
 from flowrl_jax.mesh import named_sharding, replicated
-from flowrl_jax.train_state import (TrainState, make_optimizer, tree_shardings,
+from flowrl_jax.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
                                     warmup_constant)
 
 Array = jax.Array
@@ -286,12 +286,14 @@ class TrainStep:
 
         # Skip = select the old values leaf by leaf. Unlike lax.cond this fuses with the
         # elementwise AdamW update and writes in place into the donated buffers (a cond
-        # would hold a second copy of params + optimizer state).
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # would hold a second copy of params + optimizer state). The parameter update is
+        # computed from the moments once they are written (the barrier keeps XLA from
+        # recomputing them from the old ones, which would force copies of the old moments).
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        params = jax.tree.map(keep, params, state.params)
-        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        _, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        opt_state = lax.optimization_barrier(jax.tree.map(keep, opt_state, state.opt_state))
+        updates = adamw_updates(cfg, opt_state, state.params)
+        params = jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params)
         okf = ok.astype(jnp.int32)
         new_state = state.replace(step=state.step + okf, params=params, opt_state=opt_state,
                                   skipped=state.skipped + (1 - okf))
