@@ -175,6 +175,7 @@ def _export_child(ckpt: str, mesh) -> None:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         host[hf_name(path)] = np.asarray(var.get_value())
     limit, shard, size, k = parse_size("500MB"), {}, 0, 0
+    os.sync()  # each writer starts with no dirty pages of the other's (or an earlier run's)
     t0 = time.perf_counter()
     for name, arr in host.items():
         if shard and size + arr.nbytes > limit:
@@ -185,6 +186,7 @@ def _export_child(ckpt: str, mesh) -> None:
     save_file(shard, str(ref_dir / f"{k}.safetensors"))
     ref_s = time.perf_counter() - t0
     del host, shard
+    os.sync()
     t0 = time.perf_counter()
     s = export_hf(model, arch, out, shard_size="500MB")
     secs = time.perf_counter() - t0
