@@ -196,9 +196,9 @@ def widest_layer(policy_params: Any) -> int:
     """The largest dimension of the policy's 2-D weights other than the vocabulary (the MLP
     width): activations are at most [rows, tokens, this] outside the LM head."""
     flat = jax.tree_util.tree_flatten_with_path(policy_params)[0]
-    shapes = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
-    vocab = {s[0] for k, s in shapes.items() if "embed_tokens" in k}
-    return max((d for s in shapes.values() if len(s) == 2 for d in s if d not in vocab), default=1)
+    shapes = [tuple(leaf.shape) for path, leaf in flat
+              if not any(n in jax.tree_util.keystr(path) for n in ("embed_tokens", "lm_head"))]
+    return max((d for s in shapes if len(s) == 2 for d in s), default=1)
 
 
 # --------------------------------------------------------------------------- train step

@@ -77,3 +77,27 @@ def test_console_script_configures_before_the_command_runs(monkeypatch):
     assert calls == ["configure", "main"]
     pyproject = (Path(cli.__file__).parents[1] / "pyproject.toml").read_text()
     assert 'flowrl-jax = "flowrl_jax.cli:entry"' in pyproject
+
+
+def test_model_pass_options_follow_the_widest_activation():
+    """YNNPACK element-wise fusions only for small passes on CPU; the width excludes the
+    vocabulary even where it equals the MLP width (the tiny preset: both 128)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from flowrl_jax.bench.train import _arch
+    from flowrl_jax.cpu_runtime import YNN_ELTWISE_MAX_ACTIVATION, model_pass_compiler_options
+    from flowrl_jax.models.qwen2 import build_model
+    from flowrl_jax.train_step import widest_layer
+
+    tiny = _arch("tiny")
+    assert tiny.vocab_size == tiny.intermediate_size == 128
+    assert widest_layer(nnx.state(build_model(tiny), nnx.Param)) == 128
+    untied = dataclasses.replace(tiny, vocab_size=1000, tie_word_embeddings=False)
+    assert widest_layer(nnx.state(build_model(untied), nnx.Param)) == 128
+
+    small = model_pass_compiler_options("cpu", YNN_ELTWISE_MAX_ACTIVATION)
+    assert "ELTWISE" in small["xla_cpu_experimental_ynn_fusion_type"]
+    assert model_pass_compiler_options("cpu", YNN_ELTWISE_MAX_ACTIVATION + 1) is None
+    assert model_pass_compiler_options("gpu", 1) is None
