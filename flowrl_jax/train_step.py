@@ -201,6 +201,13 @@ def widest_layer(policy_params: Any) -> int:
     return max((d for s in shapes if len(s) == 2 for d in s), default=1)
 
 
+def pass_compiler_options(mesh: Mesh, width: int, rows: int, tokens: int) -> Optional[dict[str, str]]:
+    """XLA options for a model pass over [rows, tokens] whose widest layer is `width`
+    (cpu_runtime decides by the size of the largest activation)."""
+    return cpu_runtime.model_pass_compiler_options(mesh.devices.flat[0].platform,
+                                                   rows * tokens * width)
+
+
 # --------------------------------------------------------------------------- train step
 
 
@@ -221,11 +228,6 @@ class TrainStep:
         self.param_shardings = tree_shardings(state.params, mesh)
         self.width = widest_layer(state.params["policy"])
         self._fns: dict[tuple, Callable] = {}
-
-    def _compiler_options(self, rows: int, tokens: int) -> Optional[dict[str, str]]:
-        """XLA options for a pass over [rows, tokens] (cpu_runtime decides by activation size)."""
-        return cpu_runtime.model_pass_compiler_options(
-            self.mesh.devices.flat[0].platform, rows * tokens * self.width)
 
     def num_micro(self, b: int) -> int:
         """Number of micro-batches for a mini-batch of b sequences."""
@@ -322,7 +324,8 @@ class TrainStep:
                          in_shardings=(self.state_shardings, batch_shardings(batch, self.mesh)),
                          out_shardings=(self.state_shardings, replicated(self.mesh)),
                          donate_argnums=(0,),
-                         compiler_options=self._compiler_options(b // self.num_micro(b), t))
+                         compiler_options=pass_compiler_options(self.mesh, self.width,
+                                                                  b // self.num_micro(b), t))
             self._fns[sig] = fn
         return fn
 
@@ -390,9 +393,8 @@ class LogProbs:
             bsh = batch_shardings(batch, self.mesh)
             r = batch["response_mask"].shape[1]
             out_sh = named_sharding(self.mesh, ("batch", None), (b + pad, r))
-            options = cpu_runtime.model_pass_compiler_options(
-                self.mesh.devices.flat[0].platform,
-                mb * batch["input_ids"].shape[1] * widest_layer(params["policy"]))
+            options = pass_compiler_options(self.mesh, widest_layer(params["policy"]), mb,
+                                            batch["input_ids"].shape[1])
             fn = jax.jit(self._run, in_shardings=(tree_shardings(params, self.mesh), bsh),
                          out_shardings=out_sh, compiler_options=options)
             self._fns[sig] = fn
