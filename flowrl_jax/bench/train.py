@@ -99,14 +99,15 @@ def _isolated(fn_name: str, *args: Any) -> dict[str, Any]:
 
 
 def _call(fn_name: str, *args: Any) -> dict[str, Any]:
-    if fn_name == "bench_ours":  # the CLI's process settings, in this fresh process
-        from flowrl_jax import cpu_runtime
-        cpu_runtime.configure()
     return globals()[fn_name](*args)
 
 
 def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
-    """Best step time of our jitted FlowRL train step on one device."""
+    """Best step time of our jitted FlowRL train step on one device (run in a fresh process,
+    which gets the CLI's process settings first)."""
+    from flowrl_jax import cpu_runtime
+
+    cpu_runtime.configure()
     import jax
 
     from flowrl_jax.config import (AlgoConfig, Config, ModelConfig, RolloutConfig, TrainerConfig)
