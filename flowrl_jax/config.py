@@ -147,6 +147,14 @@ class ModelArch:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+#: attention kernels of the no-cache (train / scoring) passes: "auto" = our blocked flash
+#: attention on CPU, the "cudnn" path on NVIDIA GPUs, XLA's softmax elsewhere; "cudnn" = the
+#: fused kernel on rows that are one contiguous run of real tokens (cuDNN in bf16 on GPU, XLA
+#: otherwise; models/attention.py); "xla" = the full masked softmax; "plain" = our flash
+#: attention (falls back to the full softmax for short sequences)
+ATTENTION = ("auto", "xla", "plain", "cudnn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Where the policy comes from and how it computes."""
@@ -158,12 +166,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False  # rematerialise each decoder layer in the backward pass
-    attention: Literal["auto", "xla", "plain"] = "auto"
+    attention: Literal["auto", "xla", "plain", "cudnn"] = "auto"
     seed: int = 0  # random-init seed
 
     def validate(self, key: str = "model") -> None:
         _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")
         _check(self.compute_dtype in DTYPES, f"{key}.compute_dtype", f"must be one of {DTYPES}")
+        _check(self.attention in ATTENTION, f"{key}.attention", f"must be one of {ATTENTION}")
         if self.arch is not None:
             self.arch.validate(f"{key}.arch")
 
@@ -615,15 +624,25 @@ def _resolve_model_preset(tree: dict[str, Any]) -> dict[str, Any]:
     model = tree.get("model")
     if not isinstance(model, dict) or not model.get("preset") or model.get("arch"):
         return tree
-    preset = model["preset"]
+    tree = dict(tree)
+    tree["model"] = dict(model, arch=preset_tree(model["preset"]))
+    return tree
+
+
+def preset_tree(preset: str, key: str = "model.preset") -> dict[str, Any]:
+    """The architecture mapping of configs/models/<preset>.yaml; unknown names list the known."""
     p = CONFIG_DIR / "models" / f"{preset}.yaml"
     if not p.exists():
         known = sorted(x.stem for x in (CONFIG_DIR / "models").glob("*.yaml"))
-        raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(known)})")
-    arch = yaml.safe_load(p.read_text()) or {}
-    tree = dict(tree)
-    tree["model"] = dict(model, arch=arch)
-    return tree
+        raise ConfigError(f"{key}: unknown preset {preset!r} (known: {', '.join(known)})")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def preset_arch(preset: str, key: str = "model.preset") -> ModelArch:
+    """A validated `ModelArch` from configs/models/<preset>.yaml."""
+    arch = ModelArch(**preset_tree(preset, key))
+    arch.validate(key)
+    return arch
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

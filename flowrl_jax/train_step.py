@@ -65,6 +65,7 @@ from flowrl_jax.algos import get_algorithm
 from flowrl_jax.algos.base import seq_valid
 from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
+from flowrl_jax.models.attention import require_contiguous_rows, uses_contiguous_rows
 from flowrl_jax.mesh import named_sharding, replicated
 from flowrl_jax.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
                                     warmup_constant)
@@ -110,6 +111,12 @@ def check_batch(batch: Mapping[str, Any], where: str = "batch") -> dict[str, Arr
         if k in TOKEN_KEYS and tuple(v.shape) != (b, r):
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, expected [B, R] = {(b, r)}")
     return out
+
+
+def check_attention_layout(cfg: Config, batch: Mapping[str, Any], where: str) -> None:
+    """The fused attention path relies on one contiguous run of real tokens per row."""
+    if uses_contiguous_rows(cfg.model.attention):
+        require_contiguous_rows(batch["attention_mask"], where)
 
 
 def batch_shardings(batch: Mapping[str, Array], mesh: Mesh) -> dict[str, NamedSharding]:
@@ -332,6 +339,7 @@ class TrainStep:
     def place(self, batch: Mapping[str, Any]) -> dict[str, Array]:
         """Validate a host batch and put it on the mesh in the step's batch shardings."""
         batch = check_batch(batch, f"train_step[{self.cfg.algo.name}]")
+        check_attention_layout(self.cfg, batch, f"train_step[{self.cfg.algo.name}]")
         self.num_micro(batch["input_ids"].shape[0])
         return jax.device_put(batch, batch_shardings(batch, self.mesh))
 
@@ -380,6 +388,7 @@ class LogProbs:
 
     def __call__(self, params: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
         batch = check_batch({k: batch[k] for k in MODEL_KEYS if k in batch}, "compute_logprobs")
+        check_attention_layout(self.cfg, batch, "compute_logprobs")
         b = batch["input_ids"].shape[0]
         mb = min(b, self.cfg.trainer.logprob_micro_batch_size)
         pad = (-b) % mb

@@ -148,3 +148,70 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
     v_mean = jnp.repeat(jnp.mean(vf, axis=2), g, axis=1)  # [B, N, D]
     out = jnp.where(seen[:, :, None, None], out, v_mean[:, None])
     return out.astype(dt)
+
+
+# --------------------------------------------------------------------------- fused kernels
+
+
+def _on_nvidia_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda")
+
+
+def uses_contiguous_rows(impl: str) -> bool:
+    """Whether `model.attention = impl` runs the no-cache passes through
+    `contiguous_causal_attention`: "cudnn" always, "auto" on NVIDIA GPUs (4.9× faster than
+    XLA's softmax at the Qwen2.5-1.5B train shape on an H200, same error; BUILD_NOTES.md)."""
+    return impl == "cudnn" or (impl == "auto" and _on_nvidia_gpu())
+
+
+def fused_kernel_for(dtype) -> str:
+    """jax.nn.dot_product_attention's implementation for these inputs: cuDNN's fused
+    (FlashAttention-style) kernel on NVIDIA GPUs in 16-bit, else XLA's."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and _on_nvidia_gpu() else "xla"
+
+
+def contiguous_causal_attention(q: Array, k: Array, v: Array, k_valid: Array,
+                                implementation: str | None = None) -> Array:
+    """Causal self-attention without a cache for rows whose real tokens form one contiguous
+    run [s, s + n): a left-padded prompt followed by its right-padded response, the layout
+    of every train and scoring batch (`require_contiguous_rows` checks it on the host).
+
+    Fused kernels mask by causality plus per-row lengths, i.e. runs that start at slot 0.
+    Each row is rotated left by s so its run starts at 0, attended with
+    `is_causal=True, *_seq_lengths=n`, and rotated back: for queries in the run this equals
+    the causal ∧ valid-key mask. Queries on padding get the kernel's value for padded rows
+    (cuDNN: zeros); nothing downstream reads them. q [B,T,N,D], k/v [B,T,KV,D], k_valid [B,T].
+    """
+    t = q.shape[1]
+    valid = k_valid.astype(bool)
+    start = jnp.argmax(valid, axis=1).astype(jnp.int32)  # 0 for an all-padding row
+    length = jnp.maximum(jnp.sum(valid, axis=1, dtype=jnp.int32), 1)
+    slots = jnp.arange(t, dtype=jnp.int32)[None, :]
+
+    def rotate(x: Array, by: Array) -> Array:
+        idx = (slots + by[:, None]) % t
+        return jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+
+    out = jax.nn.dot_product_attention(
+        rotate(q, start), rotate(k, start), rotate(v, start), is_causal=True,
+        query_seq_lengths=length, key_value_seq_lengths=length,
+        implementation=implementation or fused_kernel_for(q.dtype))
+    return rotate(out, -start)
+
+
+def require_contiguous_rows(mask, where: str) -> None:
+    """Host-side check of the layout `contiguous_causal_attention` relies on: each row's
+    real tokens are one run (no padding between prompt and response)."""
+    import numpy as np
+
+    m = np.asarray(mask).astype(bool)
+    n = m.sum(axis=1)
+    first = np.argmax(m, axis=1)
+    last = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+    bad = np.nonzero((n > 0) & (last - first + 1 != n))[0]
+    if bad.size:
+        raise ValueError(f"{where}: attention_mask row {int(bad[0])} has padding between real "
+                         f"tokens; the fused attention (model.attention='cudnn', or 'auto' on "
+                         f"GPU) needs one contiguous run per row (left-padded prompt ++ "
+                         f"right-padded response); set model.attention='xla' for other masks")

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowrl_jax.config import ModelArch, ModelConfig
-from flowrl_jax.models.attention import FLASH_BLOCK, flash_attention
+from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
+                                         uses_contiguous_rows)
 
 Array = jax.Array
 
@@ -34,7 +35,7 @@ class Numerics:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat: bool = False
-    attention: str = "auto"  # auto | xla | plain
+    attention: str = "auto"  # auto | xla | plain | cudnn
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Numerics":
@@ -163,7 +164,7 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array
     """Attention through jax.nn.dot_product_attention (cuDNN/XLA), or the plain fallback."""
     if impl == "plain":
         return plain_attention(q, k, v, mask)
-    kernel = None if impl == "auto" else impl
+    kernel = None if impl in ("auto", "cudnn") else impl  # "cudnn" is for no-cache passes
     try:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=kernel)
     except (ValueError, NotImplementedError, TypeError):
@@ -196,6 +197,11 @@ class Attention(nnx.Module):
             v_all = _write_cache(cache.v, v, update.write_index)
             cache = KVCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        elif update is None and uses_contiguous_rows(self.impl):
+            # no cache, rows are one contiguous run each (checked where batches are placed):
+            # the fused kernel (cuDNN in bf16 on GPU, XLA elsewhere) on rotated rows
+            out = contiguous_causal_attention(q, k, v, k_valid)
+            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         elif update is None and t > FLASH_BLOCK and (
                 self.impl == "plain" or (self.impl == "auto" and jax.default_backend() == "cpu")):
             # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the
@@ -343,13 +349,15 @@ def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0
     graphdef, abstract_state = nnx.split(abstract_model(arch, num))
     shardings = state_shardings(abstract_state, mesh)
 
+    # the key is an argument, not a constant: with a constant key every random draw is a
+    # constant expression, and XLA:GPU spent minutes constant-folding them (1.5B model)
     @jax.jit
-    def make():
+    def make(key):
         with nnx.use_eager_sharding(False):
-            state = nnx.state(Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(seed)))
+            state = nnx.state(Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(key)))
         return jax.lax.with_sharding_constraint(state, shardings)
 
-    return nnx.merge(graphdef, make())
+    return nnx.merge(graphdef, make(jax.random.key(seed)))
 
 
 def param_count(model_or_state: Any) -> int:
