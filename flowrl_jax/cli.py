@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"flowrl-jax {args._missing}: not available in this build", file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
+    from flowrl_jax.config import ConfigError
+
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:  # a bad setting or name: the message names it, no traceback
+        print(f"flowrl-jax {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 def entry() -> int:

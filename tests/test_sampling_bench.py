@@ -39,3 +39,17 @@ def test_bench_tiny_case():
     assert r["shape"] == "tiny" and r["batch"] == 2 and r["ours"] > 0 and r["reference"] > 0
     assert abs(r["ratio"] - r["ours"] / r["reference"]) < 0.01 * r["ratio"] + 0.01
     assert 0 < r["frac_matmul_peak"] < 1
+    assert r["dtype"] == "float32"  # "auto" on CPU
+
+
+def test_any_preset_is_a_shape_and_runs_to_full_length():
+    import pytest
+
+    from flowrl_jax.config import ConfigError
+
+    arch = bench._arch("qwen2.5-1.5b")
+    assert (arch.hidden_size, arch.num_hidden_layers, arch.num_key_value_heads) == (1536, 28, 2)
+    assert arch.eos_token_id is None and arch.bos_token_id is None  # no early stop on either side
+    with pytest.raises(ConfigError, match="'huge'"):
+        bench.run(argparse.Namespace(shapes="tiny,huge", batches="1", new_tokens=1, prompt_len=4,
+                                     no_reference=True))

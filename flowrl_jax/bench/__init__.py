@@ -5,4 +5,4 @@ Each bench is a module `flowrl_jax.bench.<name>` exposing
 least `bench`, `ours`, `reference`, `unit`, `ratio` (ours ÷ reference) and the case's parameters.
 """
 
-BENCHES = ("convert", "train", "sample", "rollout", "rewards")
+BENCHES = ("convert", "train", "sample", "rollout", "rewards", "attention")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
 
+#: the default shapes (any preset of configs/models can be named)
 SHAPES = ("tiny", "qwen2.5-0.5b")
 
 
@@ -29,19 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="weights, activations and KV cache (both sides); auto: float32 on "
+                             "CPU, bfloat16 on accelerators")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per case and side; the best is reported (load noise)")
 
 
 def _arch(shape: str):
-    from flowrl_jax.config import ModelArch
+    import dataclasses
+
+    from flowrl_jax.config import preset_arch
     from flowrl_jax.sampling.testing import tiny_arch
 
     if shape == "tiny":
         return tiny_arch(128)
-    if shape == "qwen2.5-0.5b":
-        return ModelArch(eos_token_id=None, bos_token_id=None)  # the defaults are Qwen2.5-0.5B
-    raise ValueError(f"--shapes: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+    # no EOS: every sample runs to the same length on both sides
+    return dataclasses.replace(preset_arch(shape, "bench sample --shapes"),
+                               eos_token_id=None, bos_token_id=None)
 
 
 def matmul_params(arch) -> int:
@@ -83,6 +90,8 @@ def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: in
     import torch
 
     default = torch.get_num_threads()
+    if next(hf.parameters()).is_cuda:  # threads do not matter on a GPU
+        return _reference(hf, arch, batch, prompt_len, new, repeats), default
     best = (-1.0, default)
     try:
         for threads in sorted({default, 1}, reverse=True):
@@ -97,45 +106,65 @@ def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
     import torch
 
     rng = np.random.default_rng(0)
-    ids = torch.tensor(rng.integers(0, arch.vocab_size, (batch, prompt_len)))
+    ids = torch.tensor(rng.integers(0, arch.vocab_size, (batch, prompt_len))).to(hf.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
               top_p=1.0, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
     with torch.no_grad():
         hf.generate(ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
         dt = float("inf")
         for _ in range(max(1, repeats)):
+            sync()
             t = time.perf_counter()
             out = hf.generate(ids, **kw)
+            sync()
             dt = min(dt, time.perf_counter() - t)
             assert out.shape[1] == prompt_len + new
     return batch * new / dt
 
 
+def _progress(t0: float, what: str) -> None:
+    """Where a long case spends its time (stderr; the JSON rows stay on stdout)."""
+    print(f"[bench sample {time.perf_counter() - t0:7.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import jax
+    import jax.numpy as jnp
 
+    from flowrl_jax.models.qwen2 import Numerics
     from flowrl_jax.sampling.engine import cache_bytes
     from flowrl_jax.sampling.testing import tiny_model, to_hf
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    archs = {s: _arch(s) for s in shapes}  # unknown names fail here, before any compute
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
+    dtype = getattr(args, "dtype", "auto")
+    dtype = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
+    num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
     peak = measured_matmul_flops() if on_cpu else None
     bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)
     rows: list[dict] = []
+    t0 = time.perf_counter()
     for shape in shapes:
-        arch = _arch(shape)
-        model = tiny_model(arch, seed=0, scale=1.0 if shape != "tiny" else 10.0)
+        arch = archs[shape]
+        model = tiny_model(arch, seed=0, scale=1.0 if shape != "tiny" else 10.0, num=num)
+        _progress(t0, f"{shape}: model built")
         hf = None
         if not args.no_reference:
             import torch
 
             torch.manual_seed(0)
             hf = to_hf(model, arch)
+            if torch.cuda.is_available():
+                hf = hf.to("cuda", getattr(torch, dtype))
+            _progress(t0, f"{shape}: HF copy built")
         for b in batches:
             reps = getattr(args, "repeats", 1)
             ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps)
+            _progress(t0, f"{shape} batch {b}: ours {ours:.1f} tokens/s")
             ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps)
                                 if hf is not None else (None, None))
             row: dict[str, Any] = {"shape": shape, "batch": b, "prompt_len": args.prompt_len,
@@ -143,14 +172,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "ours": round(ours, 1),
                                    "reference": None if ref is None else round(ref, 1),
                                    "ratio": None if ref is None else round(ours / ref, 2),
-                                   "reference_threads": ref_threads,
+                                   "reference_threads": ref_threads, "dtype": dtype,
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
                 row["frac_matmul_peak"] = float(f"{2 * matmul_params(arch) * ours / peak:.3g}")
             elif bw is not None:
                 avg_len = args.prompt_len + args.new_tokens / 2
-                kv = cache_bytes(arch, b, int(avg_len), np.float32)
+                kv = cache_bytes(arch, b, int(avg_len), num.compute_dtype)
                 from flax import nnx
 
                 param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))

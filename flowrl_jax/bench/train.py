@@ -3,8 +3,11 @@
 Ours: the jitted train step of flowrl_jax/train_step.py (FlowRL loss with Z_φ, AdamW,
 grad clip, non-finite guard, donated state). Reference: transformers' Qwen2ForCausalLM
 forward + backward + torch.optim.AdamW with the same FlowRL loss and a torch Z_φ, on the
-same shape and batch. Both float32, random weights. Each side runs 1 warm-up step
+same shape and batch, random weights. Precision (`--dtype`): float32 on CPU; on
+accelerators float32 parameters and optimizer with bfloat16 compute (ours: compute_dtype;
+PyTorch: autocast), the usual mixed-precision recipe. Each side runs 1 warm-up step
 (compile) and `--steps` timed steps; the best step time counts (the machine may be shared).
+Any preset of configs/models is a shape (`--shapes qwen2.5-1.5b`).
 
 Also reported: this CPU's measured float32 GEMM peak (a big matmul in the same run), the
 model FLOPs of one step and the fraction of that peak each side reaches; on accelerators
@@ -23,18 +26,17 @@ import dataclasses
 import gc
 import math
 import os
+import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
+from flowrl_jax.config import ATTENTION, preset_arch
 from flowrl_jax.hardware import measured_matmul_flops, peak_flops
 
-#: vendor peak dense bf16 FLOP/s per chip (what MFU is measured against)
+#: the default shapes (any preset of configs/models can be named)
 SHAPES = ("tiny", "qwen2.5-0.5b")
-_MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
 def mfu(flops_per_s: float, device_kind: str, n_devices: int = 1) -> Optional[float]:
@@ -56,7 +58,8 @@ def step_flops(arch: Any, batch: int, prompt: int, response: int, z_depth: int =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma list of presets in configs/models (default: %(default)s)")
     parser.add_argument("--seq", type=int, default=512, help="prompt + response tokens per sequence")
     parser.add_argument("--batch-tiny", type=int, default=4)
     parser.add_argument("--batch-large", type=int, default=2)
@@ -65,11 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="override the number of layers of the large shape (memory-bound hosts)")
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="compute dtype (parameters stay float32); auto: float32 on CPU, "
+                             "bfloat16 on accelerators")
+    parser.add_argument("--attention", choices=ATTENTION, default="auto",
+                        help="model.attention of our side (see flowrl_jax.config.ATTENTION)")
+    parser.add_argument("--remat", action="store_true", help="rematerialise each layer (ours)")
 
 
 def _arch(shape: str):
-    from flowrl_jax.config import ModelArch
-    return ModelArch(**yaml.safe_load((_MODELS / f"{shape}.yaml").read_text()))
+    return preset_arch(shape, "bench train --shapes")
 
 
 def _inputs(arch, b: int, p: int, r: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -102,7 +110,17 @@ def _call(fn_name: str, *args: Any) -> dict[str, Any]:
     return globals()[fn_name](*args)
 
 
-def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
+def probe_device() -> dict[str, Any]:
+    """Platform and kind of the default device, read in a child process so that the parent
+    never initialises (and, on GPU, preallocates memory of) an accelerator."""
+    import jax
+
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind}
+
+
+def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "float32",
+               attention: str = "auto", remat: bool = False) -> dict[str, Any]:
     """Best step time of our jitted FlowRL train step on one device (run in a fresh process,
     which gets the CLI's process settings first)."""
     from flowrl_jax import cpu_runtime
@@ -116,9 +134,8 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
     from flowrl_jax.train_state import create_train_state
     from flowrl_jax.train_step import make_train_step
 
-    # attention "auto": the flash-style path on CPU, cuDNN/XLA on accelerators
-    cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype="float32", remat=False,
-                                   attention="auto"),
+    cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype=compute_dtype,
+                                   remat=remat, attention=attention),
                  algo=AlgoConfig(name="flowrl"),
                  trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
                  rollout=RolloutConfig(temperature=1.0))
@@ -127,12 +144,15 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
     n_params = param_count(model)
     state = create_train_state(cfg, model, mesh, rng=0)
     del model
+    print(f"[bench train] initialised {n_params / 1e6:.1f}M parameters", file=sys.stderr, flush=True)
     step = make_train_step(cfg, state, mesh)
     batch = step.place(_inputs(arch, b, p, r))
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    print(f"[bench train] compiled and ran the first step in {compile_s:.1f}s", file=sys.stderr,
+          flush=True)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -140,43 +160,54 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
         jax.block_until_ready((state.step, m))
         times.append(time.perf_counter() - t0)
     ok = float(m["skipped"]) == 0 and math.isfinite(float(m["loss"]))
+    print(f"[bench train] ours: best of {steps} steps {min(times):.4f}s (ok={ok})", file=sys.stderr,
+          flush=True)
     del state, step, batch
     gc.collect()
     return {"step_s": min(times), "compile_s": compile_s, "params": n_params, "ok": ok,
             "device": jax.devices()[0].device_kind}
 
 
-def bench_reference(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
-    """Best step time of HF transformers Qwen2 (PyTorch) + the FlowRL loss + AdamW."""
+def bench_reference(arch, b: int, p: int, r: int, steps: int,
+                    compute_dtype: str = "float32") -> dict[str, Any]:
+    """Best step time of HF transformers Qwen2 (PyTorch) + the FlowRL loss + AdamW, on CUDA
+    when torch sees a GPU (float32 weights, `compute_dtype` autocast), else on the CPU."""
+    import contextlib
+
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf_cfg = Qwen2Config(**{k: v for k, v in arch.to_hf_dict(torch_dtype="float32").items()
                             if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
-    model = Qwen2ForCausalLM(hf_cfg).float()
+    model = Qwen2ForCausalLM(hf_cfg).float().to(dev)
     h = arch.hidden_size
     layers = []
     for _ in range(2):
         layers += [torch.nn.Linear(h, h), torch.nn.GELU(), torch.nn.LayerNorm(h), torch.nn.Dropout(0.1)]
-    znet = torch.nn.Sequential(*layers, torch.nn.Linear(h, 1))
+    znet = torch.nn.Sequential(*layers, torch.nn.Linear(h, 1)).to(dev)
     params = list(model.parameters()) + list(znet.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
-    data = {k: torch.from_numpy(np.asarray(v)) for k, v in _inputs(arch, b, p, r).items()}
+    data = {k: torch.from_numpy(np.asarray(v)).to(dev) for k, v in _inputs(arch, b, p, r).items()}
+    autocast = (torch.autocast(dev.type, dtype=getattr(torch, compute_dtype))
+                if compute_dtype != "float32" else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ids = data["input_ids"].long()
     am = data["attention_mask"].long()
     beta = 15.0
 
     def one_step():
         opt.zero_grad(set_to_none=True)
-        hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state
-        logits = model.lm_head(hidden[:, p - 1:-1]).float()
+        with autocast:
+            hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state
+            logits = model.lm_head(hidden[:, p - 1:-1]).float()
+            pm = am[:, :p, None].float()
+            log_z = znet((hidden[:, :p].float() * pm).sum(1) / pm.sum(1))[:, 0].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, p:, None])[..., 0]
         mask = data["response_mask"]
         n = mask.sum(-1)
-        pm = am[:, :p, None].float()
-        log_z = znet((hidden[:, :p] * pm).sum(1) / pm.sum(1))[:, 0]
         delta = log_z + (logp * mask).sum(-1) / n - beta * data["rhat"] - (data["ref_logp"] * mask).sum(-1) / n
         log_w = ((logp - data["old_logp"]) * mask).sum(-1).detach().clamp(-20, 20)
         w = torch.exp(log_w).clamp(max=10.0)
@@ -184,20 +215,23 @@ def bench_reference(arch, b: int, p: int, r: int, steps: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        return float(loss.detach())
+        return float(loss.detach())  # (synchronises)
 
     t0 = time.perf_counter()
     one_step()
     warm_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
+        sync()
         t0 = time.perf_counter()
         one_step()
+        sync()
         times.append(time.perf_counter() - t0)
-    torch_peak = _torch_sgemm_gflops()
+    torch_peak = _torch_sgemm_gflops() if dev.type == "cpu" else None
     del model, znet, opt, params
     gc.collect()
-    return {"step_s": min(times), "warmup_s": warm_s, "torch_sgemm_gflops": torch_peak}
+    return {"step_s": min(times), "warmup_s": warm_s, "torch_sgemm_gflops": torch_peak,
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
 
 
 def _torch_sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -215,22 +249,24 @@ def _torch_sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per shape: tokens/s ours vs reference, ratio, fraction of the SGEMM peak, MFU."""
-    import jax
-
     shapes = [s.strip() for s in str(getattr(args, "shapes", ",".join(SHAPES))).split(",") if s.strip()]
-    for s in shapes:
-        if s not in SHAPES:
-            raise ValueError(f"bench train: unknown shape {s!r} (known: {', '.join(SHAPES)})")
+    archs = {s: _arch(s) for s in shapes}  # unknown names fail here, before any compute
     seq = int(getattr(args, "seq", 512))
     p = seq // 2
     r = seq - p
     steps_arg = getattr(args, "steps", None)
-    on_cpu = jax.default_backend() == "cpu"
-    use_ref = on_cpu and not getattr(args, "no_reference", False)
+    device = _isolated("probe_device")
+    if "error" in device:
+        raise RuntimeError(f"bench train: could not start JAX in a child process ({device['error']})")
+    on_cpu = device["platform"] == "cpu"
+    dtype = getattr(args, "dtype", "auto")
+    dtype = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
+    attention, remat = getattr(args, "attention", "auto"), bool(getattr(args, "remat", False))
+    use_ref = not getattr(args, "no_reference", False)
     peak_gflops = measured_matmul_flops() / 1e9 if on_cpu else None
     rows = []
     for shape in shapes:
-        arch = _arch(shape)
+        arch = archs[shape]
         b = int(getattr(args, "batch_tiny", 4) if shape == "tiny" else getattr(args, "batch_large", 2))
         tokens = b * seq
         layers = getattr(args, "layers", None)
@@ -239,8 +275,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         flops = step_flops(arch, b, p, r)
         # tiny steps take milliseconds: more of them make the best one representative
         steps = int(steps_arg) if steps_arg is not None else (20 if shape == "tiny" else 3)
-        ours = _isolated("bench_ours", arch, b, p, r, steps)
-        ref = _isolated("bench_reference", arch, b, p, r, steps) if use_ref else None
+        ours = _isolated("bench_ours", arch, b, p, r, steps, dtype, attention, remat)
+        ref = _isolated("bench_reference", arch, b, p, r, steps, dtype) if use_ref else None
         if "error" in ours or (ref is not None and "error" in ref):
             rows.append({"shape": shape, "unit": "tokens/s", "ours": None, "reference": None,
                          "ratio": None, "batch": b, "seq": seq,
@@ -253,6 +289,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "reference": None if ref is None else tokens / ref["step_s"],
             "ratio": None if ref is None else ref["step_s"] / ours["step_s"],
             "batch": b, "seq": seq, "layers": arch.num_hidden_layers, "params": ours["params"],
+            "compute_dtype": dtype, "attention": attention, "remat": remat,
             "step_flops": flops,
             "ours_step_s": ours["step_s"], "ours_compile_s": ours["compile_s"],
             "ours_tflops": flops / ours["step_s"] / 1e12, "ours_ok": ours["ok"],
@@ -261,6 +298,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if ref is not None:
             row["reference_step_s"] = ref["step_s"]
             row["reference_tflops"] = flops / ref["step_s"] / 1e12
+            row["reference_device"] = ref["device"]
         if peak_gflops is not None:
             peak = max(peak_gflops, ref["torch_sgemm_gflops"] if ref else 0.0)
             row["sgemm_gflops"] = peak
@@ -269,5 +307,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row["reference_frac_of_sgemm_peak"] = flops / ref["step_s"] / (peak * 1e9)
         else:
             row["mfu"] = mfu(flops / ours["step_s"], ours["device"])
+            if ref is not None:
+                row["reference_mfu"] = mfu(flops / ref["step_s"], ours["device"])
         rows.append(row)
     return rows

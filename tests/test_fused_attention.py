@@ -1,0 +1,152 @@
+"""contiguous_causal_attention (model.attention='cudnn': the fused kernel on rows rotated
+so their real tokens start at slot 0) against a float64 NumPy masked softmax, forward and
+gradients, on rows with left padding, right padding, both, none and only padding; the model
+with it against the default attention; and the host-side layout check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowrl_jax.config import ConfigError, ModelConfig
+from flowrl_jax.models.attention import contiguous_causal_attention, require_contiguous_rows
+from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+
+
+def _np_attention(q, k, v, valid):
+    """float64: causal ∧ key-valid masked softmax, GQA by repetition."""
+    b, t, n, d = q.shape
+    g = n // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
+    mask = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None, None] & valid[:, None, None, :]
+    s = np.where(mask, s, -1e300)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnd->btnd", p, v)
+
+
+def _rows(t):
+    valid = np.ones((5, t), bool)
+    valid[0, :7] = False              # left padding (prompt)
+    valid[1, t - 4:] = False          # right padding (response)
+    valid[2, :3] = False              # both
+    valid[2, t - 6:] = False
+    valid[4, :] = False               # only padding (a filler row of a micro-batch)
+    return valid
+
+
+def test_matches_the_masked_softmax_on_real_tokens_with_gradients():
+    t, n, kh, d = 24, 4, 2, 8
+    rng = np.random.default_rng(0)
+    q, k, v, w = (rng.normal(size=(5, t, h, d)) for h in (n, kh, kh, n))
+    valid = _rows(t)
+    real = valid[:, :, None, None]  # only real query positions are defined / read
+    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    out = jax.jit(contiguous_causal_attention)(*f32, jnp.asarray(valid))
+    ref = _np_attention(q, k, v, valid)
+    np.testing.assert_allclose(np.where(real, np.asarray(out), 0), np.where(real, ref, 0), atol=2e-5)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+    loss = lambda *a: jnp.sum(contiguous_causal_attention(*a, jnp.asarray(valid))  # noqa: E731
+                              * jnp.asarray(w * real, jnp.float32))
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*f32)
+    eps = 1e-6
+    args = [q, k, v]
+    for which in range(3):
+        for idx in [(0, 9, 0, 1), (1, 3, 1, 2), (2, t - 8, 0, 5), (3, t - 1, kh - 1, 7)]:
+            if which == 0:
+                idx = (idx[0], idx[1], min(idx[2] * 2 + 1, n - 1), idx[3])
+            hi = [a.copy() for a in args]
+            lo = [a.copy() for a in args]
+            hi[which][idx] += eps
+            lo[which][idx] -= eps
+            num = (np.sum(_np_attention(*hi, valid) * w * real)
+                   - np.sum(_np_attention(*lo, valid) * w * real)) / (2 * eps)
+            assert abs(float(grads[which][idx]) - num) < 1e-3 * max(1.0, abs(num)), (which, idx)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_model_with_cudnn_setting_matches_the_default_on_real_tokens():
+    from flowrl_jax.models.qwen2 import Numerics
+
+    arch = tiny_arch(64, num_hidden_layers=2)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (5, 24)), jnp.int32)
+    valid = jnp.asarray(_rows(24))
+    outs = {}
+    for impl in ("plain", "cudnn"):
+        model = tiny_model(arch, seed=3, scale=1.0, num=Numerics(attention=impl))
+        outs[impl] = np.asarray(model(ids, valid).logits)
+    real = np.asarray(valid)[:, :, None]
+    np.testing.assert_allclose(np.where(real, outs["cudnn"], 0), np.where(real, outs["plain"], 0),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_layout_check_names_the_row_with_a_hole():
+    good = _rows(10)
+    require_contiguous_rows(good, "batch")  # left, right, both, none, all padding: fine
+    bad = good.copy()
+    bad[3, 4] = False  # padding between prompt and response
+    with pytest.raises(ValueError, match="row 3 .*contiguous"):
+        require_contiguous_rows(bad, "train_step[flowrl]")
+
+
+def test_unknown_attention_setting_is_named():
+    with pytest.raises(ConfigError, match="model.attention"):
+        ModelConfig(attention="flash3").validate()
+
+
+def test_auto_uses_the_fused_rows_only_on_gpu_and_cudnn_everywhere():
+    from flowrl_jax.models.attention import uses_contiguous_rows
+
+    assert jax.default_backend() == "cpu"  # the test session's platform (conftest)
+    assert uses_contiguous_rows("cudnn")
+    assert not any(uses_contiguous_rows(x) for x in ("auto", "xla", "plain"))
+
+
+def test_train_step_and_logprobs_refuse_a_mask_with_a_hole_before_compiling():
+    """With the fused path the layout is checked on the host: a hole in a row would be read
+    as padding by the kernel, so it is an error that names the row, not a wrong gradient."""
+    import dataclasses
+
+    from flowrl_jax.config import AlgoConfig, Config, TrainerConfig
+    from flowrl_jax.mesh import single_device_mesh
+    from flowrl_jax.models.qwen2 import Numerics, init_sharded
+    from flowrl_jax.train_state import create_train_state
+    from flowrl_jax.train_step import LogProbs, make_train_step
+
+    arch = tiny_arch(64)
+    cfg = Config(model=ModelConfig(attention="cudnn"), algo=AlgoConfig(name="flowrl"),
+                 trainer=TrainerConfig(mini_batch_size=4, micro_batch_size=4))
+    mesh = single_device_mesh()
+    state = create_train_state(cfg, init_sharded(arch, Numerics(attention="cudnn"), mesh), mesh)
+    mask = np.ones((4, 12), bool)
+    mask[2, 5] = False  # padding between prompt (0..5) and response (6..11)
+    batch = {"input_ids": np.zeros((4, 12), np.int32), "attention_mask": mask,
+             "response_mask": np.ones((4, 6), np.float32), "old_logp": np.zeros((4, 6), np.float32),
+             "ref_logp": np.zeros((4, 6), np.float32), "rhat": np.zeros(4, np.float32)}
+    with pytest.raises(ValueError, match=r"train_step\[flowrl\]: attention_mask row 2"):
+        make_train_step(cfg, state, mesh).place(batch)
+    with pytest.raises(ValueError, match="compute_logprobs: attention_mask row 2"):
+        LogProbs(cfg, state, mesh)(state.params, batch)
+    # the default kernel takes any mask
+    ok = dataclasses.replace(cfg, model=ModelConfig(attention="xla"))
+    assert make_train_step(ok, state, mesh).place(batch)["attention_mask"].shape == (4, 12)
+
+
+def test_bench_attention_rows_compare_each_kernel_with_the_float32_reference():
+    import argparse
+
+    from flowrl_jax.bench import attention as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    rows = bench.run(parser.parse_args(["--batch", "2", "--seq", "96", "--heads", "4",
+                                        "--head-dim", "16", "--repeats", "1"]))
+    assert [r["kernel"] for r in rows] == list(bench.KERNELS)
+    xla = rows[0]["ours"]
+    for r in rows:
+        assert r["finite"] and r["rel_err_out"] < 1e-5 and r["rel_err_grad"] < 1e-5, r
+        assert r["reference"] == xla and r["ratio"] == pytest.approx(xla / r["ours"])
+    with pytest.raises(ValueError, match="'flash9'"):
+        bench.run(parser.parse_args(["--kernels", "xla,flash9"]))
