@@ -110,19 +110,11 @@ def _call(fn_name: str, *args: Any) -> dict[str, Any]:
     return globals()[fn_name](*args)
 
 
-def probe_device() -> dict[str, Any]:
-    """Platform and kind of the default device, read in a child process so that the parent
-    never initialises (and, on GPU, preallocates memory of) an accelerator."""
-    import jax
-
-    d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind}
-
-
-def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "float32",
+def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "auto",
                attention: str = "auto", remat: bool = False) -> dict[str, Any]:
     """Best step time of our jitted FlowRL train step on one device (run in a fresh process,
-    which gets the CLI's process settings first)."""
+    which gets the CLI's process settings first; the parent never touches, and on a GPU
+    never preallocates, the accelerator). "auto" compute: float32 on CPU, else bfloat16."""
     from flowrl_jax import cpu_runtime
 
     cpu_runtime.configure()
@@ -134,6 +126,9 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "f
     from flowrl_jax.train_state import create_train_state
     from flowrl_jax.train_step import make_train_step
 
+    platform = jax.devices()[0].platform
+    if compute_dtype == "auto":
+        compute_dtype = "float32" if platform == "cpu" else "bfloat16"
     cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype=compute_dtype,
                                    remat=remat, attention=attention),
                  algo=AlgoConfig(name="flowrl"),
@@ -165,13 +160,15 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "f
     del state, step, batch
     gc.collect()
     return {"step_s": min(times), "compile_s": compile_s, "params": n_params, "ok": ok,
-            "device": jax.devices()[0].device_kind}
+            "device": jax.devices()[0].device_kind, "platform": platform,
+            "compute_dtype": compute_dtype}
 
 
-def bench_reference(arch, b: int, p: int, r: int, steps: int,
-                    compute_dtype: str = "float32") -> dict[str, Any]:
+def bench_reference(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "float32",
+                    cuda: bool = False) -> dict[str, Any]:
     """Best step time of HF transformers Qwen2 (PyTorch) + the FlowRL loss + AdamW, on CUDA
-    when torch sees a GPU (float32 weights, `compute_dtype` autocast), else on the CPU."""
+    when `cuda` (our side ran on a GPU) and torch sees one, else on the CPU (float32 weights,
+    `compute_dtype` autocast)."""
     import contextlib
 
     import torch
@@ -179,10 +176,11 @@ def bench_reference(arch, b: int, p: int, r: int, steps: int,
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
     hf_cfg = Qwen2Config(**{k: v for k, v in arch.to_hf_dict(torch_dtype="float32").items()
                             if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
-    model = Qwen2ForCausalLM(hf_cfg).float().to(dev)
+    with dev:  # built on the device it runs on (no host init and copy)
+        model = Qwen2ForCausalLM(hf_cfg).float()
     h = arch.hidden_size
     layers = []
     for _ in range(2):
@@ -196,12 +194,15 @@ def bench_reference(arch, b: int, p: int, r: int, steps: int,
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ids = data["input_ids"].long()
     am = data["attention_mask"].long()
+    # no padding in the bench batch: without a mask HF's SDPA runs its causal flash kernel
+    # instead of a materialised [B, 1, T, T] mask (the fair, fast reference)
+    am_arg = None if bool(am.all()) else am
     beta = 15.0
 
     def one_step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            hidden = model.model(input_ids=ids, attention_mask=am).last_hidden_state
+            hidden = model.model(input_ids=ids, attention_mask=am_arg).last_hidden_state
             logits = model.lm_head(hidden[:, p - 1:-1]).float()
             pm = am[:, :p, None].float()
             log_z = znet((hidden[:, :p].float() * pm).sum(1) / pm.sum(1))[:, 0].float()
@@ -255,15 +256,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     p = seq // 2
     r = seq - p
     steps_arg = getattr(args, "steps", None)
-    device = _isolated("probe_device")
-    if "error" in device:
-        raise RuntimeError(f"bench train: could not start JAX in a child process ({device['error']})")
-    on_cpu = device["platform"] == "cpu"
     dtype = getattr(args, "dtype", "auto")
-    dtype = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
     attention, remat = getattr(args, "attention", "auto"), bool(getattr(args, "remat", False))
     use_ref = not getattr(args, "no_reference", False)
-    peak_gflops = measured_matmul_flops() / 1e9 if on_cpu else None
+    peak_gflops: Optional[float] = None
     rows = []
     for shape in shapes:
         arch = archs[shape]
@@ -276,20 +272,25 @@ def run(args: argparse.Namespace) -> list[dict]:
         # tiny steps take milliseconds: more of them make the best one representative
         steps = int(steps_arg) if steps_arg is not None else (20 if shape == "tiny" else 3)
         ours = _isolated("bench_ours", arch, b, p, r, steps, dtype, attention, remat)
-        ref = _isolated("bench_reference", arch, b, p, r, steps, dtype) if use_ref else None
+        ref = (_isolated("bench_reference", arch, b, p, r, steps, ours["compute_dtype"],
+                         ours["platform"] == "gpu")
+               if use_ref and "error" not in ours else None)
         if "error" in ours or (ref is not None and "error" in ref):
             rows.append({"shape": shape, "unit": "tokens/s", "ours": None, "reference": None,
                          "ratio": None, "batch": b, "seq": seq,
                          "layers": arch.num_hidden_layers,
                          "error": "; ".join(x["error"] for x in (ours, ref) if x and "error" in x)})
             continue
+        on_cpu = ours["platform"] == "cpu"
+        if on_cpu and peak_gflops is None:
+            peak_gflops = measured_matmul_flops() / 1e9
         ours_tps = tokens / ours["step_s"]
         row: dict[str, Any] = {
             "shape": shape, "unit": "tokens/s", "ours": ours_tps,
             "reference": None if ref is None else tokens / ref["step_s"],
             "ratio": None if ref is None else ref["step_s"] / ours["step_s"],
             "batch": b, "seq": seq, "layers": arch.num_hidden_layers, "params": ours["params"],
-            "compute_dtype": dtype, "attention": attention, "remat": remat,
+            "compute_dtype": ours["compute_dtype"], "attention": attention, "remat": remat,
             "step_flops": flops,
             "ours_step_s": ours["step_s"], "ours_compile_s": ours["compile_s"],
             "ours_tflops": flops / ours["step_s"] / 1e12, "ours_ok": ours["ok"],
@@ -299,8 +300,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             row["reference_step_s"] = ref["step_s"]
             row["reference_tflops"] = flops / ref["step_s"] / 1e12
             row["reference_device"] = ref["device"]
-        if peak_gflops is not None:
-            peak = max(peak_gflops, ref["torch_sgemm_gflops"] if ref else 0.0)
+        if on_cpu:
+            peak = max(peak_gflops, (ref or {}).get("torch_sgemm_gflops") or 0.0)
             row["sgemm_gflops"] = peak
             row["ours_frac_of_sgemm_peak"] = flops / ours["step_s"] / (peak * 1e9)
             if ref is not None:
