@@ -185,6 +185,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
                 row["frac_hbm_roofline"] = float(f"{(param_bytes + kv) / step_s / bw:.3g}")
             rows.append(row)
+            _progress(t0, "row " + ", ".join(f"{k}={row[k]}" for k in (
+                "shape", "batch", "ours", "reference", "ratio", "frac_hbm_roofline") if k in row))
         del model, hf
         gc.collect()
     return rows
