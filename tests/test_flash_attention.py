@@ -7,25 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _attention_ref import np_attention
 from _ckpt_util import hf_logits, make_hf
 from flowrl_jax.checkpoint.hf import load_hf
 from flowrl_jax.mesh import single_device_mesh
 from flowrl_jax.models import attention
 from flowrl_jax.models.attention import flash_attention
 from flowrl_jax.models.qwen2 import Numerics, attention_weights_mask, plain_attention
-
-
-def _np_attention(q, k, v, valid):
-    """float64 reference: full [T, T] causal ∧ key-valid masked softmax, GQA by repetition."""
-    b, t, n, d = q.shape
-    g = n // k.shape[2]
-    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    s = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
-    mask = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None, None] & valid[:, None, None, :]
-    s = np.where(mask, s, -1e300)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnd->btnd", p, v)
 
 
 def _case(t, n, kh, seed, b=3, d=8):
@@ -49,7 +37,7 @@ def test_forward_and_gradients_match_float64_reference(t, n, kh, block):
     attn = jax.jit(flash_attention, static_argnames="block")
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     out = attn(*f32, jnp.asarray(valid), block=block)
-    np.testing.assert_allclose(np.asarray(out), _np_attention(q, k, v, valid), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, valid), atol=2e-5)
 
     # gradients of a random projection, against float64 central differences of the reference
     f = lambda q_, k_, v_: jnp.sum(flash_attention(q_, k_, v_, jnp.asarray(valid),  # noqa: E731
@@ -65,7 +53,7 @@ def test_forward_and_gradients_match_float64_reference(t, n, kh, block):
             lo = [a.copy() for a in args]
             hi[which][idx] += eps
             lo[which][idx] -= eps
-            num = (np.sum(_np_attention(*hi, valid) * w) - np.sum(_np_attention(*lo, valid) * w)) / (2 * eps)
+            num = (np.sum(np_attention(*hi, valid) * w) - np.sum(np_attention(*lo, valid) * w)) / (2 * eps)
             np.testing.assert_allclose(float(grads[which][idx]), num, atol=1e-4, rtol=1e-4)
 
 

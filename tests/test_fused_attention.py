@@ -8,22 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _attention_ref import np_attention
 from flowrl_jax.config import ConfigError, ModelConfig
 from flowrl_jax.models.attention import contiguous_causal_attention, require_contiguous_rows
 from flowrl_jax.sampling.testing import tiny_arch, tiny_model
-
-
-def _np_attention(q, k, v, valid):
-    """float64: causal ∧ key-valid masked softmax, GQA by repetition."""
-    b, t, n, d = q.shape
-    g = n // k.shape[2]
-    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    s = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(d)
-    mask = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None, None] & valid[:, None, None, :]
-    s = np.where(mask, s, -1e300)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnd->btnd", p, v)
 
 
 def _rows(t):
@@ -44,7 +32,7 @@ def test_matches_the_masked_softmax_on_real_tokens_with_gradients():
     real = valid[:, :, None, None]  # only real query positions are defined / read
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     out = jax.jit(contiguous_causal_attention)(*f32, jnp.asarray(valid))
-    ref = _np_attention(q, k, v, valid)
+    ref = np_attention(q, k, v, valid)
     np.testing.assert_allclose(np.where(real, np.asarray(out), 0), np.where(real, ref, 0), atol=2e-5)
     assert np.all(np.isfinite(np.asarray(out)))
 
@@ -61,8 +49,8 @@ def test_matches_the_masked_softmax_on_real_tokens_with_gradients():
             lo = [a.copy() for a in args]
             hi[which][idx] += eps
             lo[which][idx] -= eps
-            num = (np.sum(_np_attention(*hi, valid) * w * real)
-                   - np.sum(_np_attention(*lo, valid) * w * real)) / (2 * eps)
+            num = (np.sum(np_attention(*hi, valid) * w * real)
+                   - np.sum(np_attention(*lo, valid) * w * real)) / (2 * eps)
             assert abs(float(grads[which][idx]) - num) < 1e-3 * max(1.0, abs(num)), (which, idx)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
