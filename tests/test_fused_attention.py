@@ -139,3 +139,20 @@ def test_bench_attention_rows_compare_each_kernel_with_the_float32_reference():
         assert r["reference"] == xla and r["ratio"] == pytest.approx(xla / r["ours"])
     with pytest.raises(ValueError, match="'flash9'"):
         bench.run(parser.parse_args(["--kernels", "xla,flash9"]))
+
+
+def test_rotation_gradient_is_a_gather_not_a_scatter():
+    """Rows are permuted, so the backward is the inverse permutation (a gather); autodiff of
+    the forward gather would emit a scatter-add, which GPUs run with atomics."""
+    from flowrl_jax.models.attention import rotate
+
+    x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    by = jnp.asarray([1, 3])
+    np.testing.assert_array_equal(np.asarray(rotate(jnp.asarray(x), by)),
+                                  np.stack([np.roll(x[0], -1, 0), np.roll(x[1], -3, 0)]))
+    q = jnp.ones((2, 16, 4, 8))
+    k = jnp.ones((2, 16, 2, 8))
+    valid = jnp.asarray(_rows(16)[:2])
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(contiguous_causal_attention(q, k, v, valid)),
+                            argnums=(0, 1, 2)))
+    assert "scatter" not in grad.lower(q, k, k).as_text()

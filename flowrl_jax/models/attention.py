@@ -171,6 +171,27 @@ def fused_kernel_for(dtype) -> str:
     return "cudnn" if half and _on_nvidia_gpu() else "xla"
 
 
+@jax.custom_vjp
+def rotate(x: Array, by: Array) -> Array:
+    """Row b of x [B, T, ...] rotated left by by[b] along T (out[b, i] = x[b, (i + by[b]) % T]).
+    A permutation, so its gradient is the opposite rotation: a gather, not the scatter-add
+    autodiff would give a gather."""
+    t = x.shape[1]
+    idx = (jnp.arange(t, dtype=jnp.int32)[None, :] + by[:, None]) % t
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _rotate_fwd(x, by):
+    return rotate(x, by), by
+
+
+def _rotate_bwd(by, g):
+    return rotate(g, -by), None
+
+
+rotate.defvjp(_rotate_fwd, _rotate_bwd)
+
+
 def contiguous_causal_attention(q: Array, k: Array, v: Array, k_valid: Array,
                                 implementation: str | None = None) -> Array:
     """Causal self-attention without a cache for rows whose real tokens form one contiguous
@@ -183,16 +204,9 @@ def contiguous_causal_attention(q: Array, k: Array, v: Array, k_valid: Array,
     the causal ∧ valid-key mask. Queries on padding get the kernel's value for padded rows
     (cuDNN: zeros); nothing downstream reads them. q [B,T,N,D], k/v [B,T,KV,D], k_valid [B,T].
     """
-    t = q.shape[1]
     valid = k_valid.astype(bool)
     start = jnp.argmax(valid, axis=1).astype(jnp.int32)  # 0 for an all-padding row
     length = jnp.maximum(jnp.sum(valid, axis=1, dtype=jnp.int32), 1)
-    slots = jnp.arange(t, dtype=jnp.int32)[None, :]
-
-    def rotate(x: Array, by: Array) -> Array:
-        idx = (slots + by[:, None]) % t
-        return jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
-
     out = jax.nn.dot_product_attention(
         rotate(q, start), rotate(k, start), rotate(v, start), is_causal=True,
         query_seq_lengths=length, key_value_seq_lengths=length,
