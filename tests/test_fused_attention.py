@@ -156,3 +156,20 @@ def test_rotation_gradient_is_a_gather_not_a_scatter():
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(contiguous_causal_attention(q, k, v, valid)),
                             argnums=(0, 1, 2)))
     assert "scatter" not in grad.lower(q, k, k).as_text()
+
+
+def test_a_refused_fused_kernel_falls_back_to_xla_with_a_warning(monkeypatch):
+    """cuDNN refuses some shapes / versions when tracing; the path then computes the same
+    function through XLA and says so (here: cuDNN asked for on a CPU)."""
+    from flowrl_jax.models import attention
+
+    monkeypatch.setattr(attention, "fused_kernel_for", lambda dtype: "cudnn")
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.normal(size=(5, 24, h, 8)), jnp.float32) for h in (4, 2, 2))
+    valid = jnp.asarray(_rows(24))
+    with pytest.warns(RuntimeWarning, match="cuDNN attention unavailable"):
+        out = attention.contiguous_causal_attention(q, k, v, valid)
+    ref = attention.contiguous_causal_attention(q, k, v, valid, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(Exception):  # an explicitly requested kernel is not replaced
+        attention.contiguous_causal_attention(q, k, v, valid, implementation="cudnn")

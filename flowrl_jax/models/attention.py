@@ -21,6 +21,7 @@ transposed form (measured 1.4 ms vs 0.2 ms for [8, 128, 512] × [8, 128, 16]).
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import jax
@@ -207,10 +208,19 @@ def contiguous_causal_attention(q: Array, k: Array, v: Array, k_valid: Array,
     valid = k_valid.astype(bool)
     start = jnp.argmax(valid, axis=1).astype(jnp.int32)  # 0 for an all-padding row
     length = jnp.maximum(jnp.sum(valid, axis=1, dtype=jnp.int32), 1)
-    out = jax.nn.dot_product_attention(
-        rotate(q, start), rotate(k, start), rotate(v, start), is_causal=True,
-        query_seq_lengths=length, key_value_seq_lengths=length,
-        implementation=implementation or fused_kernel_for(q.dtype))
+    args = (rotate(q, start), rotate(k, start), rotate(v, start))
+    kw = dict(is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length)
+    kernel = implementation or fused_kernel_for(q.dtype)
+    try:
+        out = jax.nn.dot_product_attention(*args, **kw, implementation=kernel)
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        if kernel == "xla" or implementation is not None:
+            raise
+        # a shape or cuDNN version the fused kernel refuses (checked when tracing): same
+        # function through XLA, said once per traced shape
+        warnings.warn(f"cuDNN attention unavailable for q{tuple(q.shape)} {q.dtype} ({e}); "
+                      f"using XLA's", RuntimeWarning, stacklevel=2)
+        out = jax.nn.dot_product_attention(*args, **kw, implementation="xla")
     return rotate(out, -start)
 
 

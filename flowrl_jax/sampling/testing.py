@@ -33,7 +33,7 @@ def tiny_model(arch: ModelArch, seed: int = 0, scale: float = 10.0,
 
     def rescale(x):
         if x.ndim == 2:
-            return x * scale
+            return x * scale if scale != 1.0 else x  # no second copy of a large model
         if x.ndim == 1 and bool(jnp.all(x == 0)):  # q/k/v biases
             return jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype)
         return x
