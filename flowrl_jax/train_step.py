@@ -115,8 +115,14 @@ def check_batch(batch: Mapping[str, Any], where: str = "batch") -> dict[str, Arr
 
 def check_attention_layout(cfg: Config, batch: Mapping[str, Any], where: str) -> None:
     """The fused attention path relies on one contiguous run of real tokens per row."""
-    if uses_contiguous_rows(cfg.model.attention):
-        require_contiguous_rows(batch["attention_mask"], where)
+    if not uses_contiguous_rows(cfg.model.attention):
+        return
+    mask = batch["attention_mask"]
+    if isinstance(mask, jax.Array):  # possibly global over processes: check the rows held here
+        for shard in mask.addressable_shards:
+            require_contiguous_rows(shard.data, where, first_row=shard.index[0].start or 0)
+    else:
+        require_contiguous_rows(mask, where)
 
 
 def batch_shardings(batch: Mapping[str, Array], mesh: Mesh) -> dict[str, NamedSharding]:

@@ -173,3 +173,21 @@ def test_a_refused_fused_kernel_falls_back_to_xla_with_a_warning(monkeypatch):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
     with pytest.raises(Exception):  # an explicitly requested kernel is not replaced
         attention.contiguous_causal_attention(q, k, v, valid, implementation="cudnn")
+
+
+def test_layout_check_of_a_sharded_mask_names_the_global_row():
+    from flowrl_jax.config import MeshConfig
+    from flowrl_jax.mesh import make_mesh
+    from flowrl_jax.train_step import check_attention_layout
+
+    mesh = make_mesh(MeshConfig(data=8), jax.devices()[:8])
+    mask = np.ones((16, 10), bool)
+    mask[13, 4] = False  # in the 7th of 8 shards (rows 12-13)
+    sharded = jax.device_put(mask, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    assert len(sharded.addressable_shards) == 8
+    cfg = type("Cfg", (), {"model": ModelConfig(attention="cudnn")})()
+    with pytest.raises(ValueError, match="where: attention_mask row 13 "):
+        check_attention_layout(cfg, {"attention_mask": sharded}, "where")
+    good = np.ones((16, 10), bool)
+    good[::3, :4] = False  # left-padded prompts: one run per row
+    check_attention_layout(cfg, {"attention_mask": jax.device_put(good, sharded.sharding)}, "ok")

@@ -224,9 +224,10 @@ def contiguous_causal_attention(q: Array, k: Array, v: Array, k_valid: Array,
     return rotate(out, -start)
 
 
-def require_contiguous_rows(mask, where: str) -> None:
+def require_contiguous_rows(mask, where: str, first_row: int = 0) -> None:
     """Host-side check of the layout `contiguous_causal_attention` relies on: each row's
-    real tokens are one run (no padding between prompt and response)."""
+    real tokens are one run (no padding between prompt and response). `first_row`: the
+    global index of mask's first row (for a shard of a larger batch)."""
     import numpy as np
 
     m = np.asarray(mask).astype(bool)
@@ -235,7 +236,7 @@ def require_contiguous_rows(mask, where: str) -> None:
     last = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
     bad = np.nonzero((n > 0) & (last - first + 1 != n))[0]
     if bad.size:
-        raise ValueError(f"{where}: attention_mask row {int(bad[0])} has padding between real "
+        raise ValueError(f"{where}: attention_mask row {first_row + int(bad[0])} has padding between real "
                          f"tokens; the fused attention (model.attention='cudnn', or 'auto' on "
                          f"GPU) needs one contiguous run per row (left-padded prompt ++ "
                          f"right-padded response); set model.attention='xla' for other masks")
