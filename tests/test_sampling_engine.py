@@ -280,3 +280,41 @@ def test_unrolled_threefry_matches_jax_random():
         logits = jax.random.normal(jax.random.PRNGKey(vocab), (4096, vocab))
         ref = jax.vmap(jax.random.categorical)(raw, logits)
         np.testing.assert_array_equal(np.asarray(categorical_rows(raw, logits)), np.asarray(ref))
+
+
+def test_decode_attention_products_agree_with_a_float64_softmax():
+    """The CPU (elementwise) and accelerator (matmul) forms of the decode attention are the
+    same function: both against float64 NumPy, GQA 3 query heads per KV head, some slots
+    not yet visible."""
+    from flowrl_jax.sampling.engine import decode_attention
+
+    rng = np.random.default_rng(7)
+    b, kh, g, d, s = 3, 2, 3, 8, 11
+    q = rng.normal(size=(b, kh, g, d))
+    k = rng.normal(size=(b, kh, d, s))
+    v = rng.normal(size=(b, kh, s, d))
+    visible = np.arange(s)[None, :] <= np.array([2, 7, 10])[:, None]
+    sc = np.einsum("bkgd,bkds->bkgs", q, k) / np.sqrt(d)
+    sc = np.where(visible[:, None, None, :], sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    ref = np.einsum("bkgs,bksd->bkgd", p / p.sum(-1, keepdims=True), v)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(visible)[:, None, None, :]]
+    for products in ("elementwise", "matmul"):
+        with jax.default_matmul_precision("highest"):
+            out = jax.jit(decode_attention, static_argnums=4)(*args, products)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, err_msg=products)
+    with pytest.raises(ValueError, match="'dense'"):
+        decode_attention(*args, "dense")
+
+
+def test_greedy_matches_hf_with_the_accelerator_decode_attention(setup, hf_greedy, monkeypatch):
+    """The matmul form of the decode attention (what GPUs and TPUs run) in the whole engine:
+    HF's greedy tokens. Slot and chunk counts no other test uses, so this traces afresh."""
+    from flowrl_jax.sampling import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DECODE_PRODUCTS", "matmul")
+    _, model, _, prompts = setup
+    eng = SamplingEngine(model, decode_slots=7, decode_chunk=11, prefill_buckets=(8, 16),
+                         verbose=False)
+    out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
+    assert out.token_lists() == hf_greedy

@@ -296,21 +296,55 @@ def _write_rows(cache: Array, new: Array, pos: Array) -> Array:
     return jax.vmap(one)(cache, new, pos)
 
 
+#: decode attention form (`decode_attention`); None = by platform. Read when a decode program
+#: is traced (tests set it to run the accelerator form on CPU).
+DECODE_PRODUCTS: Optional[str] = None
+
+
+def decode_attention(q: Array, k: Array, v: Array, visible: Array, products: str) -> Array:
+    """One query token's attention over the decode cache: q [B, K, G, D] (G query heads per
+    KV head), keys k [B, K, D, S], values v [B, K, S, D], visible [B, 1, 1, S] → [B, K, G, D]
+    float32.
+
+    products="elementwise" (CPU): q·k as D multiply-adds of whole key rows [S], one
+    elementwise fusion (as a broadcast-multiply + reduce XLA materialises the [B, K, G, D, S]
+    product first; as batched matmuls each costs ~0.1 ms per layer and step at 32 slots).
+    products="matmul" (GPU/TPU): batched matmuls over (B, K) in the cache's dtype with float32
+    accumulation, which read each KV head's cache once for its G query heads; the elementwise
+    form re-reads it per query head, G× the HBM traffic of the dominant term at long lengths.
+    """
+    d = q.shape[-1]
+    neg = jnp.finfo(jnp.float32).min
+    if products == "elementwise":
+        qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+        sc = qf[..., 0, None] * kf[:, :, None, 0]
+        for j in range(1, d):
+            sc = sc + qf[..., j, None] * kf[:, :, None, j]
+    elif products == "matmul":
+        sc = jnp.einsum("bkgd,bkds->bkgs", q.astype(k.dtype), k,
+                        preferred_element_type=jnp.float32)
+    else:
+        raise ValueError(f"decode_attention: unknown products {products!r}")
+    p = jax.nn.softmax(jnp.where(visible, sc * d ** -0.5, neg), axis=-1)  # [B, K, G, S]
+    if products == "elementwise":
+        return jnp.sum(p[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
+    return jnp.einsum("bkgs,bksd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
 def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
                    cache: list[DecodeCache]) -> tuple[Array, list[DecodeCache]]:
     """One decode step: logits [B, V] of `token` [B] at position/cache slot `pos` [B].
 
     The same computation as the model's cached forward on the decode-layout cache, specialised
-    to one query token: the attention products are written as broadcast-multiply + reduce,
-    which XLA fuses, instead of tiny batched matmuls (on CPU each costs ~0.1 ms per layer
-    and step at 32 slots). Sampler only; the model's own forward stays the reference.
+    to one query token (`decode_attention`: elementwise products on CPU, matmuls elsewhere).
+    Sampler only; the model's own forward stays the reference.
     """
     arch, num = model.arch, model.num
     b, s = token.shape[0], cache[0].length
     cos, sin = rope_cos_sin(pos[:, None], arch.resolved_head_dim, arch.rope_theta)
     x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(num.compute_dtype)
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    neg = jnp.finfo(jnp.float32).min
+    products = DECODE_PRODUCTS or ("elementwise" if jax.default_backend() == "cpu" else "matmul")
     new_cache = []
     for layer, c in zip(model.layers, cache):
         at = layer.self_attn
@@ -321,16 +355,7 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
         v = at.v_proj(h).reshape(b, 1, kh, d)
         k_all = _write_cols(c.k, k[:, 0], pos)
         v_all = _write_rows(c.v, v[:, 0], pos)
-        # q.k as head_dim multiply-adds of whole key rows [S]: one elementwise fusion (as a
-        # broadcast-multiply + reduce, XLA materialises the [B, K, G, D, S] product first)
-        qh = q.reshape(b, kh, n // kh, d).astype(jnp.float32)  # [B, K, G, D]
-        kf = k_all.astype(jnp.float32)
-        sc = qh[..., 0, None] * kf[:, :, None, 0]
-        for j in range(1, d):
-            sc = sc + qh[..., j, None] * kf[:, :, None, j]
-        sc = sc * d ** -0.5  # [B, K, G, S]
-        p = jax.nn.softmax(jnp.where(visible, sc, neg), axis=-1)
-        out = jnp.sum(p[..., None] * v_all[:, :, None].astype(jnp.float32), axis=3)  # [B,K,G,D]
+        out = decode_attention(q.reshape(b, kh, n // kh, d), k_all, v_all, visible, products)
         x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         new_cache.append(DecodeCache(k_all, v_all))
