@@ -147,11 +147,11 @@ class ModelArch:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-#: attention kernels of the no-cache (train / scoring) passes: "auto" = our blocked flash
-#: attention on CPU, the "cudnn" path on NVIDIA GPUs, XLA's softmax elsewhere; "cudnn" = the
-#: fused kernel on rows that are one contiguous run of real tokens (cuDNN in bf16 on GPU, XLA
-#: otherwise; models/attention.py); "xla" = the full masked softmax; "plain" = our flash
-#: attention (falls back to the full softmax for short sequences)
+#: attention kernels of the no-cache (train / scoring) passes (models/attention.py,
+#: `no_cache_kernel`): "auto" = the "cudnn" path on NVIDIA GPUs in 16-bit, else our blocked
+#: flash attention; "cudnn" = the fused kernel on rows that are one contiguous run of real
+#: tokens (cuDNN in 16-bit on GPU, XLA otherwise); "plain" = our flash attention (the full
+#: softmax for sequences of ≤ 64 tokens); "xla" = XLA's full masked softmax
 ATTENTION = ("auto", "xla", "plain", "cudnn")
 
 

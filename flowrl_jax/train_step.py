@@ -65,7 +65,7 @@ from flowrl_jax.algos import get_algorithm
 from flowrl_jax.algos.base import seq_valid
 from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
-from flowrl_jax.models.attention import require_contiguous_rows, uses_contiguous_rows
+from flowrl_jax.models.attention import no_cache_kernel, require_contiguous_rows
 from flowrl_jax.mesh import named_sharding, replicated
 from flowrl_jax.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
                                     warmup_constant)
@@ -115,7 +115,7 @@ def check_batch(batch: Mapping[str, Any], where: str = "batch") -> dict[str, Arr
 
 def check_attention_layout(cfg: Config, batch: Mapping[str, Any], where: str) -> None:
     """The fused attention path relies on one contiguous run of real tokens per row."""
-    if not uses_contiguous_rows(cfg.model.attention):
+    if no_cache_kernel(cfg.model.attention, cfg.model.compute_dtype) != "fused":
         return
     mask = batch["attention_mask"]
     if isinstance(mask, jax.Array):  # possibly global over processes: check the rows held here

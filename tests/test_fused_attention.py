@@ -84,13 +84,18 @@ def test_unknown_attention_setting_is_named():
         ModelConfig(attention="flash3").validate()
 
 
-def test_auto_uses_the_fused_rows_only_on_gpu_and_cudnn_everywhere():
-    from flowrl_jax.models.attention import uses_contiguous_rows
+def test_kernel_choice_of_each_setting():
+    """auto: fused only on an NVIDIA GPU in 16-bit, else our flash attention; cudnn always
+    fused; plain is flash; xla the full softmax."""
+    from flowrl_jax.models.attention import no_cache_kernel
 
     on_gpu = jax.default_backend() in ("gpu", "cuda")  # cpu in CI (conftest)
-    assert uses_contiguous_rows("cudnn")
-    assert uses_contiguous_rows("auto") == on_gpu
-    assert not any(uses_contiguous_rows(x) for x in ("xla", "plain"))
+    assert no_cache_kernel("auto", jnp.bfloat16) == ("fused" if on_gpu else "flash")
+    assert no_cache_kernel("auto", "float16") == ("fused" if on_gpu else "flash")
+    assert no_cache_kernel("auto", jnp.float32) == "flash"
+    assert {no_cache_kernel("cudnn", d) for d in ("float32", "bfloat16")} == {"fused"}
+    assert no_cache_kernel("plain", jnp.float32) == "flash"
+    assert no_cache_kernel("xla", jnp.bfloat16) == "softmax"
 
 
 def test_train_step_and_logprobs_refuse_a_mask_with_a_hole_before_compiling():

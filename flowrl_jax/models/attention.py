@@ -158,18 +158,30 @@ def _on_nvidia_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
 
-def uses_contiguous_rows(impl: str) -> bool:
-    """Whether `model.attention = impl` runs the no-cache passes through
-    `contiguous_causal_attention`: "cudnn" always, "auto" on NVIDIA GPUs (4.9× faster than
-    XLA's softmax at the Qwen2.5-1.5B train shape on an H200, same error; BUILD_NOTES.md)."""
-    return impl == "cudnn" or (impl == "auto" and _on_nvidia_gpu())
+def _half(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def no_cache_kernel(impl: str, dtype) -> str:
+    """The attention of a no-cache (train / scoring) pass for `model.attention = impl` and
+    compute `dtype`: "fused" (`contiguous_causal_attention`), "flash" (`flash_attention`,
+    exact for any mask, memory O(T)) or "softmax" (the full masked [T, T] softmax).
+
+    "auto": fused on NVIDIA GPUs in 16-bit (cuDNN; 4.9× XLA's softmax at the Qwen2.5-1.5B
+    train shape on an H200, same error; BUILD_NOTES.md), else flash: on CPU it is the fastest
+    (2.96× XLA at T 1024), and elsewhere a materialised [T, T] softmax does not fit at long
+    context (12 heads × 8k² float32 = 3 GiB per layer and sequence)."""
+    if impl == "cudnn":
+        return "fused"
+    if impl == "auto":
+        return "fused" if _on_nvidia_gpu() and _half(dtype) else "flash"
+    return "flash" if impl == "plain" else "softmax"
 
 
 def fused_kernel_for(dtype) -> str:
     """jax.nn.dot_product_attention's implementation for these inputs: cuDNN's fused
     (FlashAttention-style) kernel on NVIDIA GPUs in 16-bit, else XLA's."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if half and _on_nvidia_gpu() else "xla"
+    return "cudnn" if _half(dtype) and _on_nvidia_gpu() else "xla"
 
 
 @jax.custom_vjp

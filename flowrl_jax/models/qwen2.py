@@ -18,7 +18,7 @@ from flax import nnx
 
 from flowrl_jax.config import ModelArch, ModelConfig
 from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
-                                         uses_contiguous_rows)
+                                         no_cache_kernel)
 
 Array = jax.Array
 
@@ -197,18 +197,16 @@ class Attention(nnx.Module):
             v_all = _write_cache(cache.v, v, update.write_index)
             cache = KVCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        elif update is None and uses_contiguous_rows(self.impl):
-            # no cache, rows are one contiguous run each (checked where batches are placed):
-            # the fused kernel (cuDNN in bf16 on GPU, XLA elsewhere) on rotated rows
-            out = contiguous_causal_attention(q, k, v, k_valid)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
-        elif update is None and t > FLASH_BLOCK and (
-                self.impl == "plain" or (self.impl == "auto" and jax.default_backend() == "cpu")):
-            # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the
-            # mask is causal: blocked attention with a recomputing backward (attention.py);
-            # also "auto"'s choice on CPU, where it beats XLA's dot_product_attention
-            out = flash_attention(q, k, v, k_valid)
-            return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+        elif update is None:
+            # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the mask
+            # is causal ∧ valid keys (attention.no_cache_kernel says which kernel runs)
+            kernel = no_cache_kernel(self.impl, q.dtype)
+            if kernel == "fused":  # rows are one run each (checked where batches are placed)
+                out = contiguous_causal_attention(q, k, v, k_valid)
+                return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+            if kernel == "flash" and t > FLASH_BLOCK:  # blocked, recomputing backward
+                out = flash_attention(q, k, v, k_valid)
+                return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
         out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
         return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
 
