@@ -85,3 +85,36 @@ def test_model_with_flash_path_matches_transformers(tmp_path):
     ref = hf_logits(ref_model, ids)
     assert np.abs(ref).max() > 1.0
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_bfloat16_inputs_run_bf16_products_and_stay_close_to_float64():
+    """On accelerators q/k/v arrive in bf16: the products then run in bf16 with float32
+    accumulation (softmax statistics in float32). Output and gradients in bf16, within
+    bf16-level error of the float64 reference; the products really are bf16 in the HLO."""
+    t, n, kh, d = 40, 4, 2, 16
+    q, k, v, valid, w = _case(t, n, kh, 11, d=d)
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    # the reference sees the same bf16-rounded inputs
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in bf)
+    out = jax.jit(flash_attention, static_argnames="block")(*bf, jnp.asarray(valid), block=16)
+    assert out.dtype == jnp.bfloat16
+    ref = np_attention(q64, k64, v64, valid)
+    assert np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref) < 1e-2
+
+    f = lambda *a: jnp.sum(flash_attention(*a, jnp.asarray(valid), block=16).astype(jnp.float32)  # noqa: E731
+                           * jnp.asarray(w, jnp.float32))
+    grad_fn = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+    grads = grad_fn(*bf)
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    with jax.default_matmul_precision("highest"):
+        ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(plain_attention(
+            *a, attention_weights_mask(jnp.broadcast_to(jnp.arange(t), (3, t)), jnp.asarray(valid)))
+            * jnp.asarray(w, jnp.float32)), argnums=(0, 1, 2)))(
+            *[jnp.asarray(x, jnp.float32) for x in (q64, k64, v64)])
+    for g, r in zip(grads, ref_grads):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2
+    # every product: bf16 operands, float32 result
+    dots = [l.split(" : ")[-1] for l in grad_fn.lower(*bf).as_text().splitlines()
+            if "stablehlo.dot_general" in l]
+    assert dots and all(x.count("bf16>") == 2 and x.endswith("xf32>") for x in dots), dots[:3]

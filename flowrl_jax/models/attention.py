@@ -45,17 +45,25 @@ def _blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, t)) for s in range(0, t, block)]
 
 
+def _mm(spec: str, a: Array, b: Array) -> Array:
+    """A product in the operands' dtype (q/k/v's: bf16 on accelerators, where the matrix
+    units want it) accumulated and returned in float32, as FlashAttention does."""
+    dt = b.dtype
+    return jnp.einsum(spec, a.astype(dt), b, preferred_element_type=jnp.float32)
+
+
 def _scores(qb: Array, k: Array, bias: Array, s0: int, e: int, g: int) -> Array:
-    """Masked scores of query positions [s0, e) against keys [0, e): [B, KV, (e−s0)·G, e]."""
+    """Masked float32 scores of query positions [s0, e) against keys [0, e): [B, KV, (e−s0)·G, e]."""
     pos = s0 + jnp.arange((e - s0) * g) // g  # query position of each row
-    s = jnp.einsum("bkrd,bksd->bkrs", qb, k[:, :, :e])
+    s = _mm("bkrd,bksd->bkrs", qb, k[:, :, :e])
     causal = jnp.arange(e)[None, :] <= pos[:, None]
     return jnp.where(causal, s + bias[:, None, None, :e], _MASKED)
 
 
 def _forward(q: Array, k: Array, v: Array, bias: Array, g: int, block: int):
-    """q [B,KV,T·G,D] (pre-scaled), k/v [B,KV,T,D], bias [B,T] → out like q, lse [B,KV,T·G],
-    and per block the unnormalised probabilities p [B,KV,rows,e] and 1/Σp [B,KV,rows,1]."""
+    """q [B,KV,T·G,D] (pre-scaled), k/v [B,KV,T,D], bias [B,T] → out [B,KV,T·G,D] and lse
+    [B,KV,T·G] in float32, and per block the unnormalised probabilities p [B,KV,rows,e] and
+    1/Σp [B,KV,rows,1]."""
     t = k.shape[2]
     outs, lses, probs = [], [], []
     for s0, e in _blocks(t, block):
@@ -63,7 +71,7 @@ def _forward(q: Array, k: Array, v: Array, bias: Array, g: int, block: int):
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("bkrs,bksd->bkrd", p, v[:, :, :e]) / l)
+        outs.append(_mm("bkrs,bksd->bkrd", p, v[:, :, :e]) / l)
         lses.append((m + jnp.log(l))[..., 0])
         probs.append((p, 1.0 / l))
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2), probs
@@ -85,7 +93,7 @@ def _flash_bwd(g, block, keep, res, dout):
     # D_r = Σ_d dO·O: the softmax Jacobian's row term, one number per query row
     delta = jnp.sum(dout * out, axis=-1)
     dqs = []
-    dkt = jnp.zeros(k.shape[:2] + (k.shape[3], t), k.dtype)  # [B, KV, D, T]
+    dkt = jnp.zeros(k.shape[:2] + (k.shape[3], t), jnp.float32)  # [B, KV, D, T]
     dvt = jnp.zeros_like(dkt)
     for i, (s0, e) in enumerate(_blocks(t, block)):
         rows = slice(s0 * g, e * g)
@@ -96,18 +104,19 @@ def _flash_bwd(g, block, keep, res, dout):
         else:  # kept unnormalised p: fold 1/Σp into ds and into dO's rows for dV
             p, inv_l = probs[i]
             dob_p = dob * inv_l
-        dp = jnp.einsum("bkrd,bksd->bkrs", dob, v[:, :, :e])
+        dp = _mm("bkrd,bksd->bkrs", dob, v[:, :, :e])
         ds = p * (dp - delta[:, :, rows, None])
         if probs is not None:
             ds = ds * inv_l
-        dqs.append(jnp.einsum("bkrs,bksd->bkrd", ds, k[:, :, :e]))
+        dqs.append(_mm("bkrs,bksd->bkrd", ds, k[:, :, :e]))
         # dK, dV come out transposed ([D, keys]): XLA:CPU runs P^T·Q-shaped products
         # (contraction over the big tile's rows into a [keys, D] result) several times slower
         pad = ((0, 0), (0, 0), (0, 0), (0, t - e))
-        dkt = dkt + jnp.pad(jnp.einsum("bkrd,bkrs->bkds", qb, ds), pad)
-        dvt = dvt + jnp.pad(jnp.einsum("bkrd,bkrs->bkds", dob_p, p), pad)
+        dkt = dkt + jnp.pad(_mm("bkrd,bkrs->bkds", qb, ds.astype(qb.dtype)), pad)
+        dvt = dvt + jnp.pad(_mm("bkrd,bkrs->bkds", dob_p.astype(qb.dtype), p.astype(qb.dtype)), pad)
     dq = jnp.concatenate(dqs, axis=2)
-    return dq, dkt.swapaxes(2, 3), dvt.swapaxes(2, 3), jnp.zeros_like(bias)
+    return (dq.astype(q.dtype), dkt.swapaxes(2, 3).astype(k.dtype),
+            dvt.swapaxes(2, 3).astype(v.dtype), jnp.zeros_like(bias))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -133,10 +142,12 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
     kh = k.shape[2]
     g = n // kh
     dt = q.dtype
-    qf = (q.astype(jnp.float32) * (d ** -0.5)).reshape(b, t, kh, g, d)
+    # products run in the inputs' dtype (bf16 on accelerators) with float32 accumulation;
+    # softmax statistics, probabilities and the output stay float32
+    qf = (q.astype(jnp.float32) * (d ** -0.5)).astype(dt).reshape(b, t, kh, g, d)
     qf = qf.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, d)
-    kf = k.astype(jnp.float32).transpose(0, 2, 1, 3)
-    vf = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    kf = k.transpose(0, 2, 1, 3)
+    vf = v.transpose(0, 2, 1, 3)
     bias = jnp.where(k_valid, 0.0, _MASKED).astype(jnp.float32)
     # materialise the re-laid-out inputs once: otherwise XLA fuses their producers (RoPE,
     # transposes) into every block's slice and recomputes them per block
@@ -146,7 +157,7 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
     out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
     # a query with no visible key: the full masked softmax is uniform over all T slots
     seen = sees_a_key(k_valid)
-    v_mean = jnp.repeat(jnp.mean(vf, axis=2), g, axis=1)  # [B, N, D]
+    v_mean = jnp.repeat(jnp.mean(vf.astype(jnp.float32), axis=2), g, axis=1)  # [B, N, D]
     out = jnp.where(seen[:, :, None, None], out, v_mean[:, None])
     return out.astype(dt)
 
