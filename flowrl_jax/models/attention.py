@@ -198,8 +198,8 @@ def fused_kernel_for(dtype) -> str:
 @jax.custom_vjp
 def rotate(x: Array, by: Array) -> Array:
     """Row b of x [B, T, ...] rotated left by by[b] along T (out[b, i] = x[b, (i + by[b]) % T]).
-    A permutation, so its gradient is the opposite rotation: a gather, not the scatter-add
-    autodiff would give a gather."""
+    A permutation, so its gradient is the opposite rotation: a gather (autodiff of the
+    forward gather would emit a scatter-add, which GPUs run with atomics)."""
     t = x.shape[1]
     idx = (jnp.arange(t, dtype=jnp.int32)[None, :] + by[:, None]) % t
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
