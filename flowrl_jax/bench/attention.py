@@ -4,8 +4,9 @@ responses), with each kernel's error against a float32 full-softmax reference.
 
 Kernels (the names are `model.attention` values): "xla" (jax.nn.dot_product_attention with
 the [B,1,T,T] mask: XLA's materialised softmax), "plain" (our blocked flash attention,
-attention.py, used for "plain" and for "auto" on CPU), "cudnn" (the fused kernel on rows
-rotated to start at slot 0: cuDNN in bf16 on NVIDIA GPUs, XLA elsewhere). `ratio` is the
+attention.py: "auto"'s choice except on NVIDIA GPUs in 16-bit), "cudnn" (the fused kernel on
+rows rotated to start at slot 0: cuDNN in 16-bit on NVIDIA GPUs, "auto"'s choice there; XLA
+elsewhere). `ratio` is the
 "xla" kernel's time ÷ this kernel's: the speed-up over the materialised softmax.
 """
 
@@ -17,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flowrl_jax.bench import add_dtype_argument, resolve_dtype
+
 KERNELS = ("xla", "plain", "cudnn")
 
 
@@ -26,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=12, help="query heads (Qwen2.5-1.5B: 12)")
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="auto: float32 on CPU, bfloat16 on accelerators")
+    add_dtype_argument(parser, "q, k and v")
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--repeats", type=int, default=5)
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     names = [s.strip() for s in args.kernels.split(",") if s.strip()]
     fns = {n: kernel_fn(n) for n in names}
     dev = jax.devices()[0]
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if dev.platform == "cpu" else "bfloat16")
+    dtype = resolve_dtype(args.dtype, dev.platform)
     b, t, n, kh, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     rng = np.random.default_rng(0)
     qkv = [rng.normal(size=(b, t, h, d)).astype(np.float32) for h in (n, kh, kh)]

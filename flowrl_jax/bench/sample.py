@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from flowrl_jax.bench import add_dtype_argument, resolve_dtype
 from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
 
 #: the default shapes (any preset of configs/models can be named)
@@ -31,9 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="weights, activations and KV cache (both sides); auto: float32 on "
-                             "CPU, bfloat16 on accelerators")
+    add_dtype_argument(parser, "weights, activations and KV cache (both sides)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per case and side; the best is reported (load noise)")
 
@@ -141,8 +140,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
-    dtype = getattr(args, "dtype", "auto")
-    dtype = ("float32" if on_cpu else "bfloat16") if dtype == "auto" else dtype
+    dtype = resolve_dtype(getattr(args, "dtype", "auto"), dev.platform)
     num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
     peak = measured_matmul_flops() if on_cpu else None
     bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from flowrl_jax.bench import add_dtype_argument, resolve_dtype
 from flowrl_jax.config import ATTENTION, preset_arch
 from flowrl_jax.hardware import measured_matmul_flops, peak_flops
 
@@ -68,9 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="override the number of layers of the large shape (memory-bound hosts)")
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch side")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="compute dtype (parameters stay float32); auto: float32 on CPU, "
-                             "bfloat16 on accelerators")
+    add_dtype_argument(parser, "compute dtype (parameters stay float32)")
     parser.add_argument("--attention", choices=ATTENTION, default="auto",
                         help="model.attention of our side (see flowrl_jax.config.ATTENTION)")
     parser.add_argument("--remat", action="store_true", help="rematerialise each layer (ours)")
@@ -127,8 +126,7 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
     from flowrl_jax.train_step import make_train_step
 
     platform = jax.devices()[0].platform
-    if compute_dtype == "auto":
-        compute_dtype = "float32" if platform == "cpu" else "bfloat16"
+    compute_dtype = resolve_dtype(compute_dtype, platform)
     cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype=compute_dtype,
                                    remat=remat, attention=attention),
                  algo=AlgoConfig(name="flowrl"),

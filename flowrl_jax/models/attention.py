@@ -26,6 +26,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -251,8 +252,6 @@ def require_contiguous_rows(mask, where: str, first_row: int = 0) -> None:
     """Host-side check of the layout `contiguous_causal_attention` relies on: each row's
     real tokens are one run (no padding between prompt and response). `first_row`: the
     global index of mask's first row (for a shard of a larger batch)."""
-    import numpy as np
-
     m = np.asarray(mask).astype(bool)
     n = m.sum(axis=1)
     first = np.argmax(m, axis=1)
