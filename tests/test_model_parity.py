@@ -102,3 +102,23 @@ def test_sharded_forward_on_8_devices_equals_single_device(hf_models, forward):
     single, _ = load_hf(path, single_device_mesh())
     ids = np.random.default_rng(5).integers(0, 128, (4, 12))
     np.testing.assert_allclose(forward(sharded, ids), forward(single, ids), atol=1e-5, rtol=0)
+
+
+def test_cache_write_at_per_row_slots_and_full_length():
+    """`_write_cache` puts each row's new tokens at its own slot; a write as long as the cache
+    is the new block whatever the index (dynamic_update_slice clamps), with no scatter."""
+    from flowrl_jax.models.qwen2 import _write_cache
+
+    rng = np.random.default_rng(3)
+    cache = rng.normal(size=(3, 7, 2, 4)).astype(np.float32)
+    new = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
+    index = np.array([0, 3, 6])  # the last row's slot is clamped to 5 (= 7 - 2)
+    expect = cache.copy()
+    for r, i in enumerate(np.minimum(index, 5)):
+        expect[r, i:i + 2] = new[r]
+    got = jax.jit(_write_cache)(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(index))
+    np.testing.assert_array_equal(np.asarray(got), expect)
+    full = rng.normal(size=(3, 7, 2, 4)).astype(np.float32)
+    got = jax.jit(_write_cache)(jnp.asarray(cache, jnp.bfloat16), jnp.asarray(full), jnp.asarray(index))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(full, jnp.bfloat16)))

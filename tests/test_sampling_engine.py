@@ -282,6 +282,22 @@ def test_unrolled_threefry_matches_jax_random():
         np.testing.assert_array_equal(np.asarray(categorical_rows(raw, logits)), np.asarray(ref))
 
 
+def test_sample_keys_equal_jax_random_fold_ins():
+    """Per-sample base keys are fold_in(fold_in(PRNGKey(seed), prompt), sample) exactly,
+    also for seeds past 2**31 (the unrolled path builds PRNGKey's [0, seed] itself)."""
+    from flowrl_jax.sampling.engine import sample_keys
+
+    p = jnp.arange(40, dtype=jnp.int32) * 7 + 3
+    s = jnp.arange(40, dtype=jnp.int32) % 5
+    for seed in (0, 12345, 2**31 + 5, 2**32 - 1):
+        def one(pi, si, seed=seed):
+            k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(np.uint32(seed)), pi), si)
+            return jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+        expect = jax.vmap(one)(p, s).astype(jnp.uint32)
+        got = jax.jit(sample_keys)(np.uint32(seed), p, s)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect), err_msg=f"seed {seed}")
+
+
 def test_decode_attention_products_agree_with_a_float64_softmax():
     """The CPU (elementwise) and accelerator (matmul) forms of the decode attention are the
     same function: both against float64 NumPy, GQA 3 query heads per KV head, some slots
@@ -292,12 +308,12 @@ def test_decode_attention_products_agree_with_a_float64_softmax():
     b, kh, g, d, s = 3, 2, 3, 8, 11
     q = rng.normal(size=(b, kh, g, d))
     k = rng.normal(size=(b, kh, d, s))
-    v = rng.normal(size=(b, kh, s, d))
+    v = rng.normal(size=(b, kh, d, s))
     visible = np.arange(s)[None, :] <= np.array([2, 7, 10])[:, None]
     sc = np.einsum("bkgd,bkds->bkgs", q, k) / np.sqrt(d)
     sc = np.where(visible[:, None, None, :], sc, -np.inf)
     p = np.exp(sc - sc.max(-1, keepdims=True))
-    ref = np.einsum("bkgs,bksd->bkgd", p / p.sum(-1, keepdims=True), v)
+    ref = np.einsum("bkgs,bkds->bkgd", p / p.sum(-1, keepdims=True), v)
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [jnp.asarray(visible)[:, None, None, :]]
     for products in ("elementwise", "matmul"):
         with jax.default_matmul_precision("highest"):

@@ -136,6 +136,11 @@ class CacheUpdate(NamedTuple):
 
 def _write_cache(cache: Array, new: Array, index: Array) -> Array:
     """Write new [B, T, ...] into cache [B, S, ...] at per-row slot index [B]."""
+    if new.shape[1] == cache.shape[1]:
+        # dynamic_update_slice clamps the index so the update fits: a full-length write is
+        # `new` whatever the index (XLA:CPU would run the batched write as a scatter)
+        return new.astype(cache.dtype)
+
     def one(c, n, i):
         return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
     return jax.vmap(one)(cache, new, index)
