@@ -57,9 +57,10 @@ def matmul_params(arch) -> int:
     return arch.num_hidden_layers * (attn + 3 * h * i) + h * arch.vocab_size
 
 
-def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
-          ) -> tuple[float, float]:
-    """(tokens/s, seconds per decode step) of a warm engine, best of `repeats` runs."""
+def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
+          progress=None) -> tuple[float, float, float]:
+    """(tokens/s, seconds per decode step, seconds of the first call: compile + one run) of a
+    warm engine, best of `repeats` runs."""
     from flax import nnx
 
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
@@ -70,14 +71,18 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
     prompts = [rng.integers(0, arch.vocab_size, prompt_len).tolist() for _ in range(batch)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True)
     params = nnx.state(model)  # what the trainer passes each rollout step
+    t = time.perf_counter()
     eng.generate(params, prompts, sp)  # compile
+    first = time.perf_counter() - t
+    if progress is not None:
+        progress(f"batch {batch}: compiled and ran once in {first:.1f}s")
     dt = float("inf")
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
         out = eng.generate(params, prompts, sp)
         dt = min(dt, time.perf_counter() - t)
         assert int(out.lengths.sum()) == batch * new
-    return batch * new / dt, dt / new
+    return batch * new / dt, dt / new, first
 
 
 def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
@@ -161,7 +166,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             _progress(t0, f"{shape}: HF copy built")
         for b in batches:
             reps = getattr(args, "repeats", 1)
-            ours, step_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps)
+            ours, step_s, first_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps,
+                                          lambda what: _progress(t0, f"{shape} {what}"))
             _progress(t0, f"{shape} batch {b}: ours {ours:.1f} tokens/s")
             ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps)
                                 if hf is not None else (None, None))
@@ -171,6 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "reference": None if ref is None else round(ref, 1),
                                    "ratio": None if ref is None else round(ours / ref, 2),
                                    "reference_threads": ref_threads, "dtype": dtype,
+                                   "ours_compile_s": round(first_s, 2),
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
