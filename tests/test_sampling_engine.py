@@ -225,12 +225,18 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert out.token_lists() == hf_greedy
 
 
-def test_windowed_decode_matches_hf(setup):
+def test_windowed_decode_matches_hf(setup, monkeypatch):
     """Long generations decode in attention windows of the cache (`decode_windows`): greedy
     tokens over 80 steps, crossing every window boundary from ragged prompt lengths, equal
-    HF's with all prompts in flight, with slots refilled between chunks, and on a mesh."""
+    HF's with all prompts in flight, with slots refilled between chunks, and on a mesh.
+    (Windows start at DECODE_WINDOWS_MIN_LENGTH slots; lowered here to keep the test short.)"""
+    from flowrl_jax.sampling import engine as engine_module
     from flowrl_jax.sampling.engine import decode_windows
 
+    assert decode_windows(511, 64) == (511,)  # the default: short caches in one window
+    assert decode_windows(1024, 64) == (256, 512, 768, 1024)
+    monkeypatch.setattr(engine_module, "DECODE_WINDOWS_MIN_LENGTH", 64)
+    monkeypatch.setattr(engine_module, "_KERNELS", {})  # fresh traces under the lowered limit
     _, model, hf, prompts = setup
     new = 80
     assert decode_windows(16 + 96, 40) == (32, 64, 96, 112)  # the cache length used below

@@ -609,7 +609,7 @@ def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
     """Static attention windows of a decode chunk over a cache of `length` slots: up to
     DECODE_WINDOWS sizes, multiples of 16, ending with `length` (only `length` for short
     chunks or caches, where a segment's copies and compile time would not pay off)."""
-    if chunk < 8 or length < 64:
+    if chunk < 8 or length < max(64, DECODE_WINDOWS_MIN_LENGTH):
         return (length,)
     step = max(16, -(-length // DECODE_WINDOWS // 16) * 16)
     return tuple(range(step, length, step)) + (length,)
@@ -618,6 +618,12 @@ def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
 
 #: most attention windows per decode chunk (each compiles one more decode loop)
 DECODE_WINDOWS = 4
+
+#: caches shorter than this decode in one window: the attention reads that windows save are a
+#: small part of such a step, while each window compiles one more decode loop (Qwen2.5-0.5B,
+#: 192 slots, CPU: lowering + compiling 4 windows 27 s, one 5.4 s; tiny model at 96 slots:
+#: the same step time either way)
+DECODE_WINDOWS_MIN_LENGTH = 512
 
 
 _KERNELS: dict[tuple, Kernels] = {}
