@@ -306,21 +306,22 @@ def test_sample_keys_equal_jax_random_fold_ins():
 
 def test_decode_matrices_are_the_transposed_weights_within_the_size_limit(setup, monkeypatch):
     """CPU decode multiplies by [in, out] copies: each equals its weight transposed (the head:
-    the tied embedding's), in layer order; below the slot limit or over the byte limit there
-    are none."""
+    the tied embedding's), in layer order; below the slot or step limits or over the byte
+    limit there are none."""
     from flowrl_jax.sampling import engine as engine_module
 
     _, model, _, _ = setup
-    mats = jax.jit(engine_module.decode_matrices, static_argnums=1)(model, 4)
+    mats = jax.jit(engine_module.decode_matrices, static_argnums=(1, 2))(model, 4, 16)
     lyr = model.layers[1]
     for got, lin in zip(mats.layers[1], (lyr.self_attn.q_proj, lyr.self_attn.k_proj,
                                           lyr.self_attn.v_proj, lyr.self_attn.o_proj,
                                           lyr.mlp.gate_proj, lyr.mlp.up_proj, lyr.mlp.down_proj)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(lin.weight[...]).T)
     np.testing.assert_array_equal(np.asarray(mats.head), np.asarray(model.embed_tokens[...]).T)
-    assert engine_module.decode_matrices(model, 3) is None  # few rows: matrix-vector products
+    assert engine_module.decode_matrices(model, 3, 16) is None  # few rows: matrix-vector products
+    assert engine_module.decode_matrices(model, 4, 15) is None  # few steps to pay for the copy
     monkeypatch.setattr(engine_module, "DECODE_TRANSPOSE_MAX_BYTES", mats.head.nbytes)
-    assert engine_module.decode_matrices(model, 4) is None
+    assert engine_module.decode_matrices(model, 4, 16) is None
 
 
 def test_decode_attention_products_agree_with_a_float64_softmax():
@@ -357,7 +358,7 @@ def test_greedy_matches_hf_with_the_accelerator_decode_attention(setup, hf_greed
     monkeypatch.setattr(engine_module, "DECODE_PRODUCTS", "matmul")
     monkeypatch.setattr(engine_module, "DECODE_TRANSPOSE_MAX_BYTES", 0)
     _, model, _, prompts = setup
-    assert engine_module.decode_matrices(model, 8) is None
+    assert engine_module.decode_matrices(model, 8, 64) is None
     eng = SamplingEngine(model, decode_slots=7, decode_chunk=11, prefill_buckets=(8, 16),
                          verbose=False)
     out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))

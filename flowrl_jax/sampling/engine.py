@@ -350,8 +350,10 @@ def rope_table(arch: ModelArch, length: int) -> tuple[Array, Array]:
 DECODE_TRANSPOSE_MAX_BYTES = 4 << 30
 #: ...and only for chunks of at least this many slots: a one-row step is a matrix-vector product,
 #: as fast in either layout, so the copy is pure cost (0.5B, 64 tokens: batch 1 4.4 → 5.3 s
-#: with it, batch 4 10.5 → 7.8 s, batch 32 23.7 → 21.0 s)
+#: with it, batch 4 10.5 → 7.8 s, batch 32 23.7 → 21.0 s)...
 DECODE_TRANSPOSE_MIN_SLOTS = 4
+#: ...and steps: the 0.5B copy costs ≈ 0.9 s, the steps gain ≈ 55 ms each at batch 32
+DECODE_TRANSPOSE_MIN_STEPS = 16
 
 
 class DecodeMatrices(NamedTuple):
@@ -363,10 +365,11 @@ class DecodeMatrices(NamedTuple):
     head: Array  # [hidden, vocab]
 
 
-def decode_matrices(model: Qwen2ForCausalLM, slots: int) -> Optional[DecodeMatrices]:
-    """The transposed weights for a chunk of `slots` rows on CPU within the limits above,
-    else None (the model's own layout)."""
-    if jax.default_backend() != "cpu" or slots < DECODE_TRANSPOSE_MIN_SLOTS:
+def decode_matrices(model: Qwen2ForCausalLM, slots: int, steps: int) -> Optional[DecodeMatrices]:
+    """The transposed weights for a chunk of `slots` rows and up to `steps` steps on CPU
+    within the limits above, else None (the model's own layout)."""
+    if (jax.default_backend() != "cpu" or slots < DECODE_TRANSPOSE_MIN_SLOTS
+            or steps < DECODE_TRANSPOSE_MIN_STEPS):
         return None
     cd = model.num.compute_dtype
     linears = [(lyr.self_attn.q_proj, lyr.self_attn.k_proj, lyr.self_attn.v_proj,
@@ -623,7 +626,7 @@ class Kernels:
         model = nnx.merge(self.graphdef, params)
         slots, length = st.token.shape[0], st.cache[0].length
         rope = rope_table(self.arch, length)
-        mats = decode_matrices(model, slots)
+        mats = decode_matrices(model, slots, chunk)
         outs = ChunkOut(jnp.zeros((chunk, slots), jnp.int32), jnp.zeros((chunk, slots), jnp.float32),
                         jnp.zeros((chunk, slots), bool), jnp.zeros((chunk, slots), jnp.int32))
 
