@@ -102,6 +102,33 @@ def test_logprobs_equal_full_forward(setup, engine):
         assert (ranks < k).all()
 
 
+def test_bf16_compute_logprobs_err_no_more_than_the_bf16_forward(setup):
+    """Mixed precision (float32 weights, bf16 compute, bf16 KV cache: what accelerators run):
+    the engine's log-probs are as close to the float32 model's as the bf16 full forward's,
+    so the decode path (weight copies, cache layout, attention) adds no error of its own."""
+    from flowrl_jax.models.qwen2 import Numerics
+
+    arch, model32, _, prompts = setup
+    model16 = tiny_model(arch, seed=0, num=Numerics(jnp.float32, jnp.bfloat16))
+    eng = SamplingEngine(model16, decode_slots=4, decode_chunk=16, prefill_buckets=(16,),
+                         verbose=False)
+    assert eng.cache_dtype == jnp.bfloat16
+    out = eng.generate(model16, prompts[:4], SamplingParams(temperature=1.0, max_new_tokens=16,
+                                                            seed=5))
+    forward = jax.jit(lambda m, ids: jax.nn.log_softmax(m(ids).logits.astype(jnp.float32), -1))
+    err_engine, err_forward = [], []
+    for i, n in enumerate(out.lengths):
+        p, gen = prompts[i], out.tokens[i, :n]
+        ids = jnp.asarray([p + gen.tolist()])
+        rows = np.arange(len(p) - 1, len(p) - 1 + n)
+        lp32 = np.asarray(forward(model32, ids))[0, rows, gen]
+        lp16 = np.asarray(forward(model16, ids))[0, rows, gen]
+        err_engine.append(np.abs(out.logprobs[i, :n] - lp32).max())
+        err_forward.append(np.abs(lp16 - lp32).max())
+    assert max(err_forward) > 0  # bf16 really rounds here
+    assert max(err_engine) <= 2 * max(err_forward) + 1e-2, (err_engine, err_forward)
+
+
 def _ref_dist(logits: np.ndarray, t: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
     """Truncated, renormalised distribution in float64 (top-k, then top-p, then min-p)."""
     z = logits / t
