@@ -850,8 +850,10 @@ class SamplingEngine:
         queue = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
         qi = 0
         owner = [-1] * slots  # slot → row in the output
-        toks: list[list[int]] = [[] for _ in range(n_total)]
-        lps: list[list[float]] = [[] for _ in range(n_total)]
+        # written in place chunk by chunk (a sample never exceeds max_new_tokens)
+        tokens = np.zeros((n_total, sampling.max_new_tokens), np.int32)
+        logprobs = np.zeros((n_total, sampling.max_new_tokens), np.float32)
+        lengths = np.zeros((n_total,), np.int32)
         reasons = [""] * n_total
         free = list(range(slots))
         done = 0
@@ -868,8 +870,10 @@ class SamplingEngine:
             for slot in np.nonzero(o_em.any(axis=0))[0].tolist():
                 row = owner[slot]
                 m = o_em[:, slot]
-                toks[row].extend(o_tok[m, slot].tolist())
-                lps[row].extend(o_lp[m, slot].tolist())
+                n0, n1 = int(lengths[row]), int(lengths[row]) + int(m.sum())
+                tokens[row, n0:n1] = o_tok[m, slot]
+                logprobs[row, n0:n1] = o_lp[m, slot]
+                lengths[row] = n1
                 fin = int(o_fin[m, slot][-1])
                 if fin != FINISH_NONE:
                     reasons[row] = FINISH_NAMES[fin]
@@ -877,7 +881,10 @@ class SamplingEngine:
                     free.append(slot)
                     done += 1
             free.sort()
-        return self._rollout(toks, lps, reasons, len(prompts), sampling)
+        n_prompts = len(prompts)
+        return Rollout(np.repeat(np.arange(n_prompts, dtype=np.int32), sampling.n),
+                       np.tile(np.arange(sampling.n, dtype=np.int32), n_prompts),
+                       tokens, logprobs, lengths, reasons)
 
     def _next_admission(self, queue: list[tuple[int, int]], qi: int, n_free: int,
                         prompts: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
@@ -919,21 +926,6 @@ class SamplingEngine:
         budget = np.full((slots,), sampling.max_new_tokens, np.int32)
         return self.kernels.admit(params, st, tokens, lengths, src, dst, last, budget,
                                   np.uint32(sampling.seed % 2**32), pidx, sidx)
-
-    def _rollout(self, toks: list[list[int]], lps: list[list[float]], reasons: list[str],
-                 n_prompts: int, sampling: SamplingParams) -> Rollout:
-        n_total = len(toks)
-        width = sampling.max_new_tokens
-        tokens = np.zeros((n_total, width), np.int32)
-        logprobs = np.zeros((n_total, width), np.float32)
-        lengths = np.zeros((n_total,), np.int32)
-        for i, (t, lp) in enumerate(zip(toks, lps)):
-            tokens[i, :len(t)] = t
-            logprobs[i, :len(lp)] = lp
-            lengths[i] = len(t)
-        return Rollout(np.repeat(np.arange(n_prompts, dtype=np.int32), sampling.n),
-                       np.tile(np.arange(sampling.n, dtype=np.int32), n_prompts),
-                       tokens, logprobs, lengths, reasons)
 
 
 def generate(engine: SamplingEngine, params: Any, prompts: Sequence[Sequence[int]],
