@@ -252,6 +252,20 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert out.token_lists() == hf_greedy
 
 
+def test_long_prompts_prefill_through_flash_attention_and_match_hf(setup):
+    """Prompts longer than the flash block prefill through the model's no-cache flash path
+    (no [P, P] scores), next to a one-token prompt (empty prefix): HF's greedy tokens."""
+    from flowrl_jax.models.attention import FLASH_BLOCK
+
+    _, model, hf, _ = setup
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128, size=n).tolist() for n in (150, FLASH_BLOCK + 6, 1)]
+    eng = SamplingEngine(model, decode_slots=4, decode_chunk=6, prefill_buckets=(160,),
+                         verbose=False)
+    out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert out.token_lists() == hf_greedy_tokens(hf, prompts, 6)
+
+
 def test_windowed_decode_matches_hf(setup, monkeypatch):
     """Long generations decode in attention windows of the cache (`decode_windows`): greedy
     tokens over 80 steps, crossing every window boundary from ragged prompt lengths, equal

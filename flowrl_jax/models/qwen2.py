@@ -190,7 +190,10 @@ class Attention(nnx.Module):
         self.impl = num.attention
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
-                 cache: Optional[KVCache]) -> tuple[Array, Optional[KVCache]]:
+                 cache: Optional[KVCache], keep_kv: bool = False
+                 ) -> tuple[Array, Optional[KVCache]]:
+        """Attention output and the updated cache; without a cache, `keep_kv` returns this
+        pass's keys and values [B, T, kv_heads, D] in its place (what a prefill stores)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
@@ -205,6 +208,7 @@ class Attention(nnx.Module):
         elif update is None:
             # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the mask
             # is causal ∧ valid keys (attention.no_cache_kernel says which kernel runs)
+            cache = KVCache(k, v) if keep_kv else None
             kernel = no_cache_kernel(self.impl, q.dtype)
             if kernel == "fused":  # rows are one run each (checked where batches are placed)
                 out = contiguous_causal_attention(q, k, v, k_valid)
@@ -239,8 +243,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(arch, num, rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
-                 cache: Optional[KVCache]) -> tuple[Array, Optional[KVCache]]:
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, cache)
+                 cache: Optional[KVCache], keep_kv: bool = False
+                 ) -> tuple[Array, Optional[KVCache]]:
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, cache, keep_kv)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -281,12 +286,15 @@ class Qwen2ForCausalLM(nnx.Module):
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, *, cache: Optional[list[KVCache]] = None,
                  cache_update: Optional[CacheUpdate] = None,
-                 return_logits: bool = True) -> ModelOutput:
+                 return_logits: bool = True, return_kv: bool = False) -> ModelOutput:
         """Forward pass.
 
         Without a cache: input_ids/attention_mask/positions are [B, T]; left padding works
-        (positions should count real tokens from 0). With a cache: the tokens are written at
-        `cache_update.write_index` and attend to slots marked in `cache_update.kv_valid`.
+        (positions should count real tokens from 0); `return_kv` also returns each layer's
+        keys/values [B, T, kv_heads, D] as `cache` (a prefill: the no-cache attention kernels,
+        flash / cuDNN, instead of a masked [T, S] softmax). With a cache: the tokens are
+        written at `cache_update.write_index` and attend to slots marked in
+        `cache_update.kv_valid`.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -304,10 +312,11 @@ class Qwen2ForCausalLM(nnx.Module):
             mask_info = (q_slots, cache_update.kv_valid, cache_update)
         cos, sin = rope_cos_sin(positions, self.arch.resolved_head_dim, self.arch.rope_theta)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.num.compute_dtype)
-        new_cache = [] if cache is not None else None
+        keep_kv = cache is None and return_kv
+        new_cache = [] if cache is not None or keep_kv else None
 
         def run_layer(layer, x, c):
-            return layer(x, cos, sin, mask_info, c)
+            return layer(x, cos, sin, mask_info, c, keep_kv)
 
         if self.num.remat:
             run_layer = nnx.remat(run_layer)

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
-from flowrl_jax.models.qwen2 import (CacheUpdate, KVCache, Qwen2ForCausalLM, apply_rope,
+from flowrl_jax.models.qwen2 import (Qwen2ForCausalLM, apply_rope,
                                      rope_cos_sin)
 
 # Decode layout of the cache, read in place by decode attention (a [B, S, K, D] cache gets
@@ -552,16 +552,16 @@ class Kernels:
         """Decode-layout cache (P slots) of right-padded prompts `tokens` [B, P] with `lengths` [B]."""
         model = nnx.merge(self.graphdef, params)
         b, p = tokens.shape
-        # Prefill runs the model's standard [B, P, K, D] path (cuDNN/flash attention where
-        # available) and transposes once to the decode layout.
-        shape = (b, p, self.arch.num_key_value_heads, self.arch.resolved_head_dim)
-        empty = [KVCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
-                 for _ in range(self.arch.num_hidden_layers)]
-        valid = jnp.arange(p)[None, :] < lengths[:, None]
+        # Prefill is the model's no-cache pass (cuDNN / flash attention where they apply, no
+        # [P, P] scores at long prompts) keeping its [B, P, K, D] keys and values, transposed
+        # once to the decode layout. Every row counts at least one token: a one-token prompt
+        # (or an unused row) has an empty prefix, and the kernels want a real key per row; the
+        # decode step overwrites that slot before any query can see it.
+        valid = jnp.arange(p)[None, :] < jnp.maximum(lengths, 1)[:, None]
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
-        out = model(tokens, valid, positions, cache=empty,
-                    cache_update=CacheUpdate(jnp.zeros((b,), jnp.int32), valid), return_logits=False)
-        return [DecodeCache(c.k.transpose(0, 2, 3, 1), c.v.transpose(0, 2, 3, 1))
+        out = model(tokens, valid, positions, return_logits=False, return_kv=True)
+        return [DecodeCache(c.k.astype(self.cache_dtype).transpose(0, 2, 3, 1),
+                            c.v.astype(self.cache_dtype).transpose(0, 2, 3, 1))
                 for c in out.cache]
 
     def _insert(self, st: DecodeState, prefix: list[DecodeCache], src: Array, dst: Array,
