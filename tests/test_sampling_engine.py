@@ -252,18 +252,23 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert out.token_lists() == hf_greedy
 
 
-def test_long_prompts_prefill_through_flash_attention_and_match_hf(setup):
+def test_long_prompts_prefill_through_the_no_cache_kernels_and_match_hf(setup):
     """Prompts longer than the flash block prefill through the model's no-cache flash path
-    (no [P, P] scores), next to a one-token prompt (empty prefix): HF's greedy tokens."""
+    (no [P, P] scores), next to a one-token prompt (empty prefix): HF's greedy tokens. The
+    same through the fused-kernel path GPUs take (`attention: cudnn`; XLA's kernel on CPU)."""
     from flowrl_jax.models.attention import FLASH_BLOCK
+    from flowrl_jax.models.qwen2 import Numerics
 
-    _, model, hf, _ = setup
+    arch, model, hf, _ = setup
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (150, FLASH_BLOCK + 6, 1)]
-    eng = SamplingEngine(model, decode_slots=4, decode_chunk=6, prefill_buckets=(160,),
-                         verbose=False)
-    out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=6))
-    assert out.token_lists() == hf_greedy_tokens(hf, prompts, 6)
+    ref = hf_greedy_tokens(hf, prompts, 6)
+    fused = tiny_model(arch, seed=0, num=Numerics(attention="cudnn"))
+    for m in (model, fused):
+        eng = SamplingEngine(m, decode_slots=4, decode_chunk=6, prefill_buckets=(160,),
+                             verbose=False)
+        out = eng.generate(m, prompts, SamplingParams(temperature=0.0, max_new_tokens=6))
+        assert out.token_lists() == ref, m.num.attention
 
 
 def test_windowed_decode_matches_hf(setup, monkeypatch):
