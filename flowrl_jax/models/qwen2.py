@@ -79,8 +79,13 @@ class Linear(nnx.Module):
                      if bias else None)
         self.compute_dtype = num.compute_dtype
 
-    def __call__(self, x: Array) -> Array:
-        y = linear(x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
+    def __call__(self, x: Array, weight_t: Optional[Array] = None) -> Array:
+        """x Wᵀ (+ b); `weight_t`: a copy of W as [in, out] in compute dtype to multiply by
+        instead (the sampler's CPU decode steps make one per chunk; see engine.py)."""
+        if weight_t is None:
+            y = linear(x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
+        else:
+            y = jnp.dot(x.astype(self.compute_dtype), weight_t)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -136,11 +141,6 @@ class CacheUpdate(NamedTuple):
 
 def _write_cache(cache: Array, new: Array, index: Array) -> Array:
     """Write new [B, T, ...] into cache [B, S, ...] at per-row slot index [B]."""
-    if new.shape[1] == cache.shape[1]:
-        # dynamic_update_slice clamps the index so the update fits: a full-length write is
-        # `new` whatever the index (XLA:CPU would run the batched write as a scatter)
-        return new.astype(cache.dtype)
-
     def one(c, n, i):
         return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
     return jax.vmap(one)(cache, new, index)
@@ -229,8 +229,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(h, i, ("embed", "mlp"), bias=False, num=num, rngs=rngs)
         self.down_proj = Linear(i, h, ("mlp", "embed"), bias=False, num=num, rngs=rngs)
 
-    def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: Array, weights_t: tuple = (None, None, None)) -> Array:
+        """`weights_t`: optional [in, out] copies of the gate, up and down weights (Linear)."""
+        g, u, d = weights_t
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, g)) * self.up_proj(x, u), d)
 
 
 class DecoderLayer(nnx.Module):

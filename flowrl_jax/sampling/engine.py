@@ -385,50 +385,37 @@ def decode_matrices(model: Qwen2ForCausalLM, slots: int, steps: int) -> Optional
     return jax.lax.optimization_barrier(mats)
 
 
-def _linear(module: Any, x: Array, w_t: Optional[Array]) -> Array:
-    """`module(x)` (a Linear), multiplying by its [in, out] copy `w_t` when given."""
-    if w_t is None:
-        return module(x)
-    y = jnp.dot(x.astype(module.compute_dtype), w_t)
-    return y if module.bias is None else y + module.bias[...].astype(module.compute_dtype)
-
-
 def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
-                   cache: list[DecodeCache], rope: Optional[tuple[Array, Array]] = None,
-                   mats: Optional[DecodeMatrices] = None) -> tuple[Array, list[DecodeCache]]:
+                   cache: list[DecodeCache], rope: tuple[Array, Array],
+                   mats: Optional[DecodeMatrices]) -> tuple[Array, list[DecodeCache]]:
     """One decode step: logits [B, V] of `token` [B] at position/cache slot `pos` [B].
 
     The same computation as the model's cached forward on the decode-layout cache, specialised
     to one query token (`decode_attention`: elementwise products on CPU, matmuls elsewhere).
-    `rope` is a `rope_table` covering every position in `pos` (computed here when None);
-    `mats` are `decode_matrices` (None: the model's weights as they are).
+    `rope` is a `rope_table` covering every position in `pos`; `mats` are `decode_matrices`
+    (None: the model's weights as they are).
     Sampler only; the model's own forward stays the reference.
     """
     arch, num = model.arch, model.num
     b, s = token.shape[0], cache[0].length
-    if rope is None:
-        cos, sin = rope_cos_sin(pos[:, None], arch.resolved_head_dim, arch.rope_theta)
-    else:
-        cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in rope)
+    cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in rope)
     x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(num.compute_dtype)
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
     products = DECODE_PRODUCTS or ("elementwise" if jax.default_backend() == "cpu" else "matmul")
     new_cache = []
     for i, (layer, c) in enumerate(zip(model.layers, cache)):
-        at, mlp = layer.self_attn, layer.mlp
+        at = layer.self_attn
         wq, wk, wv, wo, wg, wu, wd = (None,) * 7 if mats is None else mats.layers[i]
         n, kh, d = at.n_heads, at.n_kv, at.head_dim
         h = layer.input_layernorm(x)
-        q = apply_rope(_linear(at.q_proj, h, wq).reshape(b, 1, n, d), cos, sin)
-        k = apply_rope(_linear(at.k_proj, h, wk).reshape(b, 1, kh, d), cos, sin)
-        v = _linear(at.v_proj, h, wv).reshape(b, 1, kh, d)
+        q = apply_rope(at.q_proj(h, wq).reshape(b, 1, n, d), cos, sin)
+        k = apply_rope(at.k_proj(h, wk).reshape(b, 1, kh, d), cos, sin)
+        v = at.v_proj(h, wv).reshape(b, 1, kh, d)
         k_all = _write_cols(c.k, k[:, 0], pos)
         v_all = _write_cols(c.v, v[:, 0], pos)
         out = decode_attention(q.reshape(b, kh, n // kh, d), k_all, v_all, visible, products)
-        x = x + _linear(at.o_proj, out.astype(q.dtype).reshape(b, 1, n * d), wo)
-        h = layer.post_attention_layernorm(x)  # SwiGLU as in MLP.__call__
-        x = x + _linear(mlp.down_proj, jax.nn.silu(_linear(mlp.gate_proj, h, wg))
-                        * _linear(mlp.up_proj, h, wu), wd)
+        x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d), wo)
+        x = x + layer.mlp(layer.post_attention_layernorm(x), (wg, wu, wd))
         new_cache.append(DecodeCache(k_all, v_all))
     hidden = model.norm(x)
     if mats is None:
@@ -591,12 +578,10 @@ class Kernels:
         return self._insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
     def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array, spec: _Spec,
-              length: Optional[int] = None, rope: Optional[tuple[Array, Array]] = None,
-              mats: Optional[DecodeMatrices] = None):
-        """One decode step. `length` is the full cache length when `st` carries a window of
-        the cache (its first slots); every active slot's position is then inside the window."""
-        s = st.cache[0].length if length is None else length
-        pos = jnp.minimum(st.pos, s - 1)
+              length: int, rope: tuple[Array, Array], mats: Optional[DecodeMatrices]):
+        """One decode step. `length` is the full cache length (`st` may carry a window of the
+        cache, its first slots; every active slot's position is then inside the window)."""
+        pos = jnp.minimum(st.pos, length - 1)
         logits, new_cache = decode_forward(model, st.token, pos, st.cache, rope, mats)
         logits = logits.astype(jnp.float32)
         keys = (fold_in_rows(st.keys, st.generated) if _fast_threefry() else
@@ -605,7 +590,7 @@ class Kernels:
         tok, logp = sample_logits(logits, keys, spec)
         gen = st.generated + 1
         stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
-        at_length = (gen >= st.budget) | (pos + 1 >= s)
+        at_length = (gen >= st.budget) | (pos + 1 >= length)
         act = st.active
         finish = jnp.where(act & stop, FINISH_STOP,
                            jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
@@ -671,7 +656,6 @@ def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
         return (length,)
     step = max(16, -(-length // DECODE_WINDOWS // 16) * 16)
     return tuple(range(step, length, step)) + (length,)
-
 
 
 #: most attention windows per decode chunk (each compiles one more decode loop)
