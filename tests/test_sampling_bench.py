@@ -55,3 +55,28 @@ def test_any_preset_is_a_shape_and_runs_to_full_length():
     with pytest.raises(ConfigError, match="'huge'"):
         bench.run(argparse.Namespace(shapes="tiny,huge", batches="1", new_tokens=1, prompt_len=4,
                                      no_reference=True))
+
+
+def test_best_time_runs_at_least_repeats_and_until_min_seconds():
+    import itertools
+    import time
+
+    from flowrl_jax.bench import best_time
+
+    durations = itertools.cycle([0.004, 0.001, 0.003])
+    took = []
+
+    def run():
+        t = time.perf_counter()
+        time.sleep(next(durations))
+        took.append(time.perf_counter() - t)
+
+    best = best_time(run, repeats=3)
+    assert len(took) == 3 and best <= min(took) + 1e-3  # the fastest of exactly 3 (its own timer)
+    took.clear()
+    best_time(run, repeats=2, min_seconds=0.05)
+    # it stopped at the first run that brought the total to 0.05 s
+    assert len(took) > 2 and sum(took[:-1]) < 0.05 <= sum(took) + 1e-3
+    took.clear()
+    best_time(run, repeats=1, min_seconds=10.0, max_runs=5)
+    assert len(took) == 5

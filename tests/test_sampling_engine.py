@@ -409,3 +409,82 @@ def test_greedy_matches_hf_with_the_accelerator_decode_attention(setup, hf_greed
                          verbose=False)
     out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy
+
+
+def test_decode_groups_by_platform_size_slots_and_steps(setup, monkeypatch):
+    """Parallel decode groups: one per core on a single CPU device, only for models whose
+    matmul weights fit the limit, with enough slots per group and enough new tokens."""
+    from flowrl_jax.sampling import engine as engine_module
+
+    _, model, _, _ = setup
+    monkeypatch.setattr(engine_module, "host_cores", lambda: 2)
+    eng = SamplingEngine(model, decode_slots=32, verbose=False)
+    steps = engine_module.DECODE_GROUP_MIN_STEPS
+    a = model.arch
+    d = a.resolved_head_dim
+    weights = (a.num_hidden_layers * (a.hidden_size * d * 2 * (a.num_attention_heads + a.num_key_value_heads)
+                                      + 3 * a.hidden_size * a.intermediate_size)
+               + a.hidden_size * a.vocab_size) * 4  # float32
+    assert eng.weight_bytes == weights
+    assert eng.decode_groups(32, steps) == 2
+    assert eng.decode_groups(16, steps) == 2
+    assert eng.decode_groups(15, steps) == 1  # a second group would get < 8 slots
+    assert eng.decode_groups(32, steps - 1) == 1  # too short to pay for the threads
+    monkeypatch.setattr(engine_module, "host_cores", lambda: 8)
+    assert eng.decode_groups(32, steps) == 4  # ≥ 8 slots each
+    monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights - 1)
+    assert eng.decode_groups(32, steps) == 1  # the dots would already use every core
+    monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+    assert SamplingEngine(model, mesh=mesh, verbose=False).decode_groups(32, steps) == 1
+    one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    assert SamplingEngine(model, mesh=one, verbose=False).decode_groups(32, steps) == 4
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_decode_groups_give_the_samples_of_one_loop(setup, engine, monkeypatch, cores):
+    """Split over 2 or 3 threaded groups (2 and 3 slots each, so slots are refilled within a
+    group), the samples, log-probs, lengths and finish reasons equal one loop's."""
+    from flowrl_jax.sampling import engine as engine_module
+
+    _, model, _, prompts = setup
+    sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=5, stop_token_ids=(7, 9))
+    one = engine.generate(model, prompts[:4], sp)
+    monkeypatch.setattr(engine_module, "host_cores", lambda: cores)
+    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_SLOTS", 2)
+    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_STEPS", 1)
+    eng = SamplingEngine(model, decode_slots=8 if cores == 2 else 6, decode_chunk=5,
+                         prefill_buckets=(8, 16), verbose=False)
+    calls = []
+    real = eng._decode_items
+    monkeypatch.setattr(eng, "_decode_items", lambda *a: calls.append((len(a[2]), a[4])) or real(*a))
+    out = eng.generate(model, prompts[:4], sp)
+    assert sorted(calls) == sorted([(4, 2), (4, 2), (4, 2)] if cores == 3 else [(6, 4), (6, 4)])
+    assert out.token_lists() == one.token_lists()
+    np.testing.assert_allclose(out.logprobs, one.logprobs, atol=1e-5)
+    assert out.finish_reasons == one.finish_reasons and "stop" in out.finish_reasons
+    assert list(out.prompt_index) == list(one.prompt_index)
+
+
+def test_a_failing_decode_group_raises_after_every_group_stops(setup, monkeypatch):
+    from flowrl_jax.sampling import engine as engine_module
+
+    _, model, _, prompts = setup
+    monkeypatch.setattr(engine_module, "host_cores", lambda: 2)
+    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_SLOTS", 2)
+    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_STEPS", 1)
+    eng = SamplingEngine(model, decode_slots=8, decode_chunk=5, prefill_buckets=(8, 16),
+                         verbose=False)
+    finished = []
+    real = eng._decode_items
+
+    def items(params, prompts_, queue, *rest):
+        if queue[0][0] != 0:
+            raise RuntimeError("group failed")
+        real(params, prompts_, queue, *rest)
+        finished.append(queue)
+
+    monkeypatch.setattr(eng, "_decode_items", items)
+    with pytest.raises(RuntimeError, match="group failed"):
+        eng.generate(model, prompts[:4], SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=5))
+    assert len(finished) == 1  # the caller's group ran to its end before the error surfaced

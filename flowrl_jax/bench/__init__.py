@@ -5,7 +5,24 @@ Each bench is a module `flowrl_jax.bench.<name>` exposing
 least `bench`, `ours`, `reference`, `unit`, `ratio` (ours ÷ reference) and the case's parameters.
 """
 
+import time
+from typing import Callable
+
 BENCHES = ("convert", "train", "sample", "rollout", "rewards", "attention")
+
+
+def best_time(run: Callable[[], object], repeats: int, min_seconds: float = 0.0,
+              max_runs: int = 200) -> float:
+    """Seconds of the fastest of at least `repeats` calls of `run`, calling it again while
+    less than `min_seconds` have passed in all (up to `max_runs`): on a shared machine the
+    minimum of a few runs of a 10 ms case is mostly noise."""
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < max(1, repeats) or (spent < min_seconds and runs < max_runs):
+        t = time.perf_counter()
+        run()
+        dt = time.perf_counter() - t
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best
 
 
 def add_dtype_argument(parser, what: str) -> None:

@@ -1,8 +1,9 @@
 """`flowrl-jax bench sample`: generation tokens/s of our engine vs HF transformers `generate`
 (PyTorch, same machine, same random weights, same lengths, sampling at T = 1 with no
 truncation, EOS ignored so every sample runs to the same length). Each side reports the best
-of `--repeats` timed runs after a warm-up (CPU timings on a shared machine are noisy); HF is
-timed with torch's default thread count and with 1 thread, and the faster one is reported.
+of at least `--repeats` timed runs after a warm-up, timing on for `--min-seconds` (CPU timings
+on a shared machine are noisy); HF is timed with torch's default thread count and with 1
+thread, and the faster one is reported.
 
 Also reported: on CPU, the fraction of the measured matmul peak (big jnp matmul, same run)
 that decoding reaches (2 × matmul params per token); on GPU/TPU, the fraction of the HBM
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flowrl_jax.bench import add_dtype_argument, resolve_dtype
+from flowrl_jax.bench import add_dtype_argument, best_time, resolve_dtype
 from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
 
 #: the default shapes (any preset of configs/models can be named)
@@ -34,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
     add_dtype_argument(parser, "weights, activations and KV cache (both sides)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per case and side; the best is reported (load noise)")
+                        help="timed runs per case and side at least; the best is reported (load noise)")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="each side keeps timing a case until this much time has passed "
+                             "(at most 200 runs): short cases get more than --repeats samples")
 
 
 def _arch(shape: str):
@@ -58,9 +62,9 @@ def matmul_params(arch) -> int:
 
 
 def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
-          progress=None) -> tuple[float, float, float]:
+          progress=None, min_seconds: float = 0.0) -> tuple[float, float, float]:
     """(tokens/s, seconds per decode step, seconds of the first call: compile + one run) of a
-    warm engine, best of `repeats` runs."""
+    warm engine, best of `repeats` runs or more (`best_time`)."""
     from flax import nnx
 
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
@@ -76,17 +80,16 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
     first = time.perf_counter() - t
     if progress is not None:
         progress(f"batch {batch}: compiled and ran once in {first:.1f}s")
-    dt = float("inf")
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
+    def run():
         out = eng.generate(params, prompts, sp)
-        dt = min(dt, time.perf_counter() - t)
         assert int(out.lengths.sum()) == batch * new
+
+    dt = best_time(run, repeats, min_seconds)
     return batch * new / dt, dt / new, first
 
 
-def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
-                    ) -> tuple[float, int]:
+def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
+                    min_seconds: float = 0.0) -> tuple[float, int]:
     """(tokens/s, torch threads) of HF at its best thread count: torch's default, and 1.
 
     On a small shared CPU, torch's OpenMP threads spin against other processes and HF can
@@ -95,18 +98,20 @@ def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: in
 
     default = torch.get_num_threads()
     if next(hf.parameters()).is_cuda:  # threads do not matter on a GPU
-        return _reference(hf, arch, batch, prompt_len, new, repeats), default
+        return _reference(hf, arch, batch, prompt_len, new, repeats, min_seconds), default
     best = (-1.0, default)
     try:
         for threads in sorted({default, 1}, reverse=True):
             torch.set_num_threads(threads)
-            best = max(best, (_reference(hf, arch, batch, prompt_len, new, repeats), threads))
+            best = max(best, (_reference(hf, arch, batch, prompt_len, new, repeats, min_seconds),
+                              threads))
     finally:
         torch.set_num_threads(default)
     return best
 
 
-def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1) -> float:
+def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
+               min_seconds: float = 0.0) -> float:
     import torch
 
     rng = np.random.default_rng(0)
@@ -116,14 +121,14 @@ def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
               top_p=1.0, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
     with torch.no_grad():
         hf.generate(ids, **{**kw, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
-        dt = float("inf")
-        for _ in range(max(1, repeats)):
-            sync()
-            t = time.perf_counter()
+        sync()
+
+        def run():
             out = hf.generate(ids, **kw)
             sync()
-            dt = min(dt, time.perf_counter() - t)
             assert out.shape[1] == prompt_len + new
+
+        dt = best_time(run, repeats, min_seconds)
     return batch * new / dt
 
 
@@ -166,10 +171,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             _progress(t0, f"{shape}: HF copy built")
         for b in batches:
             reps = getattr(args, "repeats", 1)
+            min_s = getattr(args, "min_seconds", 0.0)
             ours, step_s, first_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps,
-                                          lambda what: _progress(t0, f"{shape} {what}"))
+                                          lambda what: _progress(t0, f"{shape} {what}"), min_s)
             _progress(t0, f"{shape} batch {b}: ours {ours:.1f} tokens/s")
-            ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps)
+            ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps,
+                                                min_s)
                                 if hf is not None else (None, None))
             row: dict[str, Any] = {"shape": shape, "batch": b, "prompt_len": args.prompt_len,
                                    "new_tokens": args.new_tokens, "unit": "tokens/s",
