@@ -42,6 +42,7 @@ def test_bench_tiny_case():
     assert r["dtype"] == "float32"  # "auto" on CPU
     # the first call compiles: it takes longer than a warm one (2 × 4 tokens at `ours` tokens/s)
     assert r["ours_compile_s"] > 8 / r["ours"]
+    assert r["ours_decode_groups"] == 1  # 2 slots: one loop
 
 
 def test_any_preset_is_a_shape_and_runs_to_full_length():

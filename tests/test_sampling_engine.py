@@ -320,7 +320,8 @@ def test_rollout_config_and_errors(setup, engine):
 def test_unrolled_threefry_matches_jax_random():
     """The sampler's hand-written fold_in / categorical must equal jax.random bit for bit
     (a jax upgrade that changes either would silently change every sampled token)."""
-    from flowrl_jax.sampling.engine import _fast_threefry, categorical_rows, fold_in_rows
+    from flowrl_jax.sampling.engine import (_fast_threefry, categorical_rows, fold_in_rows,
+                                            gumbel_noise)
 
     assert _fast_threefry(), "jax's default PRNG config changed: the sampler falls back"
     base = jax.random.split(jax.random.PRNGKey(7), 4096)
@@ -332,6 +333,11 @@ def test_unrolled_threefry_matches_jax_random():
         logits = jax.random.normal(jax.random.PRNGKey(vocab), (4096, vocab))
         ref = jax.vmap(jax.random.categorical)(raw, logits)
         np.testing.assert_array_equal(np.asarray(categorical_rows(raw, logits)), np.asarray(ref))
+        # the same draws from noise made beforehand for [steps, rows] keys at once
+        noise = gumbel_noise(raw.reshape(64, 64, 2), vocab).reshape(4096, vocab)
+        np.testing.assert_array_equal(np.asarray(categorical_rows(None, logits, noise)), np.asarray(ref))
+    folded = fold_in_rows(raw.reshape(64, 64, 2), data.reshape(64, 64))
+    np.testing.assert_array_equal(np.asarray(folded).reshape(4096, 2), np.asarray(expect))
 
 
 def test_sample_keys_equal_jax_random_fold_ins():
@@ -488,3 +494,28 @@ def test_a_failing_decode_group_raises_after_every_group_stops(setup, monkeypatc
     with pytest.raises(RuntimeError, match="group failed"):
         eng.generate(model, prompts[:4], SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=5))
     assert len(finished) == 1  # the caller's group ran to its end before the error surfaced
+
+
+def test_chunk_noise_made_before_the_loop_gives_the_tokens_drawn_step_by_step(setup, monkeypatch):
+    """Small vocabularies draw a chunk's Gumbel noise before its loop: the same tokens and
+    log-probs as drawing per step, also for slots carried over from an earlier chunk (5-step
+    chunks, 12 tokens) and under top-k/top-p; greedy makes none."""
+    from flowrl_jax.sampling import engine as engine_module
+
+    _, model, _, prompts = setup
+    sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=11)
+    eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
+                         verbose=False)
+    st = eng.init_state(4, 32)
+    assert engine_module.chunk_noise(st, eng.spec_for(sp), 5, 128).shape == (5, 4, 128)
+    assert engine_module.chunk_noise(st, _Spec(0.0, 1.0, 0, 0.0), 5, 128) is None
+    before = eng.generate(model, prompts[:3], sp)
+    monkeypatch.setattr(engine_module, "DECODE_NOISE_MAX_BYTES", 5 * 4 * 128 * 4 - 1)
+    assert engine_module.chunk_noise(st, eng.spec_for(sp), 5, 128) is None
+    monkeypatch.setattr(engine_module, "_KERNELS", {})  # recompile with per-step draws
+    eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
+                         verbose=False)
+    per_step = eng.generate(model, prompts[:3], sp)
+    assert before.token_lists() == per_step.token_lists()
+    np.testing.assert_array_equal(before.logprobs, per_step.logprobs)
+    assert len({tuple(t) for t in before.token_lists()}) > 3  # really sampled

@@ -62,9 +62,10 @@ def matmul_params(arch) -> int:
 
 
 def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
-          progress=None, min_seconds: float = 0.0) -> tuple[float, float, float]:
-    """(tokens/s, seconds per decode step, seconds of the first call: compile + one run) of a
-    warm engine, best of `repeats` runs or more (`best_time`)."""
+          progress=None, min_seconds: float = 0.0) -> tuple[float, float, float, int]:
+    """(tokens/s, seconds per decode step, seconds of the first call: compile + one run,
+    parallel decode groups the engine ran) of a warm engine, best of `repeats` runs or more
+    (`best_time`)."""
     from flax import nnx
 
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
@@ -85,7 +86,7 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
         assert int(out.lengths.sum()) == batch * new
 
     dt = best_time(run, repeats, min_seconds)
-    return batch * new / dt, dt / new, first
+    return batch * new / dt, dt / new, first, eng.decode_groups(eng.num_slots(batch), new)
 
 
 def _reference_best(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for b in batches:
             reps = getattr(args, "repeats", 1)
             min_s = getattr(args, "min_seconds", 0.0)
-            ours, step_s, first_s = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps,
+            ours, step_s, first_s, groups = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps,
                                           lambda what: _progress(t0, f"{shape} {what}"), min_s)
             _progress(t0, f"{shape} batch {b}: ours {ours:.1f} tokens/s")
             ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps,
@@ -185,6 +186,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "ratio": None if ref is None else round(ours / ref, 2),
                                    "reference_threads": ref_threads, "dtype": dtype,
                                    "ours_compile_s": round(first_s, 2),
+                                   "ours_decode_groups": groups,
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
