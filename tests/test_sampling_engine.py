@@ -432,19 +432,21 @@ def test_decode_groups_by_platform_size_slots_and_steps(setup, monkeypatch):
                                       + 3 * a.hidden_size * a.intermediate_size)
                + a.hidden_size * a.vocab_size) * 4  # float32
     assert eng.weight_bytes == weights
+    least = engine_module.DECODE_GROUP_MIN_SLOTS
     assert eng.decode_groups(32, steps) == 2
-    assert eng.decode_groups(16, steps) == 2
-    assert eng.decode_groups(15, steps) == 1  # a second group would get < 8 slots
+    assert eng.decode_groups(2 * least, steps) == 2
+    assert eng.decode_groups(2 * least - 1, steps) == 1  # a second group would be too small
     assert eng.decode_groups(32, steps - 1) == 1  # too short to pay for the threads
     monkeypatch.setattr(engine_module, "host_cores", lambda: 8)
-    assert eng.decode_groups(32, steps) == 4  # ≥ 8 slots each
+    assert eng.decode_groups(32, steps) == min(8, 32 // least)
+    assert eng.decode_groups(3 * least, steps) == 3
     monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights - 1)
     assert eng.decode_groups(32, steps) == 1  # the dots would already use every core
     monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights)
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
     assert SamplingEngine(model, mesh=mesh, verbose=False).decode_groups(32, steps) == 1
     one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    assert SamplingEngine(model, mesh=one, verbose=False).decode_groups(32, steps) == 4
+    assert SamplingEngine(model, mesh=one, verbose=False).decode_groups(32, steps) == min(8, 32 // least)
 
 
 @pytest.mark.parametrize("cores", [2, 3])
