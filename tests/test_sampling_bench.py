@@ -11,7 +11,7 @@ from flax import nnx
 
 from flowrl_jax.bench import sample as bench
 from flowrl_jax.config import ModelArch
-from flowrl_jax.models.qwen2 import abstract_model
+from flowrl_jax.models.qwen2 import abstract_model, matmul_params
 
 
 def test_matmul_params_counts_every_kernel():
@@ -19,8 +19,8 @@ def test_matmul_params_counts_every_kernel():
     state = nnx.state(abstract_model(arch), nnx.Param)
     kernels = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if len(x.shape) == 2)
     # 2-D params = all linear kernels + the (tied) embedding, which is also the LM head
-    assert bench.matmul_params(arch) == kernels
-    assert 480e6 < bench.matmul_params(arch) < 500e6  # Qwen2.5-0.5B: 494M parameters
+    assert matmul_params(arch) == kernels
+    assert 480e6 < matmul_params(arch) < 500e6  # Qwen2.5-0.5B: 494M parameters
 
 
 def test_peak_bandwidth_table():

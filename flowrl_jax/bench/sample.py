@@ -54,13 +54,6 @@ def _arch(shape: str):
                                eos_token_id=None, bos_token_id=None)
 
 
-def matmul_params(arch) -> int:
-    """Parameters touched by matmuls per token (all linear layers + the LM head)."""
-    h, i, d = arch.hidden_size, arch.intermediate_size, arch.resolved_head_dim
-    attn = h * arch.num_attention_heads * d * 2 + h * arch.num_key_value_heads * d * 2
-    return arch.num_hidden_layers * (attn + 3 * h * i) + h * arch.vocab_size
-
-
 def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
           progress=None, min_seconds: float = 0.0) -> tuple[float, float, float, int]:
     """(tokens/s, seconds per decode step, seconds of the first call: compile + one run,
@@ -142,7 +135,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from flowrl_jax.models.qwen2 import Numerics
+    from flowrl_jax.models.qwen2 import Numerics, matmul_params
     from flowrl_jax.sampling.engine import cache_bytes
     from flowrl_jax.sampling.testing import tiny_model, to_hf
 

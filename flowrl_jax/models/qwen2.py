@@ -378,3 +378,11 @@ def param_count(model_or_state: Any) -> int:
     """Number of parameters in a model or state."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
     return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def matmul_params(arch: ModelArch) -> int:
+    """Parameters that matmuls read per token: every linear layer and the LM head (the tied
+    embedding counts once, as the head)."""
+    h, i, d = arch.hidden_size, arch.intermediate_size, arch.resolved_head_dim
+    attn = h * arch.num_attention_heads * d * 2 + h * arch.num_key_value_heads * d * 2
+    return arch.num_hidden_layers * (attn + 3 * h * i) + h * arch.vocab_size

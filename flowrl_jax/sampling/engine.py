@@ -38,8 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
-from flowrl_jax.models.qwen2 import (Qwen2ForCausalLM, apply_rope,
-                                     rope_cos_sin)
+from flowrl_jax.models.qwen2 import Qwen2ForCausalLM, apply_rope, matmul_params, rope_cos_sin
 
 # Decode layout of the cache, read in place by decode attention (a [B, S, K, D] cache gets
 # transposed by XLA at every step and layer): keys and values [slots, kv_heads, head_dim, S]
@@ -419,9 +418,7 @@ def _linears(model: Qwen2ForCausalLM) -> list[tuple[Any, ...]]:
 def matmul_weight_bytes(model: Qwen2ForCausalLM) -> int:
     """Bytes of every matmul weight (linear layers + LM head) in the compute dtype: what a
     decode step reads."""
-    n = (sum(m.weight.shape[0] * m.weight.shape[1] for ms in _linears(model) for m in ms)
-         + model.arch.hidden_size * model.arch.vocab_size)
-    return n * jnp.dtype(model.num.compute_dtype).itemsize
+    return matmul_params(model.arch) * jnp.dtype(model.num.compute_dtype).itemsize
 
 
 def decode_matrices(model: Qwen2ForCausalLM, slots: int, steps: int) -> Optional[DecodeMatrices]:
