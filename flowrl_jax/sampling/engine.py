@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence
@@ -755,15 +756,18 @@ def host_cores() -> int:
 
 
 _GROUP_POOL: Optional[ThreadPoolExecutor] = None
+_GROUP_POOL_LOCK = threading.Lock()
 
 
-def _group_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's threads for decode groups beyond the caller's (kept: a thread's first
-    XLA calls are slower than its later ones)."""
+def _group_pool() -> ThreadPoolExecutor:
+    """The process's threads for decode groups beyond the caller's, one per core at most
+    (kept: a thread's first XLA calls are slower than its later ones; threads start on
+    demand). More groups than threads only queue: correct, if slower."""
     global _GROUP_POOL
-    if _GROUP_POOL is None or _GROUP_POOL._max_workers < workers:
-        _GROUP_POOL = ThreadPoolExecutor(workers, thread_name_prefix="flowrl-decode-group")
-    return _GROUP_POOL
+    with _GROUP_POOL_LOCK:
+        if _GROUP_POOL is None:
+            _GROUP_POOL = ThreadPoolExecutor(host_cores(), thread_name_prefix="flowrl-decode-group")
+        return _GROUP_POOL
 
 
 class _RolloutBuffers:
@@ -863,7 +867,7 @@ class SamplingEngine:
             for axes in spec:
                 for a in ((axes,) if isinstance(axes, str) else (axes or ())):
                     shards *= self.mesh.shape[a]
-        dev = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        dev = self.device
         free = _device_free_bytes(dev)
         if free is not None and nbytes / shards > free:
             raise SamplingError(
@@ -908,6 +912,11 @@ class SamplingEngine:
         slots = min(self.decode_slots, max(_pow2(n_requests), shards))
         return int(math.ceil(slots / shards) * shards)
 
+    @property
+    def device(self) -> jax.Device:
+        """The engine's (first) device."""
+        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
     def decode_groups(self, slots: int, max_new_tokens: int) -> int:
         """How many parallel decode groups a call with `slots` slots runs (1 = one decode
         loop). On a multi-core CPU host with no multi-device mesh, a model whose matmul weights
@@ -915,8 +924,7 @@ class SamplingEngine:
         with at least DECODE_GROUP_MIN_SLOTS slots, run in threads (`generate`)."""
         if self.mesh is not None and self.mesh.devices.size > 1:
             return 1
-        dev = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
-        if (dev.platform != "cpu" or max_new_tokens < DECODE_GROUP_MIN_STEPS
+        if (self.device.platform != "cpu" or max_new_tokens < DECODE_GROUP_MIN_STEPS
                 or self.weight_bytes > DECODE_GROUPS_MAX_WEIGHT_BYTES):
             return 1
         return max(1, min(host_cores(), slots // DECODE_GROUP_MIN_SLOTS))
@@ -952,7 +960,7 @@ class SamplingEngine:
             bounds = np.linspace(0, n_total, groups + 1).round().astype(int)
             parts = [queue[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             g_slots = slots // groups
-            pool = _group_pool(groups - 1)
+            pool = _group_pool()
             futures = [pool.submit(self._decode_items, params, prompts, part, sampling,
                                    g_slots, length, out) for part in parts[1:]]
             try:
