@@ -184,7 +184,8 @@ def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any]
     r = batch["response_mask"].shape[1]
     p = t - r
     model = nnx.merge(graphdefs["policy"], params["policy"])
-    out = model(ids, am, batch.get("positions"), return_logits=False)
+    # remat only where a backward pass follows (the old/ref log-prob passes have none)
+    out = model(ids, am, batch.get("positions"), return_logits=False, remat=None if train else False)
     hidden = out.hidden
     h_resp = hidden[:, p - 1:t - 1]  # position P+t−1 predicts response token t
     w = model.lm_head_matrix()

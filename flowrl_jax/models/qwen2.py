@@ -288,7 +288,8 @@ class Qwen2ForCausalLM(nnx.Module):
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, *, cache: Optional[list[KVCache]] = None,
                  cache_update: Optional[CacheUpdate] = None,
-                 return_logits: bool = True, return_kv: bool = False) -> ModelOutput:
+                 return_logits: bool = True, return_kv: bool = False,
+                 remat: Optional[bool] = None) -> ModelOutput:
         """Forward pass.
 
         Without a cache: input_ids/attention_mask/positions are [B, T]; left padding works
@@ -296,7 +297,8 @@ class Qwen2ForCausalLM(nnx.Module):
         keys/values [B, T, kv_heads, D] as `cache` (a prefill: the no-cache attention kernels,
         flash / cuDNN, instead of a masked [T, S] softmax). With a cache: the tokens are
         written at `cache_update.write_index` and attend to slots marked in
-        `cache_update.kv_valid`.
+        `cache_update.kv_valid`. `remat` overrides `Numerics.remat` (passes without gradients
+        turn it off: there is no backward pass to save memory for).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -320,14 +322,35 @@ class Qwen2ForCausalLM(nnx.Module):
         def run_layer(layer, x, c):
             return layer(x, cos, sin, mask_info, c, keep_kv)
 
-        if self.num.remat:
-            run_layer = nnx.remat(run_layer)
+        if self.num.remat if remat is None else remat:
+            run_layer = rematerialised(run_layer)
         for i, layer in enumerate(self.layers):
             x, c = run_layer(layer, x, None if cache is None else cache[i])
             if new_cache is not None:
                 new_cache.append(c)
         hidden = self.norm(x)
         return ModelOutput(self.logits(hidden) if return_logits else None, hidden, new_cache)
+
+
+def rematerialised(run_layer: Callable) -> Callable:
+    """`run_layer(layer, x, c)` whose activations the backward pass recomputes.
+
+    A pure `jax.checkpoint` over the layer's split state rather than `nnx.remat`: the NNX
+    transform tries to write the layer's Params back at its own trace level, which fails
+    when the params come from an enclosing trace (`lax.map` / `lax.scan` / `shard_map` /
+    a nested `jit` over params the outer `jit` owns). Nothing in a layer is mutated, so
+    there is nothing to write back.
+    """
+
+    def run(layer, x, c):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, c):
+            return run_layer(nnx.merge(graphdef, state), x, c)
+
+        return jax.checkpoint(pure)(state, x, c)
+
+    return run
 
 
 def init_cache(arch: ModelArch, batch: int, length: int, dtype: Any = jnp.float32) -> list[KVCache]:

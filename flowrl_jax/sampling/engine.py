@@ -598,7 +598,7 @@ class Kernels:
         # decode step overwrites that slot before any query can see it.
         valid = jnp.arange(p)[None, :] < jnp.maximum(lengths, 1)[:, None]
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
-        out = model(tokens, valid, positions, return_logits=False, return_kv=True)
+        out = model(tokens, valid, positions, return_logits=False, return_kv=True, remat=False)
         return [DecodeCache(c.k.astype(self.cache_dtype).transpose(0, 2, 3, 1),
                             c.v.astype(self.cache_dtype).transpose(0, 2, 3, 1))
                 for c in out.cache]
