@@ -92,7 +92,8 @@ def test_interpreter_runs_wherever_it_lives(venv_home, fast_startup):
     if not fast_startup:  # exec'd as the venv's python, not the launcher's interpreter
         assert seen["prefix"] == venv_real
     assert seen["plant"] != "WROTE" and not plant.exists()  # the venv is read-only
-    if mode == "namespaces" and venv_real in mount_plan(probe_interpreter(str(python)).needed_dirs)[1]:
+    rebound = mount_plan(probe_interpreter(str(python)).needed_dirs)[1]
+    if mode == "namespaces" and venv_real in rebound:
         # bound back from a hidden/masked dir: only the venv itself became visible there
         assert seen["listing"] == ["venv"], seen
         assert seen["secret"] == "FileNotFoundError", seen

@@ -336,7 +336,8 @@ def _collect(proc: subprocess.Popen, deadline: float, cfg: SandboxConfig) -> tup
 
 def _probe_program(site_dirs: tuple[str, ...]) -> str:
     """Prints 42 iff the stdlib imports and every site-packages dir is reachable inside."""
-    return (f"import decimal, os\nmissing = [p for p in {list(site_dirs)!r} if not os.path.isdir(p)]\n"
+    return ("import decimal, os\n"
+            f"missing = [p for p in {list(site_dirs)!r} if not os.path.isdir(p)]\n"
             "print(f'site-packages not reachable: {missing}' if missing else 6 * 7)\n")
 
 
@@ -377,8 +378,8 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
                     "Programs share one uid for RLIMIT_NPROC." if uid == 65534 else
                     "No network/PID/mount isolation: untrusted code is only rlimited and killed.")
             return mode, uid
-        reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} {res.stdout.strip()[-200:]} "
-                       f"{res.stderr.strip()[-200:]}")
+        reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} "
+                       f"{res.stdout.strip()[-200:]} {res.stderr.strip()[-200:]}")
     if cfg.isolation == "namespaces":
         raise SandboxError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
     hint = (" (as root, unisolated execution needs SandboxConfig(isolation='plain'))"
