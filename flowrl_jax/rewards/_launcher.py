@@ -5,6 +5,9 @@ In "namespaces" mode it runs as PID 1 of fresh PID/mount/net namespaces (via `un
 exit kills every process the program left behind. In "plain" mode (fallback) it becomes a child
 subreaper and kills all descendants itself. Exit status: the program's exit code, 128+signal
 if it was killed by a signal, 124 on timeout, 125 if the sandbox itself could not be set up.
+The host learns about set-up failures, and that the program started, from the status pipe
+(config "status_fd"): the program cannot write to it (closed before it runs), unlike its exit
+code or stderr, so it cannot fake a set-up failure or hide one.
 """
 
 import ctypes
@@ -88,22 +91,27 @@ def _mount(src, target, fstype, flags, data=None):
 
 
 def _setup_mounts(cfg):
-    """Private tmpfs over world-writable dirs; re-expose hidden interpreter dirs read-only."""
+    """Private tmpfs over world-writable dirs, empty tmpfs over hidden dirs, then the
+    interpreter's dirs bound back read-only on top of both (wherever they live)."""
     keep = []
-    for path in cfg["rebind"]:  # hold the dirs before their hidden ancestors get covered
-        keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    for path in cfg["rebind"]:  # hold the dirs before anything covers them
+        try:
+            keep.append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+        except OSError as exc:
+            raise OSError(exc.errno, f"interpreter dir {path}: {exc.strerror}") from None
     for path in cfg["hide"]:
         _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for path in cfg["masked"]:
+        if path == "/tmp":
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_mb']}m,mode=1777")
+        elif os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=1777")
+    os.umask(0o022)  # mount points made below must be traversable by the program's uid
     for path, fd in keep:
         os.makedirs(path, exist_ok=True)
         _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+        _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
-    size = f"size={cfg['tmpfs_mb']}m"
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=1777")
-    for path in ("/var/tmp", "/dev/shm", "/run/lock"):
-        if os.path.isdir(path):
-            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=1777")
 
 
 def _kill_descendants(me):
@@ -136,7 +144,7 @@ def _kill_descendants(me):
         time.sleep(0.002)
 
 
-def _run_inproc(cfg):
+def _run_inproc(cfg, setup_fd):
     """Run the program in this (forked, already unprivileged) interpreter: saves a Python start.
 
     Mirrors `python -B -S main.py`: script dir and PYTHONPATH first on sys.path, the program's
@@ -146,6 +154,7 @@ def _run_inproc(cfg):
     import runpy
     import traceback
 
+    os.close(setup_fd)  # set-up done: from here on, failures are the program's
     os.environ.clear()
     os.environ.update(cfg["env"])
     script = cfg["argv"][-1]
@@ -178,8 +187,12 @@ def _run_inproc(cfg):
     os._exit(code)
 
 
-def _child(cfg, workdir, stdin_path):
-    """In the forked child: own process group, stdin, limits, unprivileged ids, exec."""
+def _child(cfg, workdir, stdin_path, setup_fd):
+    """In the forked child: own process group, stdin, limits, unprivileged ids, exec.
+
+    `setup_fd` (close-on-exec) carries a set-up failure back to the launcher; it closes when
+    the program starts (exec or in-process), so the program cannot write to it.
+    """
     try:
         os.setpgid(0, 0)
         fd = os.open(stdin_path, os.O_RDONLY)
@@ -204,17 +217,38 @@ def _child(cfg, workdir, stdin_path):
         if cfg.get("seccomp"):
             _install_seccomp()
         if cfg.get("inproc"):
-            _run_inproc(cfg)  # never returns
+            _run_inproc(cfg, setup_fd)  # never returns
         os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
     except BaseException as exc:  # noqa: BLE001 - report anything, never return into the launcher
-        os.write(2, f"sandbox-setup-error: {type(exc).__name__}: {exc}\n".encode())
+        try:
+            os.write(setup_fd, f"{type(exc).__name__}: {exc}".encode()[:2000])
+        except OSError:
+            pass
     os._exit(EXIT_SETUP)
+
+
+def _read_until_eof(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode("utf-8", "replace")
+        chunks.append(chunk)
 
 
 def main():
     host_dir = sys.argv[1]
     with open(os.path.join(host_dir, "config.json")) as f:
         cfg = json.load(f)
+    status_fd = cfg["status_fd"]
+    os.set_inheritable(status_fd, False)  # never handed to the program
+
+    def report(message):
+        try:
+            os.write(status_fd, message.encode()[:3000])
+        except OSError:
+            pass
+
     files = {}
     for name in cfg["files"]:
         with open(os.path.join(host_dir, name), "rb") as f:
@@ -233,16 +267,27 @@ def main():
         if cfg["uid"] is not None:
             for name in [*files, "."]:
                 os.chown(os.path.join(workdir, name), cfg["uid"], cfg["gid"])
-    except OSError as exc:
-        os.write(2, f"sandbox-setup-error: {exc}\n".encode())
+    except Exception as exc:  # noqa: BLE001 - any failure here is the sandbox's, not the program's
+        report(f"setup-error: {type(exc).__name__}: {exc}\n")
         return EXIT_SETUP
 
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    setup_r, setup_w = os.pipe()  # close-on-exec (Python's default)
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-        _child(cfg, workdir, os.path.join(workdir, cfg["stdin_file"]))
+        os.close(setup_r)
+        os.close(status_fd)
+        _child(cfg, workdir, os.path.join(workdir, cfg["stdin_file"]), setup_w)
+    os.close(setup_w)
+    failure = _read_until_eof(setup_r)  # EOF as soon as the program starts
+    os.close(setup_r)
+    if failure:
+        os.waitpid(pid, 0)
+        report(f"setup-error: {failure}\n")
+        return EXIT_SETUP
+    report("started\n")
     deadline = start + cfg["timeout_s"]
     status = None
     while status is None:

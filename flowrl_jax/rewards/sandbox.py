@@ -7,7 +7,9 @@ Design (namespaces mode, used when running as root with a working `unshare`):
   inside, so double-forked daemons cannot survive.
 - The launcher mounts private tmpfs over /tmp, /var/tmp, /dev/shm and /run/lock (writes vanish
   with the namespace), hides non-world-readable ancestors of the interpreter (e.g. /root) behind
-  an empty tmpfs and re-exposes just the interpreter directories read-only.
+  an empty tmpfs, then binds back read-only exactly the directories the interpreter needs
+  (prefixes, stdlib, site-packages, shared-library dirs; see sandbox_mounts.py), so a venv under
+  /tmp, /root or a 0700 home works while the rest of those directories stays hidden.
 - The program gets an empty environment (PATH, HOME, LANG, thread caps), rlimits on CPU seconds,
   address space, processes, file size and open files, a uid/gid of its own (`uid_base + slot`,
   slots unique across processes on the host, so one fork bomb cannot exhaust another sandbox's
@@ -19,6 +21,9 @@ Design (namespaces mode, used when running as root with a working `unshare`):
 - Wall-clock timeouts are enforced by the launcher (kill the program's process group) with a
   backstop in the parent (SIGKILL the launcher's process group, which tears the namespace down);
   stdout is capped; the host temp dir is always removed.
+- A sandbox that cannot be set up raises SandboxError (never a silent zero reward): the launcher
+  reports set-up failures, and that the program started, on a status pipe the program cannot
+  write to (it is closed before the program runs), so a program cannot fake either.
 Fallback ("plain" mode, when namespaces are unavailable): same launcher without namespaces; it
 is a child subreaper that kills all descendants when the program ends, uid drop only as root.
 There is no network or filesystem isolation in that mode; a warning is logged once.
@@ -43,11 +48,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowrl_jax.rewards.sandbox_mounts import (
+    MASKED_DIRS,
+    InterpreterLayout,
+    SandboxError,
+    mount_plan,
+    probe_interpreter,
+)
+
 logger = logging.getLogger(__name__)
 
 _LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
 EXIT_TIMEOUT = 124
-EXIT_SETUP = 125
 _UNSHARE_ARGS = ("--net", "--pid", "--mount", "--fork", "--mount-proc", "--kill-child")
 
 
@@ -77,7 +89,7 @@ class SandboxConfig:
 class RunResult:
     """Outcome of one sandboxed run."""
 
-    status: str  # ok | error | timeout | output_limit | sandbox_error
+    status: str  # ok | error | timeout | output_limit (set-up failures raise SandboxError)
     returncode: int
     stdout: str
     stderr: str
@@ -171,51 +183,59 @@ def _hoist_future(source: str) -> str:
     return "".join(f if f.endswith("\n") else f + "\n" for f in futures) + _FUTURE.sub("", source)
 
 
-def _site_packages(python: str) -> list[str]:
-    probe = subprocess.run([python, "-c", "import site, json; print(json.dumps(site.getsitepackages()))"],
-                           capture_output=True, text=True, timeout=60, check=True)
-    return [p for p in json.loads(probe.stdout) if os.path.isdir(p)]
+class _Interpreter:
+    """An interpreter's layout and the sandbox mounts it needs, probed once per path."""
+
+    def __init__(self, python: str) -> None:
+        self.layout: InterpreterLayout = probe_interpreter(python)
+        self.mounts: tuple[list[str], list[str]] = mount_plan(self.layout.needed_dirs)
 
 
-def _interpreter_mounts(python: str) -> tuple[list[str], list[str]]:
-    """(dirs to hide, dirs to re-expose) so that `python` is usable by an unprivileged uid."""
-    probe = subprocess.run(
-        [python, "-c", "import sys, os, json; print(json.dumps([os.path.realpath(p) for p in "
-         "[sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,"
-         " *sys.path] if p and os.path.exists(p)]))"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    needed = [os.path.realpath(p) for p in json.loads(probe.stdout) + [python]]
-    hide: set[str] = set()
-    rebind: set[str] = set()
-    for path in needed:
-        parts = Path(path).parts
-        for i in range(2, len(parts)):
-            ancestor = str(Path(*parts[:i]))
-            if not os.stat(ancestor).st_mode & 0o001:  # others cannot traverse
-                hide.add(ancestor)
-                rebind.add(str(Path(*parts[: i + 1])) if i + 1 < len(parts) else path)
-                break
-    hide_list = sorted(h for h in hide if not any(h != o and h.startswith(o + "/") for o in hide))
-    rebind_list = sorted(r for r in rebind if not any(r != o and r.startswith(o + "/") for o in rebind))
-    return hide_list, rebind_list
+_interpreters: dict[str, _Interpreter] = {}
+_interpreters_lock = threading.Lock()
+
+
+def _interpreter(python: str) -> _Interpreter:
+    with _interpreters_lock:
+        if python not in _interpreters:
+            _interpreters[python] = _Interpreter(python)
+        return _interpreters[python]
+
+
+def _read_status(fd: int) -> str:
+    """Whatever the launcher wrote on the status pipe (every writer has exited by now)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mode: str,
-              uid: int | None, mounts: tuple[list[str], list[str]]) -> RunResult:
+              uid: int | None) -> RunResult:
+    interp = _interpreter(cfg.python)
+    python = interp.layout.exec_path
+    mounts = interp.mounts if mode == "namespaces" else ([], [])
     host_dir = tempfile.mkdtemp(prefix="flowrl_sbx_", dir=cfg.host_tmp_dir)
     start = time.monotonic()
     proc = None
+    status_r, status_w = os.pipe()
     try:
         ns = mode == "namespaces"
         workdir = "/tmp/sandbox" if ns else os.path.join(host_dir, "work")
         if not ns and uid is not None:
             os.chmod(host_dir, 0o711)  # the dropped uid must reach host_dir/work
         env = _program_env(workdir, "/tmp" if ns else workdir)
-        argv = [cfg.python, "-B", "-s", "main.py"]
+        argv = [python, "-B", "-s", "main.py"]
         if cfg.fast_startup:
-            argv = [cfg.python, "-B", "-S", "main.py"]
-            env["PYTHONPATH"] = os.pathsep.join(_site_dirs(cfg.python))
+            argv = [python, "-B", "-S", "main.py"]
+            env["PYTHONPATH"] = os.pathsep.join(interp.layout.site_dirs)
             source = _hoist_future(_PROLOGUE + source)
         files = {"main.py": source.encode("utf-8", "surrogatepass"),
                  "stdin.txt": stdin.encode("utf-8", "surrogatepass")}
@@ -226,10 +246,11 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         config = {
             "mode": mode, "files": list(files), "stdin_file": "stdin.txt", "timeout_s": timeout_s,
             "uid": uid, "gid": uid, "hide": mounts[0], "rebind": mounts[1], "tmpfs_mb": cfg.tmpfs_mb,
+            "masked": list(MASKED_DIRS), "status_fd": status_w,
             "argv": argv, "env": env, "seccomp": cfg.seccomp,
             # same interpreter as the launcher: run the program in the forked launcher itself
-            "inproc": cfg.fast_startup and os.path.realpath(cfg.python) == os.path.realpath(sys.executable),
-            "pythonpath": env.get("PYTHONPATH", "").split(os.pathsep) if cfg.fast_startup else [],
+            "inproc": cfg.fast_startup and os.path.realpath(python) == os.path.realpath(sys.executable),
+            "pythonpath": list(interp.layout.site_dirs) if cfg.fast_startup else [],
             "limits": {"cpu_s": cpu_s, "as_bytes": cfg.memory_mb << 20, "nproc": cfg.max_processes,
                        "fsize_bytes": cfg.max_file_mb << 20, "nofile": cfg.max_open_files},
         }
@@ -241,8 +262,10 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd=host_dir, close_fds=True,
-            process_group=0,
+            pass_fds=(status_w,), process_group=0,
         )
+        os.close(status_w)
+        status_w = -1
         out, err, why = _collect(proc, start + timeout_s + cfg.startup_grace_s, cfg)
         if why is not None:  # output cap or parent-side backstop: kill the whole tree now
             _killpg(proc)
@@ -250,12 +273,17 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         wall = time.monotonic() - start
         stdout = out.decode("utf-8", "replace")
         stderr = err.decode("utf-8", "replace")
+        report = _read_status(status_r)
+        if "setup-error:" in report:
+            raise SandboxError(f"sandbox ({mode} mode) could not be set up: "
+                               f"{report.split('setup-error:', 1)[1].strip()}")
+        if why is None and "started" not in report:  # died before the program could run
+            raise SandboxError(f"sandbox ({mode} mode) launcher exited {rc} before starting the "
+                               f"program: {stderr.strip()[-300:] or 'no message'}")
         if why == "output_limit":
             status = "output_limit"
         elif why == "timeout" or rc == EXIT_TIMEOUT:
             status = "timeout"
-        elif rc == EXIT_SETUP and "sandbox-setup-error" in stderr:
-            status = "sandbox_error"
         elif rc == 0:
             status = "ok"
         else:
@@ -267,6 +295,9 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
             proc.wait()
         for stream in (proc.stdout, proc.stderr) if proc is not None else ():
             stream.close()
+        for fd in (status_r, status_w):
+            if fd >= 0:
+                os.close(fd)
         shutil.rmtree(host_dir, ignore_errors=True)
 
 
@@ -303,6 +334,13 @@ def _collect(proc: subprocess.Popen, deadline: float, cfg: SandboxConfig) -> tup
     return bytes(out), bytes(err), None
 
 
+def _probe_program(site_dirs: tuple[str, ...]) -> str:
+    """Prints 42 iff the stdlib imports and every site-packages dir is reachable inside."""
+    return ("import decimal, os\n"
+            f"missing = [p for p in {list(site_dirs)!r} if not os.path.isdir(p)]\n"
+            "print(f'site-packages not reachable: {missing}' if missing else 6 * 7)\n")
+
+
 def isolation_mode(cfg: SandboxConfig | None = None) -> tuple[str, int | None]:
     """(mode, uid base) chosen once per config: probes namespaces + uid drop, else falls back."""
     cfg = cfg or SandboxConfig()
@@ -327,8 +365,8 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
     reasons = []
     for mode, uid in candidates:
         try:
-            mounts = _interpreter_mounts(cfg.python) if mode == "namespaces" else ([], [])
-            res = _run_once("print(6 * 7)", "", 30.0, cfg, mode, uid, mounts)
+            res = _run_once(_probe_program(_interpreter(cfg.python).layout.site_dirs), "", 30.0,
+                            cfg, mode, uid)
         except Exception as exc:  # noqa: BLE001 - any failure means "try the next option"
             reasons.append(f"{mode}/uid={uid}: {exc}")
             continue
@@ -339,42 +377,30 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
                     "; ".join(reasons) or "namespaces unavailable (not root or no unshare)",
                     "Programs share one uid for RLIMIT_NPROC." if uid == 65534 else
                     "No network/PID/mount isolation: untrusted code is only rlimited and killed.")
-            _mounts_cache[(cfg.python, mode)] = mounts
             return mode, uid
-        reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} {res.stderr.strip()[-200:]}")
+        reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} "
+                       f"{res.stdout.strip()[-200:]} {res.stderr.strip()[-200:]}")
     if cfg.isolation == "namespaces":
-        raise RuntimeError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
+        raise SandboxError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
     hint = (" (as root, unisolated execution needs SandboxConfig(isolation='plain'))"
             if root and cfg.isolation == "auto" else "")
-    raise RuntimeError("sandbox: no working isolation mode" + hint + ": " + "; ".join(reasons))
-
-
-_mounts_cache: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-_site_cache: dict[str, list[str]] = {}
-_site_lock = threading.Lock()
-
-
-def _site_dirs(python: str) -> list[str]:
-    with _site_lock:
-        if python not in _site_cache:
-            _site_cache[python] = _site_packages(python)
-        return _site_cache[python]
+    raise SandboxError("sandbox: no working isolation mode" + hint + ": " + "; ".join(reasons))
 
 
 def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,
                config: SandboxConfig | None = None) -> RunResult:
-    """Run Python `source` with `stdin` in a fresh sandbox; thread-safe, never raises on bad code."""
+    """Run Python `source` with `stdin` in a fresh sandbox; thread-safe.
+
+    Bad code never raises (its RunResult says how it failed); a sandbox that cannot be set up
+    raises SandboxError naming the cause.
+    """
     cfg = config or SandboxConfig()
     if timeout_s <= 0:
         raise ValueError(f"run_python: timeout_s must be > 0, got {timeout_s}")
     mode, uid_base = isolation_mode(cfg)
-    mounts = _mounts_cache.get((cfg.python, mode), ([], []))
     slot = _slots.acquire()
     try:
         uid = None if uid_base is None else (uid_base + slot if uid_base != 65534 else 65534)
-        res = _run_once(source, stdin, float(timeout_s), cfg, mode, uid, mounts)
+        return _run_once(source, stdin, float(timeout_s), cfg, mode, uid)
     finally:
         _slots.release(slot)
-    if res.status == "sandbox_error":  # infrastructure failure, not the program's fault
-        logger.error("sandbox setup failed (%s mode, uid %s): %s", mode, uid, res.stderr.strip()[-500:])
-    return res
