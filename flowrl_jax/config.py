@@ -187,6 +187,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # entries replacing those of mesh.LOGICAL_RULES: logical axis → mesh axis, list of mesh
+    # axes or null (replicated), e.g. {length: tensor, mlp: null} for sequence parallelism
+    rules: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str = "mesh") -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -194,6 +197,19 @@ class MeshConfig:
             _check(v == -1 or v >= 1, f"{key}.{k}", f"must be -1 or >= 1, got {v}")
         _check(list(sizes.values()).count(-1) <= 1, key,
                "at most one axis may be -1 (the remaining devices)")
+        from flowrl_jax.mesh import LOGICAL_RULES, MESH_AXES  # the table lives with the mesh
+
+        for name, target in self.rules.items():
+            _check(name in LOGICAL_RULES, f"{key}.rules.{name}",
+                   f"unknown logical axis (known: {', '.join(sorted(n for n in LOGICAL_RULES if n))})")
+            axes = [] if target is None else [target] if isinstance(target, str) else target
+            _check(isinstance(axes, (list, tuple)) and all(a in MESH_AXES for a in axes),
+                   f"{key}.rules.{name}",
+                   f"must be null, a mesh axis or a list of them ({', '.join(MESH_AXES)}), "
+                   f"got {target!r}")
+
+    def __hash__(self) -> int:  # the rules dict is not hashable; it is part of equality
+        return hash((self.data, self.fsdp, self.tensor, repr(sorted(self.rules.items(), key=str))))
 
 
 # --------------------------------------------------------------------------- data

@@ -2,13 +2,18 @@
 
 Parameters and activations are annotated with *logical* axis names (`embed`, `mlp`, ...).
 `LOGICAL_RULES` maps each to a mesh axis (or a tuple of them, or None = replicated), so
-changing the parallelism is a config change (mesh sizes), never a code change.
+changing the parallelism is a config change (mesh sizes, `mesh.rules` entries), never a code
+change. A mesh made from a config carries that config's rules (`rules_for`); activations are
+constrained only inside `activation_sharding(mesh)` (the train step and log-prob passes), so
+the sampler and tools that run the model on one device see no constraint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +41,25 @@ LOGICAL_RULES: dict[str, Any] = {
     "z_hidden": None,
     None: None,
 }
+
+# The rules of each mesh that `make_mesh` built from a config with `mesh.rules` entries. A Mesh
+# compares by its devices and axes, so the newest config's rules win for an identical mesh.
+_MESH_RULES: dict[Mesh, dict[str, Any]] = {}
+_ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+    "flowrl_activation_mesh", default=None)
+
+
+def rules_for(mesh: Mesh | None) -> dict[str, Any]:
+    """The logical-axis rules of `mesh`: LOGICAL_RULES with its config's `mesh.rules` applied."""
+    return _MESH_RULES.get(mesh, LOGICAL_RULES) if mesh is not None else LOGICAL_RULES
+
+
+def merged_rules(overrides: dict[str, Any]) -> dict[str, Any]:
+    """LOGICAL_RULES with `overrides` (a mesh config's `rules`: axis name, list or None)."""
+    rules = dict(LOGICAL_RULES)
+    for name, target in overrides.items():
+        rules[name] = tuple(target) if isinstance(target, (list, tuple)) else target
+    return rules
 
 
 def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
@@ -75,7 +99,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Devi
             dev_array = np.asarray(devices).reshape(shape)
     else:
         dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if cfg.rules:
+        _MESH_RULES[mesh] = merged_rules(cfg.rules)
+    else:
+        _MESH_RULES.pop(mesh, None)
+    return mesh
 
 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
@@ -87,7 +116,7 @@ def logical_to_spec(names: Iterable[Optional[str]], mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None,
                     rules: dict[str, Any] | None = None) -> PartitionSpec:
     """PartitionSpec for logical axis names; with mesh+shape, axes that don't divide are replicated."""
-    rules = LOGICAL_RULES if rules is None else rules
+    rules = rules_for(mesh) if rules is None else rules
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
@@ -145,3 +174,22 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 def state_partition_specs(state: Any, mesh: Mesh) -> Any:
     """Like `state_shardings` but PartitionSpecs."""
     return jax.tree.map(lambda s: s.spec, state_shardings(state, mesh))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `mesh` by its rules."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """`x` constrained to the sharding its logical axis names get on the active mesh (a no-op
+    outside `activation_sharding`, and for axes a mesh dimension does not divide)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape))

@@ -66,7 +66,7 @@ from flowrl_jax.algos.base import seq_valid
 from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
 from flowrl_jax.models.attention import no_cache_kernel, require_contiguous_rows
-from flowrl_jax.mesh import named_sharding, replicated
+from flowrl_jax.mesh import activation_sharding, named_sharding, replicated
 from flowrl_jax.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
                                     warmup_constant)
 
@@ -254,6 +254,10 @@ class TrainStep:
         return b // mb
 
     def _step(self, state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
+        with activation_sharding(self.mesh):  # activations sharded by the mesh's rules
+            return self._step_traced(state, batch)
+
+    def _step_traced(self, state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
         cfg, algo, mesh = self.cfg, self.algo, self.mesh
         b = batch["input_ids"].shape[0]
         n = self.num_micro(b)
@@ -382,6 +386,10 @@ class LogProbs:
         self._fns: dict[tuple, Callable] = {}
 
     def _run(self, params: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
+        with activation_sharding(self.mesh):  # activations sharded by the mesh's rules
+            return self._run_traced(params, batch)
+
+    def _run_traced(self, params: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
         b = batch["input_ids"].shape[0]
         n = b // min(b, self.cfg.trainer.logprob_micro_batch_size)
         params = {k: v for k, v in params.items() if k != "z"}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowrl_jax.config import ModelArch, ModelConfig
+from flowrl_jax.mesh import constrain, state_shardings
 from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
                                          no_cache_kernel)
 
@@ -56,6 +57,13 @@ def _param(rngs: Optional[nnx.Rngs], shape: tuple[int, ...], axes: tuple, dtype:
     init = init or _NORMAL
     return nnx.Param(init(rngs.params() if rngs is not None else None, shape, dtype),
                      logical_axes=axes)
+
+
+# Logical axes of the activations (mapped to the mesh by mesh.LOGICAL_RULES / `mesh.rules`;
+# constrained only inside mesh.activation_sharding, i.e. in the train step and log-prob passes).
+HIDDEN_AXES = ("batch", "length", "embed")
+Q_AXES = ("batch", "length", "heads", "head_dim")
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 def _constant(value: float) -> Callable:
@@ -195,9 +203,9 @@ class Attention(nnx.Module):
         """Attention output and the updated cache; without a cache, `keep_kv` returns this
         pass's keys and values [B, T, kv_heads, D] in its place (what a prefill stores)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
+        q = constrain(self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim), Q_AXES)
+        k = constrain(self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim), KV_AXES)
+        v = constrain(self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim), KV_AXES)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q_slots, k_valid, update = mask_info
         if cache is not None:
@@ -211,13 +219,17 @@ class Attention(nnx.Module):
             cache = KVCache(k, v) if keep_kv else None
             kernel = no_cache_kernel(self.impl, q.dtype)
             if kernel == "fused":  # rows are one run each (checked where batches are placed)
-                out = contiguous_causal_attention(q, k, v, k_valid)
-                return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+                return self._project(contiguous_causal_attention(q, k, v, k_valid)), cache
             if kernel == "flash" and t > FLASH_BLOCK:  # blocked, recomputing backward
-                out = flash_attention(q, k, v, k_valid)
-                return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+                return self._project(flash_attention(q, k, v, k_valid)), cache
         out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
-        return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), cache
+        return self._project(out), cache
+
+    def _project(self, out: Array) -> Array:
+        """o_proj of the heads' outputs [B, T, heads, D]."""
+        b, t = out.shape[:2]
+        return self.o_proj(constrain(out.reshape(b, t, self.n_heads * self.head_dim),
+                                     ("batch", "length", "heads")))
 
 
 class MLP(nnx.Module):
@@ -232,7 +244,9 @@ class MLP(nnx.Module):
     def __call__(self, x: Array, weights_t: tuple = (None, None, None)) -> Array:
         """`weights_t`: optional [in, out] copies of the gate, up and down weights (Linear)."""
         g, u, d = weights_t
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, g)) * self.up_proj(x, u), d)
+        hidden = constrain(jax.nn.silu(self.gate_proj(x, g)) * self.up_proj(x, u),
+                           ("batch", "length", "mlp"))
+        return self.down_proj(hidden, d)
 
 
 class DecoderLayer(nnx.Module):
@@ -250,7 +264,7 @@ class DecoderLayer(nnx.Module):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, cache, keep_kv)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        return constrain(x, HIDDEN_AXES), cache
 
 
 class ModelOutput(NamedTuple):
@@ -283,7 +297,8 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Logits [.., V] from final hidden states."""
-        return jnp.dot(hidden.astype(self.num.compute_dtype), self.lm_head_matrix())
+        logits = jnp.dot(hidden.astype(self.num.compute_dtype), self.lm_head_matrix())
+        return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
                  positions: Optional[Array] = None, *, cache: Optional[list[KVCache]] = None,
@@ -316,6 +331,7 @@ class Qwen2ForCausalLM(nnx.Module):
             mask_info = (q_slots, cache_update.kv_valid, cache_update)
         cos, sin = rope_cos_sin(positions, self.arch.resolved_head_dim, self.arch.rope_theta)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.num.compute_dtype)
+        x = constrain(x, HIDDEN_AXES)
         keep_kv = cache is None and return_kv
         new_cache = [] if cache is not None or keep_kv else None
 
@@ -328,7 +344,7 @@ class Qwen2ForCausalLM(nnx.Module):
             x, c = run_layer(layer, x, None if cache is None else cache[i])
             if new_cache is not None:
                 new_cache.append(c)
-        hidden = self.norm(x)
+        hidden = constrain(self.norm(x), HIDDEN_AXES)
         return ModelOutput(self.logits(hidden) if return_logits else None, hidden, new_cache)
 
 
@@ -381,8 +397,6 @@ def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCaus
 
 def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0) -> Qwen2ForCausalLM:
     """A randomly initialised model whose params are created directly in their shardings."""
-    from flowrl_jax.mesh import state_shardings
-
     graphdef, abstract_state = nnx.split(abstract_model(arch, num))
     shardings = state_shardings(abstract_state, mesh)
 
