@@ -108,3 +108,29 @@ def test_verify_names_a_missing_data_file(tmp_path, capsys):
 def test_verify_rejects_a_data_dir_that_does_not_exist(tmp_path, capsys):
     assert main(["data", "verify", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "nope is not a directory" in capsys.readouterr().err
+
+
+def test_a_built_wheel_carries_every_data_file(tmp_path):
+    """`pip install .` (not only editable installs) gets the data: build a wheel from a copy of
+    the source and look inside."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")  # the build backend, used without build isolation
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(repo / "configs", src / "configs", ignore=ignore)
+    shutil.copytree(repo / "flowrl_jax", src / "flowrl_jax", symlinks=True, ignore=ignore)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("flowrl_jax-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"flowrl_jax/assets/data/{p.relative_to(PACKAGED_DATA_DIR).as_posix()}"
+               for p in PACKAGED_DATA_DIR.rglob("*") if p.is_file()}
+    assert len(shipped) >= 70 and shipped <= names, sorted(shipped - names)[:5]
