@@ -20,8 +20,8 @@ def _no_env(monkeypatch):
 def test_list_names_every_set_with_kind_rows_license_and_path(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
-    lines = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:] if ln.strip()
-             and ln.split()[0] in REGISTRY}
+    lines = {ln.split()[0]: ln.split(maxsplit=4) for ln in out.splitlines()[1:] if ln.strip()
+             and ln.split()[0] in REGISTRY}  # maxsplit: the path may hold spaces
     assert set(lines) == set(REGISTRY)
     assert lines["dapo_math_17k"][1:5] == [
         "train", "17917", "Apache-2.0",
