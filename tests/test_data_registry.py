@@ -295,3 +295,11 @@ def test_malformed_row_names_file_row_and_field(tmp_path, kind):
     with pytest.raises(DataError, match=where + r".*'answer'"):
         load_custom(spec)
     assert len(load_custom(spec, on_bad_row="skip").records) == 2
+
+
+def test_format_and_path_kind_must_agree(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"prompt": "p", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"format jsonl needs a file"):
+        load_custom(DatasetSpec(name="d", path=str(tmp_path), format="jsonl"))
+    with pytest.raises(DataError, match=r"format hf_dataset needs a folder saved by `datasets`"):
+        load_custom(DatasetSpec(name="f", path=str(tmp_path / "f.jsonl"), format="hf_dataset"))

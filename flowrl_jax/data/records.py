@@ -119,6 +119,9 @@ def iter_rows(path: Union[str, Path], fmt: Optional[str] = None,
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if path.is_dir() != (fmt == "hf_dataset"):
+        raise DataError(f"{path}: format {fmt} needs "
+                        + ("a folder saved by `datasets`" if fmt == "hf_dataset" else "a file"))
     stats = stats if stats is not None else LoadStats()
     if fmt == "jsonl":
         with _open_text(path) as f:
