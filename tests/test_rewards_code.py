@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from flowrl_jax import rewards
+from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 from flowrl_jax.rewards.code_reward import (
     CodeLimits, extract_code, humaneval_budget_s, method_name, outputs_match, score_code,
 )
-from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 from flowrl_jax.rewards.sandbox import isolation_mode
-
 
 DATA = PACKAGED_DATA_DIR
 
