@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert checkpoints: hf-to-orbax, orbax-to-hf"),
     "bench": ("bench", "throughput benchmarks side by side with HF PyTorch"),
     "report": ("report", "compare runs side by side (Markdown + PNG plots)"),
+    "data": ("data", "the shipped data sets: list, show one record, verify checksums"),
 }
 
 

@@ -217,11 +217,12 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A user data set: a file path and a mapping from record fields to source fields."""
+    """A user data set: a file (or `datasets` save_to_disk folder) and a field mapping."""
 
     name: str = ""
     path: str = ""
-    format: Optional[str] = None  # jsonl | json | parquet; None → from the extension
+    # jsonl | json | parquet | hf_dataset (a save_to_disk folder); None → from the path
+    format: Optional[str] = None
     prompt_field: str = "prompt"
     answer_field: str = "answer"  # gold answer (math) or tests (code); dotted paths allowed
     id_field: Optional[str] = None
@@ -239,7 +240,8 @@ class DataConfig:
 
     train: tuple[str, ...] = ("dapo_math_17k",)
     custom: tuple[DatasetSpec, ...] = ()
-    data_dir: Optional[str] = None  # root of the shipped data; None → $FLOWRL_DATA_DIR
+    # root of the named data sets; None → $FLOWRL_DATA_DIR, else the copy inside the package
+    data_dir: Optional[str] = None
     template: Literal["math", "code", "none", "auto"] = "auto"
     chat_template: bool = True
     max_prompt_length: int = 2048

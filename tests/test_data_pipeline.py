@@ -14,9 +14,10 @@ import pytest
 from flowrl_jax.config import Config, DataConfig
 from flowrl_jax.data import (DataError, Record, apply_template, build_train_pipeline,
                              load_dataset, load_tokenizer, save_iterator)
+from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = (REPO / ".." / "shared" / "data").resolve()
+DATA_DIR = PACKAGED_DATA_DIR  # the copy inside the package, whatever $FLOWRL_DATA_DIR says
 
 # SPEC §3, typed here independently of flowrl_jax.data.templates.
 SPEC_MATH = ("Solve the following math problem step by step. The last line of your response "
@@ -38,7 +39,6 @@ def tok():
 
 @pytest.fixture(scope="module")
 def aime24():
-    assert DATA_DIR.is_dir(), f"shared data folder missing: {DATA_DIR}"
     return load_dataset("aime24", DATA_DIR).records
 
 

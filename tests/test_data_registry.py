@@ -1,4 +1,5 @@
-"""Every shipped data set loads through the registry with its row count and correct gold answers."""
+"""Every shipped data set loads through the registry (from the copy inside the package) with its
+row count and correct gold answers; user data sets from files and `datasets` folders."""
 
 import gzip
 import json
@@ -9,21 +10,21 @@ import pytest
 from flowrl_jax.config import DatasetSpec, load_config
 from flowrl_jax.data import (ENV_DATA_DIR, REGISTRY, DataError, last_boxed, load_custom,
                              load_dataset, load_eval_set, resolve_data_dir)
-
-DATA_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 
 EXPECTED_COUNTS = {
     "dapo_math_17k": 17917, "math_train": 7474, "aime24": 30, "aime25": 30, "amc23": 40,
     "math500": 500, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319,
     "humaneval": 164, "humanevalplus": 164, "humanevalplus_rllm": 163, "livecodebench": 279,
-    "codeforces": 408,
+    "codeforces": 408, "codeforces_heldout": 201, "code_train": 207,
 }
+ROWS_IN_FILE = {"humanevalplus_rllm": 164, "codeforces_heldout": 408}
 
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    assert DATA_DIR.is_dir(), f"shared data folder missing: {DATA_DIR}"
-    return DATA_DIR
+    assert PACKAGED_DATA_DIR.is_dir(), f"packaged data folder missing: {PACKAGED_DATA_DIR}"
+    return PACKAGED_DATA_DIR
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_registry_covers_every_shipped_set():
 def test_row_counts_and_record_shape(loaded, name):
     ls = loaded[name]
     # rows in the file; MATH-train has 4 rows without an answer, dropped as a known fault
-    assert ls.stats.read == (164 if name == "humanevalplus_rllm" else EXPECTED_COUNTS[name])
+    assert ls.stats.read == ROWS_IN_FILE.get(name, EXPECTED_COUNTS[name]) == REGISTRY[name].num_rows
     dropped = 4 if name == "math_train" else 0
     assert ls.stats.dropped == dropped and ls.stats.skipped == 0
     assert len(ls.records) == EXPECTED_COUNTS[name] - dropped
@@ -126,16 +127,58 @@ def test_load_eval_set_limit(data_dir):
     assert len(load_eval_set("humanevalplus_rllm", data_dir, limit=40)) == 40
 
 
-def test_data_root_from_env_and_errors(data_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv(ENV_DATA_DIR, str(data_dir))
-    assert len(load_dataset("aime25").records) == 30
-    monkeypatch.delenv(ENV_DATA_DIR)
-    with pytest.raises(DataError, match=ENV_DATA_DIR):
+def test_data_root_order_config_then_env_then_packaged(data_dir, monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_DATA_DIR, raising=False)
+    assert resolve_data_dir(None) == PACKAGED_DATA_DIR
+    assert len(load_dataset("dapo_math_17k", limit=3).records) == 3  # no data option at all
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path / "nope"))
+    with pytest.raises(DataError, match=rf"nope is not a directory \(from \${ENV_DATA_DIR}"):
         resolve_data_dir(None)
+    assert resolve_data_dir(data_dir) == data_dir  # data.data_dir wins over the environment
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path
     with pytest.raises(DataError, match=r"not found: .*aime24/test\.jsonl"):
-        load_dataset("aime24", tmp_path)
+        load_dataset("aime24")
     with pytest.raises(DataError, match="unknown data set 'nope'"):
         load_dataset("nope", data_dir)
+
+
+def test_code_train_is_held_out_from_evaluation(loaded):
+    train = loaded["code_train"].records
+    assert all(r.data_source == "codeforces" and r.template == "code" for r in train)
+    heldout = {r.prompt for r in loaded["codeforces_heldout"].records}
+    lcb = {r.prompt for r in loaded["livecodebench"].records}
+    assert not ({r.prompt for r in train} & (heldout | lcb))
+    # together the two halves are exactly the codeforces set
+    assert {r.prompt for r in train} | heldout == {r.prompt for r in loaded["codeforces"].records}
+    assert {r.id for r in loaded["codeforces_heldout"].records} <= \
+        {r.id for r in loaded["codeforces"].records}
+
+
+def test_code_train_file_is_what_the_build_script_makes(data_dir):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_code_train", Path(__file__).resolve().parents[1] / "scripts" / "build_code_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.render(mod.build_rows(data_dir)) == (data_dir / mod.OUT_REL).read_bytes()
+
+
+def test_code_config_trains_on_code_train_with_the_code_reward():
+    from flowrl_jax import rewards
+    from flowrl_jax.data.pipeline import load_train_records
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" /
+                      "r1-distill-qwen-7b-code.yaml")
+    assert cfg.data.train == ("code_train",) and cfg.data.custom == ()
+    recs, _ = load_train_records(cfg.data)
+    assert len(recs) == 207
+    rec = recs[0]  # 1971A: print min and max of each pair
+    good = ("```python\nt = int(input())\nfor _ in range(t):\n    x, y = map(int, input().split())"
+            "\n    print(min(x, y), max(x, y))\n```")
+    assert rewards.score(rec.data_source, good, rec.ground_truth) == 1.0
+    assert rewards.score(rec.data_source, "```python\nprint(0)\n```", rec.ground_truth) == 0.0
 
 
 def test_custom_dataset_from_yaml(tmp_path):
@@ -174,3 +217,89 @@ def test_custom_code_dataset_parquet(tmp_path):
     assert recs[0].ground_truth == {"tests": [{"input": "1\n", "output": "2\n",
                                                "testtype": "stdin"}], "starter_code": ""}
     assert recs[1].ground_truth["starter_code"] == "class Solution: ..."
+
+
+def save_like_datasets(folder: Path, table, num_shards: int = 1) -> Path:
+    """Write `table` as `datasets`' `Dataset.save_to_disk` does: Arrow IPC stream shards named
+    data-0000K-of-0000N.arrow, listed in state.json, with a dataset_info.json beside them."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    per = -(-table.num_rows // num_shards)
+    names = []
+    for k in range(num_shards):
+        name = f"data-{k:05d}-of-{num_shards:05d}.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table.slice(k * per, per))
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({
+        "_data_files": names, "_fingerprint": "0123456789abcdef", "_format_columns": None,
+        "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+        "_split": None}, indent=2))
+    (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "",
+                                                          "features": {}, "homepage": ""}))
+    return folder
+
+
+def test_custom_dataset_saved_by_datasets(tmp_path):
+    import pyarrow as pa
+
+    table = pa.table({"question": [f"What is {i}*2?" for i in range(7)],
+                      "meta": [{"gold": str(2 * i)} for i in range(7)]})
+    folder = save_like_datasets(tmp_path / "saved", table, num_shards=3)
+    yml = tmp_path / "cfg.yaml"
+    yml.write_text("data:\n  train: [mine]\n  custom:\n"
+                   f"    - {{name: mine, path: '{folder}', prompt_field: question, "
+                   "answer_field: meta.gold, data_source: math_verify}\n")
+    spec = load_config(yml).data.custom[0]
+    recs = load_custom(spec).records
+    assert [r.ground_truth for r in recs] == [str(2 * i) for i in range(7)]  # shard order kept
+    assert recs[6].prompt == "What is 6*2?" and recs[6].data_source == "math_verify"
+
+
+def test_datasets_dict_folder_asks_for_a_split(tmp_path):
+    import pyarrow as pa
+
+    root = tmp_path / "dd"
+    save_like_datasets(root / "train", pa.table({"q": ["a"], "answer": ["1"]}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    spec = DatasetSpec(name="dd", path=str(root), prompt_field="q")
+    with pytest.raises(DataError, match=r"DatasetDict with splits train; .*dd/train"):
+        load_custom(spec)
+    assert len(load_custom(DatasetSpec(name="dd", path=str(root / "train"),
+                                       prompt_field="q")).records) == 1
+    with pytest.raises(DataError, match=r"not one saved by `datasets`"):
+        load_custom(DatasetSpec(name="x", path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "hf_dataset"])
+def test_malformed_row_names_file_row_and_field(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"q": "fine", "answer": "1"}, {"q": "also fine", "answer": "2"},
+            {"q": "no gold", "answer": ""}]
+    if kind == "jsonl":
+        path = tmp_path / "u.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        where = r"u\.jsonl:3"  # line number
+    elif kind == "parquet":
+        path = tmp_path / "u.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        where = r"u\.parquet: row 2"
+    else:
+        path = save_like_datasets(tmp_path / "u", pa.Table.from_pylist(rows))
+        where = r"u: row 2 \(shard data-00000-of-00001\.arrow\)"
+    spec = DatasetSpec(name="u", path=str(path), prompt_field="q")
+    with pytest.raises(DataError, match=where + r".*'answer'"):
+        load_custom(spec)
+    assert len(load_custom(spec, on_bad_row="skip").records) == 2
+
+
+def test_format_and_path_kind_must_agree(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"prompt": "p", "answer": "1"}\n')
+    with pytest.raises(DataError, match=r"format jsonl needs a file"):
+        load_custom(DatasetSpec(name="d", path=str(tmp_path), format="jsonl"))
+    with pytest.raises(DataError, match=r"format hf_dataset needs a folder saved by `datasets`"):
+        load_custom(DatasetSpec(name="f", path=str(tmp_path / "f.jsonl"), format="hf_dataset"))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from flowrl_jax.commands import eval as ev_cmd
+from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = PACKAGED_DATA_DIR
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -55,7 +56,6 @@ def _eval(model_dir, out):
 
 @pytest.mark.slow
 def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
-    assert DATA.is_dir(), f"shared data missing at {DATA}"
     full = tmp_path / "full"
     assert _eval(tiny_model_dir, full) == 0
     lines = (full / "samples.jsonl").read_text().splitlines()
@@ -133,7 +133,6 @@ HAND_CODE = {
 def test_scoring_path_hand_written_responses(tmp_path):
     from flowrl_jax.rewards import RewardPool
 
-    assert DATA.is_dir(), f"shared data missing at {DATA}"
     probs = ev_cmd.build_problems(list(ev_cmd.SUITES["math"]) + ["gsm8k"], DATA, 2, lambda s: s)
     probs += ev_cmd.build_problems(list(ev_cmd.SUITES["code"]), DATA, 1, lambda s: s)
     responses = {}

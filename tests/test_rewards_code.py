@@ -1,30 +1,23 @@
-"""Code rewards on real benchmark problems (shared data): hand-written correct and wrong solutions."""
+"""Code rewards on real benchmark problems (the packaged data): hand-written correct and wrong
+solutions."""
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from flowrl_jax import rewards
+from flowrl_jax.data.registry import PACKAGED_DATA_DIR
 from flowrl_jax.rewards.code_reward import (
     CodeLimits, extract_code, humaneval_budget_s, method_name, outputs_match, score_code,
 )
 from flowrl_jax.rewards.sandbox import isolation_mode
 
-
-def _data_dir() -> Path:
-    env = os.environ.get("FLOWRL_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-DATA = _data_dir()
-pytestmark = pytest.mark.skipif(not (DATA / "livecodebench").is_dir(),
-                                reason=f"shared benchmark data not found at {DATA}")
+DATA = PACKAGED_DATA_DIR
 
 
 def fence(code: str, tag: str = "python") -> str:

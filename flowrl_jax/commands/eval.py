@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first K problems per benchmark")
     parser.add_argument("--out", required=True, help="output directory (resumable)")
     parser.add_argument("--data-dir", default=None,
-                        help="data root (default: $FLOWRL_DATA_DIR, else ../shared/data)")
+                        help="data root (default: $FLOWRL_DATA_DIR, else the packaged copy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-prompts", type=int, default=64,
                         help="problems per generation call (each sampled n times)")
@@ -171,21 +171,14 @@ def parse_suite(suite: str) -> list[str]:
 
 
 def resolve_data_dir(arg: str | None) -> Path:
-    """--data-dir, else $FLOWRL_DATA_DIR, else ../shared/data next to the repo or the cwd."""
-    tried: list[Path] = []
-    if arg:
-        cands = [Path(arg)]
-    elif os.environ.get("FLOWRL_DATA_DIR"):
-        cands = [Path(os.environ["FLOWRL_DATA_DIR"])]
-    else:
-        repo = Path(__file__).resolve().parents[2]
-        cands = [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for c in cands:
-        tried.append(c)
-        if c.is_dir():
-            return c
-    raise EvalError("evaluation data not found; tried " + ", ".join(str(t) for t in tried) +
-                    " (pass --data-dir or set FLOWRL_DATA_DIR)")
+    """--data-dir, else $FLOWRL_DATA_DIR, else the data copy shipped inside the package."""
+    from flowrl_jax.data.records import DataError
+    from flowrl_jax.data.registry import resolve_data_dir as resolve
+
+    try:
+        return resolve(arg)
+    except DataError as e:
+        raise EvalError(f"evaluation data not found: {e}") from None
 
 
 # ----------------------------------------------------------------------------- resume files

@@ -1,7 +1,9 @@
-"""The one record type every data set maps to, and row readers for jsonl(.gz), json and parquet.
+"""The one record type every data set maps to, and row readers for jsonl(.gz), json, parquet
+and folders saved by Hugging Face `datasets` (`save_to_disk`).
 
 Readers yield `(location, row)` pairs where `location` names the file and the line (jsonl),
-element (json) or row (parquet), so that any error about a row can say exactly where it is.
+element (json) or row (parquet, saved data sets), so that any error about a row can say
+exactly where it is.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
+
+from flowrl_jax.data.hf_disk import SavedDatasetError, is_saved_dataset, iter_saved_dataset
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +80,17 @@ class LoadStats:
         self.reasons.extend(other.reasons[: max(0, 20 - len(self.reasons))])
 
 
-FORMATS = ("jsonl", "json", "parquet")
+FORMATS = ("jsonl", "json", "parquet", "hf_dataset")
 
 
 def infer_format(path: Path) -> str:
-    """jsonl / json / parquet from the file name (`.jsonl.gz` and `.json.gz` allowed)."""
+    """jsonl / json / parquet from the file name (`.jsonl.gz` and `.json.gz` allowed), or
+    hf_dataset for a folder written by `datasets`' `save_to_disk`."""
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return "hf_dataset"
+        raise DataError(f"{path} is a folder but not one saved by `datasets` (no state.json or "
+                        f"dataset_dict.json); name a data file or a save_to_disk folder")
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -104,11 +114,14 @@ def iter_rows(path: Union[str, Path], fmt: Optional[str] = None,
     """Yield `(location, row)` for every row; undecodable jsonl lines raise or are skipped."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data file not found: {path} (set data.data_dir or $FLOWRL_DATA_DIR "
-                        f"to the folder holding the shipped data, or fix the path)")
+        raise DataError(f"data file not found: {path} (fix the path, or point data.data_dir / "
+                        f"$FLOWRL_DATA_DIR at a full data copy; `flowrl-jax data verify` checks one)")
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if path.is_dir() != (fmt == "hf_dataset"):
+        raise DataError(f"{path}: format {fmt} needs "
+                        + ("a folder saved by `datasets`" if fmt == "hf_dataset" else "a file"))
     stats = stats if stats is not None else LoadStats()
     if fmt == "jsonl":
         with _open_text(path) as f:
@@ -152,6 +165,11 @@ def iter_rows(path: Union[str, Path], fmt: Optional[str] = None,
             raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
         for i, row in enumerate(data):
             yield f"{path}: element {i}", row
+    elif fmt == "hf_dataset":
+        try:
+            yield from iter_saved_dataset(path)
+        except SavedDatasetError as e:
+            raise DataError(str(e)) from e
     else:
         import pyarrow.parquet as pq  # local import: only parquet users pay for it
 

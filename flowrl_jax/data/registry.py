@@ -2,7 +2,8 @@
 
 Each entry knows its file under the data root, its format, its reward `data_source`, its
 default prompt template and how to turn one row into a `Record` (gold answers extracted as
-data/GRADING.md describes). The data root is `data.data_dir`, else `$FLOWRL_DATA_DIR`.
+assets/data/GRADING.md describes). The data root is `data.data_dir`, else `$FLOWRL_DATA_DIR`,
+else the copy shipped inside the package (flowrl_jax/assets/data, provenance in its README.md).
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from flowrl_jax.data.records import (BadRow, DataError, DropRow, LoadStats, Reco
                                      read_records, require_str)
 
 ENV_DATA_DIR = "FLOWRL_DATA_DIR"
+# The shipped copy of every registered set (package data, so installed wheels carry it too).
+PACKAGED_DATA_DIR = Path(__file__).resolve().parents[1] / "assets" / "data"
 
 # rllm/FlowRL drop this HumanEval+ task: its OriginFmt check calls `_poly(*candidate(*inp), inp)`,
 # unpacking the returned float, so every answer (the canonical solution too) raises TypeError.
 HUMANEVALPLUS_RLLM_DROPPED = ("HumanEval/32",)
+
+# The code training set (built by scripts/build_code_train.py) is the older half of the shipped
+# Codeforces contests: contests 1971-1999, which are the first 207 rows of codeforces.json
+# (sorted by contest). Contests 2000-2036 stay held out as `codeforces_heldout`; LiveCodeBench
+# and HumanEval(+) are not used for training at all. Provenance README: "Code training set".
+CODE_TRAIN_FIRST_HELDOUT_CONTEST = 2000
+CODE_TRAIN_CODEFORCES_ROWS = 207
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,14 @@ def _code_tests_parser(name: str, data_source: str, with_starter: bool
     return parse
 
 
+def _parse_code_train(row: dict, index: int) -> Record:
+    prompt = require_str(get_field(row, "problem"), "problem")
+    rid = require_str(get_field(row, "id"), "id")
+    return Record(id=f"code_train/{rid}", prompt=prompt,
+                  ground_truth={"tests": _tests(get_field(row, "tests"), "tests")},
+                  data_source="codeforces", template="code", extra={})
+
+
 def _humaneval_parser(data_source: str) -> Callable[[dict, int], Record]:
     def parse(row: dict, index: int) -> Record:
         prompt = require_str(get_field(row, "prompt"), "prompt")
@@ -209,6 +227,14 @@ def _entries() -> dict[str, DatasetInfo]:
                     "code_eval"),
         DatasetInfo("codeforces", "codeforces/codeforces.json", "json", "codeforces", "code",
                     _code_tests_parser("codeforces", "codeforces", False), 408, "code_eval"),
+        DatasetInfo("codeforces_heldout", "codeforces/codeforces.json", "json", "codeforces",
+                    "code", _code_tests_parser("codeforces", "codeforces", False), 408,
+                    "code_eval", drop_ids=tuple(f"codeforces/{i}"
+                                                for i in range(CODE_TRAIN_CODEFORCES_ROWS)),
+                    note="201 problems of contests 2000-2036: Codeforces without code_train"),
+        DatasetInfo("code_train", "code_train/code_train.jsonl", "jsonl", "codeforces", "code",
+                    _parse_code_train, CODE_TRAIN_CODEFORCES_ROWS, "train",
+                    note="Codeforces contests 1971-1999 (scripts/build_code_train.py)"),
     ]
     return {d.name: d for d in e}
 
@@ -222,15 +248,18 @@ def list_datasets(kind: Optional[str] = None) -> list[str]:
 
 
 def resolve_data_dir(data_dir: Optional[Union[str, Path]] = None) -> Path:
-    """The data root: `data_dir`, else `$FLOWRL_DATA_DIR`; a clear error when neither is set."""
-    root = data_dir if data_dir else os.environ.get(ENV_DATA_DIR)
-    if not root:
-        raise DataError(f"no data root: set data.data_dir in the config or ${ENV_DATA_DIR} "
-                        f"to the folder holding the shipped data sets (e.g. ../shared/data)")
-    p = Path(root).expanduser()
+    """The data root: `data_dir`, else `$FLOWRL_DATA_DIR`, else the packaged copy."""
+    if data_dir:
+        root, origin = Path(data_dir), "data.data_dir"
+    elif os.environ.get(ENV_DATA_DIR):
+        root, origin = Path(os.environ[ENV_DATA_DIR]), "$" + ENV_DATA_DIR
+    else:
+        root, origin = PACKAGED_DATA_DIR, "the packaged copy"
+    p = root.expanduser()
     if not p.is_dir():
-        raise DataError(f"data root {p} is not a directory (from "
-                        f"{'data.data_dir' if data_dir else '$' + ENV_DATA_DIR})")
+        hint = (f"unset ${ENV_DATA_DIR} / data.data_dir to use the packaged copy"
+                if origin != "the packaged copy" else "reinstall flowrl-jax")
+        raise DataError(f"data root {p} is not a directory (from {origin}; {hint})")
     return p
 
 
