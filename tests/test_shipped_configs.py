@@ -66,7 +66,7 @@ SIZE_OVERRIDES = [
 
 def env(devices: int = 2) -> dict:
     """A CPU subprocess with `devices` local devices, no data-root variable, a shared XLA cache."""
-    e = {k: v for k, v in os.environ.items() if k != "XFLOWRL_DATA_DIR"}  # TODO flip after data16
+    e = {k: v for k, v in os.environ.items() if k != "FLOWRL_DATA_DIR"}
     e.update({
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
