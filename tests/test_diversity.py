@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flowrl_jax import diversity as dv
+from flowrl_jax.eval import diversity as dv
 
 
 def test_tokenize_and_distinct_n_hand_computed():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowrl_jax.commands import eval as ev_cmd
+from flowrl_jax.eval import runner as ev_cmd
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from flowrl_jax import evaluate as ev
+from flowrl_jax.eval import metrics as ev
 
 
 def brute_pass_at_k(flags: list[bool], k: int) -> float:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from flowrl_jax.commands import eval as ev_cmd
+from flowrl_jax.eval import runner as ev_cmd
 
 
 class FakeBackend:
@@ -120,7 +120,7 @@ def test_scorer_pool_runs_in_processes():
 def test_judge_scores_land_in_summary(tmp_path):
     from test_judge import _FakeServer
 
-    from flowrl_jax import judge as jg
+    from flowrl_jax.eval import judge as jg
 
     server = _FakeServer()
     try:

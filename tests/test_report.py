@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from flowrl_jax import evaluate as ev
+from flowrl_jax.eval import metrics as ev
 from flowrl_jax.commands import report as report_cmd
 
 
@@ -78,7 +78,7 @@ def test_report_without_anything_still_writes(tmp_path):
 
 
 def test_latest_eval_subdir_in_natural_order(tmp_path):
-    from flowrl_jax.report import load_run
+    from flowrl_jax.eval.report import load_run
 
     run = tmp_path / "run"
     for step, acc in (("step_200", 0.2), ("step_1000", 0.9), ("step_30", 0.1)):

@@ -277,7 +277,7 @@ def aggregate(per_problem: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def benchmark_diversity(samples: Sequence[Mapping[str, Any]],
                         path_threshold: float = 0.5) -> dict[str, Any]:
     """Diversity of a benchmark's sample records (``prompt_id``, ``text``, ``score``)."""
-    from flowrl_jax.evaluate import group_by_problem
+    from flowrl_jax.eval.metrics import group_by_problem
 
     key = _default_answer_key()
     per = {}
