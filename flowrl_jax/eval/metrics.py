@@ -14,13 +14,11 @@ import re
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
+from flowrl_jax.eval.suites import MATH_SIX
+
 CORRECT_THRESHOLD = 0.5
 PASS_KS = (1, 2, 4, 8, 16)
 
-# The paper's headline "Average" (SPEC §6): unweighted mean of these six Avg@n.
-MATH_SIX = ("aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench")
-MATH_SUITE = MATH_SIX
-CODE_SUITE = ("livecodebench", "humanevalplus", "codeforces")
 TRUNCATED_REASONS = ("length", "max_tokens", "truncated")
 
 CODEELO_NOT_DONE = (

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from flowrl_jax.eval.metrics import MATH_SIX, PASS_KS, math_average
+from flowrl_jax.eval.metrics import PASS_KS, math_average
+from flowrl_jax.eval.suites import MATH_SIX
 
 # Training-curve panels: title → metric keys tried in order (first present wins).
 CURVES: dict[str, tuple[str, ...]] = {
