@@ -88,3 +88,19 @@ def test_latest_eval_subdir_in_natural_order(tmp_path):
     r = load_run(run)
     assert r.eval_dir.name == "step_1000" and r.summary["acc"] == 0.9
 
+
+
+def test_read_metrics_is_the_training_loggers_reader(tmp_path):
+    # one reader of metrics.jsonl (flowrl_jax.metrics) for the report and the trainer's tests:
+    # a run dir or the file; bad lines skipped, named in `notes` when asked
+    from flowrl_jax.eval import report
+    from flowrl_jax.metrics import read_metrics
+
+    assert report.read_metrics is read_metrics
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n\n{"step": 2}\n{"step": 3, "re')
+    notes = []
+    assert read_metrics(tmp_path, notes=notes) == [{"step": 1}, {"step": 2}]
+    assert notes == [f"{tmp_path / 'metrics.jsonl'}:2: skipped non-object line",
+                     f"{tmp_path / 'metrics.jsonl'}:5: skipped unparsable line "
+                     "(Unterminated string starting at)"]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1}, {"step": 2}]
