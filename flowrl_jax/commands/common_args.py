@@ -36,7 +36,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser,
         flag = "--" + dest.replace("_", "-")
         if kind is None:
             if default is not False:
-                raise ValueError(f"add_sampling_arguments: {flag} is a switch; its default is False")
+                raise ValueError(f"add_sampling_arguments: {flag} is a switch; "
+                                 f"its default is False")
             parser.add_argument(flag, action="store_true", help=text)
         else:
             parser.add_argument(flag, type=kind, default=default, help=text)

@@ -10,17 +10,18 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
 from flowrl_jax.eval.records import Backend, EvalError, Problem
 from flowrl_jax.eval.resume import chunk_seed, read_samples
 from flowrl_jax.eval.scoring import Scorer
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool) -> Progress | None:
+    """A started progress bar over `total` samples, or None when disabled."""
     if not enabled:
         return None
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     transient=False)

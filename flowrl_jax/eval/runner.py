@@ -45,30 +45,30 @@ class EvalSettings:
     out: Path
     benchmarks: Sequence[str]
     data_dir: Path
-    n: int = 16
-    seed: int = 0
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 8192
-    limit: int | None = None
-    batch_prompts: int = 64
-    score_workers: int = 0
-    diversity_on: Sequence[str] = DIVERSITY_DEFAULT
-    judge_cfg: JudgeConfig | None = None
-    cf_standings: dict | None = None
-    show_progress: bool = False
-    dtype: str = "auto"
-    devices: str = "auto"
-    decode_slots: int = 256
-    decode_chunk: int = 64
-    prefill_buckets: Sequence[int] | None = None
+    n: int
+    seed: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    limit: int | None  # first K problems per benchmark; None = all
+    batch_prompts: int
+    score_workers: int  # 0 = score inline
+    diversity_on: Sequence[str]
+    judge_cfg: JudgeConfig | None  # None = judge off
+    cf_standings: dict | None
+    show_progress: bool
+    dtype: str  # auto | float32 | bfloat16
+    devices: str  # auto | 1 | all
+    decode_slots: int
+    decode_chunk: int
+    prefill_buckets: Sequence[int] | None  # None = powers of two up to the context
 
 
 def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int, seed: int,
              batch_prompts: int, scorer: Scorer, config: dict[str, Any],
              diversity_on: Sequence[str] = DIVERSITY_DEFAULT, data_dir: Path | None = None,
-             judge_cfg: Any = None, cf_standings: dict | None = None,
+             judge_cfg: JudgeConfig | None = None, cf_standings: dict | None = None,
              show_progress: bool = False) -> dict[str, Any]:
     """The whole eval given problems and a backend (the CLI and tests both go through here)."""
     out.mkdir(parents=True, exist_ok=True)

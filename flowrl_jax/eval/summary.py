@@ -15,7 +15,8 @@ from flowrl_jax.eval.records import Problem
 
 def summarize(problems: Sequence[Problem], samples: Sequence[dict[str, Any]],
               diversity_on: Sequence[str], data_dir: Path | None,
-              judge_cfg: Any = None, cf_standings: dict | None = None) -> dict[str, Any]:
+              judge_cfg: jg.JudgeConfig | None = None,
+              cf_standings: dict | None = None) -> dict[str, Any]:
     """summary.json content from the scored samples of the requested problems."""
     wanted = {(p.benchmark, p.prompt_id) for p in problems}
     by_bench: dict[str, list[dict[str, Any]]] = {}
