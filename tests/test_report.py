@@ -3,8 +3,9 @@
 import argparse
 import json
 
-from flowrl_jax.eval import metrics as ev
 from flowrl_jax.commands import report as report_cmd
+from flowrl_jax.eval import codeforces as cfx
+from flowrl_jax.eval import metrics as ev
 
 
 def _write_run(root, name, acc, with_metrics=True, nested=True):
@@ -23,7 +24,7 @@ def _write_run(root, name, acc, with_metrics=True, nested=True):
     summary = {"benchmarks": benches, "math_average": ev.math_average(benches),
                "diversity": {"aime24": {"mean": {"distinct_1": acc, "self_bleu": 1 - acc,
                                                  "distinct_correct_paths": 2.0}}},
-               "codeforces": ev.codeforces_summary({"1971A": [True]}, ["1971A"], {"1000": 1}),
+               "codeforces": cfx.codeforces_summary({"1971A": [True]}, ["1971A"], {"1000": 1}),
                "judge": {"enabled": True, "mean_score": 2.5, "num_scored": 3, "num_failed": 0}}
     (eval_dir / "summary.json").write_text(json.dumps(summary))
     (eval_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples))

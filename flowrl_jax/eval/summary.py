@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from flowrl_jax.eval import codeforces as cfx
 from flowrl_jax.eval import diversity as dv
 from flowrl_jax.eval import judge as jg
 from flowrl_jax.eval import metrics as ev
@@ -61,14 +62,14 @@ def _codeforces(samples: Sequence[dict[str, Any]], data_dir: Path,
         ratings = json.loads((cf_dir / "ratings_2024.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         return {"error": f"{cf_dir}: cannot read metadata_cf.json/ratings_2024.json ({e})",
-                "note": ev.CODEELO_NOT_DONE}
+                "note": cfx.CODEELO_NOT_DONE}
     groups = ev.group_by_problem(samples)
     attempts: dict[str, list[bool]] = {}
     for pid, g in groups.items():
         cf_id = _cf_id(pid, meta)
         if cf_id is not None:
             attempts[cf_id] = [ev.is_correct(s["score"]) for s in g]
-    return ev.codeforces_summary(attempts, meta, ratings, standings)
+    return cfx.codeforces_summary(attempts, meta, ratings, standings)
 
 
 def _cf_id(prompt_id: str, meta: Sequence[str]) -> str | None:
