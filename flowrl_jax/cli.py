@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from types import ModuleType
 
 from flowrl_jax import cpu_runtime
+from flowrl_jax.commands import bench, convert, data, demo, report, sample, serve, train
+from flowrl_jax.commands import eval as eval_cmd
 
 # name → (module under flowrl_jax.commands, one-line help). Modules expose
-# `add_arguments(parser)` and `run(args) -> int`; they are imported lazily so that
-# `flowrl-jax --help` and light commands do not pay for importing JAX.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train", "run RL post-training (FlowRL, GRPO, PPO, REINFORCE++) from a YAML config"),
-    "demo": ("demo", "the CPU demo: FlowRL vs GRPO distribution matching on a tiny Qwen2"),
-    "eval": ("eval", "evaluate a model on the math/code benchmarks (Avg@n, pass@k, diversity)"),
-    "sample": ("sample", "generate text from a model (HF directory or Orbax checkpoint)"),
-    "serve": ("serve", "serve a model through JetStream's gRPC server"),
-    "convert": ("convert", "convert checkpoints: hf-to-orbax, orbax-to-hf"),
-    "bench": ("bench", "throughput benchmarks side by side with HF PyTorch"),
-    "report": ("report", "compare runs side by side (Markdown + PNG plots)"),
-    "data": ("data", "the shipped data sets: list, show one record, verify checksums"),
+# `add_arguments(parser)` and `run(args) -> int`; they import JAX only inside `run`, so that
+# `flowrl-jax --help` and light commands do not pay for it.
+COMMANDS: dict[str, tuple[ModuleType, str]] = {
+    "train": (train, "run RL post-training (FlowRL, GRPO, PPO, REINFORCE++) from a YAML config"),
+    "demo": (demo, "the CPU demo: FlowRL vs GRPO distribution matching on a tiny Qwen2"),
+    "eval": (eval_cmd, "evaluate a model on the math/code benchmarks (Avg@n, pass@k, diversity)"),
+    "sample": (sample, "generate text from a model (HF directory or Orbax checkpoint)"),
+    "serve": (serve, "serve a model through JetStream's gRPC server"),
+    "convert": (convert, "convert checkpoints: hf-to-orbax, orbax-to-hf"),
+    "bench": (bench, "throughput benchmarks side by side with HF PyTorch"),
+    "report": (report, "compare runs side by side (Markdown + PNG plots)"),
+    "data": (data, "the shipped data sets: list, show one record, verify checksums"),
 }
 
 
@@ -28,15 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(prog="flowrl-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (mod, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = importlib.import_module(f"flowrl_jax.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"flowrl_jax.commands.{module}":
-                raise
-            p.set_defaults(_missing=name)
-            continue
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -48,9 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
-    if getattr(args, "_missing", None):
-        print(f"flowrl-jax {args._missing}: not available in this build", file=sys.stderr)
         return 2
     from flowrl_jax.config import ConfigError
 

@@ -119,6 +119,10 @@ def test_last_boxed_handles_nesting_and_absence():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{a}{b}} c") == "\\frac{a}{b}"
     assert last_boxed("no box here") is None
     assert last_boxed("\\boxed{unbalanced") is None
+    assert last_boxed("\\boxed{a{b}c} and \\boxed{\\sqrt{2}}") == "\\sqrt{2}"
+    assert last_boxed("\\boxed{1} then \\fbox{2}") == "2"
+    assert last_boxed("spaced \\boxed {x^2}") == "x^2"
+    assert last_boxed("braceless \\boxed 5$ end") == "5"
 
 
 def test_load_eval_set_limit(data_dir):

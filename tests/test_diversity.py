@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from flowrl_jax import diversity as dv
+from flowrl_jax.eval import diversity as dv
 
 
 def test_tokenize_and_distinct_n_hand_computed():
@@ -62,7 +62,14 @@ def test_answers_normalised_and_counted():
     assert d["distinct_answers"] == 3  # 1/2, 27, 5
     assert d["answered"] == 5
     assert "distinct_correct_paths" not in d
-    assert dv.last_boxed("\\boxed{a{b}c} and \\boxed{\\sqrt{2}}") == "\\sqrt{2}"
+
+
+def test_answers_found_by_the_shared_last_boxed():
+    # data.extract.last_boxed is the one box finder: braceless `\boxed 5`, `\boxed {x}`
+    # and `\fbox{}` count as answers too
+    assert dv.extract_answer("\\boxed{a{b}c} and \\boxed{\\sqrt{2}}") == "\\sqrt{2}"
+    d = dv.problem_diversity(["so \\boxed 5", "so \\boxed {5}", "so \\fbox{6}", "none"])
+    assert d["answered"] == 3 and d["distinct_answers"] == 2
 
 
 def test_cluster_paths_single_link_chain():

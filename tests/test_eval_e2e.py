@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from flowrl_jax.commands import eval as ev_cmd
 from flowrl_jax.data.registry import PACKAGED_DATA_DIR
+from flowrl_jax.eval.records import Generation
+from flowrl_jax.eval.runner import build_problems, run_eval
+from flowrl_jax.eval.suites import KNOWN, SUITES
 
 DATA = PACKAGED_DATA_DIR
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -65,7 +67,7 @@ def test_eval_end_to_end_and_resume(tiny_model_dir, tmp_path):
     assert all(r["score"] in (0.0, 1.0) and 1 <= r["num_tokens"] <= 8 for r in recs)
     summary = json.loads((full / "summary.json").read_text())
     benches = summary["benchmarks"]
-    assert list(benches) == list(ev_cmd.SUITES["all"])
+    assert list(benches) == list(SUITES["all"])
     for b, s in benches.items():
         assert s["num_problems"] == 3 and s["n"] == 2, b
         assert s["avg_at_n"] <= 0.2, b  # a random 8-token model solves (almost) nothing
@@ -106,7 +108,7 @@ class ScriptedBackend:
         self.responses = responses
 
     def generate(self, prompts, n, seed):
-        return [ev_cmd.Generation(i, j, self.responses[p][j], 10, "stop")
+        return [Generation(i, j, self.responses[p][j], 10, "stop")
                 for i, p in enumerate(prompts) for j in range(n)]
 
 
@@ -133,14 +135,14 @@ HAND_CODE = {
 def test_scoring_path_hand_written_responses(tmp_path):
     from flowrl_jax.rewards import RewardPool
 
-    probs = ev_cmd.build_problems(list(ev_cmd.SUITES["math"]) + ["gsm8k"], DATA, 2, lambda s: s)
-    probs += ev_cmd.build_problems(list(ev_cmd.SUITES["code"]), DATA, 1, lambda s: s)
+    probs = build_problems(list(SUITES["math"]) + ["gsm8k"], DATA, 2, lambda s: s)
+    probs += build_problems(list(SUITES["code"]), DATA, 1, lambda s: s)
     responses = {}
     for p in probs:
         if p.prompt_id in HAND_CODE:
             responses[p.prompt] = HAND_CODE[p.prompt_id]
         else:
-            assert p.benchmark in ev_cmd.KNOWN and isinstance(p.ground_truth, str)
+            assert p.benchmark in KNOWN and isinstance(p.ground_truth, str)
             responses[p.prompt] = (f"Some reasoning.\nThe answer is $\\boxed{{{p.ground_truth}}}$."
                                    f"\nAnswer: {p.ground_truth}",
                                    "Some reasoning.\nThe answer is $\\boxed{-987654321}$.\n"
@@ -148,7 +150,7 @@ def test_scoring_path_hand_written_responses(tmp_path):
     assert {p.prompt_id for p in probs} >= set(HAND_CODE)
     pool = RewardPool(num_workers=2)
     try:
-        summary = ev_cmd.run_eval(probs, ScriptedBackend(responses), tmp_path, n=2, seed=0,
+        summary = run_eval(probs, ScriptedBackend(responses), tmp_path, n=2, seed=0,
                                   batch_prompts=4, scorer=pool, config={"model": "scripted"},
                                   diversity_on=(), data_dir=DATA)
     finally:

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from flowrl_jax import evaluate as ev
+from flowrl_jax.eval import codeforces as cfx
+from flowrl_jax.eval import metrics as ev
 
 
 def brute_pass_at_k(flags: list[bool], k: int) -> float:
@@ -84,31 +85,31 @@ def test_math_average_unweighted():
 def test_codeforces_summary_offline_proxy():
     ratings = {"1000": 2, "1500": 1, "2000": 1}
     attempts = {"1971A": [False, True], "1971B": [False, False], "1972A": [True, True]}
-    cf = ev.codeforces_summary(attempts, ["1971A", "1971B", "1972A", "1999C"], ratings)
+    cf = cfx.codeforces_summary(attempts, ["1971A", "1971B", "1972A", "1999C"], ratings)
     assert cf["num_contests"] == 2 and cf["solved_first_of_n"] == 2
     assert cf["pass_rate_by_index"] == {"A": pytest.approx(0.75), "B": 0.0}
     # contest 1971: 1/2 solved → 50 %, contest 1972: 100 % → mean 75 → 800 + 2200·0.75²
     assert cf["rating_proxy_percentile"] == pytest.approx(75.0)
     assert cf["rating_proxy"] == pytest.approx(800 + 2200 * 0.5625)
     assert cf["codeelo_rating"] is None and "NOT computed" in cf["note"]
-    md = ev.render_codeforces_markdown(cf)
+    md = cfx.render_codeforces_markdown(cf)
     assert "NOT computed" in md and "| A | 75.00 |" in md
-    assert ev.rating_percentile(1500, ev.load_sorted_ratings(ratings)) == pytest.approx(50.0)
+    assert cfx.rating_percentile(1500, cfx.load_sorted_ratings(ratings)) == pytest.approx(50.0)
     with pytest.raises(ValueError, match="1971-A"):
-        ev.split_cf_id("1971-A")
+        cfx.split_cf_id("1971-A")
 
 
 def test_contest_performance_binary_search():
     # Brute force: largest integer R with expected seed >= rank.
     old = [1200.0, 1400.0, 1600.0, 1800.0, 2000.0]
     rows = [{"points": p, "penalty": 0} for p in (5, 4, 3, 2, 1)]
-    perf = ev.contest_performance(3.5, 0, rows, old)  # slots in at index 2
+    perf = cfx.contest_performance(3.5, 0, rows, old)  # slots in at index 2
     seed = lambda r: 1 + sum(1 / (1 + 10 ** ((r - x) / 400)) for x in old)  # noqa: E731
     brute = max(r for r in range(0, 2101) if seed(r) >= 2)
     assert perf == brute
     st = {1971: {"problems": [{"index": "A"}, {"index": "B"}], "rows": rows, "old_ratings": old}}
-    cf = ev.codeforces_summary({"1971A": [False, True], "1971B": [False]}, ["1971A", "1971B"],
+    cf = cfx.codeforces_summary({"1971A": [False, True], "1971B": [False]}, ["1971A", "1971B"],
                                {str(int(r)): 1 for r in old}, standings=st)
     # score 1, penalty 10: rows with points < 1 … none; equal points 1 with penalty 0 < 10 → last
-    assert cf["codeelo_per_contest"][1971] == ev.contest_performance(1, 10, rows, old)
+    assert cf["codeelo_per_contest"][1971] == cfx.contest_performance(1, 10, rows, old)
     assert cf["codeelo_rating"] is not None

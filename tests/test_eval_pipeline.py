@@ -5,7 +5,10 @@ import random
 
 import pytest
 
-from flowrl_jax.commands import eval as ev_cmd
+from flowrl_jax.eval.records import SAMPLE_KEYS, EvalError, Generation, Problem
+from flowrl_jax.eval.runner import run_eval
+from flowrl_jax.eval.scoring import Scorer
+from flowrl_jax.eval.suites import SUITES, parse_diversity, parse_suite
 
 
 class FakeBackend:
@@ -22,7 +25,7 @@ class FakeBackend:
                 rng = random.Random(f"{p}|{seed}|{j}")
                 ans = rng.choice(["7", "8"])
                 k = rng.randint(1, 30)
-                out.append(ev_cmd.Generation(i, j, f"{p} thinking {k} Answer: {ans}", k,
+                out.append(Generation(i, j, f"{p} thinking {k} Answer: {ans}", k,
                                              "length" if k > 25 else "stop"))
         random.Random(seed).shuffle(out)  # engines may return samples in any order
         return out
@@ -35,13 +38,13 @@ def fake_score(data_source, text, gt):
 def _problems():
     probs = []
     for b, k in (("aime24", 5), ("math500", 3), ("gsm8k", 2)):
-        probs += [ev_cmd.Problem(b, f"{b}-{i}", f"q{b}{i}", "7", "math") for i in range(k)]
+        probs += [Problem(b, f"{b}-{i}", f"q{b}{i}", "7", "math") for i in range(k)]
     return probs
 
 
 def _run(tmp, backend, config=None):
-    return ev_cmd.run_eval(_problems(), backend, tmp, n=4, seed=3, batch_prompts=2,
-                           scorer=ev_cmd.Scorer(0, fake_score),
+    return run_eval(_problems(), backend, tmp, n=4, seed=3, batch_prompts=2,
+                           scorer=Scorer(0, fake_score),
                            config=config or {"model": "fake", "n": 4, "seed": 3},
                            diversity_on=("aime24",))
 
@@ -54,7 +57,7 @@ def test_run_eval_outputs_and_resume(tmp_path):
     lines = (full_dir / "samples.jsonl").read_text().splitlines()
     assert len(lines) == (5 + 3 + 2) * 4
     rec = json.loads(lines[0])
-    assert set(ev_cmd.SAMPLE_KEYS) <= set(rec)
+    assert set(SAMPLE_KEYS) <= set(rec)
     # scores agree with an independent recount from the written samples
     recs = [json.loads(x) for x in lines]
     aime = [r for r in recs if r["benchmark"] == "aime24"]
@@ -92,24 +95,41 @@ def test_run_eval_outputs_and_resume(tmp_path):
 
 def test_resume_with_other_settings_refused(tmp_path):
     _run(tmp_path, FakeBackend())
-    with pytest.raises(ev_cmd.EvalError, match=r"settings differ .*\['n'\]"):
+    with pytest.raises(EvalError, match=r"settings differ .*\['n'\]"):
         _run(tmp_path, FakeBackend(), config={"model": "fake", "n": 8, "seed": 3})
 
 
-def test_parse_suite_and_data_dir(tmp_path, monkeypatch):
-    assert ev_cmd.parse_suite("math") == list(ev_cmd.SUITES["math"])
-    assert ev_cmd.parse_suite("code,aime24,aime24") == ["livecodebench", "humanevalplus",
-                                                         "codeforces", "aime24"]
-    with pytest.raises(ev_cmd.EvalError, match="'aime23'"):
-        ev_cmd.parse_suite("aime23")
+def test_parse_suite_and_diversity():
+    assert parse_suite("math") == list(SUITES["math"])
+    assert parse_suite("code,aime24,aime24") == ["livecodebench", "humanevalplus",
+                                                 "codeforces", "aime24"]
+    with pytest.raises(EvalError, match="'aime23'"):
+        parse_suite("aime23")
+    assert parse_diversity("none") == [] and parse_diversity("aime24, math500") == [
+        "aime24", "math500"]
+    assert "gsm8k" in parse_diversity("all")
+    with pytest.raises(EvalError, match=r"--diversity: unknown benchmark\(s\) \['x'\]"):
+        parse_diversity("aime24,x")
+
+
+def test_cli_data_root_comes_from_the_data_registry(tmp_path, capsys, monkeypatch):
+    # eval resolves its data root with data.registry.resolve_data_dir (no private fallback)
+    from flowrl_jax.cli import main
+
+    model = tmp_path / "m"
+    model.mkdir()
     monkeypatch.setenv("FLOWRL_DATA_DIR", str(tmp_path / "nope"))
-    with pytest.raises(ev_cmd.EvalError, match="nope"):
-        ev_cmd.resolve_data_dir(None)
-    assert ev_cmd.resolve_data_dir(str(tmp_path)) == tmp_path
+    base = ["eval", "--model", str(model), "--out", str(tmp_path / "o")]
+    assert main(base) == 2
+    assert "nope is not a directory" in capsys.readouterr().err
+    # --data-dir wins over the environment
+    assert main(base + ["--data-dir", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "other is not a directory" in err and "nope" not in err
 
 
 def test_scorer_pool_runs_in_processes():
-    s = ev_cmd.Scorer(2, fake_score)
+    s = Scorer(2, fake_score)
     try:
         futs = [s.submit("math", f"x Answer: {a}", "7") for a in ("7", "8", "7")]
         assert [f.result(timeout=60) for f in futs] == [1.0, 0.0, 1.0]
@@ -120,14 +140,14 @@ def test_scorer_pool_runs_in_processes():
 def test_judge_scores_land_in_summary(tmp_path):
     from test_judge import _FakeServer
 
-    from flowrl_jax import judge as jg
+    from flowrl_jax.eval import judge as jg
 
     server = _FakeServer()
     try:
         server.replies = [(200, "Score: 2"), (200, "Score: 4")] + [(200, "Score: 1")] * 10
         cfg = jg.JudgeConfig(url=server.url, retries=1, backoff_s=0.0)
-        out = ev_cmd.run_eval(_problems()[:2], FakeBackend(), tmp_path, n=3, seed=0,
-                              batch_prompts=2, scorer=ev_cmd.Scorer(0, fake_score),
+        out = run_eval(_problems()[:2], FakeBackend(), tmp_path, n=3, seed=0,
+                              batch_prompts=2, scorer=Scorer(0, fake_score),
                               config={"model": "fake"}, diversity_on=("aime24",), judge_cfg=cfg)
     finally:
         server.close()
@@ -142,9 +162,9 @@ def test_scoring_failure_names_the_sample(tmp_path):
     def boom(data_source, text, gt):
         raise KeyError("no reward for 'mystery'")
 
-    with pytest.raises(ev_cmd.EvalError, match=r"scoring aime24 aime24-0 sample \d .*mystery"):
-        ev_cmd.run_eval(_problems()[:1], FakeBackend(), tmp_path, n=2, seed=0, batch_prompts=1,
-                        scorer=ev_cmd.Scorer(0, boom), config={"model": "fake"})
+    with pytest.raises(EvalError, match=r"scoring aime24 aime24-0 sample \d .*mystery"):
+        run_eval(_problems()[:1], FakeBackend(), tmp_path, n=2, seed=0, batch_prompts=1,
+                        scorer=Scorer(0, boom), config={"model": "fake"})
 
 
 def test_cli_bad_input_clear_errors(tmp_path, capsys, monkeypatch):
@@ -196,7 +216,7 @@ def test_samples_hit_disk_while_the_next_chunk_generates(tmp_path):
 
     scorer = ThreadScorer()
     try:
-        ev_cmd.run_eval(_problems()[:4], WatchingBackend(), tmp_path, n=4, seed=0,
+        run_eval(_problems()[:4], WatchingBackend(), tmp_path, n=4, seed=0,
                         batch_prompts=2, scorer=scorer, config={"model": "fake"},
                         show_progress=True)  # rich bar advanced from scoring threads
     finally:

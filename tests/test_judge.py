@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from flowrl_jax import judge as jg
+from flowrl_jax.eval import judge as jg
 
 
 class _FakeServer:

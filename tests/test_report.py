@@ -3,8 +3,9 @@
 import argparse
 import json
 
-from flowrl_jax import evaluate as ev
 from flowrl_jax.commands import report as report_cmd
+from flowrl_jax.eval import codeforces as cfx
+from flowrl_jax.eval import metrics as ev
 
 
 def _write_run(root, name, acc, with_metrics=True, nested=True):
@@ -23,7 +24,7 @@ def _write_run(root, name, acc, with_metrics=True, nested=True):
     summary = {"benchmarks": benches, "math_average": ev.math_average(benches),
                "diversity": {"aime24": {"mean": {"distinct_1": acc, "self_bleu": 1 - acc,
                                                  "distinct_correct_paths": 2.0}}},
-               "codeforces": ev.codeforces_summary({"1971A": [True]}, ["1971A"], {"1000": 1}),
+               "codeforces": cfx.codeforces_summary({"1971A": [True]}, ["1971A"], {"1000": 1}),
                "judge": {"enabled": True, "mean_score": 2.5, "num_scored": 3, "num_failed": 0}}
     (eval_dir / "summary.json").write_text(json.dumps(summary))
     (eval_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples))
@@ -78,7 +79,7 @@ def test_report_without_anything_still_writes(tmp_path):
 
 
 def test_latest_eval_subdir_in_natural_order(tmp_path):
-    from flowrl_jax.report import load_run
+    from flowrl_jax.eval.report import load_run
 
     run = tmp_path / "run"
     for step, acc in (("step_200", 0.2), ("step_1000", 0.9), ("step_30", 0.1)):
@@ -88,3 +89,19 @@ def test_latest_eval_subdir_in_natural_order(tmp_path):
     r = load_run(run)
     assert r.eval_dir.name == "step_1000" and r.summary["acc"] == 0.9
 
+
+
+def test_read_metrics_is_the_training_loggers_reader(tmp_path):
+    # one reader of metrics.jsonl (flowrl_jax.metrics) for the report and the trainer's tests:
+    # a run dir or the file; bad lines skipped, named in `notes` when asked
+    from flowrl_jax.eval import report
+    from flowrl_jax.metrics import read_metrics
+
+    assert report.read_metrics is read_metrics
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n\n{"step": 2}\n{"step": 3, "re')
+    notes = []
+    assert read_metrics(tmp_path, notes=notes) == [{"step": 1}, {"step": 2}]
+    assert notes == [f"{tmp_path / 'metrics.jsonl'}:2: skipped non-object line",
+                     f"{tmp_path / 'metrics.jsonl'}:5: skipped unparsable line "
+                     "(Unterminated string starting at)"]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1}, {"step": 2}]

@@ -68,3 +68,32 @@ def test_sample_sampling_seed_and_errors(hf_dir, capsys):
     assert code == 2 and "/nonexistent/p.txt" in err
     code, _, err = _run(capsys, ["sample", "--model", path, "--prompt", "w1", "--top-p", "0"])
     assert code == 2 and "top_p" in err
+
+
+def test_shared_sampling_flags_keep_each_commands_defaults_and_order():
+    import argparse
+
+    from flowrl_jax.cli import build_parser
+    from flowrl_jax.commands.common_args import add_sampling_arguments, sampling_kwargs
+
+    p = argparse.ArgumentParser()
+    add_sampling_arguments(p, help={"top_k": "mine"}, top_k=5, temperature=0.5, ignore_eos=False)
+    assert [a.dest for a in p._actions[1:]] == ["top_k", "temperature", "ignore_eos"]
+    assert {a.dest: a.help for a in p._actions[1:]}["top_k"] == "mine"
+    args = p.parse_args(["--temperature", "0", "--ignore-eos"])
+    assert sampling_kwargs(args) == {"temperature": 0.0, "top_k": 5, "ignore_eos": True}
+    with pytest.raises(KeyError, match="'topp'"):
+        add_sampling_arguments(argparse.ArgumentParser(), topp=1.0)
+    with pytest.raises(ValueError, match="--ignore-eos is a switch"):
+        add_sampling_arguments(argparse.ArgumentParser(), ignore_eos=True)
+
+    # the three commands keep their own defaults (a fixed interface)
+    parser = build_parser()
+    want = {("eval", "--model", "m", "--out", "o"): dict(temperature=0.6, top_p=0.95, top_k=0,
+                                                          max_new_tokens=8192, seed=0),
+            ("sample", "--prompt", "x"): dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                                              max_new_tokens=256, seed=0, ignore_eos=False),
+            ("serve", "--model", "m"): dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                                            max_new_tokens=512, seed=0, ignore_eos=False)}
+    for argv, defaults in want.items():
+        assert sampling_kwargs(parser.parse_args(list(argv))) == defaults, argv

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build report.md + PNG plots; returns 0, or 2 on bad arguments."""
-    from flowrl_jax.report import build_report
+    from flowrl_jax.eval.report import build_report  # numpy: only when a report is built
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     try:

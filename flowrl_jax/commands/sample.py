@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from flowrl_jax.commands.common_args import add_sampling_arguments, sampling_kwargs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("source")
@@ -19,19 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--prompt", help="one prompt")
     pr.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    add_sampling_arguments(parser, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                           max_new_tokens=256, seed=0, ignore_eos=False)
     parser.add_argument("--stop-token-ids", type=int, nargs="*", default=[],
                         help="extra token ids that end a sample")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample and line")
-    parser.add_argument("--decode-slots", type=int, default=64, help="continuous-batching slots")
-    parser.add_argument("--decode-chunk", type=int, default=32, help="decode steps per device loop")
+    add_sampling_arguments(parser, decode_slots=64, decode_chunk=32)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute (and KV-cache) dtype")
 
@@ -88,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
     from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
 
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              min_p=args.min_p, max_new_tokens=args.max_new_tokens, n=args.n,
-                              seed=args.seed, ignore_eos=args.ignore_eos,
+    sampling = SamplingParams(**sampling_kwargs(args), n=args.n,
                               stop_token_ids=tuple(args.stop_token_ids))
     try:
         sampling.validate()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowrl_jax.commands.common_args import add_sampling_arguments, sampling_kwargs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model directory or Orbax checkpoint")
@@ -13,13 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=8, help="concurrent decodes")
     parser.add_argument("--max-prefill-length", type=int, default=1024,
                         help="longest prompt accepted (rounded up to a power of two >= 16)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="per-request limit")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore-eos", action="store_true")
+    add_sampling_arguments(parser, help={"max_new_tokens": "per-request limit"},
+                           max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+                           seed=0, ignore_eos=False)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
 
@@ -33,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"flowrl-jax serve: {e}", file=sys.stderr)
         return 2
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              min_p=args.min_p, max_new_tokens=args.max_new_tokens,
-                              seed=args.seed, ignore_eos=args.ignore_eos)
+    sampling = SamplingParams(**sampling_kwargs(args))
     try:
         model, arch, tok_dir = load_for_sampling(
             args.model, None, ModelConfig(path=args.model, compute_dtype=args.dtype))

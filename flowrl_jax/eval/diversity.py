@@ -11,9 +11,10 @@ Definitions (all deterministic, no model or judge needed):
   brevity penalty against the closest reference length, and add-one smoothing of
   the modified precision for n ≥ 2 ((m+1)/(t+1), Lin & Och 2004) so a short sample
   does not zero the geometric mean. Identical samples → 1; disjoint vocabularies → ~0.
-* distinct answers: number of different normalised final answers (last ``\\boxed{}``,
-  else the last ``Answer:`` line; Minerva/DAPO normalisation from ``flowrl_jax.rewards``
-  when importable, then a light local one); samples without an answer are not counted.
+* distinct answers: number of different normalised final answers (last ``\\boxed{}`` as
+  ``flowrl_jax.data.extract.last_boxed`` finds it, else the last ``Answer:`` line;
+  Minerva/DAPO normalisation from ``flowrl_jax.rewards``, then a light local one); samples
+  without an answer are not counted.
 * distinct correct solution paths: the correct samples are clustered single-link:
   two samples are linked when the Jaccard similarity of their token-3-gram sets is
   ≥ `path_threshold` (default 0.5); the number of connected components is the number
@@ -28,6 +29,10 @@ import math
 import re
 from collections import Counter
 from typing import Any, Callable, Mapping, Sequence
+
+from flowrl_jax.data.extract import last_boxed
+from flowrl_jax.eval.metrics import group_by_problem, is_correct
+from flowrl_jax.rewards.math_dapo import normalize_final_answer
 
 TRUNCATE_CHARS = 300
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -133,24 +138,6 @@ def self_bleu(token_lists: Sequence[Sequence[str]], max_n: int = 4) -> float:
 
 # ----------------------------------------------------------------------------- answers
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with brace matching."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, j = 1, i
-    while j < len(text):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-        j += 1
-    return None
-
-
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]+)")
 
 
@@ -181,24 +168,11 @@ def normalize_answer(ans: str) -> str:
     return s
 
 
-def _default_answer_key() -> Callable[[str], str | None]:
-    """Answer key function: the rewards package's normaliser if it offers one, else local."""
-    try:  # optional: share the exact normalisation of the reward functions
-        from flowrl_jax.rewards import math_dapo as rmath  # type: ignore
-
-        norm = getattr(rmath, "normalize_final_answer", None)
-        if callable(norm):
-            def key(text: str) -> str | None:
-                a = extract_answer(text)
-                return None if a is None else normalize_answer(norm(a))
-            return key
-    except Exception:  # noqa: BLE001 - rewards may be absent or mid-refactor
-        pass
-
-    def local(text: str) -> str | None:
-        a = extract_answer(text)
-        return None if a is None else normalize_answer(a)
-    return local
+def default_answer_key(text: str) -> str | None:
+    """A response's comparable final answer: Minerva normalisation (as the math reward does),
+    then the light local one; None when the response states no answer."""
+    a = extract_answer(text)
+    return None if a is None else normalize_answer(normalize_final_answer(a))
 
 
 # ----------------------------------------------------------------------------- paths
@@ -247,7 +221,7 @@ def problem_diversity(texts: Sequence[str], scores: Sequence[float] | None = Non
         raise ValueError("problem_diversity needs at least one response")
     if scores is not None and len(scores) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
-    key = answer_key or _default_answer_key()
+    key = answer_key or default_answer_key
     out: dict[str, Any] = {"n": len(texts)}
     out.update(_text_metrics(texts, ""))
     out.update(_text_metrics([t[:TRUNCATE_CHARS] for t in texts], f"_{TRUNCATE_CHARS}"))
@@ -255,7 +229,7 @@ def problem_diversity(texts: Sequence[str], scores: Sequence[float] | None = Non
     out["distinct_answers"] = len({a for a in answers if a is not None})
     out["answered"] = sum(a is not None for a in answers)
     if scores is not None:
-        correct = [tokenize(t) for t, s in zip(texts, scores) if float(s) >= 0.5]
+        correct = [tokenize(t) for t, s in zip(texts, scores) if is_correct(s)]
         out["num_correct"] = len(correct)
         out["distinct_correct_paths"] = (max(cluster_paths(correct, path_threshold)) + 1
                                          if correct else 0)
@@ -277,12 +251,9 @@ def aggregate(per_problem: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def benchmark_diversity(samples: Sequence[Mapping[str, Any]],
                         path_threshold: float = 0.5) -> dict[str, Any]:
     """Diversity of a benchmark's sample records (``prompt_id``, ``text``, ``score``)."""
-    from flowrl_jax.evaluate import group_by_problem
-
-    key = _default_answer_key()
     per = {}
     for pid, group in group_by_problem(samples).items():
         texts = [str(s.get("text", "")) for s in group]
         scores = [float(s["score"]) for s in group] if all("score" in s for s in group) else None
-        per[pid] = problem_diversity(texts, scores, path_threshold, key)
+        per[pid] = problem_diversity(texts, scores, path_threshold)
     return {"mean": aggregate(list(per.values())), "per_problem": per}

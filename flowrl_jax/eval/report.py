@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from flowrl_jax.evaluate import MATH_SIX, PASS_KS, math_average
+from flowrl_jax.eval.metrics import PASS_KS, math_average
+from flowrl_jax.eval.suites import MATH_SIX
+from flowrl_jax.metrics import read_metrics
 
 # Training-curve panels: title → metric keys tried in order (first present wins).
 CURVES: dict[str, tuple[str, ...]] = {
@@ -45,25 +47,6 @@ class RunData:
     eval_dir: Path | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a metrics JSONL file; bad lines are skipped with a note naming file and line."""
-    rows, notes = [], []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                notes.append(f"{path}:{ln}: skipped unparsable line ({e.msg})")
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            else:
-                notes.append(f"{path}:{ln}: skipped non-object line")
-    return rows, notes
 
 
 def _natural_key(p: Path) -> list:
@@ -102,8 +85,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
             run.notes.append(f"{run.eval_dir / 'summary.json'}: unreadable ({e})")
     mfile = p / "metrics.jsonl"
     if mfile.is_file():
-        run.metrics, notes = read_metrics(mfile)
-        run.notes.extend(notes)
+        run.metrics = read_metrics(mfile, notes=run.notes)
     else:
         run.notes.append(f"{p}: no metrics.jsonl (training curves skipped for this run)")
     return run
