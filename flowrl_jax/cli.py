@@ -7,6 +7,7 @@ import sys
 from types import ModuleType
 
 from flowrl_jax import cpu_runtime
+from flowrl_jax.errors import FlowRLError
 from flowrl_jax.commands import bench, convert, data, demo, report, sample, serve, train
 from flowrl_jax.commands import eval as eval_cmd
 
@@ -44,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from flowrl_jax.config import ConfigError
-
     try:
         return int(args._run(args) or 0)
-    except ConfigError as e:  # a bad setting or name: the message names it, no traceback
+    except FlowRLError as e:  # bad input: the message names the culprit, no traceback
         print(f"flowrl-jax {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -18,9 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names the key."""
+from flowrl_jax.errors import ConfigError  # noqa: F401 (re-exported)
 
 
 def _check(cond: bool, key: str, msg: str) -> None:

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from flowrl_jax.config import ConfigError, MeshConfig
+from flowrl_jax.config import MeshConfig
+from flowrl_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

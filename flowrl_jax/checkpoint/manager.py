@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flowrl_jax.errors import CheckpointError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ def _abstract(x: Any) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     a = np.asarray(x)
     return jax.ShapeDtypeStruct(a.shape, a.dtype)
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of a run could be restored."""
 
 
 class TrainCheckpointManager:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
+from flowrl_jax.errors import CheckpointError  # noqa: F401 (re-exported)
 
 # safetensors dtype code ↔ numpy dtype (bfloat16 through ml_dtypes; numpy has none).
 ST_DTYPES: dict[str, np.dtype] = {
@@ -30,10 +31,6 @@ ST_DTYPES: dict[str, np.dtype] = {
 }
 NP_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or tensor is missing, malformed or does not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from flowrl_jax.data.hf_disk import SavedDatasetError, is_saved_dataset, iter_saved_dataset
+from flowrl_jax.errors import DataError  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 GroundTruth = Union[str, dict]
-
-
-class DataError(ValueError):
-    """A data file or row is missing or malformed; the message names the file and line/row."""
 
 
 class BadRow(ValueError):

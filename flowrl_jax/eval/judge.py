@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from flowrl_jax.errors import EvalError
+
 RUBRIC = """You are judging how DIVERSE a set of solutions to the same problem are.
 Look only at the reasoning strategies, not at whether the answers are correct.
 
@@ -45,7 +47,7 @@ _SCORE_LINE = re.compile(r"score\s*[:=]\s*\**\s*([1-5](?:\.\d+)?)\b", re.IGNOREC
 _BARE = re.compile(r"(?<![\d.])([1-5])(?:\s*/\s*5)?(?![\d.])")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(EvalError):
     """The judge endpoint failed or never gave a parseable score."""
 
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+from flowrl_jax.errors import EvalError  # noqa: F401 (re-exported)
+
 SAMPLE_KEYS = ("benchmark", "prompt_id", "sample_index", "text", "num_tokens", "score",
                "finish_reason", "data_source")
-
-
-class EvalError(RuntimeError):
-    """Bad eval input (paths, settings, resume mismatch); the message names the culprit."""
 
 
 @dataclass(frozen=True)

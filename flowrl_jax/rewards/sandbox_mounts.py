@@ -17,12 +17,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowrl_jax.errors import SandboxError  # noqa: F401 (re-exported)
+
 # Private tmpfs mounted over these in namespaces mode (writes vanish with the sandbox).
 MASKED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself could not be set up: not the program's fault, so no reward is valid."""
 
 
 # Run by the interpreter under test: everything it needs at run time, as real paths.

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import batch_sharding, named_sharding, state_shardings
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM, apply_rope, matmul_params, rope_cos_sin
+from flowrl_jax.errors import SamplingError  # noqa: F401 (re-exported)
 
 # Decode layout of the cache, read in place by decode attention (a [B, S, K, D] cache gets
 # transposed by XLA at every step and layer): keys and values [slots, kv_heads, head_dim, S]
@@ -50,10 +51,6 @@ Array = jax.Array
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
 FINISH_NAMES = {FINISH_STOP: "stop", FINISH_LENGTH: "length"}
-
-
-class SamplingError(ValueError):
-    """A request cannot be served (too long, bad parameters); the message names the culprit."""
 
 
 # --------------------------------------------------------------------------- parameters
