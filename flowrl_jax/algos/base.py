@@ -34,8 +34,6 @@ mean over its valid sequences.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -89,18 +87,8 @@ def register(name: str):
     return deco
 
 
-def _load_all() -> None:
-    """Import every module of the algos package so each file's @register runs."""
-    import flowrl_jax.algos as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name not in ("base", "common", "policy_gradient"):
-            importlib.import_module(f"{pkg.__name__}.{m.name}")
-
-
 def get_algorithm(name: str) -> type[Algorithm]:
     """The registered algorithm class called `name`; a clear error lists the known ones."""
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -110,7 +98,6 @@ def get_algorithm(name: str) -> type[Algorithm]:
 
 def list_algorithms() -> list[str]:
     """Names of all registered algorithms."""
-    _load_all()
     return sorted(_REGISTRY)
 
 

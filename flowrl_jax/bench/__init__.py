@@ -1,15 +1,12 @@
 """Benchmarks, each measured side by side with a reference in the same run.
 
-Each bench is a module `flowrl_jax.bench.<name>` exposing
+Each bench is a module `flowrl_jax.bench.<name>` (listed in commands/bench.py) exposing
 `add_arguments(parser)` (optional) and `run(args) -> list[dict]`: one dict per case with at
 least `bench`, `ours`, `reference`, `unit`, `ratio` (ours ÷ reference) and the case's parameters.
 """
 
 import time
 from typing import Callable
-
-BENCHES = ("convert", "train", "sample", "rollout", "rewards", "attention")
-
 
 def best_time(run: Callable[[], object], repeats: int, min_seconds: float = 0.0,
               max_runs: int = 200) -> float:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import sys
+from types import ModuleType
 
-from flowrl_jax.bench import BENCHES
+from flowrl_jax.bench import attention, convert, rewards, rollout, sample, train
+
+# name → module exposing `add_arguments(parser)` (optional) and `run(args) -> list[dict]`
+MODULES: dict[str, ModuleType] = {"convert": convert, "train": train, "sample": sample,
+                                  "rollout": rollout, "rewards": rewards, "attention": attention}
+BENCHES = tuple(MODULES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=f"run the {name} benchmark" if name != "all" else "run all")
         p.add_argument("--json", action="store_true", help="one JSON object per case and line")
         p.add_argument("--out", default=None, help="also write the rows to this JSONL file")
-        if name != "all":
-            try:
-                mod = importlib.import_module(f"flowrl_jax.bench.{name}")
-            except ModuleNotFoundError as e:
-                if e.name != f"flowrl_jax.bench.{name}":
-                    raise
-                continue
-            if hasattr(mod, "add_arguments"):
-                mod.add_arguments(p)
+        if name != "all" and hasattr(MODULES[name], "add_arguments"):
+            MODULES[name].add_arguments(p)
 
 
 def _table(rows: list[dict]) -> str:
@@ -53,15 +51,7 @@ def run(args: argparse.Namespace) -> int:
     names = BENCHES if args.bench == "all" else (args.bench,)
     rows: list[dict] = []
     for name in names:
-        try:
-            mod = importlib.import_module(f"flowrl_jax.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"flowrl_jax.bench.{name}":
-                raise
-            print(f"bench {name}: not available in this build", file=sys.stderr)
-            if args.bench != "all":
-                return 2
-            continue
+        mod = MODULES[name]
         if args.bench == "all":  # sub-bench defaults
             sub = argparse.ArgumentParser()
             if hasattr(mod, "add_arguments"):
