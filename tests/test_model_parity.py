@@ -104,57 +104,39 @@ def test_sharded_forward_on_8_devices_equals_single_device(hf_models, forward):
     np.testing.assert_allclose(forward(sharded, ids), forward(single, ids), atol=1e-5, rtol=0)
 
 
-def test_cache_write_at_per_row_slots_and_full_length():
-    """`_write_cache` puts each row's new tokens at its own slot; a write as long as the cache
-    is the new block whatever the index (dynamic_update_slice clamps)."""
-    from flowrl_jax.models.qwen2 import _write_cache
-
-    rng = np.random.default_rng(3)
-    cache = rng.normal(size=(3, 7, 2, 4)).astype(np.float32)
-    new = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
-    index = np.array([0, 3, 6])  # the last row's slot is clamped to 5 (= 7 - 2)
-    expect = cache.copy()
-    for r, i in enumerate(np.minimum(index, 5)):
-        expect[r, i:i + 2] = new[r]
-    got = jax.jit(_write_cache)(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(index))
-    np.testing.assert_array_equal(np.asarray(got), expect)
-    full = rng.normal(size=(3, 7, 2, 4)).astype(np.float32)
-    got = jax.jit(_write_cache)(jnp.asarray(cache, jnp.bfloat16), jnp.asarray(full), jnp.asarray(index))
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(full, jnp.bfloat16)))
-
-
-def test_cached_forward_token_by_token_equals_the_full_forward():
-    """The model's own KV cache (DESIGN: qwen2.py keeps one; the sampler has its own decode
-    layout): a prompt written into a longer cache, then one token per call at per-row
-    slots, gives the full forward's logits, for rows of different prompt lengths."""
-    from flowrl_jax.models.qwen2 import CacheUpdate, init_cache
+@pytest.mark.parametrize("products,transposed", [("elementwise", True), ("matmul", False)])
+def test_decode_path_token_by_token_equals_the_full_forward(products, transposed):
+    """The decode path the sampler runs (models/decode.py): each row's prompt prefilled into a
+    longer decode cache, then one token per `decode_forward` call at per-row positions, gives
+    the full forward's logits, for rows of different prompt lengths; in both attention forms
+    (CPU elementwise / accelerator matmul), with and without [in, out] weight copies."""
+    from flowrl_jax.models.decode import (decode_forward, empty_cache, prefill, rope_table,
+                                          transposed_weights)
     from flowrl_jax.sampling.testing import tiny_arch, tiny_model
 
     arch = tiny_arch(64)
     model = tiny_model(arch, seed=2)
-    ids = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 9)))
-    full = np.asarray(jax.jit(lambda m, x: m(x).logits)(model, ids))
-    s = 12
+    ids = np.random.default_rng(4).integers(0, 64, (2, 9))
+    full = np.asarray(jax.jit(lambda m, x: m(x).logits)(model, jnp.asarray(ids)))
+    s, p = 12, 5
     starts = np.array([5, 3])  # tokens [0, start) prefill row b; the rest go one at a time
-    step = jax.jit(lambda m, x, c, u, pos: m(x, None, pos, cache=c, cache_update=u))
-    cache = init_cache(arch, 2, s)
-    prefix = np.zeros((2, 5), np.int32)
+    prefix = np.zeros((2, p), np.int32)
     for r, n in enumerate(starts):
-        prefix[r, :n] = np.asarray(ids[r, :n])
-    valid = np.arange(s)[None, :] < starts[:, None]
-    out = step(model, jnp.asarray(prefix), cache,
-               CacheUpdate(jnp.zeros((2,), jnp.int32), jnp.asarray(valid)),
-               jnp.broadcast_to(jnp.arange(5)[None, :], (2, 5)))
-    for r, n in enumerate(starts):
-        np.testing.assert_allclose(np.asarray(out.logits)[r, :n], full[r, :n], atol=1e-4)
-    cache, pos = out.cache, starts.copy()
+        prefix[r, :n] = ids[r, :n]
+    pre = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(prefix), jnp.asarray(starts),
+                                             jnp.float32)
+    assert pre[0].k.shape == (2, arch.num_key_value_heads, arch.resolved_head_dim, p)
+    cache = [c._replace(k=c.k.at[..., :p].set(q.k), v=c.v.at[..., :p].set(q.v))
+             for c, q in zip(empty_cache(arch, 2, s, jnp.float32), pre)]
+    mats = jax.jit(transposed_weights)(model) if transposed else None
+    rope = rope_table(arch, s)
+    step = jax.jit(lambda m, tok, pos, c, mats: decode_forward(m, tok, pos, c, rope, mats, products))
+    pos = starts.copy()
     while (pos < 9).any():
-        p = np.minimum(pos, 8)
-        valid = np.arange(s)[None, :] <= p[:, None]
-        out = step(model, ids[np.arange(2), p][:, None], cache,
-                   CacheUpdate(jnp.asarray(p, jnp.int32), jnp.asarray(valid)), jnp.asarray(p)[:, None])
+        at = np.minimum(pos, 8)
+        logits, cache = step(model, jnp.asarray(ids[np.arange(2), at], jnp.int32),
+                             jnp.asarray(at, jnp.int32), cache, mats)
         for r in range(2):
             if pos[r] < 9:
-                np.testing.assert_allclose(np.asarray(out.logits)[r, 0], full[r, p[r]], atol=1e-4)
-        cache, pos = out.cache, pos + 1
+                np.testing.assert_allclose(np.asarray(logits)[r], full[r, at[r]], atol=1e-4)
+        pos = pos + 1

@@ -3,6 +3,8 @@ distributions (chi-square), determinism, EOS/stop handling, sharding, input erro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,11 @@ import jax.numpy as jnp
 
 from flowrl_jax.config import MeshConfig, RolloutConfig
 from flowrl_jax.mesh import make_mesh
-from flowrl_jax.sampling.engine import (SamplingEngine, SamplingError, SamplingParams, _Spec,
-                                        sample_logits)
+from flowrl_jax.sampling import cpu_fast_paths
+from flowrl_jax.sampling import kernels as kernels_module
+from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
+from flowrl_jax.sampling.logits import sample_logits
+from flowrl_jax.sampling.params import SamplingSpec
 from flowrl_jax.sampling.testing import tiny_arch, tiny_model, to_hf
 
 NEW = 32
@@ -167,7 +172,7 @@ def test_sampling_distribution_chi_square(t, top_k, top_p, min_p):
     v, n = 12, 6000
     logits = np.random.default_rng(0).normal(0, 1.5, v).astype(np.float32)
     keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(42), n))
-    spec = _Spec(t, top_p, top_k, min_p)
+    spec = SamplingSpec(t, top_p, top_k, min_p)
     tok, logp = jax.jit(lambda l, k: sample_logits(l, k, spec))(jnp.tile(logits, (n, 1)), keys)
     counts = np.bincount(np.asarray(tok), minlength=v)
     expected = _ref_dist(logits.astype(np.float64), t, top_k, top_p, min_p)
@@ -276,13 +281,12 @@ def test_windowed_decode_matches_hf(setup, monkeypatch):
     tokens over 80 steps, crossing every window boundary from ragged prompt lengths, equal
     HF's with all prompts in flight, with slots refilled between chunks, and on a mesh.
     (Windows start at DECODE_WINDOWS_MIN_LENGTH slots; lowered here to keep the test short.)"""
-    from flowrl_jax.sampling import engine as engine_module
-    from flowrl_jax.sampling.engine import decode_windows
+    from flowrl_jax.sampling.kernels import decode_windows
 
     assert decode_windows(511, 64) == (511,)  # the default: short caches in one window
     assert decode_windows(1024, 64) == (256, 512, 768, 1024)
-    monkeypatch.setattr(engine_module, "DECODE_WINDOWS_MIN_LENGTH", 64)
-    monkeypatch.setattr(engine_module, "_KERNELS", {})  # fresh traces under the lowered limit
+    monkeypatch.setattr(kernels_module, "DECODE_WINDOWS_MIN_LENGTH", 64)
+    monkeypatch.setattr(kernels_module, "_KERNELS", {})  # fresh traces under the lowered limit
     _, model, hf, prompts = setup
     new = 80
     assert decode_windows(16 + 96, 40) == (32, 64, 96, 112)  # the cache length used below
@@ -320,10 +324,10 @@ def test_rollout_config_and_errors(setup, engine):
 def test_unrolled_threefry_matches_jax_random():
     """The sampler's hand-written fold_in / categorical must equal jax.random bit for bit
     (a jax upgrade that changes either would silently change every sampled token)."""
-    from flowrl_jax.sampling.engine import (_fast_threefry, categorical_rows, fold_in_rows,
+    from flowrl_jax.sampling.random import (categorical_rows, fast_threefry, fold_in_rows,
                                             gumbel_noise)
 
-    assert _fast_threefry(), "jax's default PRNG config changed: the sampler falls back"
+    assert fast_threefry(), "jax's default PRNG config changed: the sampler falls back"
     base = jax.random.split(jax.random.PRNGKey(7), 4096)
     raw = jax.random.key_data(base) if jnp.issubdtype(base.dtype, jax.dtypes.prng_key) else base
     data = jnp.arange(4096, dtype=jnp.uint32) * 7919
@@ -343,7 +347,7 @@ def test_unrolled_threefry_matches_jax_random():
 def test_sample_keys_equal_jax_random_fold_ins():
     """Per-sample base keys are fold_in(fold_in(PRNGKey(seed), prompt), sample) exactly,
     also for seeds past 2**31 (the unrolled path builds PRNGKey's [0, seed] itself)."""
-    from flowrl_jax.sampling.engine import sample_keys
+    from flowrl_jax.sampling.random import sample_keys
 
     p = jnp.arange(40, dtype=jnp.int32) * 7 + 3
     s = jnp.arange(40, dtype=jnp.int32) % 5
@@ -360,27 +364,26 @@ def test_decode_matrices_are_the_transposed_weights_within_the_size_limit(setup,
     """CPU decode multiplies by [in, out] copies: each equals its weight transposed (the head:
     the tied embedding's), in layer order; below the slot or step limits or over the byte
     limit there are none."""
-    from flowrl_jax.sampling import engine as engine_module
-
     _, model, _, _ = setup
-    mats = jax.jit(engine_module.decode_matrices, static_argnums=(1, 2))(model, 4, 16)
+    mats = jax.jit(cpu_fast_paths.decode_matrices, static_argnums=(1, 2))(model, 4, 16)
     lyr = model.layers[1]
     for got, lin in zip(mats.layers[1], (lyr.self_attn.q_proj, lyr.self_attn.k_proj,
                                           lyr.self_attn.v_proj, lyr.self_attn.o_proj,
                                           lyr.mlp.gate_proj, lyr.mlp.up_proj, lyr.mlp.down_proj)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(lin.weight[...]).T)
     np.testing.assert_array_equal(np.asarray(mats.head), np.asarray(model.embed_tokens[...]).T)
-    assert engine_module.decode_matrices(model, 3, 16) is None  # few rows: matrix-vector products
-    assert engine_module.decode_matrices(model, 4, 15) is None  # few steps to pay for the copy
-    monkeypatch.setattr(engine_module, "DECODE_TRANSPOSE_MAX_BYTES", mats.head.nbytes)
-    assert engine_module.decode_matrices(model, 4, 16) is None
+    assert cpu_fast_paths.decode_matrices(model, 3, 16) is None  # few rows: matrix-vector products
+    assert cpu_fast_paths.decode_matrices(model, 4, 15) is None  # few steps to pay for the copy
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS,
+                                                          transpose_max_bytes=mats.head.nbytes))
+    assert cpu_fast_paths.decode_matrices(model, 4, 16) is None
 
 
 def test_decode_attention_products_agree_with_a_float64_softmax():
     """The CPU (elementwise) and accelerator (matmul) forms of the decode attention are the
     same function: both against float64 NumPy, GQA 3 query heads per KV head, some slots
     not yet visible."""
-    from flowrl_jax.sampling.engine import decode_attention
+    from flowrl_jax.models.decode import decode_attention
 
     rng = np.random.default_rng(7)
     b, kh, g, d, s = 3, 2, 3, 8, 11
@@ -401,48 +404,49 @@ def test_decode_attention_products_agree_with_a_float64_softmax():
         decode_attention(*args, "dense")
 
 
-def test_greedy_matches_hf_with_the_accelerator_decode_attention(setup, hf_greedy, monkeypatch):
-    """The matmul form of the decode attention with the weights in the model's own layout
-    (what GPUs and TPUs run) in the whole engine: HF's greedy tokens. Slot and chunk counts
-    no other test uses, so this traces afresh."""
-    from flowrl_jax.sampling import engine as engine_module
-
-    monkeypatch.setattr(engine_module, "DECODE_PRODUCTS", "matmul")
-    monkeypatch.setattr(engine_module, "DECODE_TRANSPOSE_MAX_BYTES", 0)
+def test_greedy_matches_hf_on_the_accelerator_path(setup, hf_greedy, monkeypatch):
+    """With the CPU fast paths switched off, the engine runs what GPUs and TPUs run (matmul
+    decode attention, the weights in the model's own layout, one decode loop): HF's greedy
+    tokens. Slot and chunk counts no other test uses, so this traces afresh."""
+    seen = []
+    monkeypatch.setattr(cpu_fast_paths, "enabled", lambda device: seen.append(device) or False)
+    real = cpu_fast_paths.decode_matrices
+    monkeypatch.setattr(cpu_fast_paths, "decode_matrices",
+                        lambda *a: pytest.fail("weight copies made with the switch off") or real(*a))
     _, model, _, prompts = setup
-    assert engine_module.decode_matrices(model, 8, 64) is None
     eng = SamplingEngine(model, decode_slots=7, decode_chunk=11, prefill_buckets=(8, 16),
                          verbose=False)
+    assert eng.decode_groups(32, 64) == 1
     out = eng.generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy
+    assert seen and all(d == jax.devices()[0] for d in seen)
 
 
 def test_decode_groups_by_platform_size_slots_and_steps(setup, monkeypatch):
     """Parallel decode groups: one per core on a single CPU device, only for models whose
     matmul weights fit the limit, with enough slots per group and enough new tokens."""
-    from flowrl_jax.sampling import engine as engine_module
-
     _, model, _, _ = setup
-    monkeypatch.setattr(engine_module, "host_cores", lambda: 2)
+    monkeypatch.setattr(cpu_fast_paths, "host_cores", lambda: 2)
     eng = SamplingEngine(model, decode_slots=32, verbose=False)
-    steps = engine_module.DECODE_GROUP_MIN_STEPS
+    steps = cpu_fast_paths.LIMITS.group_min_steps
     a = model.arch
     d = a.resolved_head_dim
     weights = (a.num_hidden_layers * (a.hidden_size * d * 2 * (a.num_attention_heads + a.num_key_value_heads)
                                       + 3 * a.hidden_size * a.intermediate_size)
                + a.hidden_size * a.vocab_size) * 4  # float32
     assert eng.weight_bytes == weights
-    least = engine_module.DECODE_GROUP_MIN_SLOTS
+    least = cpu_fast_paths.LIMITS.group_min_slots
     assert eng.decode_groups(32, steps) == 2
     assert eng.decode_groups(2 * least, steps) == 2
     assert eng.decode_groups(2 * least - 1, steps) == 1  # a second group would be too small
     assert eng.decode_groups(32, steps - 1) == 1  # too short to pay for the threads
-    monkeypatch.setattr(engine_module, "host_cores", lambda: 8)
+    monkeypatch.setattr(cpu_fast_paths, "host_cores", lambda: 8)
     assert eng.decode_groups(32, steps) == min(8, 32 // least)
     assert eng.decode_groups(3 * least, steps) == 3
-    monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights - 1)
+    limits = cpu_fast_paths.LIMITS
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(limits, groups_max_weight_bytes=weights - 1))
     assert eng.decode_groups(32, steps) == 1  # the dots would already use every core
-    monkeypatch.setattr(engine_module, "DECODE_GROUPS_MAX_WEIGHT_BYTES", weights)
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(limits, groups_max_weight_bytes=weights))
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
     assert SamplingEngine(model, mesh=mesh, verbose=False).decode_groups(32, steps) == 1
     one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
@@ -453,14 +457,12 @@ def test_decode_groups_by_platform_size_slots_and_steps(setup, monkeypatch):
 def test_decode_groups_give_the_samples_of_one_loop(setup, engine, monkeypatch, cores):
     """Split over 2 or 3 threaded groups (2 and 3 slots each, so slots are refilled within a
     group), the samples, log-probs, lengths and finish reasons equal one loop's."""
-    from flowrl_jax.sampling import engine as engine_module
-
     _, model, _, prompts = setup
     sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=5, stop_token_ids=(7, 9))
     one = engine.generate(model, prompts[:4], sp)
-    monkeypatch.setattr(engine_module, "host_cores", lambda: cores)
-    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_SLOTS", 2)
-    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_STEPS", 1)
+    monkeypatch.setattr(cpu_fast_paths, "host_cores", lambda: cores)
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS, group_min_slots=2,
+                                                          group_min_steps=1))
     eng = SamplingEngine(model, decode_slots=8 if cores == 2 else 6, decode_chunk=5,
                          prefill_buckets=(8, 16), verbose=False)
     calls = []
@@ -475,12 +477,10 @@ def test_decode_groups_give_the_samples_of_one_loop(setup, engine, monkeypatch, 
 
 
 def test_a_failing_decode_group_raises_after_every_group_stops(setup, monkeypatch):
-    from flowrl_jax.sampling import engine as engine_module
-
     _, model, _, prompts = setup
-    monkeypatch.setattr(engine_module, "host_cores", lambda: 2)
-    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_SLOTS", 2)
-    monkeypatch.setattr(engine_module, "DECODE_GROUP_MIN_STEPS", 1)
+    monkeypatch.setattr(cpu_fast_paths, "host_cores", lambda: 2)
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS, group_min_slots=2,
+                                                          group_min_steps=1))
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=5, prefill_buckets=(8, 16),
                          verbose=False)
     finished = []
@@ -502,22 +502,46 @@ def test_chunk_noise_made_before_the_loop_gives_the_tokens_drawn_step_by_step(se
     """Small vocabularies draw a chunk's Gumbel noise before its loop: the same tokens and
     log-probs as drawing per step, also for slots carried over from an earlier chunk (5-step
     chunks, 12 tokens) and under top-k/top-p; greedy makes none."""
-    from flowrl_jax.sampling import engine as engine_module
-
     _, model, _, prompts = setup
     sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=11)
     eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
                          verbose=False)
     st = eng.init_state(4, 32)
-    assert engine_module.chunk_noise(st, eng.spec_for(sp), 5, 128).shape == (5, 4, 128)
-    assert engine_module.chunk_noise(st, _Spec(0.0, 1.0, 0, 0.0), 5, 128) is None
+
+    def noise(spec):
+        return cpu_fast_paths.chunk_noise(st.keys, st.generated, spec, 5, 128)
+
+    assert noise(eng.spec_for(sp)).shape == (5, 4, 128)
+    assert noise(SamplingSpec(0.0, 1.0, 0, 0.0)) is None
     before = eng.generate(model, prompts[:3], sp)
-    monkeypatch.setattr(engine_module, "DECODE_NOISE_MAX_BYTES", 5 * 4 * 128 * 4 - 1)
-    assert engine_module.chunk_noise(st, eng.spec_for(sp), 5, 128) is None
-    monkeypatch.setattr(engine_module, "_KERNELS", {})  # recompile with per-step draws
+    monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS,
+                                                          noise_max_bytes=5 * 4 * 128 * 4 - 1))
+    assert noise(eng.spec_for(sp)) is None
+    monkeypatch.setattr(kernels_module, "_KERNELS", {})  # recompile with per-step draws
     eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
                          verbose=False)
     per_step = eng.generate(model, prompts[:3], sp)
     assert before.token_lists() == per_step.token_lists()
     np.testing.assert_array_equal(before.logprobs, per_step.logprobs)
     assert len({tuple(t) for t in before.token_lists()}) > 3  # really sampled
+
+
+def test_static_shapes_bucket_and_pow2():
+    """`kernels.bucket` (prefill lengths, JetStream buckets): the smallest fitting bucket,
+    beyond the largest its next multiple; `pow2` rounds slot counts up."""
+    from flowrl_jax.sampling.kernels import bucket, pow2
+
+    assert bucket(1, (16, 8)) == 8 and bucket(8, (8, 16)) == 8 and bucket(9, (8, 16)) == 16
+    assert bucket(17, (8, 16)) == 32 and bucket(33, (16,)) == 48
+    assert [pow2(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+
+
+def test_cpu_fast_paths_switch_by_platform():
+    """One switch: CPU devices take the fast paths, others the plain accelerator path."""
+
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    assert cpu_fast_paths.enabled(jax.devices()[0])  # the tests run on CPU devices
+    assert [cpu_fast_paths.enabled(Device(p)) for p in ("cpu", "gpu", "tpu")] == [True, False, False]

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     import jax.numpy as jnp
 
     from flowrl_jax.models.qwen2 import Numerics, matmul_params
-    from flowrl_jax.sampling.engine import cache_bytes
+    from flowrl_jax.models.decode import cache_bytes
     from flowrl_jax.sampling.testing import tiny_model, to_hf
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

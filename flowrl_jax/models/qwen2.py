@@ -1,9 +1,10 @@
-"""Qwen2 / Qwen2.5 decoder in Flax NNX: GQA, RoPE, q/k/v bias, SwiGLU, RMSNorm, KV cache.
+"""Qwen2 / Qwen2.5 decoder in Flax NNX: GQA, RoPE, q/k/v bias, SwiGLU, RMSNorm.
 
 Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from
 `flowrl_jax.mesh.LOGICAL_RULES`); shardings are derived from those names, never hard-coded.
 Linear weights are stored [out, in] like HF's, and attribute names mirror HF parameter
-names, so checkpoint conversion is a renaming with no layout change.
+names, so checkpoint conversion is a renaming with no layout change. The decode path (KV
+cache layout, prefill, one-token steps) lives in models/decode.py.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array, weight_t: Optional[Array] = None) -> Array:
         """x Wᵀ (+ b); `weight_t`: a copy of W as [in, out] in compute dtype to multiply by
-        instead (the sampler's CPU decode steps make one per chunk; see engine.py)."""
+        instead (the sampler's CPU decode steps make one per chunk; see decode.py)."""
         if weight_t is None:
             y = linear(x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
         else:
@@ -129,29 +130,11 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return (x.astype(jnp.float32) * c + rot.astype(jnp.float32) * s).astype(x.dtype)
 
 
-class KVCache(NamedTuple):
-    """One layer's cache: k, v [B, S, kv_heads, head_dim]."""
+class LayerKV(NamedTuple):
+    """One layer's keys and values of a forward pass: k, v [B, T, kv_heads, head_dim]."""
 
     k: Array
     v: Array
-
-
-class CacheUpdate(NamedTuple):
-    """Where a forward pass writes into a KV cache and which cache slots keys may use.
-
-    write_index [B]: slot where this call's first token goes (tokens go to consecutive slots).
-    kv_valid [B, S]: slots holding real tokens *after* this write (False for padding).
-    """
-
-    write_index: Array
-    kv_valid: Array
-
-
-def _write_cache(cache: Array, new: Array, index: Array) -> Array:
-    """Write new [B, T, ...] into cache [B, S, ...] at per-row slot index [B]."""
-    def one(c, n, i):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i,) + (0,) * (c.ndim - 1))
-    return jax.vmap(one)(cache, new, index)
 
 
 def attention_weights_mask(q_slots: Array, k_valid: Array) -> Array:
@@ -198,38 +181,27 @@ class Attention(nnx.Module):
         self.impl = num.attention
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
-                 cache: Optional[KVCache], keep_kv: bool = False
-                 ) -> tuple[Array, Optional[KVCache]]:
-        """Attention output and the updated cache; without a cache, `keep_kv` returns this
-        pass's keys and values [B, T, kv_heads, D] in its place (what a prefill stores)."""
+                 keep_kv: bool = False) -> tuple[Array, Optional[LayerKV]]:
+        """Attention output and, with `keep_kv`, this pass's keys and values
+        [B, T, kv_heads, D] (what a prefill stores)."""
         b, t, _ = x.shape
         q = constrain(self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim), Q_AXES)
         k = constrain(self.k_proj(x).reshape(b, t, self.n_kv, self.head_dim), KV_AXES)
         v = constrain(self.v_proj(x).reshape(b, t, self.n_kv, self.head_dim), KV_AXES)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_slots, k_valid, update = mask_info
-        if cache is not None:
-            k_all = _write_cache(cache.k, k, update.write_index)
-            v_all = _write_cache(cache.v, v, update.write_index)
-            cache = KVCache(k_all, v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        elif update is None:
-            # no cache: query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the mask
-            # is causal ∧ valid keys (attention.no_cache_kernel says which kernel runs)
-            cache = KVCache(k, v) if keep_kv else None
-            kernel = no_cache_kernel(self.impl, q.dtype)
-            if kernel == "fused":  # rows are one run each (checked where batches are placed)
-                return self._project(contiguous_causal_attention(q, k, v, k_valid)), cache
-            if kernel == "flash" and t > FLASH_BLOCK:  # blocked, recomputing backward
-                return self._project(flash_attention(q, k, v, k_valid)), cache
-        out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
-        return self._project(out), cache
-
-    def _project(self, out: Array) -> Array:
-        """o_proj of the heads' outputs [B, T, heads, D]."""
-        b, t = out.shape[:2]
-        return self.o_proj(constrain(out.reshape(b, t, self.n_heads * self.head_dim),
-                                     ("batch", "length", "heads")))
+        # query slots are 0..T-1 (see Qwen2ForCausalLM.__call__), so the mask is
+        # causal ∧ valid keys (attention.no_cache_kernel says which kernel runs)
+        q_slots, k_valid = mask_info
+        kv = LayerKV(k, v) if keep_kv else None
+        kernel = no_cache_kernel(self.impl, q.dtype)
+        if kernel == "fused":  # rows are one run each (checked where batches are placed)
+            out = contiguous_causal_attention(q, k, v, k_valid)
+        elif kernel == "flash" and t > FLASH_BLOCK:  # blocked, recomputing backward
+            out = flash_attention(q, k, v, k_valid)
+        else:
+            out = dot_attention(q, k, v, attention_weights_mask(q_slots, k_valid), self.impl)
+        out = constrain(out.reshape(b, t, self.n_heads * self.head_dim), ("batch", "length", "heads"))
+        return self.o_proj(out), kv
 
 
 class MLP(nnx.Module):
@@ -259,20 +231,20 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(arch, num, rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask_info: tuple,
-                 cache: Optional[KVCache], keep_kv: bool = False
-                 ) -> tuple[Array, Optional[KVCache]]:
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, cache, keep_kv)
+                 keep_kv: bool = False) -> tuple[Array, Optional[LayerKV]]:
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask_info, keep_kv)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, HIDDEN_AXES), cache
+        return constrain(x, HIDDEN_AXES), kv
 
 
 class ModelOutput(NamedTuple):
-    """Forward results: logits [B,T,V] (None when not asked), hidden [B,T,H] after the final norm."""
+    """Forward results: logits [B,T,V] (None when not asked), hidden [B,T,H] after the final
+    norm, each layer's keys and values (with `return_kv`, else None)."""
 
     logits: Optional[Array]
     hidden: Array
-    cache: Optional[list[KVCache]]
+    kv: Optional[list[LayerKV]]
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -301,19 +273,16 @@ class Qwen2ForCausalLM(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None,
-                 positions: Optional[Array] = None, *, cache: Optional[list[KVCache]] = None,
-                 cache_update: Optional[CacheUpdate] = None,
+                 positions: Optional[Array] = None, *,
                  return_logits: bool = True, return_kv: bool = False,
                  remat: Optional[bool] = None) -> ModelOutput:
         """Forward pass.
 
-        Without a cache: input_ids/attention_mask/positions are [B, T]; left padding works
-        (positions should count real tokens from 0); `return_kv` also returns each layer's
-        keys/values [B, T, kv_heads, D] as `cache` (a prefill: the no-cache attention kernels,
-        flash / cuDNN, instead of a masked [T, S] softmax). With a cache: the tokens are
-        written at `cache_update.write_index` and attend to slots marked in
-        `cache_update.kv_valid`. `remat` overrides `Numerics.remat` (passes without gradients
-        turn it off: there is no backward pass to save memory for).
+        input_ids/attention_mask/positions are [B, T]; left padding works (positions should
+        count real tokens from 0); `return_kv` also returns each layer's keys/values
+        [B, T, kv_heads, D] as `kv` (what the decode path's prefill stores, see decode.py).
+        `remat` overrides `Numerics.remat` (passes without gradients turn it off: there is no
+        backward pass to save memory for).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -321,35 +290,28 @@ class Qwen2ForCausalLM(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        if cache is None:
-            q_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
-            mask_info = (q_slots, attention_mask, None)
-        else:
-            if cache_update is None:
-                raise ValueError("cache_update is required when a cache is given")
-            q_slots = cache_update.write_index[:, None] + jnp.arange(t)[None, :]
-            mask_info = (q_slots, cache_update.kv_valid, cache_update)
+        q_slots = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+        mask_info = (q_slots, attention_mask)
         cos, sin = rope_cos_sin(positions, self.arch.resolved_head_dim, self.arch.rope_theta)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.num.compute_dtype)
         x = constrain(x, HIDDEN_AXES)
-        keep_kv = cache is None and return_kv
-        new_cache = [] if cache is not None or keep_kv else None
+        kv = [] if return_kv else None
 
-        def run_layer(layer, x, c):
-            return layer(x, cos, sin, mask_info, c, keep_kv)
+        def run_layer(layer, x):
+            return layer(x, cos, sin, mask_info, return_kv)
 
         if self.num.remat if remat is None else remat:
             run_layer = rematerialised(run_layer)
-        for i, layer in enumerate(self.layers):
-            x, c = run_layer(layer, x, None if cache is None else cache[i])
-            if new_cache is not None:
-                new_cache.append(c)
+        for layer in self.layers:
+            x, layer_kv = run_layer(layer, x)
+            if kv is not None:
+                kv.append(layer_kv)
         hidden = constrain(self.norm(x), HIDDEN_AXES)
-        return ModelOutput(self.logits(hidden) if return_logits else None, hidden, new_cache)
+        return ModelOutput(self.logits(hidden) if return_logits else None, hidden, kv)
 
 
 def rematerialised(run_layer: Callable) -> Callable:
-    """`run_layer(layer, x, c)` whose activations the backward pass recomputes.
+    """`run_layer(layer, x)` whose activations the backward pass recomputes.
 
     A pure `jax.checkpoint` over the layer's split state rather than `nnx.remat`: the NNX
     transform tries to write the layer's Params back at its own trace level, which fails
@@ -358,25 +320,15 @@ def rematerialised(run_layer: Callable) -> Callable:
     there is nothing to write back.
     """
 
-    def run(layer, x, c):
+    def run(layer, x):
         graphdef, state = nnx.split(layer)
 
-        def pure(state, x, c):
-            return run_layer(nnx.merge(graphdef, state), x, c)
+        def pure(state, x):
+            return run_layer(nnx.merge(graphdef, state), x)
 
-        return jax.checkpoint(pure)(state, x, c)
+        return jax.checkpoint(pure)(state, x)
 
     return run
-
-
-def init_cache(arch: ModelArch, batch: int, length: int, dtype: Any = jnp.float32) -> list[KVCache]:
-    """Zeroed KV cache, one [B, S, kv_heads, head_dim] pair per layer."""
-    shape = (batch, length, arch.num_key_value_heads, arch.resolved_head_dim)
-    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-            for _ in range(arch.num_hidden_layers)]
-
-
-CACHE_AXES = ("cache_batch", "cache_length", "kv_heads", "head_dim")
 
 
 def build_model(arch: ModelArch, num: Numerics | None = None, seed: int = 0) -> Qwen2ForCausalLM:

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowrl_jax.sampling.engine import (DecodeState, SamplingEngine, SamplingParams, _bucket,
-                                        sample_keys)
+from flowrl_jax.sampling.engine import SamplingEngine
+from flowrl_jax.sampling.kernels import DecodeState, bucket
+from flowrl_jax.sampling.params import SamplingParams
+from flowrl_jax.sampling.random import sample_keys
 from flowrl_jax.sampling.jetstream_compat import import_jetstream
 
 js = import_jetstream()
@@ -88,7 +90,7 @@ class FlowRLEngine(engine_api.Engine):
         self.sampling = sampling
         self.spec = core.spec_for(sampling)
         self.stop_ids = core.stop_ids_for(sampling)
-        self._max_prefill = _bucket(max_prefill_length, _JETSTREAM_LENGTHS)
+        self._max_prefill = bucket(max_prefill_length, _JETSTREAM_LENGTHS)
         self._buckets = tuple(b for b in _JETSTREAM_LENGTHS if b <= self._max_prefill)
         self._slots = int(slots)
         # Cache: the longest prompt + max_new_tokens; a slot stops itself when it is full.
@@ -96,7 +98,7 @@ class FlowRLEngine(engine_api.Engine):
         core.check_fits([1], sampling.max_new_tokens, self._slots, self.cache_len)
         self._counter = itertools.count()
         self._lock = threading.Lock()
-        self._prefill = core.kernels.prefill
+        self._prefill = core.kernels.prefill_jit
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
 
@@ -106,11 +108,12 @@ class FlowRLEngine(engine_api.Engine):
                      ) -> DecodeState:
         keys = sample_keys(seed, request[None], jnp.zeros((1,), jnp.int32))
         budget = jnp.full((1,), self.cache_len, jnp.int32)
-        return self.core.kernels._insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
-                                 prefix["last_token"][None], prefix["length"][None], budget, keys)
+        return self.core.kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
+                                        prefix["last_token"][None], prefix["length"][None], budget,
+                                        keys)
 
     def _generate_impl(self, params: Any, st: DecodeState) -> tuple[DecodeState, jax.Array]:
-        st, outs = self.core.kernels._decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec, 1)
+        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec, 1)
         data = jnp.stack([outs.tokens[0], outs.emitted[0].astype(jnp.int32), st.generated], axis=1)
         return st, data
 
@@ -124,7 +127,7 @@ class FlowRLEngine(engine_api.Engine):
         vocab = self.core.arch.vocab_size
         n = int(min(max(int(true_length), 1), tokens.shape[0]))
         tokens = np.clip(tokens, 0, vocab - 1)
-        body = np.zeros((1, _bucket(max(n - 1, 1), self._buckets)), np.int32)
+        body = np.zeros((1, bucket(max(n - 1, 1), self._buckets)), np.int32)
         body[0, :n - 1] = tokens[:n - 1]
         cache = self._prefill(params, body, np.array([n - 1], np.int32))
         return {"cache": cache, "length": jnp.int32(n - 1), "last_token": jnp.int32(tokens[n - 1])}
