@@ -82,7 +82,7 @@ def test_trainer_runs_as_two_processes(tmp_path):
     sys.path.insert(0, str(HERE.parent))
     from trainer_toy import start_train, toy_overrides
 
-    from flowrl_jax.metrics import read_metrics
+    from flowrl_jax.rl.metrics_log import read_metrics
 
     port = _free_port()
     out = tmp_path / "run"
@@ -114,9 +114,9 @@ def _worker(out: str) -> None:
     from flowrl_jax.config import load_config
     from flowrl_jax.mesh import make_mesh
     from flowrl_jax.models.qwen2 import Numerics, init_sharded
-    from flowrl_jax.rollout_batch import build_rollout_batch, minibatches
-    from flowrl_jax.train_state import create_train_state, reference_params
-    from flowrl_jax.trainer import _StepFns, to_host
+    from flowrl_jax.rl.rollout_batch import build_rollout_batch, minibatches
+    from flowrl_jax.rl.train_state import create_train_state, reference_params
+    from flowrl_jax.rl.trainer import _StepFns, to_host
 
     print(f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
     cfg = load_config(None, toy_overrides("flowrl", 1))
@@ -147,7 +147,7 @@ def _worker(out: str) -> None:
         np.savez(out, **params)
     if jax.process_count() > 1:  # the per-host sampler copy (trainer.sampler_params)
         from flowrl_jax.config import MeshConfig
-        from flowrl_jax.trainer import Trainer
+        from flowrl_jax.rl.trainer import Trainer
 
         tr = Trainer.__new__(Trainer)
         tr.state, tr.pc, tr.pi = state, jax.process_count(), jax.process_index()

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from flowrl_jax.config import Config, OptimizerConfig
-from flowrl_jax.train_state import adamw_updates, make_optimizer
+from flowrl_jax.rl.train_state import adamw_updates, make_optimizer
 
 
 def test_adamw_updates_equal_optax_updates():
@@ -41,8 +41,8 @@ def test_train_step_keeps_no_copy_of_the_optimizer_moments():
     from flowrl_jax.bench import train as bench
     from flowrl_jax.mesh import single_device_mesh
     from flowrl_jax.models.qwen2 import Numerics, init_sharded
-    from flowrl_jax.train_state import create_train_state
-    from flowrl_jax.train_step import make_train_step
+    from flowrl_jax.rl.train_state import create_train_state
+    from flowrl_jax.rl.train_step import make_train_step
 
     arch = bench._arch("tiny")
     cfg = Config(model=ModelConfig(), algo=AlgoConfig(name="flowrl"),

@@ -22,8 +22,8 @@ from flowrl_jax.config import (AlgoConfig, Config, MeshConfig, ModelArch, Optimi
                                RolloutConfig, TrainerConfig)
 from flowrl_jax.mesh import make_mesh, single_device_mesh
 from flowrl_jax.models.qwen2 import Numerics, init_sharded
-from flowrl_jax.train_state import create_train_state
-from flowrl_jax.train_step import LogProbs, TrainStep, make_train_step, to_micro
+from flowrl_jax.rl.train_state import create_train_state
+from flowrl_jax.rl.train_step import LogProbs, TrainStep, make_train_step, to_micro
 
 TINY = ModelArch(**yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "flowrl_jax/configs/models/tiny.yaml").read_text()))

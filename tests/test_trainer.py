@@ -11,8 +11,8 @@ from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides
 
 from flowrl_jax import cli
 from flowrl_jax.config import ConfigError, load_config
-from flowrl_jax.metrics import read_metrics
-from flowrl_jax.trainer import Trainer
+from flowrl_jax.rl.metrics_log import read_metrics
+from flowrl_jax.rl.trainer import Trainer
 
 ALGOS = ("flowrl", "grpo", "ppo", "reinforce_pp")
 COMMON_KEYS = (
@@ -144,7 +144,7 @@ def test_memory_check_refuses_before_allocating(tmp_path):
 
 
 def test_task_factory_from_config():
-    from flowrl_jax.task import task_from_config
+    from flowrl_jax.rl.task import task_from_config
 
     assert isinstance(task_from_config(_cfg()), ToyTask)
     with pytest.raises(ConfigError, match=r"task\.factory"):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from flowrl_jax.metrics import MetricsLogger, read_metrics
-from flowrl_jax.rollout_batch import bucket, build_rollout_batch, minibatches, pad_prompts
-from flowrl_jax.trainer import _mean_metrics, model_batch, step_seed
+from flowrl_jax.rl.metrics_log import MetricsLogger, read_metrics
+from flowrl_jax.rl.rollout_batch import bucket, build_rollout_batch, minibatches, pad_prompts
+from flowrl_jax.rl.trainer import _mean_metrics, model_batch, step_seed
 
 
 def test_bucket_picks_the_smallest_fitting_length():

@@ -51,7 +51,7 @@ def _write_initial_model(cfg: Config, out: Path) -> Path:
 
 def _train(cfg: Config, run_dir: Path, console: bool) -> dict:
     """Train one algorithm in two halves (the second resumes from the first's checkpoint)."""
-    from flowrl_jax.trainer import Trainer
+    from flowrl_jax.rl.trainer import Trainer
 
     steps = cfg.trainer.steps
     half = max(1, steps // 2)

@@ -67,7 +67,7 @@ from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
 from flowrl_jax.models.attention import no_cache_kernel, require_contiguous_rows
 from flowrl_jax.mesh import named_sharding, replicated
-from flowrl_jax.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
+from flowrl_jax.rl.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
                                     warmup_constant)
 
 Array = jax.Array

@@ -3,13 +3,13 @@ metrics → checkpoint, identical for every `algo.name` (only the loss differs).
 
 Programmatic use:
 
-    from flowrl_jax.trainer import Trainer
+    from flowrl_jax.rl.trainer import Trainer
     result = Trainer(cfg, "runs/x", task=my_task, callbacks=[fn]).run()   # TrainResult
     result.state            # final TrainState (params by role: policy, z, value; opt state)
     result.history          # per-step metric dicts (also OUT/metrics.jsonl)
 
 `task` is any object with `prompt_source(cfg, process_index, process_count)` and
-`score(batch, prompt_index, responses)` (see flowrl_jax/task.py); None → `task.factory`
+`score(batch, prompt_index, responses)` (see flowrl_jax/rl/task.py); None → `task.factory`
 from the config, else the data pipeline + reward registry. Each callback is called as
 `fn(trainer, step, record)` after every rollout step (record = the metrics.jsonl line).
 
@@ -44,12 +44,12 @@ import jax
 import numpy as np
 import yaml
 
-from flowrl_jax import rollout_batch as RB
+from flowrl_jax.rl import rollout_batch as RB
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
 from flowrl_jax.hardware import peak_flops
 from flowrl_jax.paths import as_path, is_url
-from flowrl_jax.task import PromptBatch, Task
+from flowrl_jax.rl.task import PromptBatch, Task
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Trainer:
     @property
     def task(self) -> Task:
         if self._task is None:
-            from flowrl_jax.task import DataTask, task_from_config
+            from flowrl_jax.rl.task import DataTask, task_from_config
 
             self._task = task_from_config(self.cfg) or DataTask(self.cfg)
         return self._task
@@ -157,7 +157,7 @@ class Trainer:
         from flowrl_jax.checkpoint.manager import TrainCheckpointManager
         from flowrl_jax.mesh import make_mesh
         from flowrl_jax.sampling.engine import SamplingEngine
-        from flowrl_jax.train_state import create_train_state
+        from flowrl_jax.rl.train_state import create_train_state
 
         self._info(self.memory.table())
         self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
@@ -193,7 +193,7 @@ class Trainer:
         """Frozen copy of the initial policy params (host numpy when `trainer.ref_offload`)."""
         if not self.uses_ref:
             return None
-        from flowrl_jax.train_state import copy_params
+        from flowrl_jax.rl.train_state import copy_params
 
         ref = copy_params(self.state.params["policy"])
         if self.cfg.trainer.ref_offload:
@@ -210,7 +210,7 @@ class Trainer:
         return jax.device_put(host, shardings)
 
     def _make_logger(self, history: list[dict]) -> Any:
-        from flowrl_jax.metrics import MetricsLogger
+        from flowrl_jax.rl.metrics_log import MetricsLogger
 
         return MetricsLogger(self.out, enabled=self.pi == 0, console=self.console,
                              total_steps=self.cfg.trainer.steps, history=history,
@@ -653,7 +653,7 @@ class _StepFns:
     """The jitted pieces of train_step.py, adapted to the trainer's host batch dicts."""
 
     def __init__(self, cfg: Config, algo: Any, state: Any, mesh: Any):
-        from flowrl_jax.train_step import make_compute_logprobs, make_train_step
+        from flowrl_jax.rl.train_step import make_compute_logprobs, make_train_step
 
         self.cfg, self.algo = cfg, algo
         self.train = make_train_step(cfg, state, mesh)
