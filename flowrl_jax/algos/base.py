@@ -1,4 +1,5 @@
-"""The algorithm interface and its registry: a new algorithm is one file with `@register`.
+"""The algorithm interface and its registry: a new algorithm is one file with `@register`
+(imported in algos/__init__.py).
 
 An algorithm is a class with class attributes saying what the trainer must provide and
 two pure, jit-able class methods:
@@ -28,15 +29,14 @@ KL(π_old‖πθ)), kl_ref (k3 of KL(πθ‖π_ref), when ref_logp is in the bat
 FlowRL adds delta_mean, delta_std, log_z_mean, w_mean, log_w_mean, clip_frac, rhat_mean;
 the surrogate family adds pg_loss, pg_clip_frac, ratio_mean, adv_mean (+ pg_clip_frac_lower
 with dual clip), GRPO kl_loss (use_kl_loss), PPO vf_loss, vf_clip_frac, value_mean.
-Losses are means over the (micro-)batch given: token-mean over its valid tokens, FlowRL a
-mean over its valid sequences.
+Losses are means over the (micro-)batch given: each algorithm's `loss_unit(cfg)` says over
+what ("tokens": its valid tokens, "seqs": its valid sequences), so the train step can weight
+micro-batches to give exactly the loss of the whole mini-batch.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from flowrl_jax.algos import common as C
 
 Array = jax.Array
 Metrics = dict[str, Array]
+LossUnit = Literal["tokens", "seqs"]
 
 _REGISTRY: dict[str, type["Algorithm"]] = {}
 
@@ -61,6 +62,11 @@ class Algorithm:
     def uses_ref(cls, cfg: Any) -> bool:
         """Whether ref log-probs must be computed for this config (else they are optional)."""
         return cls.needs_ref
+
+    @classmethod
+    def loss_unit(cls, cfg: Any) -> LossUnit:
+        """What `loss` averages over: valid "tokens" (token-mean) or valid "seqs" (seq-mean-*)."""
+        return "tokens" if cfg_get(cfg, "loss_agg_mode", "token-mean") == "token-mean" else "seqs"
 
     @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
@@ -89,18 +95,8 @@ def register(name: str):
     return deco
 
 
-def _load_all() -> None:
-    """Import every module of the algos package so each file's @register runs."""
-    import flowrl_jax.algos as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name not in ("base", "common", "policy_gradient"):
-            importlib.import_module(f"{pkg.__name__}.{m.name}")
-
-
 def get_algorithm(name: str) -> type[Algorithm]:
     """The registered algorithm class called `name`; a clear error lists the known ones."""
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -110,7 +106,6 @@ def get_algorithm(name: str) -> type[Algorithm]:
 
 def list_algorithms() -> list[str]:
     """Names of all registered algorithms."""
-    _load_all()
     return sorted(_REGISTRY)
 
 
