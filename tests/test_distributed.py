@@ -113,7 +113,8 @@ def _worker(out: str) -> None:
     from flowrl_jax.algos import get_algorithm
     from flowrl_jax.config import load_config
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.qwen2 import Numerics
     from flowrl_jax.rl.rollout_batch import build_rollout_batch, minibatches
     from flowrl_jax.rl.train_state import create_train_state, reference_params
     from flowrl_jax.rl.trainer import _StepFns, to_host
@@ -121,7 +122,7 @@ def _worker(out: str) -> None:
     print(f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
     cfg = load_config(None, toy_overrides("flowrl", 1))
     mesh = make_mesh(cfg.mesh)
-    model = init_sharded(cfg.model.arch, Numerics.from_config(cfg.model), mesh, seed=0)
+    model = random_model(cfg.model.arch, Numerics.from_config(cfg.model), mesh, seed=0)
     state = create_train_state(cfg, model, mesh, rng=0)
     ref = reference_params(state)["policy"]
     fns = _StepFns(cfg, get_algorithm("flowrl"), state, mesh)

@@ -21,7 +21,8 @@ from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import (AlgoConfig, Config, MeshConfig, ModelArch, OptimizerConfig,
                                RolloutConfig, TrainerConfig)
 from flowrl_jax.mesh import make_mesh, single_device_mesh
-from flowrl_jax.models.qwen2 import Numerics, init_sharded
+from flowrl_jax.checkpoint.load import random_model
+from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.rl.train_state import create_train_state
 from flowrl_jax.rl.train_step import LogProbs, TrainStep, make_train_step, to_micro
 
@@ -59,7 +60,7 @@ INIT = {}
 def fresh_state(cfg: Config, mesh_kind: str):
     """A new TrainState (new buffers) from the same seed-0 policy weights every time."""
     if "policy" not in INIT:
-        model = init_sharded(TINY, Numerics(), single_device_mesh(), seed=0)
+        model = random_model(TINY, Numerics(), single_device_mesh(), seed=0)
         gd, st = nnx.split(model)
         INIT["policy"] = (gd, jax.tree.map(np.asarray, st))
     gd, st = INIT["policy"]

@@ -78,7 +78,7 @@ def test_same_rollouts_for_every_algorithm(runs):
 def test_run_dir_loads_as_a_model(runs):
     """OUT/checkpoints has the policy layout that load_model / convert read."""
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.loading import load_model
+    from flowrl_jax.checkpoint.load import load_model
 
     model, arch, _ = load_model(runs / "grpo", single_device_mesh())
     assert arch.vocab_size == 128 and arch.num_hidden_layers == 2
@@ -162,7 +162,7 @@ def test_validation_scores_in_the_metrics(runs):
 @pytest.mark.slow
 def test_final_policy_exported_to_hf_without_z(runs):
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.loading import load_model
+    from flowrl_jax.checkpoint.load import load_model
 
     hf = runs / "flowrl" / "hf"
     assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))

@@ -12,7 +12,8 @@ from flax import nnx
 
 from flowrl_jax.config import Config, ModelArch
 from flowrl_jax.mesh import single_device_mesh
-from flowrl_jax.models.qwen2 import Numerics, init_sharded
+from flowrl_jax.checkpoint.load import random_model
+from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.models.znet import ZNet, masked_mean_pool
 from flowrl_jax.rl.train_step import forward
 
@@ -89,7 +90,7 @@ def test_dropout_only_in_training():
 
 @pytest.fixture(scope="module")
 def policy():
-    model = init_sharded(TINY, Numerics(), single_device_mesh(), seed=0)
+    model = random_model(TINY, Numerics(), single_device_mesh(), seed=0)
     return nnx.split(model)
 
 

@@ -121,7 +121,9 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
 
     from flowrl_jax.config import (AlgoConfig, Config, ModelConfig, RolloutConfig, TrainerConfig)
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded, param_count
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.arch import param_count
+    from flowrl_jax.models.qwen2 import Numerics
     from flowrl_jax.rl.train_state import create_train_state
     from flowrl_jax.rl.train_step import make_train_step
 
@@ -133,8 +135,8 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
                  trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
                  rollout=RolloutConfig(temperature=1.0))
     mesh = single_device_mesh()
-    model = init_sharded(arch, Numerics.from_config(cfg.model), mesh, seed=0)
-    n_params = param_count(model)
+    model = random_model(arch, Numerics.from_config(cfg.model), mesh, seed=0)
+    n_params = param_count(arch)
     state = create_train_state(cfg, model, mesh, rng=0)
     del model
     print(f"[bench train] initialised {n_params / 1e6:.1f}M parameters", file=sys.stderr, flush=True)

@@ -511,7 +511,8 @@ class EngineBackend:
         from flowrl_jax.config import ModelConfig
         from flowrl_jax.data.templates import ChatRenderer
         from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
-        from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
+        from flowrl_jax.checkpoint.load import load_for_sampling
+        from flowrl_jax.data.tokenizer import load_tokenizer_for
 
         self.mesh = _mesh(devices)
         self.model, self.arch, tok_dir = load_for_sampling(

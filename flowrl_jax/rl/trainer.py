@@ -134,7 +134,7 @@ class Trainer:
         if not is_url(cfg.model.path) and not Path(cfg.model.path).exists():
             raise ConfigError(f"model.path: {cfg.model.path!r} does not exist")
         try:
-            from flowrl_jax.models.loading import model_kind
+            from flowrl_jax.checkpoint.load import model_kind
 
             kind, d = model_kind(cfg.model.path)
             if kind == "hf":
@@ -184,7 +184,7 @@ class Trainer:
 
     def _load_policy(self) -> tuple[Any, Any, Optional[str]]:
         """(arch, model, tokenizer dir): from model.path, else random init from the arch."""
-        from flowrl_jax.models.loading import model_from_config
+        from flowrl_jax.checkpoint.load import model_from_config
 
         model, arch, tok = model_from_config(self.cfg.model, self.mesh)
         return arch, model, (str(tok) if tok is not None else None)
