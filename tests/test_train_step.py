@@ -24,7 +24,9 @@ from flowrl_jax.mesh import make_mesh, single_device_mesh
 from flowrl_jax.checkpoint.load import random_model
 from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.rl.train_state import create_train_state
-from flowrl_jax.rl.train_step import LogProbs, TrainStep, make_train_step, to_micro
+from flowrl_jax.rl.forward import to_micro
+from flowrl_jax.rl.logprobs import LogProbs
+from flowrl_jax.rl.train_step import TrainStep, make_train_step
 
 TINY = ModelArch(**yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "flowrl_jax/configs/models/tiny.yaml").read_text()))

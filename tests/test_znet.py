@@ -15,7 +15,7 @@ from flowrl_jax.mesh import single_device_mesh
 from flowrl_jax.checkpoint.load import random_model
 from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.models.znet import ZNet, masked_mean_pool
-from flowrl_jax.rl.train_step import forward
+from flowrl_jax.rl.forward import forward
 
 TINY = ModelArch(**yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "flowrl_jax/configs/models/tiny.yaml").read_text()))

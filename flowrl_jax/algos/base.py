@@ -10,16 +10,12 @@ two pure, jit-able class methods:
 - `loss(cfg, batch, outputs) -> (loss, metrics)`: run on every (micro-)batch inside the
   train step; `outputs` holds what the current parameters compute, with gradient.
 
-Batch keys (all jax/numpy arrays, B sequences, T response positions):
-  response_mask [B, T]  1 on valid response tokens (padding rows are all 0)
-  old_logp      [B, T]  log-probs under the sampling policy, recomputed by the trainer
-  ref_logp      [B, T]  log-probs under the frozen reference (when `uses_ref(cfg)`)
-  rewards       [B]     raw scalar outcome reward
-  group_ids     [B]     int prompt-group id in [0, B) (G samples of a prompt share one)
-  old_values    [B, T]  critic values at rollout time (PPO)
-  seq_mask      [B]     optional; 0 marks a padding row (default: response_mask has a 1)
-  -- filled in by `advantages` --
-  rhat [B], advantages [B, T], returns [B, T]
+The batch is a mapping of the arrays of a rollout batch, whose fields (shape, dtype,
+meaning) are documented once, in `RolloutBatch` (rl/rollout_batch.py); here B sequences and
+T response positions. `advantages` reads response_mask, old_logp, ref_logp (when
+`uses_ref(cfg)`), rewards, group_ids, old_values (PPO) and seq_mask (optional; default:
+response_mask has a 1) and returns rhat [B] / advantages [B, T] / returns [B, T]; `loss`
+reads those and the rest.
 Output keys: logp [B, T] (always), log_z [B] (needs_z), values [B, T] (needs_critic),
   entropy [B, T] (optional, only logged).
 

@@ -62,6 +62,7 @@ class MetricsLogger:
         self._rewrite()
         if tensorboard:
             try:
+                # local: TensorBoard is optional (a failed import must not stop training)
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(f"{out_dir}/tb", purge_step=start_step + 1)
@@ -81,6 +82,7 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def _start_console(self, total: int, done: int) -> None:
+        # local: only runs with a live console pay for importing rich
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)

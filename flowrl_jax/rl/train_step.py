@@ -1,28 +1,8 @@
-"""The jitted, sharded train step and the no-grad log-prob pass.
+"""The jitted, sharded train step: one optimizer update on a mini-batch.
 
-Batch layout (what the trainer builds; every array is indexed by sequence first)
--------------------------------------------------------------------------------
-B sequences, each = prompt (LEFT-padded to P) ++ response (RIGHT-padded to R), T = P + R:
-
-  input_ids      [B, T] int    prompt tokens in [:, :P], response tokens in [:, P:]
-  attention_mask [B, T] bool/int  1 on real tokens (prompt and response), 0 on padding
-  response_mask  [B, R] float/bool  1 on response tokens that count in the loss; R is
-                               read from its shape, so P = T − R. [:, :P] of attention_mask
-                               is the valid-prompt mask Z_φ pools over.
-  positions      [B, T] int    optional; default cumsum(attention_mask) − 1 (right for a
-                               left-padded prompt followed directly by the response)
-  -- per algorithm (see flowrl_jax/algos/base.py), R = response positions --
-  old_logp [B, R], ref_logp [B, R]   from `make_compute_logprobs` (old: current params;
-                                      ref: `train_state.reference_params`)
-  rhat [B]                            FlowRL (from algo.advantages)
-  advantages [B, R], returns [B, R]   GRPO / PPO / REINFORCE++ (from algo.advantages)
-  old_values [B, R]                   PPO (the "values" of make_compute_logprobs)
-  rewards [B], group_ids [B], seq_mask [B]   optional here (seq_mask 0 = padding row)
-
-Response token t (column P + t) is scored by the hidden state at column P + t − 1:
-log π(y_t) = log_softmax(h_{P+t−1} · W_lm / T_rollout)[y_t], computed by
-`algos.common.token_logprobs_from_hidden` in sequence chunks (never a [B, T, V] float32
-block for the whole sequence). The prompt must be non-empty (P ≥ 1).
+The batch is a `RolloutBatch` (rl/rollout_batch.py) or a mapping of its arrays: the model
+inputs (rl/forward.py) plus what the algorithm's loss reads (old_logp, ref_logp, rhat,
+advantages, returns, old_values, rewards, group_ids, seq_mask; seq_mask 0 = padding row).
 
 Micro-batches and how losses add up
 -----------------------------------
@@ -30,9 +10,8 @@ A mini-batch of B sequences is cut into B / `trainer.micro_batch_size` micro-bat
 *strided* (micro-batch i = rows i, i + n, i + 2n, ...), so each micro-batch keeps the
 batch's data/fsdp sharding without moving rows between devices. A `lax.scan` runs
 forward + backward per micro-batch and sums the gradients. Each micro-batch's loss is
-weighted by its share of the mini-batch's normaliser: valid *tokens* for token-mean
-losses (GRPO, PPO, REINFORCE++ with loss_agg_mode=token-mean), valid *sequences* for
-FlowRL (a mean over sequences) and the seq-mean-* modes. Loss and gradient are then
+weighted by its share of the mini-batch's normaliser: valid *tokens* or valid
+*sequences*, as the algorithm's `loss_unit` says (algos/base.py). Loss and gradient are then
 exactly those of one pass over the whole mini-batch (tested), whatever the padding.
 Metrics from the algorithm are weighted the same way; num_seqs/num_tokens are summed.
 
@@ -49,107 +28,29 @@ throughput).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from flowrl_jax import cpu_runtime
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.algos.base import seq_valid
-from flowrl_jax.algos.common import token_logprobs_from_hidden
 from flowrl_jax.config import Config
-from flowrl_jax.models.attention import no_cache_kernel, require_contiguous_rows
 from flowrl_jax.mesh import named_sharding, replicated
+from flowrl_jax.rl.forward import (Batch, batch_shardings, check_attention_layout, check_batch,
+                                   forward, pass_compiler_options, signature, to_micro,
+                                   widest_layer)
+from flowrl_jax.rl.rollout_batch import RolloutBatch
 from flowrl_jax.rl.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
-                                    warmup_constant)
+                                       warmup_constant)
 
 Array = jax.Array
-Batch = Mapping[str, Array]
 
-#: keys the model forward reads
-MODEL_KEYS = ("input_ids", "attention_mask", "positions", "response_mask")
-#: per-response-token keys: shape [B, R]
-TOKEN_KEYS = ("response_mask", "old_logp", "ref_logp", "advantages", "returns", "old_values")
 #: summed (not averaged) across micro-batches
 COUNT_METRICS = ("num_seqs", "num_tokens")
-#: one [B, chunk, V] float32 logits block stays under this many elements (512 MiB)
-LOGITS_BLOCK_ELEMS = 2 ** 27
-
-
-# --------------------------------------------------------------------------- batch checks
-
-
-def check_batch(batch: Mapping[str, Any], where: str = "batch") -> dict[str, Array]:
-    """Validate the layout above; returns the non-None entries as arrays. Errors name the key."""
-    out = {k: v for k, v in batch.items() if v is not None}
-    for k in ("input_ids", "attention_mask", "response_mask"):
-        if k not in out:
-            raise KeyError(f"{where}: missing {k!r} (has {sorted(out)})")
-    out = {k: (v if isinstance(v, jax.Array) else np.asarray(v)) for k, v in out.items()}
-    ids = out["input_ids"]
-    if ids.ndim != 2:
-        raise ValueError(f"{where}: input_ids must be [B, T], got shape {ids.shape}")
-    b, t = ids.shape
-    for k in ("attention_mask", "positions"):
-        if k in out and tuple(out[k].shape) != (b, t):
-            raise ValueError(f"{where}: {k} has shape {tuple(out[k].shape)}, expected {(b, t)}")
-    rm = out["response_mask"]
-    if rm.ndim != 2 or rm.shape[0] != b or not 0 < rm.shape[1] < t:
-        raise ValueError(f"{where}: response_mask must be [B={b}, R] with 0 < R < T={t} "
-                         f"(prompt ++ response), got shape {tuple(rm.shape)}")
-    r = rm.shape[1]
-    for k, v in out.items():
-        if v.ndim == 0 or v.shape[0] != b:
-            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}; expected leading dim B={b}")
-        if k in TOKEN_KEYS and tuple(v.shape) != (b, r):
-            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, expected [B, R] = {(b, r)}")
-    return out
-
-
-def check_attention_layout(cfg: Config, batch: Mapping[str, Any], where: str) -> None:
-    """The fused attention path relies on one contiguous run of real tokens per row."""
-    if no_cache_kernel(cfg.model.attention, cfg.model.compute_dtype) != "fused":
-        return
-    mask = batch["attention_mask"]
-    if isinstance(mask, jax.Array):  # possibly global over processes: check the rows held here
-        for shard in mask.addressable_shards:
-            require_contiguous_rows(shard.data, where, first_row=shard.index[0].start or 0)
-    else:
-        require_contiguous_rows(mask, where)
-
-
-def batch_shardings(batch: Mapping[str, Array], mesh: Mesh) -> dict[str, NamedSharding]:
-    """Leading (batch) dim over data×fsdp, the rest replicated, for every entry."""
-    return {k: named_sharding(mesh, ("batch",) + (None,) * (v.ndim - 1), v.shape)
-            for k, v in batch.items()}
-
-
-def _signature(batch: Mapping[str, Array]) -> tuple:
-    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
-
-
-def to_micro(x: Array, n: int) -> Array:
-    """[B, ...] → [n, B/n, ...] strided: micro-batch i holds rows i, i+n, i+2n, ..."""
-    return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
-
-
-def from_micro(x: Array) -> Array:
-    """Inverse of `to_micro`: [n, m, ...] → [n·m, ...]."""
-    return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def loss_unit(cfg: Config) -> str:
-    """What the algorithm's loss averages over: 'seqs' (FlowRL, seq-mean-*) or 'tokens'."""
-    if cfg.algo.name == "flowrl" or cfg.algo.loss_agg_mode != "token-mean":
-        return "seqs"
-    return "tokens"
 
 
 def count_units(batch: Batch) -> tuple[Array, Array]:
@@ -157,72 +58,6 @@ def count_units(batch: Batch) -> tuple[Array, Array]:
     mask = jnp.asarray(batch["response_mask"]).astype(jnp.float32)
     valid = seq_valid(batch, mask)
     return jnp.sum(mask * valid[:, None]), jnp.sum(valid.astype(jnp.float32))
-
-
-# --------------------------------------------------------------------------- forward
-
-
-def logprob_chunk(cfg: Config, batch: int, length: int, vocab: int) -> int:
-    """Sequence chunk for the chunked log-probs: ≤ trainer.logprob_chunk and one
-    [batch, chunk, V] float32 block ≤ LOGITS_BLOCK_ELEMS, balanced to avoid padding."""
-    cmax = max(1, min(cfg.trainer.logprob_chunk, LOGITS_BLOCK_ELEMS // max(1, batch * vocab), length))
-    n = -(-length // cmax)
-    return -(-length // n)
-
-
-def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any], batch: Batch,
-            *, train: bool = False, key: Optional[Array] = None,
-            with_entropy: bool = False) -> dict[str, Array]:
-    """Policy forward (+ Z_φ / value head when their params are given) → algorithm outputs.
-
-    Returns logp [B, R] (and entropy [B, R] with `with_entropy`), log_z [B] when
-    params has "z", values [B, R] when params has "value".
-    """
-    ids = batch["input_ids"]
-    am = batch["attention_mask"]
-    b, t = ids.shape
-    r = batch["response_mask"].shape[1]
-    p = t - r
-    model = nnx.merge(graphdefs["policy"], params["policy"])
-    # remat only where a backward pass follows (the old/ref log-prob passes have none)
-    out = model(ids, am, batch.get("positions"), return_logits=False, remat=None if train else False)
-    hidden = out.hidden
-    h_resp = hidden[:, p - 1:t - 1]  # position P+t−1 predicts response token t
-    w = model.lm_head_matrix()
-    res = token_logprobs_from_hidden(h_resp, w, ids[:, p:], cfg.rollout.temperature,
-                                     chunk_size=logprob_chunk(cfg, b, r, w.shape[1]),
-                                     return_entropy=with_entropy)
-    outputs: dict[str, Array] = {}
-    if with_entropy:
-        outputs["logp"], outputs["entropy"] = res
-    else:
-        outputs["logp"] = res
-    if "z" in params:
-        znet = nnx.merge(graphdefs["z"], params["z"])
-        outputs["log_z"] = znet(hidden[:, :p], am[:, :p], deterministic=not train, key=key)
-    if "value" in params:
-        head = nnx.merge(graphdefs["value"], params["value"])
-        outputs["values"] = head(h_resp)
-    return outputs
-
-
-def widest_layer(policy_params: Any) -> int:
-    """The largest dimension of the policy's 2-D weights other than the vocabulary (the MLP
-    width): activations are at most [rows, tokens, this] outside the LM head."""
-    flat = jax.tree_util.tree_flatten_with_path(policy_params)[0]
-    shapes = [tuple(leaf.shape) for path, leaf in flat
-              if not any(n in jax.tree_util.keystr(path) for n in ("embed_tokens", "lm_head"))]
-    return max((d for s in shapes if len(s) == 2 for d in s), default=1)
-
-
-def pass_compiler_options(mesh: Mesh, width: int, rows: int, tokens: int) -> Optional[dict[str, str]]:
-    """XLA options for a model pass over [rows, tokens] whose widest layer is `width`
-    (cpu_runtime decides by the size of the largest activation)."""
-    return cpu_runtime.model_pass_compiler_options(mesh.devices.flat[0].platform,
-                                                   rows * tokens * width)
-
-
-# --------------------------------------------------------------------------- train step
 
 
 class TrainStep:
@@ -257,7 +92,7 @@ class TrainStep:
         cfg, algo, mesh = self.cfg, self.algo, self.mesh
         b = batch["input_ids"].shape[0]
         n = self.num_micro(b)
-        unit = loss_unit(cfg)
+        unit = algo.loss_unit(cfg.algo)
         tokens, seqs = count_units(batch)
         total = jnp.maximum(seqs if unit == "seqs" else tokens, 1.0)
         micro = {k: to_micro(v, n) for k, v in batch.items()}
@@ -330,7 +165,7 @@ class TrainStep:
 
     def compiled(self, batch: Mapping[str, Array]) -> Callable:
         """The jitted step for this batch signature (built on first use)."""
-        sig = _signature(batch)
+        sig = signature(batch)
         fn = self._fns.get(sig)
         if fn is None:
             b, t = batch["input_ids"].shape
@@ -343,14 +178,17 @@ class TrainStep:
             self._fns[sig] = fn
         return fn
 
-    def place(self, batch: Mapping[str, Any]) -> dict[str, Array]:
+    def place(self, batch: Union[RolloutBatch, Mapping[str, Any]]) -> dict[str, Array]:
         """Validate a host batch and put it on the mesh in the step's batch shardings."""
+        if isinstance(batch, RolloutBatch):
+            batch = batch.train_inputs()
         batch = check_batch(batch, f"train_step[{self.cfg.algo.name}]")
         check_attention_layout(self.cfg, batch, f"train_step[{self.cfg.algo.name}]")
         self.num_micro(batch["input_ids"].shape[0])
         return jax.device_put(batch, batch_shardings(batch, self.mesh))
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+    def __call__(self, state: TrainState, batch: Union[RolloutBatch, Mapping[str, Any]]
+                 ) -> tuple[TrainState, dict]:
         batch = self.place(batch)
         return self.compiled(batch)(state, batch)
 
@@ -358,68 +196,3 @@ class TrainStep:
 def make_train_step(cfg: Config, state: TrainState, mesh: Mesh) -> TrainStep:
     """The train step for `cfg.algo.name` and this state's modules on `mesh`."""
     return TrainStep(cfg, state, mesh)
-
-
-# --------------------------------------------------------------------------- log-probs
-
-
-class LogProbs:
-    """`out = logprobs(params, batch)`: no-grad per-token log-probs, in micro-batches.
-
-    params: {"policy": State} (+ "value": State for PPO values), e.g. `state.params` for old
-    log-probs or `reference_params(state)` for ref log-probs. Only input_ids,
-    attention_mask, positions and response_mask are read. Returns {"logp": [B, R]} plus
-    "values" [B, R] when params has "value" and "entropy" [B, R] with `with_entropy`.
-    B need not divide `trainer.logprob_micro_batch_size` (rows are padded and dropped).
-    """
-
-    def __init__(self, cfg: Config, graphdefs: Mapping[str, Any] | TrainState, mesh: Mesh,
-                 with_entropy: bool = False):
-        if isinstance(graphdefs, TrainState):
-            graphdefs = dict(graphdefs.graphdefs)
-        self.cfg, self.mesh, self.with_entropy = cfg, mesh, with_entropy
-        self.graphdefs = dict(graphdefs)
-        self._fns: dict[tuple, Callable] = {}
-
-    def _run(self, params: dict[str, Any], batch: dict[str, Array]) -> dict[str, Array]:
-        b = batch["input_ids"].shape[0]
-        n = b // min(b, self.cfg.trainer.logprob_micro_batch_size)
-        params = {k: v for k, v in params.items() if k != "z"}
-        micro = {k: to_micro(v, n) for k, v in batch.items()}
-
-        def one(mbatch):
-            return forward(self.cfg, self.graphdefs, params, mbatch, train=False,
-                           with_entropy=self.with_entropy)
-
-        return {k: from_micro(v) for k, v in lax.map(one, micro).items()}
-
-    def __call__(self, params: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Array]:
-        batch = check_batch({k: batch[k] for k in MODEL_KEYS if k in batch}, "compute_logprobs")
-        check_attention_layout(self.cfg, batch, "compute_logprobs")
-        b = batch["input_ids"].shape[0]
-        mb = min(b, self.cfg.trainer.logprob_micro_batch_size)
-        pad = (-b) % mb
-        if pad:  # zero rows (all masked) up to a multiple of the micro-batch, dropped below
-            batch = {k: jnp.concatenate([jnp.asarray(v), jnp.zeros((pad,) + v.shape[1:], v.dtype)])
-                     for k, v in batch.items()}
-        params = dict(params)
-        sig = (_signature(batch), tuple(sorted(params)))
-        fn = self._fns.get(sig)
-        if fn is None:
-            bsh = batch_shardings(batch, self.mesh)
-            r = batch["response_mask"].shape[1]
-            out_sh = named_sharding(self.mesh, ("batch", None), (b + pad, r))
-            options = pass_compiler_options(self.mesh, widest_layer(params["policy"]), mb,
-                                            batch["input_ids"].shape[1])
-            fn = jax.jit(self._run, in_shardings=(tree_shardings(params, self.mesh), bsh),
-                         out_shardings=out_sh, compiler_options=options)
-            self._fns[sig] = fn
-        batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
-        out = fn(params, batch)
-        return {k: v[:b] for k, v in out.items()} if pad else out
-
-
-def make_compute_logprobs(cfg: Config, state: TrainState, mesh: Mesh,
-                          with_entropy: bool = False) -> LogProbs:
-    """`compute_logprobs(params, batch) -> {"logp": [B, R], ("values", "entropy")}`."""
-    return LogProbs(cfg, state, mesh, with_entropy)
