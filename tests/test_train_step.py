@@ -17,7 +17,7 @@ import pytest
 import yaml
 from flax import nnx
 
-from flowrl_jax.algos import get_algorithm
+from flowrl_jax.algos import base, get_algorithm, register
 from flowrl_jax.config import (AlgoConfig, Config, MeshConfig, ModelArch, OptimizerConfig,
                                RolloutConfig, TrainerConfig)
 from flowrl_jax.mesh import make_mesh, single_device_mesh
@@ -192,6 +192,37 @@ def test_accumulation_equals_one_big_batch(flowrl_single, name):
     assert len(set(units.tolist())) > 1
     assert m4["tokens"] == m1["tokens"] == batch["response_mask"].sum()
     assert m4["seqs"] == m1["seqs"] == B - 1
+
+
+class _SeqMean(base.Algorithm):
+    """A sequence-mean loss under a name the train step has never heard of."""
+
+    @classmethod
+    def loss_unit(cls, cfg):
+        return "seqs"
+
+    @classmethod
+    def advantages(cls, batch, cfg):
+        return {}
+
+    @classmethod
+    def loss(cls, cfg, batch, outputs):
+        mask = base.response_mask(batch, "_test_seqmean")
+        valid = base.seq_valid(batch, mask).astype(jnp.float32)
+        per_seq = jnp.sum(outputs["logp"] * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+        return -jnp.sum(per_seq * batch["rewards"] * valid) / jnp.maximum(jnp.sum(valid), 1.0), {}
+
+
+def test_accumulation_follows_the_declared_loss_unit():
+    """A new sequence-mean algorithm is weighted by sequences because it says so (the step
+    tests no algorithm name): with token weights its uneven micro-batches would differ."""
+    register("_test_seqmean")(_SeqMean)
+    try:
+        before4, m4, after4, batch, _ = run_one("_test_seqmean", 4, "1")
+        before1, m1, after1, _, _ = run_one("_test_seqmean", B, "1", batch)
+    finally:
+        base._REGISTRY.pop("_test_seqmean")
+    assert_same_update((before4, m4, after4), (before1, m1, after1))
 
 
 @pytest.mark.parametrize("poison", ["old_logp", "rhat"])
