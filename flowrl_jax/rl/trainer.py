@@ -14,7 +14,7 @@ from the config, else the data pipeline + reward registry. Each callback is call
 `fn(trainer, step, record)` after every rollout step (record = the metrics.jsonl line).
 
 Outputs under OUT: `metrics.jsonl`, `tb/` (TensorBoard), `checkpoints/` (Orbax; see
-checkpoint/manager.py; readable by `load_model` and `convert orbax-to-hf`),
+checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
 `config.yaml`, `hf/` (when `trainer.export_hf`). Running again with the same OUT resumes.
 
 Per step (`rollout_step`), with the file that does each part:
