@@ -18,21 +18,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowrl_jax.config import Config, ConfigError, ModelArch
+from flowrl_jax.models.arch import param_count
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def param_count(arch: ModelArch) -> int:
-    """Parameters of a Qwen2 architecture (embeddings, attention with biases, MLP, norms)."""
-    h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
-    hd = arch.resolved_head_dim
-    q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
-    attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if arch.attention_bias else 0)
-    mlp = 3 * h * i
-    per_layer = attn + mlp + 2 * h
-    emb = v * h * (1 if arch.tie_word_embeddings else 2)
-    return L * per_layer + emb + h
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from flax import nnx
 
 from flowrl_jax.config import ConfigError, MeshConfig, load_config
 from flowrl_jax.mesh import LOGICAL_RULES, make_mesh, rules_for, state_shardings
-from flowrl_jax.train_state import create_train_state
-from flowrl_jax.train_step import make_train_step
+from flowrl_jax.rl.train_state import create_train_state
+from flowrl_jax.rl.train_step import make_train_step
 from test_train_step import INIT, TINY, B, P, R, fresh_state, full_batch, make_cfg
 
 SEQ_PARALLEL = {"length": "tensor", "mlp": None}

@@ -439,6 +439,15 @@ def test_registry_and_interface():
         register("x")(object)
 
 
+@pytest.mark.parametrize("mode,unit", [("token-mean", "tokens"), ("seq-mean-token-mean", "seqs"),
+                                       ("seq-mean-token-sum", "seqs")])
+def test_each_algorithm_declares_its_loss_unit(mode, unit):
+    cfg = AlgoConfig(loss_agg_mode=mode)
+    assert get_algorithm("flowrl").loss_unit(cfg) == "seqs"  # a mean over sequences always
+    for name in ("grpo", "ppo", "reinforce_pp"):
+        assert get_algorithm(name).loss_unit(cfg) == unit, name
+
+
 def test_clear_errors_name_the_culprit():
     d = make_data(8)
     batch, outputs = split(d)

@@ -20,7 +20,7 @@ from flowrl_jax.checkpoint.hf import (INDEX_FILE, export_hf, index_tensors, iter
                                       load_hf)
 from flowrl_jax.config import MeshConfig, ModelConfig
 from flowrl_jax.mesh import make_mesh, single_device_mesh
-from flowrl_jax.models.loading import load_model, model_kind, random_model
+from flowrl_jax.checkpoint.load import load_model, model_kind, random_model
 from flowrl_jax.models.qwen2 import Numerics
 
 IDS = np.random.default_rng(1).integers(0, 128, (2, 9))

@@ -89,7 +89,7 @@ def test_model_pass_options_follow_the_widest_activation():
     from flowrl_jax.bench.train import _arch
     from flowrl_jax.cpu_runtime import YNN_ELTWISE_MAX_ACTIVATION, model_pass_compiler_options
     from flowrl_jax.models.qwen2 import build_model
-    from flowrl_jax.train_step import widest_layer
+    from flowrl_jax.rl.forward import widest_layer
 
     tiny = _arch("tiny")
     assert tiny.vocab_size == tiny.intermediate_size == 128

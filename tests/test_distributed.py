@@ -82,7 +82,7 @@ def test_trainer_runs_as_two_processes(tmp_path):
     sys.path.insert(0, str(HERE.parent))
     from trainer_toy import start_train, toy_overrides
 
-    from flowrl_jax.metrics import read_metrics
+    from flowrl_jax.run_files import read_metrics
 
     port = _free_port()
     out = tmp_path / "run"
@@ -113,18 +113,20 @@ def _worker(out: str) -> None:
     from flowrl_jax.algos import get_algorithm
     from flowrl_jax.config import load_config
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded
-    from flowrl_jax.rollout_batch import build_rollout_batch, minibatches
-    from flowrl_jax.train_state import create_train_state, reference_params
-    from flowrl_jax.trainer import _StepFns, to_host
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.qwen2 import Numerics
+    from flowrl_jax.rl.rollout_batch import build_rollout_batch, minibatches
+    from flowrl_jax.rl.train_state import create_train_state, reference_params
+    from flowrl_jax.distributed import HostReplica, to_host
+    from flowrl_jax.rl.step_fns import StepFns
 
     print(f"processes={jax.process_count()} devices={jax.device_count()}", flush=True)
     cfg = load_config(None, toy_overrides("flowrl", 1))
     mesh = make_mesh(cfg.mesh)
-    model = init_sharded(cfg.model.arch, Numerics.from_config(cfg.model), mesh, seed=0)
+    model = random_model(cfg.model.arch, Numerics.from_config(cfg.model), mesh, seed=0)
     state = create_train_state(cfg, model, mesh, rng=0)
     ref = reference_params(state)["policy"]
-    fns = _StepFns(cfg, get_algorithm("flowrl"), state, mesh)
+    fns = StepFns(cfg, get_algorithm("flowrl"), state, mesh)
     init = _flat(to_host(state.params))  # a collective: every process takes part
     if jax.process_index() == 0:
         np.savez(out + ".init.npz", **init)
@@ -137,8 +139,7 @@ def _worker(out: str) -> None:
     tokens = rng.integers(3, 128, size=(16, 8))
     rewards = rng.choice([-1.0, 1.0], size=16)
     data = build_rollout_batch(prompts, pidx, tokens, lengths, rewards, 8, 8)
-    data.update(fns.logprobs(state, ref, data))
-    data.update(fns.advantages(data))
+    data = fns.advantages(fns.logprobs(state, ref, data))
     for mb in minibatches(data, 8, np.random.default_rng(1), (8,), 8):  # two train steps
         state, metrics = fns.update(state, mb)
         assert float(to_host(metrics)["skipped"]) == 0.0
@@ -147,13 +148,9 @@ def _worker(out: str) -> None:
         np.savez(out, **params)
     if jax.process_count() > 1:  # the per-host sampler copy (trainer.sampler_params)
         from flowrl_jax.config import MeshConfig
-        from flowrl_jax.trainer import Trainer
-
-        tr = Trainer.__new__(Trainer)
-        tr.state, tr.pc, tr.pi = state, jax.process_count(), jax.process_index()
-        tr.sample_mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1),
-                                   sorted(jax.local_devices(), key=lambda d: d.id))
-        local = _flat({"policy": tr.sampler_params()})
+        replica = HostReplica(make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1),
+                                        sorted(jax.local_devices(), key=lambda d: d.id)))
+        local = _flat({"policy": replica(state.params["policy"])})
         assert local.keys() <= params.keys() and len(local) > 20
         for k, v in local.items():
             np.testing.assert_array_equal(v, params[k], err_msg=k)

@@ -105,15 +105,17 @@ def test_train_step_and_logprobs_refuse_a_mask_with_a_hole_before_compiling():
 
     from flowrl_jax.config import AlgoConfig, Config, TrainerConfig
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded
-    from flowrl_jax.train_state import create_train_state
-    from flowrl_jax.train_step import LogProbs, make_train_step
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.qwen2 import Numerics
+    from flowrl_jax.rl.train_state import create_train_state
+    from flowrl_jax.rl.logprobs import LogProbs
+    from flowrl_jax.rl.train_step import make_train_step
 
     arch = tiny_arch(64)
     cfg = Config(model=ModelConfig(attention="cudnn"), algo=AlgoConfig(name="flowrl"),
                  trainer=TrainerConfig(mini_batch_size=4, micro_batch_size=4))
     mesh = single_device_mesh()
-    state = create_train_state(cfg, init_sharded(arch, Numerics(attention="cudnn"), mesh), mesh)
+    state = create_train_state(cfg, random_model(arch, Numerics(attention="cudnn"), mesh), mesh)
     mask = np.ones((4, 12), bool)
     mask[2, 5] = False  # padding between prompt (0..5) and response (6..11)
     batch = {"input_ids": np.zeros((4, 12), np.int32), "attention_mask": mask,
@@ -183,7 +185,7 @@ def test_a_refused_fused_kernel_falls_back_to_xla_with_a_warning(monkeypatch):
 def test_layout_check_of_a_sharded_mask_names_the_global_row():
     from flowrl_jax.config import MeshConfig
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.train_step import check_attention_layout
+    from flowrl_jax.rl.forward import check_attention_layout
 
     mesh = make_mesh(MeshConfig(data=8), jax.devices()[:8])
     mask = np.ones((16, 10), bool)

@@ -3,14 +3,22 @@
 import pytest
 
 from flowrl_jax.config import ConfigError, load_config
-from flowrl_jax.memory import GiB, check_fits, estimate, param_count
+import dataclasses
+
+import jax
+from flax import nnx
+
+from flowrl_jax.memory import GiB, check_fits, estimate
+from flowrl_jax.models.arch import param_count
 from flowrl_jax.models.qwen2 import build_model
-from flowrl_jax.models.qwen2 import param_count as model_param_count
 
 
-def test_param_count_matches_the_built_model():
-    cfg = load_config(None, ["model.preset=tiny"])
-    assert param_count(cfg.model.arch) == model_param_count(build_model(cfg.model.arch))
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_count_matches_the_built_model(tied):
+    arch = dataclasses.replace(load_config(None, ["model.preset=tiny"]).model.arch,
+                               tie_word_embeddings=tied)
+    params = nnx.state(build_model(arch), nnx.Param)
+    assert param_count(arch) == sum(int(x.size) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("preset,expected", [("qwen2.5-0.5b", 494_032_768),

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from flowrl_jax.config import Config, OptimizerConfig
-from flowrl_jax.train_state import adamw_updates, make_optimizer
+from flowrl_jax.rl.train_state import adamw_updates, make_optimizer
 
 
 def test_adamw_updates_equal_optax_updates():
@@ -40,15 +40,16 @@ def test_train_step_keeps_no_copy_of_the_optimizer_moments():
     from flowrl_jax.config import AlgoConfig, ModelConfig, TrainerConfig
     from flowrl_jax.bench import train as bench
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded
-    from flowrl_jax.train_state import create_train_state
-    from flowrl_jax.train_step import make_train_step
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.qwen2 import Numerics
+    from flowrl_jax.rl.train_state import create_train_state
+    from flowrl_jax.rl.train_step import make_train_step
 
     arch = bench._arch("tiny")
     cfg = Config(model=ModelConfig(), algo=AlgoConfig(name="flowrl"),
                  trainer=TrainerConfig(mini_batch_size=2, micro_batch_size=2))
     mesh = single_device_mesh()
-    state = create_train_state(cfg, init_sharded(arch, Numerics.from_config(cfg.model), mesh, seed=0),
+    state = create_train_state(cfg, random_model(arch, Numerics.from_config(cfg.model), mesh, seed=0),
                                mesh, rng=0)
     step = make_train_step(cfg, state, mesh)
     batch = step.place(bench._inputs(arch, 2, 8, 8))

@@ -95,7 +95,7 @@ def test_read_metrics_is_the_training_loggers_reader(tmp_path):
     # one reader of metrics.jsonl (flowrl_jax.metrics) for the report and the trainer's tests:
     # a run dir or the file; bad lines skipped, named in `notes` when asked
     from flowrl_jax.eval import report
-    from flowrl_jax.metrics import read_metrics
+    from flowrl_jax.run_files import read_metrics
 
     assert report.read_metrics is read_metrics
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n\n{"step": 2}\n{"step": 3, "re')

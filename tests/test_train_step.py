@@ -17,13 +17,16 @@ import pytest
 import yaml
 from flax import nnx
 
-from flowrl_jax.algos import get_algorithm
+from flowrl_jax.algos import base, get_algorithm, register
 from flowrl_jax.config import (AlgoConfig, Config, MeshConfig, ModelArch, OptimizerConfig,
                                RolloutConfig, TrainerConfig)
 from flowrl_jax.mesh import make_mesh, single_device_mesh
-from flowrl_jax.models.qwen2 import Numerics, init_sharded
-from flowrl_jax.train_state import create_train_state
-from flowrl_jax.train_step import LogProbs, TrainStep, make_train_step, to_micro
+from flowrl_jax.checkpoint.load import random_model
+from flowrl_jax.models.qwen2 import Numerics
+from flowrl_jax.rl.train_state import create_train_state
+from flowrl_jax.rl.forward import to_micro
+from flowrl_jax.rl.logprobs import LogProbs
+from flowrl_jax.rl.train_step import TrainStep, make_train_step
 
 TINY = ModelArch(**yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "flowrl_jax/configs/models/tiny.yaml").read_text()))
@@ -59,7 +62,7 @@ INIT = {}
 def fresh_state(cfg: Config, mesh_kind: str):
     """A new TrainState (new buffers) from the same seed-0 policy weights every time."""
     if "policy" not in INIT:
-        model = init_sharded(TINY, Numerics(), single_device_mesh(), seed=0)
+        model = random_model(TINY, Numerics(), single_device_mesh(), seed=0)
         gd, st = nnx.split(model)
         INIT["policy"] = (gd, jax.tree.map(np.asarray, st))
     gd, st = INIT["policy"]
@@ -189,6 +192,37 @@ def test_accumulation_equals_one_big_batch(flowrl_single, name):
     assert len(set(units.tolist())) > 1
     assert m4["tokens"] == m1["tokens"] == batch["response_mask"].sum()
     assert m4["seqs"] == m1["seqs"] == B - 1
+
+
+class _SeqMean(base.Algorithm):
+    """A sequence-mean loss under a name the train step has never heard of."""
+
+    @classmethod
+    def loss_unit(cls, cfg):
+        return "seqs"
+
+    @classmethod
+    def advantages(cls, batch, cfg):
+        return {}
+
+    @classmethod
+    def loss(cls, cfg, batch, outputs):
+        mask = base.response_mask(batch, "_test_seqmean")
+        valid = base.seq_valid(batch, mask).astype(jnp.float32)
+        per_seq = jnp.sum(outputs["logp"] * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+        return -jnp.sum(per_seq * batch["rewards"] * valid) / jnp.maximum(jnp.sum(valid), 1.0), {}
+
+
+def test_accumulation_follows_the_declared_loss_unit():
+    """A new sequence-mean algorithm is weighted by sequences because it says so (the step
+    tests no algorithm name): with token weights its uneven micro-batches would differ."""
+    register("_test_seqmean")(_SeqMean)
+    try:
+        before4, m4, after4, batch, _ = run_one("_test_seqmean", 4, "1")
+        before1, m1, after1, _, _ = run_one("_test_seqmean", B, "1", batch)
+    finally:
+        base._REGISTRY.pop("_test_seqmean")
+    assert_same_update((before4, m4, after4), (before1, m1, after1))
 
 
 @pytest.mark.parametrize("poison", ["old_logp", "rhat"])

@@ -11,8 +11,8 @@ from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides
 
 from flowrl_jax import cli
 from flowrl_jax.config import ConfigError, load_config
-from flowrl_jax.metrics import read_metrics
-from flowrl_jax.trainer import Trainer
+from flowrl_jax.run_files import read_metrics
+from flowrl_jax.rl.trainer import Trainer
 
 ALGOS = ("flowrl", "grpo", "ppo", "reinforce_pp")
 COMMON_KEYS = (
@@ -78,7 +78,7 @@ def test_same_rollouts_for_every_algorithm(runs):
 def test_run_dir_loads_as_a_model(runs):
     """OUT/checkpoints has the policy layout that load_model / convert read."""
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.loading import load_model
+    from flowrl_jax.checkpoint.load import load_model
 
     model, arch, _ = load_model(runs / "grpo", single_device_mesh())
     assert arch.vocab_size == 128 and arch.num_hidden_layers == 2
@@ -144,7 +144,7 @@ def test_memory_check_refuses_before_allocating(tmp_path):
 
 
 def test_task_factory_from_config():
-    from flowrl_jax.task import task_from_config
+    from flowrl_jax.rl.task import task_from_config
 
     assert isinstance(task_from_config(_cfg()), ToyTask)
     with pytest.raises(ConfigError, match=r"task\.factory"):
@@ -162,7 +162,7 @@ def test_validation_scores_in_the_metrics(runs):
 @pytest.mark.slow
 def test_final_policy_exported_to_hf_without_z(runs):
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.loading import load_model
+    from flowrl_jax.checkpoint.load import load_model
 
     hf = runs / "flowrl" / "hf"
     assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))

@@ -5,9 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from flowrl_jax.metrics import MetricsLogger, read_metrics
-from flowrl_jax.rollout_batch import bucket, build_rollout_batch, minibatches, pad_prompts
-from flowrl_jax.trainer import _mean_metrics, model_batch, step_seed
+from flowrl_jax.rl.metrics_log import MetricsLogger
+from flowrl_jax.run_files import read_metrics
+from flowrl_jax.rl.metrics import mean_over_updates
+from flowrl_jax.rl.rollout_batch import (RolloutBatch, bucket, build_rollout_batch, minibatches,
+                                         pad_prompts)
+from flowrl_jax.rl.trainer import step_seed
 
 
 def test_bucket_picks_the_smallest_fitting_length():
@@ -25,15 +28,17 @@ def test_rollout_batch_layout_by_hand():
     lengths = np.array([3, 1, 4, 2])
     b = build_rollout_batch(prompts, pidx, tokens, lengths, np.array([1, -1, 1, 1.0]), 4, 4,
                             sampler_logp=np.full((4, 4), -0.5, np.float32), pad_id=0)
-    np.testing.assert_array_equal(b["prompt_ids"], [[0, 5, 6, 7], [0, 5, 6, 7], [0, 0, 0, 9],
-                                                    [0, 0, 0, 9]])
-    np.testing.assert_array_equal(b["prompt_mask"], [[0, 1, 1, 1]] * 2 + [[0, 0, 0, 1]] * 2)
-    np.testing.assert_array_equal(b["response_mask"], [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1],
-                                                       [1, 1, 0, 0]])
-    np.testing.assert_array_equal(b["response_ids"][1], [13, 0, 0, 0])
-    np.testing.assert_array_equal(b["group_ids"], pidx)
-    np.testing.assert_array_equal(b["sampler_logp"][3], [-0.5, -0.5, 0, 0])
-    mb = model_batch(b)
+    np.testing.assert_array_equal(b.prompt_ids, [[0, 5, 6, 7], [0, 5, 6, 7], [0, 0, 0, 9],
+                                                 [0, 0, 0, 9]])
+    np.testing.assert_array_equal(b.prompt_mask, [[0, 1, 1, 1]] * 2 + [[0, 0, 0, 1]] * 2)
+    np.testing.assert_array_equal(b.response_mask, [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1],
+                                                    [1, 1, 0, 0]])
+    np.testing.assert_array_equal(b.response_ids[1], [13, 0, 0, 0])
+    np.testing.assert_array_equal(b.group_ids, pidx)
+    np.testing.assert_array_equal(b.sampler_logp[3], [-0.5, -0.5, 0, 0])
+    assert b.prompt_len == 4 and b.old_logp is None
+    mb = b.model_inputs()
+    assert sorted(mb) == ["attention_mask", "input_ids", "response_mask"]
     np.testing.assert_array_equal(mb["input_ids"][0], [0, 5, 6, 7, 11, 12, 2, 0])
     np.testing.assert_array_equal(mb["attention_mask"][3], [0, 0, 0, 1, 1, 1, 0, 0])
     ids, mask = pad_prompts([[1, 2, 3, 4, 5]], 3)  # left truncation keeps the tail
@@ -41,20 +46,35 @@ def test_rollout_batch_layout_by_hand():
 
 
 def test_minibatches_cover_every_row_once_and_pad_the_last():
-    n = 10
-    batch = {"rewards": np.arange(n, dtype=np.float32),
-             "response_mask": (np.arange(16)[None] < (np.arange(n) % 5 + 1)[:, None]).astype(np.int32),
-             "response_ids": np.ones((n, 16), np.int32), "seq_mask": np.ones(n, np.int32)}
+    n, p = 10, 3
+    rmask = (np.arange(16)[None] < (np.arange(n) % 5 + 1)[:, None]).astype(np.int32)
+    ids = np.arange(n * (p + 16), dtype=np.int32).reshape(n, p + 16)
+    batch = RolloutBatch(input_ids=ids, attention_mask=np.ones_like(ids), response_mask=rmask,
+                         group_ids=np.arange(n, dtype=np.int32),
+                         rewards=np.arange(n, dtype=np.float32), seq_mask=np.ones(n, np.int32),
+                         old_logp=rmask * 0.5)
     mbs = list(minibatches(batch, 4, np.random.default_rng(0), (2, 4, 8), 16))
-    assert [len(m["rewards"]) for m in mbs] == [4, 4, 4]
-    real = np.concatenate([m["rewards"][m["seq_mask"] > 0] for m in mbs])
+    assert [m.rows for m in mbs] == [4, 4, 4]
+    real = np.concatenate([m.rewards[m.seq_mask > 0] for m in mbs])
     assert sorted(real.tolist()) == list(range(n))
-    assert int(mbs[-1]["seq_mask"].sum()) == 2 and not mbs[-1]["response_mask"][2:].any()
+    assert int(mbs[-1].seq_mask.sum()) == 2 and not mbs[-1].response_mask[2:].any()
     for m in mbs:  # cut to the smallest bucket holding the longest response
-        longest = int(m["response_mask"].sum(1).max())
-        assert m["response_mask"].shape[1] == bucket(longest, (2, 4, 8), 16)
+        longest = int(m.response_mask.sum(1).max())
+        r = bucket(longest, (2, 4, 8), 16)
+        assert m.response_mask.shape[1] == r and m.old_logp.shape[1] == r
+        assert m.input_ids.shape[1] == m.attention_mask.shape[1] == p + r and m.prompt_len == p
+        for i, row in enumerate(m.group_ids[:int(m.seq_mask.sum())]):  # the rows' own tokens
+            np.testing.assert_array_equal(m.input_ids[i], ids[row, :p + r])
     again = list(minibatches(batch, 4, np.random.default_rng(0), (2, 4, 8), 16))
-    assert all(np.array_equal(a["rewards"], b["rewards"]) for a, b in zip(mbs, again))
+    assert all(np.array_equal(a.rewards, b.rewards) for a, b in zip(mbs, again))
+
+
+def test_rollout_batch_refuses_unknown_fields():
+    b = build_rollout_batch([[1]], np.array([0]), np.array([[2]]), np.array([1]), np.array([1.0]),
+                            1, 1)
+    with pytest.raises(KeyError, match="no field 'advantage'"):
+        b.with_arrays({"advantage": np.zeros((1, 1))})
+    assert b.with_arrays({"rhat": np.ones(1)}).train_inputs()["rhat"].tolist() == [1.0]
 
 
 def test_step_seeds_depend_only_on_seed_step_salt():
@@ -64,7 +84,7 @@ def test_step_seeds_depend_only_on_seed_step_salt():
 
 
 def test_mean_metrics_renames_and_averages():
-    out = _mean_metrics([{"loss": 1.0, "kl_ref": 0.1, "step": 1, "num_seqs": 8},
+    out = mean_over_updates([{"loss": 1.0, "kl_ref": 0.1, "step": 1, "num_seqs": 8},
                          {"loss": 3.0, "kl_ref": 0.3, "step": 2, "num_seqs": 8}])
     assert out == pytest.approx({"loss": 2.0, "kl/ref": 0.2, "optimizer/step": 1.5})
 

@@ -12,9 +12,10 @@ from flax import nnx
 
 from flowrl_jax.config import Config, ModelArch
 from flowrl_jax.mesh import single_device_mesh
-from flowrl_jax.models.qwen2 import Numerics, init_sharded
+from flowrl_jax.checkpoint.load import random_model
+from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.models.znet import ZNet, masked_mean_pool
-from flowrl_jax.train_step import forward
+from flowrl_jax.rl.forward import forward
 
 TINY = ModelArch(**yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "flowrl_jax/configs/models/tiny.yaml").read_text()))
@@ -89,7 +90,7 @@ def test_dropout_only_in_training():
 
 @pytest.fixture(scope="module")
 def policy():
-    model = init_sharded(TINY, Numerics(), single_device_mesh(), seed=0)
+    model = random_model(TINY, Numerics(), single_device_mesh(), seed=0)
     return nnx.split(model)
 
 

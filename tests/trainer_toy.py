@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flowrl_jax.task import PromptBatch
+from flowrl_jax.rl.task import PromptBatch
 
 VOCAB = 128
 
@@ -123,7 +123,7 @@ def start_train(out: Path, overrides: list[str], env: dict | None = None,
 
 def stable_records(out: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock dependent keys."""
-    from flowrl_jax.metrics import read_metrics
+    from flowrl_jax.run_files import read_metrics
 
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in read_metrics(out)]
 

@@ -1,4 +1,5 @@
-"""The algorithm interface and its registry: a new algorithm is one file with `@register`.
+"""The algorithm interface and its registry: a new algorithm is one file with `@register`
+(imported in algos/__init__.py).
 
 An algorithm is a class with class attributes saying what the trainer must provide and
 two pure, jit-able class methods:
@@ -9,16 +10,12 @@ two pure, jit-able class methods:
 - `loss(cfg, batch, outputs) -> (loss, metrics)`: run on every (micro-)batch inside the
   train step; `outputs` holds what the current parameters compute, with gradient.
 
-Batch keys (all jax/numpy arrays, B sequences, T response positions):
-  response_mask [B, T]  1 on valid response tokens (padding rows are all 0)
-  old_logp      [B, T]  log-probs under the sampling policy, recomputed by the trainer
-  ref_logp      [B, T]  log-probs under the frozen reference (when `uses_ref(cfg)`)
-  rewards       [B]     raw scalar outcome reward
-  group_ids     [B]     int prompt-group id in [0, B) (G samples of a prompt share one)
-  old_values    [B, T]  critic values at rollout time (PPO)
-  seq_mask      [B]     optional; 0 marks a padding row (default: response_mask has a 1)
-  -- filled in by `advantages` --
-  rhat [B], advantages [B, T], returns [B, T]
+The batch is a mapping of the arrays of a rollout batch, whose fields (shape, dtype,
+meaning) are documented once, in `RolloutBatch` (rl/rollout_batch.py); here B sequences and
+T response positions. `advantages` reads response_mask, old_logp, ref_logp (when
+`uses_ref(cfg)`), rewards, group_ids, old_values (PPO) and seq_mask (optional; default:
+response_mask has a 1) and returns rhat [B] / advantages [B, T] / returns [B, T]; `loss`
+reads those and the rest.
 Output keys: logp [B, T] (always), log_z [B] (needs_z), values [B, T] (needs_critic),
   entropy [B, T] (optional, only logged).
 
@@ -28,13 +25,14 @@ KL(π_old‖πθ)), kl_ref (k3 of KL(πθ‖π_ref), when ref_logp is in the bat
 FlowRL adds delta_mean, delta_std, log_z_mean, w_mean, log_w_mean, clip_frac, rhat_mean;
 the surrogate family adds pg_loss, pg_clip_frac, ratio_mean, adv_mean (+ pg_clip_frac_lower
 with dual clip), GRPO kl_loss (use_kl_loss), PPO vf_loss, vf_clip_frac, value_mean.
-Losses are means over the (micro-)batch given: token-mean over its valid tokens, FlowRL a
-mean over its valid sequences.
+Losses are means over the (micro-)batch given: each algorithm's `loss_unit(cfg)` says over
+what ("tokens": its valid tokens, "seqs": its valid sequences), so the train step can weight
+micro-batches to give exactly the loss of the whole mini-batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +41,7 @@ from flowrl_jax.algos import common as C
 
 Array = jax.Array
 Metrics = dict[str, Array]
+LossUnit = Literal["tokens", "seqs"]
 
 _REGISTRY: dict[str, type["Algorithm"]] = {}
 
@@ -59,6 +58,11 @@ class Algorithm:
     def uses_ref(cls, cfg: Any) -> bool:
         """Whether ref log-probs must be computed for this config (else they are optional)."""
         return cls.needs_ref
+
+    @classmethod
+    def loss_unit(cls, cfg: Any) -> LossUnit:
+        """What `loss` averages over: valid "tokens" (token-mean) or valid "seqs" (seq-mean-*)."""
+        return "tokens" if cfg_get(cfg, "loss_agg_mode", "token-mean") == "token-mean" else "seqs"
 
     @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:

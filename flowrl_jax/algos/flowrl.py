@@ -95,6 +95,11 @@ class FlowRL(Algorithm):
     needs_ref = True
 
     @classmethod
+    def loss_unit(cls, cfg: Any) -> str:
+        """A mean over valid sequences, whatever loss_agg_mode says."""
+        return "seqs"
+
+    @classmethod
     def advantages(cls, batch: Mapping[str, Array], cfg: Any) -> dict[str, Array]:
         """r̂ over the whole rollout batch: group-normalised rewards (SPEC §3) when
         cfg.reward_norm == "group" (default), the raw reward when "none" (then the fixed point

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     from flowrl_jax.config import load_config, replace
-    from flowrl_jax.trainer import Trainer
+    from flowrl_jax.rl.trainer import Trainer
 
     cfg = load_config(getattr(args, "config", "demo"), list(getattr(args, "overrides", []) or []))
     steps = max(2, int(getattr(args, "steps", 6)))

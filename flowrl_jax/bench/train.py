@@ -1,6 +1,6 @@
 """`flowrl-jax bench train`: tokens/s of the full train step against HF PyTorch, same run.
 
-Ours: the jitted train step of flowrl_jax/train_step.py (FlowRL loss with Z_φ, AdamW,
+Ours: the jitted train step of flowrl_jax/rl/train_step.py (FlowRL loss with Z_φ, AdamW,
 grad clip, non-finite guard, donated state). Reference: transformers' Qwen2ForCausalLM
 forward + backward + torch.optim.AdamW with the same FlowRL loss and a torch Z_φ, on the
 same shape and batch, random weights. Precision (`--dtype`): float32 on CPU; on
@@ -121,9 +121,11 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
 
     from flowrl_jax.config import (AlgoConfig, Config, ModelConfig, RolloutConfig, TrainerConfig)
     from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.models.qwen2 import Numerics, init_sharded, param_count
-    from flowrl_jax.train_state import create_train_state
-    from flowrl_jax.train_step import make_train_step
+    from flowrl_jax.checkpoint.load import random_model
+    from flowrl_jax.models.arch import param_count
+    from flowrl_jax.models.qwen2 import Numerics
+    from flowrl_jax.rl.train_state import create_train_state
+    from flowrl_jax.rl.train_step import make_train_step
 
     platform = jax.devices()[0].platform
     compute_dtype = resolve_dtype(compute_dtype, platform)
@@ -133,8 +135,8 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
                  trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
                  rollout=RolloutConfig(temperature=1.0))
     mesh = single_device_mesh()
-    model = init_sharded(arch, Numerics.from_config(cfg.model), mesh, seed=0)
-    n_params = param_count(model)
+    model = random_model(arch, Numerics.from_config(cfg.model), mesh, seed=0)
+    n_params = param_count(arch)
     state = create_train_state(cfg, model, mesh, rng=0)
     del model
     print(f"[bench train] initialised {n_params / 1e6:.1f}M parameters", file=sys.stderr, flush=True)

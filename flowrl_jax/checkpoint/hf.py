@@ -26,11 +26,13 @@ from typing import Any, Iterable, Optional, Union
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flowrl_jax.checkpoint.safetensors_io import (
     CheckpointError, TensorEntry, TensorSpec, parse_size, read_header, read_tensor, write_file)
 from flowrl_jax.config import ConfigError, ModelArch
+from flowrl_jax.mesh import logical_axes_of, named_sharding
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
 
 PathLike = Union[str, os.PathLike]
@@ -181,8 +183,6 @@ def place_tensor(entry: TensorEntry, dtype: Any, sharding: Any) -> jax.Array:
 def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
                   ) -> tuple[nnx.GraphDef, nnx.State, ModelArch]:
     """Graphdef, sharded param state and arch of a HF checkpoint directory."""
-    from flowrl_jax.mesh import logical_axes_of, named_sharding
-
     num = num or Numerics()
     src = Path(hf_dir)
     arch = read_arch(src)
@@ -260,7 +260,6 @@ def _flat_arrays(x: Any) -> dict[tuple, Any]:
 def _to_host(arr: Any) -> np.ndarray:
     """Gather one (possibly sharded, possibly multi-host) array to host memory."""
     if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
     return np.asarray(jax.device_get(arr))
 

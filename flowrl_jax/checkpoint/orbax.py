@@ -22,11 +22,14 @@ from typing import Any, Optional, Union
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from flowrl_jax.checkpoint.hf import copy_tokenizer, has_tokenizer
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
 from flowrl_jax.config import ConfigError, ModelArch, build_dataclass
+from flowrl_jax.mesh import state_shardings
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
 from flowrl_jax.paths import as_path, is_url
 
@@ -37,11 +40,6 @@ TOKENIZER_SUBDIR = "tokenizer"
 RUN_CHECKPOINTS = "checkpoints"
 FORMAT = "flowrl-jax/policy"
 VERSION = 1
-
-
-def _ocp():
-    import orbax.checkpoint as ocp  # local: orbax is slow to import
-    return ocp
 
 
 # --------------------------------------------------------------------------- model.json
@@ -100,7 +98,6 @@ def resolve_checkpoint_dir(path: PathLike) -> Path:
 
 
 def _manager(ckpt_dir: Path, create: bool = False, max_to_keep: Optional[int] = None) -> Any:
-    ocp = _ocp()
     opts = ocp.CheckpointManagerOptions(create=create, max_to_keep=max_to_keep)
     return ocp.CheckpointManager(ckpt_dir.absolute(), options=opts)
 
@@ -141,14 +138,11 @@ def save_policy(ckpt_dir: PathLike, model_or_state: Any, arch: ModelArch, step: 
                 param_dtype: Optional[str] = None, tokenizer_dir: Optional[PathLike] = None,
                 max_to_keep: Optional[int] = None) -> Path:
     """Save the policy params as step `step` of an Orbax CheckpointManager dir (+ model.json)."""
-    from flowrl_jax.checkpoint.hf import copy_tokenizer
-
     d = Path(ckpt_dir)
     pure = policy_pure_dict(model_or_state)
     if param_dtype is None:
         leaf = jax.tree.leaves(pure)[0]
         param_dtype = np.dtype(leaf.dtype).name
-    ocp = _ocp()
     mngr = _manager(d, create=True, max_to_keep=max_to_keep)
     try:
         if step in mngr.all_steps():
@@ -171,8 +165,6 @@ def save_policy(ckpt_dir: PathLike, model_or_state: Any, arch: ModelArch, step: 
 
 def policy_target(arch: ModelArch, num: Numerics, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """(graphdef, abstract state, restore target) with the mesh's NamedShardings."""
-    from flowrl_jax.mesh import state_shardings
-
     graphdef, state = nnx.split(abstract_model(arch, num))
     shardings = state_shardings(state, mesh)
 
@@ -196,7 +188,6 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[str, Any]:
 
 def _check_stored_shapes(item_dir: Path, target: dict) -> None:
     """Compare the stored array shapes with the target's; name the first mismatch."""
-    ocp = _ocp()
     try:
         meta = ocp.StandardCheckpointer().metadata(item_dir)
         stored = _flatten(getattr(meta, "item_metadata", meta).tree)
@@ -238,7 +229,6 @@ def restore_policy_state(ckpt_dir: PathLike, mesh: Mesh, num: Numerics | None = 
             raise CheckpointError(f"{item_dir}: missing (step {step} has no '{POLICY_ITEM}' item)")
         graphdef, state, target = policy_target(arch, num, mesh)
         _check_stored_shapes(item_dir, target)
-        ocp = _ocp()
         restored = mngr.restore(
             step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardRestore(target)}))
     finally:
@@ -256,8 +246,5 @@ def restore_policy(ckpt_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
 
 def checkpoint_tokenizer_dir(ckpt_dir: PathLike) -> Optional[Path]:
     """CKPT_DIR/tokenizer when it holds tokenizer files, else None."""
-    from flowrl_jax.checkpoint.hf import has_tokenizer
-
     d = resolve_checkpoint_dir(ckpt_dir) / TOKENIZER_SUBDIR
     return d if d.is_dir() and has_tokenizer(d) else None
-from flowrl_jax.checkpoint.manager import TrainCheckpointManager  # noqa: E402,F401  (training runs)

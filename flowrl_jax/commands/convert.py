@@ -38,7 +38,8 @@ def _hf_to_orbax(args: argparse.Namespace) -> int:
 
     from flowrl_jax.checkpoint import hf, orbax
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.models.qwen2 import Numerics, dtype_of, param_count
+    from flowrl_jax.models.arch import param_count
+    from flowrl_jax.models.qwen2 import Numerics, dtype_of
 
     t0 = time.perf_counter()
     dtype = args.dtype or hf.checkpoint_dtype(args.hf)
@@ -48,7 +49,7 @@ def _hf_to_orbax(args: argparse.Namespace) -> int:
     tok = Path(args.hf) if hf.has_tokenizer(args.hf) else None
     orbax.save_policy(args.out, model, arch, step=args.step, param_dtype=dtype, tokenizer_dir=tok)
     secs = time.perf_counter() - t0
-    n = param_count(model)
+    n = param_count(arch)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(model))
     print(_summary("hf-to-orbax", n, nbytes, dtype, secs, Path(args.out)))
     print(f"  read+place {t_load:.2f} s, save {secs - t_load:.2f} s, step {args.step}"

@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from flowrl_jax.config import ModelConfig
     from flowrl_jax.data.templates import ChatRenderer
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
-    from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
+    from flowrl_jax.checkpoint.load import load_for_sampling
+    from flowrl_jax.data.tokenizer import load_tokenizer_for
 
     sampling = SamplingParams(**sampling_kwargs(args), n=args.n,
                               stop_token_ids=tuple(args.stop_token_ids))

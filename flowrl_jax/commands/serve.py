@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from flowrl_jax.config import ModelConfig
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
-    from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
+    from flowrl_jax.checkpoint.load import load_for_sampling
+    from flowrl_jax.data.tokenizer import load_tokenizer_for
 
     try:
         from flowrl_jax.sampling.jetstream import FlowRLEngine, start_server

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flowrl_jax.config import ConfigError, load_config
-    from flowrl_jax.trainer import Trainer
+    from flowrl_jax.rl.trainer import Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)

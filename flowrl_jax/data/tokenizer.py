@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -37,3 +38,26 @@ def load_tokenizer(path: Optional[Union[str, Path]] = None) -> Any:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+_GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer_for(tokenizer_dir: Optional[str]) -> Any:
+    """The model's tokenizer, or the packaged Qwen2.5 one when the model dir has none.
+
+    A generic `tokenizer.json` tokenizer next to a Qwen2 config.json is loaded as what it is:
+    AutoTokenizer would pick Qwen2Tokenizer from the model type and re-tokenise wrongly."""
+    if tokenizer_dir:
+        d = Path(tokenizer_dir)
+        cfg_file = d / "tokenizer_config.json"
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+        if cls in _GENERIC_CLASSES and (d / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast  # local: transformers is slow to import
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"
+            return tok
+    return load_tokenizer(tokenizer_dir)

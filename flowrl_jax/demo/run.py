@@ -40,7 +40,7 @@ def _write_initial_model(cfg: Config, out: Path) -> Path:
     """A random initial policy in HF format: both algorithms start from exactly these weights."""
     from flowrl_jax.checkpoint.hf import export_hf
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.models.loading import model_from_config
+    from flowrl_jax.checkpoint.load import model_from_config
 
     path = out / "initial_hf"
     if not (path / "config.json").exists():
@@ -51,7 +51,7 @@ def _write_initial_model(cfg: Config, out: Path) -> Path:
 
 def _train(cfg: Config, run_dir: Path, console: bool) -> dict:
     """Train one algorithm in two halves (the second resumes from the first's checkpoint)."""
-    from flowrl_jax.trainer import Trainer
+    from flowrl_jax.rl.trainer import Trainer
 
     steps = cfg.trainer.steps
     half = max(1, steps // 2)
@@ -130,7 +130,7 @@ def run_demo(out: str | Path, config: str | Path = "demo", overrides: list[str] 
              console: bool = True) -> dict:
     """Train FlowRL and GRPO on the demo task and write summary.json, report.md and a plot."""
     from flowrl_jax.mesh import make_mesh
-    from flowrl_jax.models.loading import load_model
+    from flowrl_jax.checkpoint.load import load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

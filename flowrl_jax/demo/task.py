@@ -105,7 +105,7 @@ class DemoPromptSource:
         return self
 
     def __next__(self):
-        from flowrl_jax.task import PromptBatch
+        from flowrl_jax.rl.task import PromptBatch
 
         self.i += 1
         k = range(self.task.num_prompts)

@@ -11,7 +11,8 @@ from flowrl_jax.data.templates import ChatRenderer
 from flowrl_jax.eval.records import EvalError, Generation, Problem
 from flowrl_jax.mesh import make_mesh, single_device_mesh
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
-from flowrl_jax.sampling.loading import load_for_sampling, load_tokenizer_for
+from flowrl_jax.checkpoint.load import load_for_sampling
+from flowrl_jax.data.tokenizer import load_tokenizer_for
 
 
 def eval_mesh(devices: str) -> Any:

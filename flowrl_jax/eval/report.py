@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from flowrl_jax.eval.metrics import PASS_KS, math_average
 from flowrl_jax.eval.suites import MATH_SIX
-from flowrl_jax.metrics import read_metrics
+from flowrl_jax.run_files import read_metrics
 
 # Training-curve panels: title → metric keys tried in order (first present wins).
 CURVES: dict[str, tuple[str, ...]] = {

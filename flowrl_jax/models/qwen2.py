@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flowrl_jax.config import ModelArch, ModelConfig
-from flowrl_jax.mesh import constrain, state_shardings
+from flowrl_jax.mesh import constrain
 from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
                                          no_cache_kernel)
 
@@ -345,28 +345,6 @@ def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCaus
             return Qwen2ForCausalLM(arch, num, rngs=None)
     finally:
         _ABSTRACT.reset(token)
-
-
-def init_sharded(arch: ModelArch, num: Numerics | None, mesh: Any, seed: int = 0) -> Qwen2ForCausalLM:
-    """A randomly initialised model whose params are created directly in their shardings."""
-    graphdef, abstract_state = nnx.split(abstract_model(arch, num))
-    shardings = state_shardings(abstract_state, mesh)
-
-    # the key is an argument, not a constant: with a constant key every random draw is a
-    # constant expression, and XLA:GPU spent minutes constant-folding them (1.5B model)
-    @jax.jit
-    def make(key):
-        with nnx.use_eager_sharding(False):
-            state = nnx.state(Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(key)))
-        return jax.lax.with_sharding_constraint(state, shardings)
-
-    return nnx.merge(graphdef, make(jax.random.key(seed)))
-
-
-def param_count(model_or_state: Any) -> int:
-    """Number of parameters in a model or state."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
 def matmul_params(arch: ModelArch) -> int:

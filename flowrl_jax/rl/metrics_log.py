@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -62,6 +61,7 @@ class MetricsLogger:
         self._rewrite()
         if tensorboard:
             try:
+                # local: TensorBoard is optional (a failed import must not stop training)
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(f"{out_dir}/tb", purge_step=start_step + 1)
@@ -81,6 +81,7 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def _start_console(self, total: int, done: int) -> None:
+        # local: only runs with a live console pay for importing rich
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
@@ -146,30 +147,3 @@ class MetricsLogger:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-
-
-def read_metrics(path: str | os.PathLike, notes: Optional[list[str]] = None) -> list[dict]:
-    """The records of a `metrics.jsonl` file (the file or its run directory).
-
-    A line that is not a JSON object (the torn last line of a killed run, a stray edit) is
-    skipped, and named by file and line in `notes` when a list is given.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if notes is not None:
-                    notes.append(f"{p}:{ln}: skipped unparsable line ({e.msg})")
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            elif notes is not None:
-                notes.append(f"{p}:{ln}: skipped non-object line")
-    return rows

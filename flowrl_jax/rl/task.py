@@ -16,12 +16,18 @@ rollout step; the trainer samples G responses per prompt) with JSON-able
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from flowrl_jax.config import Config
+from flowrl_jax.config import Config, ConfigError
+from flowrl_jax.data.pipeline import PromptEncoder, build_train_pipeline, load_train_records
+from flowrl_jax.data.registry import load_eval_set
+from flowrl_jax.data.tokenizer import load_tokenizer
+from flowrl_jax.rewards import RewardPool
 
 
 @dataclass
@@ -109,8 +115,6 @@ class DataTask:
     """Training prompts from `cfg.data` (tokenised, chat-templated), rewards by data source."""
 
     def __init__(self, cfg: Config, tokenizer: Any = None, num_reward_workers: Optional[int] = None):
-        from flowrl_jax.data.tokenizer import load_tokenizer
-
         self.cfg = cfg
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or
                                                      _tokenizer_dir(cfg.model.path))
@@ -120,20 +124,14 @@ class DataTask:
     @property
     def pool(self) -> Any:
         if self._pool is None:
-            from flowrl_jax.rewards import RewardPool
-
             self._pool = RewardPool(self._num_workers)
         return self._pool
 
     def check(self) -> None:
         """Fail early (before compute) on unreadable data: loads the training records."""
-        from flowrl_jax.data.pipeline import load_train_records
-
         load_train_records(self.cfg.data)
 
     def prompt_source(self, cfg: Config, process_index: int, process_count: int) -> PromptSource:
-        from flowrl_jax.data.pipeline import build_train_pipeline
-
         it = build_train_pipeline(cfg, self.tokenizer, 1, cfg.rollout.prompts_per_step,
                                   process_index=process_index, process_count=process_count)
         return _PipelineSource(it, 1)
@@ -150,9 +148,6 @@ class DataTask:
 
     def validation_batches(self, cfg: Config) -> list[PromptBatch]:
         """One batch per `eval.sets` entry, templated like the training prompts."""
-        from flowrl_jax.data.pipeline import PromptEncoder
-        from flowrl_jax.data.registry import load_eval_set
-
         out = []
         for name in cfg.eval.sets:
             recs = load_eval_set(name, cfg.data.data_dir, cfg.eval.limit, cfg.data.custom)
@@ -177,12 +172,9 @@ def task_from_config(cfg: Config) -> Optional[Task]:
     spec = (cfg.task or {}).get("factory")
     if not spec:
         return None
-    import importlib
-
-    from flowrl_jax.config import ConfigError
-
     mod_name, _, attr = str(spec).partition(":")
     try:
+        # importlib: the module is the user's, named in the config
         factory = getattr(importlib.import_module(mod_name), attr or "Task")
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"task.factory: cannot import {spec!r}: {e}") from e
@@ -193,8 +185,6 @@ def _tokenizer_dir(model_path: Optional[str]) -> Optional[str]:
     """The model directory when it holds a tokenizer, else None (the packaged one)."""
     if not model_path:
         return None
-    from pathlib import Path
-
     p = Path(model_path)
     return str(p) if (p / "tokenizer_config.json").exists() or (p / "tokenizer.json").exists() \
         else None

@@ -22,13 +22,14 @@ same shardings as their params.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, OptimizerConfig
@@ -236,3 +237,23 @@ def copy_params(params: Any) -> Any:
 def reference_params(state: TrainState) -> dict[str, Any]:
     """{"policy": copy of the current policy params}: the frozen reference model's params."""
     return {"policy": copy_params(state.params["policy"])}
+
+
+class FrozenReference:
+    """A frozen copy of the initial policy params, for the reference log-probs; with
+    `offload` it waits in host memory between steps (`trainer.ref_offload`)."""
+
+    def __init__(self, policy_params: Any, offload: bool = False):
+        ref = copy_params(policy_params)
+        self.offload = offload
+        if offload:
+            self._shardings = jax.tree.map(lambda x: x.sharding, ref)
+            ref = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if x.is_fully_addressable
+                               else x, ref)
+        self._params = ref
+
+    def on_device(self) -> Any:
+        """The reference params on the devices (put back there for this step when offloaded)."""
+        if not self.offload:
+            return self._params
+        return jax.device_put(self._params, self._shardings)

@@ -1,8 +1,9 @@
-"""One entry point to get a sharded policy model from wherever it lives.
+"""A sharded policy model from wherever it lives: the one place models are loaded or made.
 
-`load_model` accepts a Hugging Face directory (config.json + safetensors), an Orbax
-checkpoint directory (model.json, see checkpoint/orbax.py) or a training run directory
-(RUN/checkpoints). Used by sample, eval, serve and the trainer.
+A model path is a Hugging Face directory (config.json + safetensors), an Orbax checkpoint
+directory (model.json, see checkpoint/orbax.py) or a training run directory
+(RUN/checkpoints). Without a path the model is a random initialisation of an architecture,
+created directly in its shardings. Used by the trainer, sample, eval, serve, bench and demo.
 """
 
 from __future__ import annotations
@@ -16,31 +17,51 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from flowrl_jax.checkpoint import hf, orbax
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
-from flowrl_jax.config import ModelArch, ModelConfig
-from flowrl_jax.mesh import state_shardings
+from flowrl_jax.config import ConfigError, ModelArch, ModelConfig
+from flowrl_jax.mesh import single_device_mesh, state_shardings
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
+from flowrl_jax.paths import is_url
 
 PathLike = Union[str, os.PathLike]
 
 
 def model_kind(path: PathLike) -> tuple[str, Path]:
     """('hf' | 'orbax', directory) for a model path; a clear error when it is neither."""
-    from flowrl_jax.checkpoint.orbax import MODEL_JSON, RUN_CHECKPOINTS
-
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"{p}: model path does not exist")
     if not p.is_dir():
         raise CheckpointError(f"{p}: expected a directory (HF model, Orbax checkpoint or run dir)")
-    if (p / MODEL_JSON).is_file():
+    if (p / orbax.MODEL_JSON).is_file():
         return "orbax", p
-    if (p / RUN_CHECKPOINTS / MODEL_JSON).is_file():
-        return "orbax", p / RUN_CHECKPOINTS
+    if (p / orbax.RUN_CHECKPOINTS / orbax.MODEL_JSON).is_file():
+        return "orbax", p / orbax.RUN_CHECKPOINTS
     if (p / "config.json").is_file():
         return "hf", p
     raise CheckpointError(f"{p}: neither a Hugging Face model (config.json), an Orbax checkpoint "
                           f"(model.json) nor a training run (checkpoints/model.json)")
+
+
+def arch_from_config(cfg: ModelConfig) -> ModelArch:
+    """The architecture from model.arch/preset or the checkpoint's config (no weights read);
+    errors are ConfigErrors naming the model key."""
+    if cfg.path is None:
+        if cfg.arch is None:
+            raise ConfigError("model: set model.path (a HF or Orbax checkpoint) or model.preset")
+        return cfg.arch
+    if not is_url(cfg.path) and not Path(cfg.path).exists():
+        raise ConfigError(f"model.path: {cfg.path!r} does not exist")
+    try:
+        kind, d = model_kind(cfg.path)
+        if kind == "hf":
+            return hf.read_arch(d)
+        return orbax.read_model_json(orbax.resolve_checkpoint_dir(d))[0]
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - report any unreadable model dir by key
+        raise ConfigError(f"model.path: cannot read {cfg.path!r}: {e}") from e
 
 
 def _numerics(cfg: Union[ModelConfig, Numerics, None]) -> Optional[Numerics]:
@@ -55,8 +76,6 @@ def load_model(path: PathLike, mesh: Mesh, cfg: Union[ModelConfig, Numerics, Non
 
     `cfg` None keeps the stored parameter dtype (and computes in it); `step` picks an Orbax step.
     """
-    from flowrl_jax.checkpoint import hf, orbax
-
     kind, d = model_kind(path)
     num = _numerics(cfg)
     if kind == "hf":
@@ -71,8 +90,9 @@ def load_model(path: PathLike, mesh: Mesh, cfg: Union[ModelConfig, Numerics, Non
 
 @functools.lru_cache(maxsize=8)
 def _sharded_init(arch: ModelArch, num: Numerics, mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
-    # One compiled initialiser per (arch, numerics, mesh); the seed is a traced argument,
-    # so new seeds do not recompile.
+    # One compiled initialiser per (arch, numerics, mesh). The key is an argument, not a
+    # constant: new seeds do not recompile, and with a constant key every random draw is a
+    # constant expression that XLA:GPU spent minutes folding (1.5B model).
     graphdef, abstract = nnx.split(abstract_model(arch, num))
     shardings = state_shardings(abstract, mesh)
 
@@ -100,3 +120,15 @@ def model_from_config(cfg: ModelConfig, mesh: Mesh) -> tuple[Qwen2ForCausalLM, M
     if cfg.arch is None:
         raise CheckpointError("model: set model.path, model.preset or model.arch")
     return random_model(cfg.arch, Numerics.from_config(cfg), mesh, cfg.seed), cfg.arch, None
+
+
+def load_for_sampling(path: str, mesh: Optional[Mesh] = None,
+                      model_cfg: Optional[ModelConfig] = None
+                      ) -> tuple[Qwen2ForCausalLM, ModelArch, Optional[str]]:
+    """(model, arch, tokenizer_dir or None) for sample/serve/eval: one device unless `mesh`."""
+    model_cfg = model_cfg or ModelConfig(path=path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model path not found: {p}")
+    model, arch, tok = load_model(str(p), mesh or single_device_mesh(), model_cfg)
+    return model, arch, (str(tok) if tok else None)

@@ -1,0 +1,367 @@
+"""The RL loop: sample → reward → advantages → old/ref log-probs → mini-batch updates →
+metrics → checkpoint, identical for every `algo.name` (only the loss differs).
+
+Programmatic use:
+
+    from flowrl_jax.rl.trainer import Trainer
+    result = Trainer(cfg, "runs/x", task=my_task, callbacks=[fn]).run()   # TrainResult
+    result.state            # final TrainState (params by role: policy, z, value; opt state)
+    result.history          # per-step metric dicts (also OUT/metrics.jsonl)
+
+`task` is any object with `prompt_source(cfg, process_index, process_count)` and
+`score(batch, prompt_index, responses)` (see flowrl_jax/rl/task.py); None → `task.factory`
+from the config, else the data pipeline + reward registry. Each callback is called as
+`fn(trainer, step, record)` after every rollout step (record = the metrics.jsonl line).
+
+Outputs under OUT: `metrics.jsonl`, `tb/` (TensorBoard), `checkpoints/` (Orbax; see
+checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
+`config.yaml`, `hf/` (when `trainer.export_hf`). Running again with the same OUT resumes.
+
+Per step (`rollout_step`), with the file that does each part:
+  1. this host's prompts (task prompt source: rl/task.py, data/pipeline.py);
+  2. the sampler generates G samples per prompt (sampling/engine.py) from the trainer's own
+     param arrays, or on several processes from a per-host replica (distributed.py), and
+     the rollouts are gathered so every host holds the global batch (rl/rollout.py);
+  3. padded into a `RolloutBatch` in length buckets (rl/rollout_batch.py);
+  4. rewards scored by the task (reward workers) while the device computes old (current
+     params) and reference (frozen initial params) log-probs (rl/step_fns.py, rl/logprobs.py);
+  5. the algorithm's batch preprocessing: r̂, advantages (algos/);
+  6. `trainer.epochs` × shuffled mini-batches through the jitted train step (rl/train_step.py);
+  7. metrics (rl/metrics.py) to JSONL / TensorBoard / the console (rl/metrics_log.py), and an
+     async checkpoint every `trainer.checkpoint_every` steps (checkpoint/run.py).
+
+Determinism: every random choice of step s derives from (cfg.seed, s): the sampler seed,
+the mini-batch shuffles and the train step's dropout keys (from the TrainState's own
+counter). With the data position restored from the checkpoint, a resumed run repeats an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+import yaml
+
+from flowrl_jax.algos import get_algorithm
+from flowrl_jax.checkpoint.hf import export_hf
+from flowrl_jax.checkpoint.load import arch_from_config, model_from_config
+from flowrl_jax.checkpoint.run import RunCheckpoint
+from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
+from flowrl_jax.distributed import HostReplica, any_process, to_host
+from flowrl_jax.hardware import peak_flops
+from flowrl_jax.memory import check_fits
+from flowrl_jax.mesh import make_mesh, resolve_axis_sizes
+from flowrl_jax.paths import as_path
+from flowrl_jax.rl.metrics import step_metrics
+from flowrl_jax.rl.metrics_log import MetricsLogger
+from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
+from flowrl_jax.rl.rollout_batch import minibatches
+from flowrl_jax.rl.step_fns import StepFns
+from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
+from flowrl_jax.rl.train_state import FrozenReference, create_train_state
+from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[["Trainer", int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.run()` returns."""
+
+    step: int
+    state: Any
+    history: list[dict] = field(default_factory=list)
+    out_dir: Optional[Path] = None
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A 31-bit seed that depends only on (seed, step, salt)."""
+    return int(np.random.SeedSequence([seed, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class Trainer:
+    """One RL training run (see module docstring)."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, task: Optional[Task] = None, *,
+                 console: bool = True, allow_resume: bool = True,
+                 callbacks: Sequence[Callback] = (), mesh: Any = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.out = as_path(out_dir)
+        self.algo = get_algorithm(cfg.algo.name)
+        self.uses_ref = bool(self.algo.uses_ref(cfg.algo))
+        self._task = task
+        self.console = console
+        self.allow_resume = allow_resume
+        self.callbacks = list(callbacks)
+        self._mesh = mesh
+        self._ready = False
+        self._sigterm = False
+
+    # ================================================================== set-up
+
+    @property
+    def task(self) -> Task:
+        """The task (prompts and rewards): the one given, else from the config."""
+        if self._task is None:
+            self._task = task_from_config(self.cfg) or DataTask(self.cfg)
+        return self._task
+
+    def preflight(self) -> Any:
+        """Checks that need no compute: model path, data readable, memory fits; returns the arch."""
+        cfg = self.cfg
+        arch = arch_from_config(cfg.model)
+        check = getattr(self.task, "check", None)
+        if check is not None:
+            try:
+                check()
+            except ConfigError:
+                raise
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"data.train: cannot read the training data: {e}") from e
+        if self._mesh is not None:
+            shape = dict(self._mesh.shape)
+        else:
+            shape = resolve_axis_sizes(cfg.mesh, jax.device_count())
+        self.memory = check_fits(cfg, arch, shape, uses_ref=self.uses_ref,
+                                 sampler_local_devices=(jax.local_device_count()
+                                                        if jax.process_count() > 1 else None))
+        return arch
+
+    def setup(self) -> None:
+        """Mesh, policy, train state, reference, sampler, data, checkpoint restore."""
+        cfg = self.cfg
+        self.preflight()  # before any compute
+        self._info(self.memory.table())
+        self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
+        model, self.arch, tok = model_from_config(cfg.model, self.mesh)
+        self.tokenizer_dir = str(tok) if tok is not None else None
+        # Multi-process: every host samples its own prompts on its local devices (the sampler
+        # reads tokens back to the host each decode chunk, which needs addressable arrays).
+        self.sample_mesh = self.mesh if jax.process_count() == 1 else make_mesh(
+            MeshConfig(data=1, fsdp=-1, tensor=1),
+            sorted(jax.local_devices(), key=lambda d: d.id))  # same rule on every host
+        self.sampler_replica = HostReplica(self.sample_mesh)
+        self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
+                                                         mesh=self.sample_mesh, verbose=False)
+        self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
+        self.ref = (FrozenReference(self.state.params["policy"], cfg.trainer.ref_offload)
+                    if self.uses_ref else None)
+        self.step_fns = StepFns(cfg, self.algo, self.state, self.mesh)
+        self.pi, self.pc = jax.process_index(), jax.process_count()
+        self.source = self.task.prompt_source(cfg, self.pi, self.pc)
+        self.ckpt = RunCheckpoint(self.out, cfg)
+        self.start_step, history = self._restore()
+        self._write_run_files()
+        self.logger = MetricsLogger(self.out, enabled=self.pi == 0, console=self.console,
+                                    total_steps=cfg.trainer.steps, history=history,
+                                    start_step=self.start_step)
+        self._ready = True
+
+    def _restore(self) -> tuple[int, list[dict]]:
+        """Continue from the newest restorable checkpoint; (next step, metric history)."""
+        got = self.ckpt.restore(self.state, self.allow_resume)
+        if got is None:
+            return 0, []
+        self.state = got.state
+        if got.data_state is not None:
+            self.source.set_state(got.data_state)
+        self._info(f"resumed from {self.ckpt.dir} step {got.step}")
+        return got.step, got.history
+
+    def _write_run_files(self) -> None:
+        if self.pi != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg),
+                                                             sort_keys=False))
+        self.ckpt.write_model_json(self.arch)
+
+    def _info(self, msg: str) -> None:
+        if jax.process_index() == 0:
+            log.info(msg)
+
+    def save(self, step: int) -> None:
+        """Checkpoint after rollout step `step` (async)."""
+        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history)
+
+    # ================================================================== one rollout step
+
+    def sampler_params(self) -> Any:
+        """The policy params for the sampler: the trainer's own arrays on one process; on
+        several, one copy per host (distributed.HostReplica)."""
+        return self.sampler_replica(self.state.params["policy"])
+
+    def sample(self, batch: PromptBatch, step: int) -> tuple[Any, PromptBatch, Any]:
+        """Generate G responses per prompt: (this host's rollout, global batch, global rollout).
+
+        With several processes each samples its own prompts and the rollouts are gathered,
+        so every host then holds the same global rollout (process order)."""
+        salt = 1 if self.pc == 1 else 1000 + self.pi
+        sp = SamplingParams.from_rollout_config(self.cfg.rollout,
+                                                seed=step_seed(self.cfg.seed, step, salt))
+        ro = self.engine.generate(self.sampler_params(), batch.prompts, sp)
+        return (ro,) + gather_rollout(batch, ro, self.pc)
+
+    def score(self, batch: PromptBatch, ro: Any) -> tuple[np.ndarray, float]:
+        """Rewards of this host's rollout by the task, and the seconds scoring took."""
+        t0 = time.perf_counter()
+        responses = ro.token_lists()
+        rewards = np.asarray(self.task.score(batch, ro.prompt_index, responses), np.float32)
+        if rewards.shape != (len(responses),):
+            raise ValueError(f"task.score returned shape {rewards.shape}, expected "
+                             f"({len(responses)},)")
+        return rewards, time.perf_counter() - t0
+
+    def rollout_step(self, step: int) -> dict:
+        """Run rollout step `step` (0-based) and return its metrics."""
+        cfg = self.cfg
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        local_batch = next(self.source)
+        local_ro, batch, ro = self.sample(local_batch, step)
+        t["sampling"] = time.perf_counter() - t0
+        data = to_rollout_batch(cfg, batch, ro)
+
+        # Rewards are scored (reward workers) while the device computes old/ref log-probs.
+        with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
+            fut = pool.submit(self.score, local_batch, local_ro)
+            t0 = time.perf_counter()
+            ref = self.ref.on_device() if self.ref is not None else None
+            data = self.step_fns.logprobs(self.state, ref, data)
+            t["logprobs"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            local_rewards, t_score = fut.result()
+        rewards = gather_rewards(local_rewards, self.pc)
+        t["reward"] = time.perf_counter() - t0  # the part not hidden behind the log-prob pass
+        data = self.step_fns.advantages(data.replace(rewards=rewards))
+
+        t0 = time.perf_counter()
+        train_metrics = []
+        rng = np.random.default_rng([cfg.seed, step, 2])
+        for _ in range(cfg.trainer.epochs):
+            for mb in minibatches(data, cfg.trainer.mini_batch_size, rng,
+                                  cfg.data.length_buckets, response_bucket(cfg, ro)):
+                self.state, m = self.step_fns.update(self.state, mb)
+                train_metrics.append(m)
+        train_metrics = to_host(train_metrics)
+        t["update"] = time.perf_counter() - t0
+
+        peak = peak_flops(getattr(jax.devices()[0], "device_kind", ""))
+        n_params = (sum(int(x.size) for x in jax.tree.leaves(self.state.params["policy"]))
+                    if peak else 0)
+        m = step_metrics(cfg, batch, ro, rewards, data, train_metrics, t,
+                         skipped_total=int(jax.device_get(self.state.skipped)),
+                         n_params=n_params, uses_ref=self.uses_ref, peak_flops=peak,
+                         device_count=jax.device_count())
+        m["time/reward_scoring"] = t_score  # total scoring time (mostly overlapped)
+        return m
+
+    # ================================================================== validation
+
+    def validate(self, step: int) -> dict:
+        """Scores on the task's validation batches (eval sampling settings)."""
+        fn = getattr(self.task, "validation_batches", None)
+        if fn is None:
+            return {}
+        e = self.cfg.eval
+        sp = SamplingParams(temperature=0.0 if e.greedy else e.temperature, top_p=e.top_p,
+                            max_new_tokens=e.max_new_tokens, n=1 if e.greedy else e.n,
+                            seed=step_seed(self.cfg.seed, step, 3))
+        out: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        for i, vb in enumerate(fn(self.cfg)):
+            ro = self.engine.generate(self.sampler_params(), vb.prompts, sp)
+            r = np.asarray(self.task.score(vb, ro.prompt_index, ro.token_lists()), np.float32)
+            name = (vb.extra[0].get("set") if vb.extra and vb.extra[0] else None) or f"set{i}"
+            out[f"val/{name}/reward"] = float(np.mean(r))
+            out[f"val/{name}/accuracy"] = float(np.mean(r > 0))
+        out["time/validation"] = time.perf_counter() - t0
+        return out
+
+    # ================================================================== run
+
+    def run(self) -> TrainResult:
+        """Train from the newest checkpoint (or scratch) to `trainer.steps`.
+
+        SIGTERM (preemption) stops at the next step boundary after a checkpoint of that
+        step; rerunning the command continues from it.
+        """
+        if not self._ready:
+            self.setup()
+        cfg = self.cfg.trainer
+        done = self.start_step
+        restore_handler = self._catch_sigterm()
+        try:
+            for step in range(self.start_step, cfg.steps):
+                m = self.rollout_step(step)
+                done = step + 1
+                if cfg.validate_every and done % cfg.validate_every == 0:
+                    m.update(self.validate(done))
+                rec = self.logger.log(done, m)
+                if done % cfg.log_every == 0:
+                    self.logger.table(rec)
+                for cb in self.callbacks:
+                    cb(self, done, rec)
+                stop = any_process(self._sigterm)  # agreed by all, so all save the same step
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+                    self.save(done)
+                if stop:
+                    self.ckpt.wait()
+                    self._info(f"stopping after step {done} (SIGTERM); rerun to continue")
+                    break
+            else:
+                self.ckpt.wait()
+                if cfg.export_hf and self.pi == 0:
+                    if isinstance(self.out, Path):
+                        self.export_hf(self.out / "hf")
+                    else:
+                        log.warning("trainer.export_hf: %s is remote; export the run with "
+                                    "`flowrl-jax convert orbax-to-hf --ckpt %s/checkpoints`",
+                                    self.out, self.out)
+        finally:
+            restore_handler()
+            self.close()
+        return TrainResult(max(done, self.start_step), self.state, self.logger.history, self.out)
+
+    def _catch_sigterm(self) -> Callable[[], None]:
+        """Turn SIGTERM into a stop request (main thread only); returns the undo function."""
+        self._sigterm = False
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            self._sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def export_hf(self, out_dir: Path) -> None:
+        """Write the policy (Z-network / critic stripped) as a HF checkpoint."""
+        export_hf(self.state.params["policy"], self.arch, out_dir,
+                  tokenizer_dir=self.tokenizer_dir)
+        self._info(f"exported the policy to {out_dir}")
+
+    def close(self) -> None:
+        """Finish checkpoints, close logs, data and reward workers."""
+        for obj, meth in ((getattr(self, "ckpt", None), "close"),
+                          (getattr(self, "logger", None), "close"),
+                          (getattr(self, "source", None), "close"),
+                          (self._task, "close")):
+            fn = getattr(obj, meth, None) if obj is not None else None
+            if fn is not None:
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 - closing must not mask the real error
+                    log.warning("closing %s failed: %s", type(obj).__name__, e)
