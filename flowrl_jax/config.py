@@ -4,6 +4,10 @@ A config file is YAML whose top-level keys are the sections of `Config`. It may 
 files under `include:` (paths relative to it, merged first, later files win). Command-line
 overrides are `section.key=value` strings, parsed as YAML scalars. Unknown keys, wrong types
 and impossible values raise `ConfigError` naming the dotted key.
+
+One concept, the run's settings, in one file although it is long: each section's fields sit
+next to the `validate` that checks them, and the loader below walks those same dataclasses
+(types, defaults, nested sections) to coerce YAML, so the two halves change together.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ FORBIDDEN = {
     "rewards": ("rl", "eval", "sampling", "commands", "checkpoint", "models"),
     "data": ("rl", "eval", "sampling", "commands", "checkpoint", "models"),
     "checkpoint": ("rl", "eval", "sampling", "commands"),
+    "sampling": ("rl", "eval", "data", "checkpoint", "commands"),
+    "eval": ("rl", "commands"),
 }
 
 
