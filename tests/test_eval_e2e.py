@@ -38,7 +38,7 @@ def char_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from flowrl_jax.checkpoint.hf import export_hf
-    from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+    from flowrl_jax.testing import tiny_arch, tiny_model
 
     d = tmp_path_factory.mktemp("tiny_model")
     arch = tiny_arch(128, max_position_embeddings=4096, eos_token_id=2)

@@ -11,7 +11,7 @@ import pytest
 from _attention_ref import np_attention
 from flowrl_jax.config import ConfigError, ModelConfig
 from flowrl_jax.models.attention import contiguous_causal_attention, require_contiguous_rows
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+from flowrl_jax.testing import tiny_arch, tiny_model
 
 
 def _rows(t):

@@ -13,7 +13,7 @@ pytest.importorskip("jetstream", reason="google-jetstream is installed by `make 
 grpc = pytest.importorskip("grpc")
 
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams  # noqa: E402
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model, word_tokenizer  # noqa: E402
+from flowrl_jax.testing import tiny_arch, tiny_model, word_tokenizer  # noqa: E402
 
 EOS = 1
 MAX_NEW = 12
@@ -150,7 +150,7 @@ def test_serve_command_subprocess(tmp_path):
     import threading
 
     from flowrl_jax.sampling.jetstream import request
-    from flowrl_jax.sampling.testing import save_hf_dir
+    from flowrl_jax.testing import save_hf_dir
 
     arch = tiny_arch(64, eos_token_id=EOS)
     save_hf_dir(tiny_model(arch, seed=3), arch, str(tmp_path), word_tokenizer(64))

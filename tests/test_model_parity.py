@@ -112,7 +112,7 @@ def test_decode_path_token_by_token_equals_the_full_forward(products, transposed
     (CPU elementwise / accelerator matmul), with and without [in, out] weight copies."""
     from flowrl_jax.models.decode import (decode_forward, empty_cache, prefill, rope_table,
                                           transposed_weights)
-    from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+    from flowrl_jax.testing import tiny_arch, tiny_model
 
     arch = tiny_arch(64)
     model = tiny_model(arch, seed=2)

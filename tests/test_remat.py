@@ -10,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from flowrl_jax.models.qwen2 import Numerics, build_model
-from flowrl_jax.sampling.testing import tiny_arch
+from flowrl_jax.testing import tiny_arch
 
 ARCH = tiny_arch(64, hidden_size=32, intermediate_size=64)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 12)))

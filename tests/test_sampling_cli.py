@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowrl_jax.cli import main
-from flowrl_jax.sampling.testing import save_hf_dir, tiny_arch, tiny_model, to_hf, word_tokenizer
+from flowrl_jax.testing import save_hf_dir, tiny_arch, tiny_model, to_hf, word_tokenizer
 
 EOS = 1
 

@@ -19,7 +19,7 @@ from flowrl_jax.sampling import kernels as kernels_module
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
 from flowrl_jax.sampling.logits import sample_logits
 from flowrl_jax.sampling.params import SamplingSpec
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model, to_hf
+from flowrl_jax.testing import tiny_arch, tiny_model, to_hf
 
 NEW = 32
 SPEC = dict(temperature=0.8, top_k=10, top_p=0.9)  # one compiled sampling spec for the engine tests

@@ -45,7 +45,7 @@ def _arch(shape: str):
     import dataclasses
 
     from flowrl_jax.config import preset_arch
-    from flowrl_jax.sampling.testing import tiny_arch
+    from flowrl_jax.testing import tiny_arch
 
     if shape == "tiny":
         return tiny_arch(128)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from flowrl_jax.models.qwen2 import Numerics, matmul_params
     from flowrl_jax.models.decode import cache_bytes
-    from flowrl_jax.sampling.testing import tiny_model, to_hf
+    from flowrl_jax.testing import tiny_model, to_hf
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     archs = {s: _arch(s) for s in shapes}  # unknown names fail here, before any compute

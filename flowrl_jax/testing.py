@@ -1,5 +1,6 @@
-"""Helpers for sampler tests and benchmarks: tiny Qwen2 models with peaked logits, their
-Hugging Face PyTorch twins, and a tiny word-level tokenizer (no downloads)."""
+"""Helpers for tests and benchmarks: tiny Qwen2 models with peaked logits, their Hugging Face
+PyTorch twins, and a tiny word-level tokenizer (no downloads). Top-level, not in sampling/:
+it builds HF twins through checkpoint/, which the sampler never imports."""
 
 from __future__ import annotations
 
