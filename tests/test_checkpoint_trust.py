@@ -128,3 +128,56 @@ def test_is_transient():
     assert not manager_mod.is_transient(FileNotFoundError(errno.ENOENT, "gone"))
     assert not manager_mod.is_transient(ValueError("DATA_LOSS: truncated"))
     assert not manager_mod.is_transient(ConfigError("timed out"))
+
+
+# --------------------------------------------------------------------------- the case
+
+
+def _tree(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_changed_architecture_on_resume_keeps_every_checkpoint(tmp_path, capsys):
+    from flowrl_jax import cli
+
+    run = tmp_path / "RUN"
+    cmd = ["train", "--config", "configs/demo.yaml", "--out", str(run), "--no-console",
+           "trainer.steps=6", "trainer.checkpoint_every=3"]
+    assert cli.main(cmd) == 0
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["3", "6"]
+    files, metrics = _tree(run), (run / "metrics.jsonl").read_text()
+    assert len(metrics.splitlines()) == 6
+    capsys.readouterr()
+
+    assert cli.main(cmd + ["model.arch.intermediate_size=128"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.arch.intermediate_size: saved 64, now 128" in err
+    assert "Traceback" not in err
+    assert _tree(run) == files and not (run / "checkpoints.corrupt").exists()
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+    # the original command resumes from step 6; one more step continues the same record
+    assert cli.main(cmd[:-2] + ["trainer.steps=7", "trainer.checkpoint_every=3"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and "\n".join(lines[:6]) + "\n" == metrics
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "6", "7"]  # keep_last: 2
+
+
+def test_a_fresh_start_is_refused_over_set_aside_checkpoints(tmp_path):
+    from flowrl_jax.checkpoint.run import RunCheckpoint
+    from flowrl_jax.config import load_config
+
+    cfg = load_config("configs/demo.yaml")
+    run = tmp_path / "RUN"
+    (run / "checkpoints.corrupt" / "6-1").mkdir(parents=True)
+    rc = RunCheckpoint(run, cfg)
+    with pytest.raises(CheckpointError, match=r"set aside .*6-1.*--no-resume"):
+        rc.restore(object())
+    assert rc.restore(object(), allow_resume=False) is None  # --no-resume: start over here
+    (run / "checkpoints" / "9").mkdir()  # a step dir Orbax cannot list
+    with pytest.raises(CheckpointError, match=r"step directories \['9'\]"):
+        rc.restore(object(), allow_resume=False)
+    rc.close()

@@ -184,13 +184,12 @@ class TrainCheckpointManager:
 
     def stored_arrays(self, step: int, item: str) -> dict[str, Any]:
         """{flat key: array metadata (shape, dtype)} of one stored item, no arrays read."""
-        ck = ocp.StandardCheckpointer()
+        handler = ocp.StandardCheckpointHandler()  # the item dir itself: no Checkpointer wrapper
         try:
-            meta = ck.metadata(self.directory / str(step) / item)
+            meta = handler.metadata(self.directory / str(step) / item)
         finally:
-            ck.close()
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
+            handler.close()
+        tree = getattr(meta, "tree", meta)
         if not isinstance(tree, dict):
             raise ValueError(f"item {item!r} has no readable tree metadata")
         return flatten_tree(tree)

@@ -54,7 +54,7 @@ import yaml
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.checkpoint.hf import export_hf
 from flowrl_jax.checkpoint.load import arch_from_config, model_from_config
-from flowrl_jax.checkpoint.run import RunCheckpoint
+from flowrl_jax.checkpoint.run import RunCheckpoint, check_saved_model
 from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
 from flowrl_jax.distributed import HostReplica, any_process, to_host
 from flowrl_jax.hardware import peak_flops
@@ -119,9 +119,12 @@ class Trainer:
         return self._task
 
     def preflight(self) -> Any:
-        """Checks that need no compute: model path, data readable, memory fits; returns the arch."""
+        """Checks that need no compute: model path, the run's saved architecture, data
+        readable, memory fits; returns the arch."""
         cfg = self.cfg
         arch = arch_from_config(cfg.model)
+        if self.allow_resume:
+            check_saved_model(self.out, arch, cfg.model.param_dtype)
         check = getattr(self.task, "check", None)
         if check is not None:
             try:
@@ -171,7 +174,7 @@ class Trainer:
 
     def _restore(self) -> tuple[int, list[dict]]:
         """Continue from the newest restorable checkpoint; (next step, metric history)."""
-        got = self.ckpt.restore(self.state, self.allow_resume)
+        got = self.ckpt.restore(self.state, self.allow_resume, self.arch)
         if got is None:
             return 0, []
         self.state = got.state
@@ -298,8 +301,12 @@ class Trainer:
         SIGTERM (preemption) stops at the next step boundary after a checkpoint of that
         step; rerunning the command continues from it.
         """
-        if not self._ready:
-            self.setup()
+        try:
+            if not self._ready:
+                self.setup()
+        except BaseException:
+            self.close()  # finish the checkpoint manager's threads before the error surfaces
+            raise
         cfg = self.cfg.trainer
         done = self.start_step
         restore_handler = self._catch_sigterm()
