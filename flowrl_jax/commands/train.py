@@ -48,8 +48,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, out, console=not args.no_console,
                           allow_resume=not args.no_resume)
-        trainer.run()
+        result = trainer.run()
     except ConfigError as e:
         print(f"flowrl-jax train: config error: {e}", file=sys.stderr)
         return 2
+    if result.stopped_by == "SIGINT":
+        print(f"flowrl-jax train: interrupted: stopped after step {result.step} with a "
+              f"checkpoint in {out}; rerun the same command to continue", file=sys.stderr)
+        return 130
     return 0
