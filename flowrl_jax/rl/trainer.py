@@ -62,7 +62,7 @@ from flowrl_jax.distributed import HostReplica, any_process, to_host
 from flowrl_jax.hardware import peak_flops
 from flowrl_jax.memory import check_fits
 from flowrl_jax.mesh import make_mesh, resolve_axis_sizes
-from flowrl_jax.paths import as_path
+from flowrl_jax.paths import as_path, check_output_dir
 from flowrl_jax.rl.metrics import step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
@@ -122,13 +122,22 @@ class Trainer:
         return self._task
 
     def preflight(self) -> Any:
-        """Checks that need no compute: model path, the run's saved architecture, data
-        readable, memory fits; returns the arch."""
+        """Checks that need no compute: the run directory can be made, the model path reads
+        (weight headers included), the run's saved architecture matches, data readable with
+        registered rewards, memory fits; returns the arch."""
         cfg = self.cfg
+        check_output_dir(self.out)
         arch = arch_from_config(cfg.model)
         if self.allow_resume:
             check_saved_model(self.out, arch, cfg.model.param_dtype)
-        check = getattr(self.task, "check", None)
+        try:
+            task = self.task
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as e:  # e.g. the tokenizer of the data task
+            raise ConfigError(f"model.tokenizer: cannot load the tokenizer "
+                              f"({cfg.model.tokenizer or cfg.model.path or 'packaged'}): {e}") from e
+        check = getattr(task, "check", None)
         if check is not None:
             try:
                 check()
