@@ -44,6 +44,12 @@ def test_unknown_validation_set_fails_before_compute(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_missing_tokenizer_fails_before_compute(tmp_path, capsys):
+    assert _train(tmp_path / "run", f"model.tokenizer={tmp_path / 'no-tok'}") == 2
+    _one_line_error(capsys, "model.tokenizer", "no-tok")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/sub"])
 def test_train_out_naming_a_file(tmp_path, capsys, out):
     (tmp_path / "afile").write_text("x")
