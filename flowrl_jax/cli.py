@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlowRLError as e:  # bad input: the message names the culprit, no traceback
         print(f"flowrl-jax {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a handler of its own (train has one)
+        print(f"\nflowrl-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> int:

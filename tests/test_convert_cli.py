@@ -38,7 +38,7 @@ def test_convert_cli_round_trip(tmp_path):
     ids = np.arange(10)[None] * 7 % 128
     out_model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert np.array_equal(hf_logits(out_model, ids), hf_logits(ref, ids))
-    # bad input: a clear one-line error and exit status 1
+    # bad input: a clear one-line error and exit status 2 (cli.main prints FlowRLErrors)
     r = cli("orbax-to-hf", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "missing: checkpoint directory does not exist" in r.stderr
+    assert r.returncode == 2 and "missing: checkpoint directory does not exist" in r.stderr
     assert "Traceback" not in r.stderr

@@ -314,27 +314,40 @@ def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
     main_dtype = DTYPE_NAMES.get(dtypes.most_common(1)[0][0], "float32")
 
     writer = jax.process_index() == 0
+    # Process 0 writes into a staging folder beside `out` and moves the files in at the end,
+    # so a failure (disk full, a bad tokenizer dir) leaves no partial export.
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        for old in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
-            old.unlink(missing_ok=True)  # stale shards of an earlier export
-    for fname, shard in zip(names, shards):
+        if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+            raise CheckpointError(f"{tokenizer_dir}: tokenizer directory not found")
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    try:
+        for fname, shard in zip(names, shards):
+            if writer:
+                write_file(stage / fname, shard)
+            else:
+                for sp in shard:  # other processes join the gathers
+                    sp.fetch()
         if writer:
-            write_file(out / fname, shard)
-        else:
-            for sp in shard:  # other processes join the gathers
-                sp.fetch()
-    if writer:
-        if n > 1:
-            index = {"metadata": {"total_size": sum(sp.nbytes for sp in specs)},
-                     "weight_map": {sp.name: fname for fname, shard in zip(names, shards)
-                                    for sp in shard}}
-            _write_json(out / INDEX_FILE, index)
-        _write_json(out / "config.json", arch.to_hf_dict(torch_dtype=main_dtype))
-        gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
-        _write_json(out / "generation_config.json", gen)
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, out)
+            if n > 1:
+                index = {"metadata": {"total_size": sum(sp.nbytes for sp in specs)},
+                         "weight_map": {sp.name: fname for fname, shard in zip(names, shards)
+                                        for sp in shard}}
+                _write_json(stage / INDEX_FILE, index)
+            _write_json(stage / "config.json", arch.to_hf_dict(torch_dtype=main_dtype))
+            gen = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
+            _write_json(stage / "generation_config.json", gen)
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, stage)
+            out.mkdir(parents=True, exist_ok=True)
+            for old in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
+                old.unlink(missing_ok=True)  # stale shards of an earlier export
+            for f in stage.iterdir():
+                os.replace(f, out / f.name)
+    finally:
+        if writer:
+            shutil.rmtree(stage, ignore_errors=True)
     return ExportSummary(out, sum(int(np.prod(sp.shape)) for sp in specs),
                          sum(sp.nbytes for sp in specs), main_dtype, tuple(names),
                          time.perf_counter() - t0)

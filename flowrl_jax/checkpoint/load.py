@@ -45,8 +45,8 @@ def model_kind(path: PathLike) -> tuple[str, Path]:
 
 
 def arch_from_config(cfg: ModelConfig) -> ModelArch:
-    """The architecture from model.arch/preset or the checkpoint's config (no weights read);
-    errors are ConfigErrors naming the model key."""
+    """The architecture from model.arch/preset or the checkpoint's config (weight file headers
+    checked, no weights read); errors are ConfigErrors naming the model key."""
     if cfg.path is None:
         if cfg.arch is None:
             raise ConfigError("model: set model.path (a HF or Orbax checkpoint) or model.preset")
@@ -56,7 +56,9 @@ def arch_from_config(cfg: ModelConfig) -> ModelArch:
     try:
         kind, d = model_kind(cfg.path)
         if kind == "hf":
-            return hf.read_arch(d)
+            arch = hf.read_arch(d)
+            hf.index_tensors(d)  # every weight file's header, so garbage fails before compute
+            return arch
         return orbax.read_model_json(orbax.resolve_checkpoint_dir(d))[0]
     except ConfigError:
         raise

@@ -7,13 +7,18 @@ read the run), and per saved step (checkpoint/manager.py writes them atomically,
            every other role (Z-network, critic);
   meta   — step, data-iterator state, metric history, the run's fingerprint and the time.
 The fingerprint is the part of the config a resumed run must not change (algorithm, seed,
-batch geometry); a mismatch is a ConfigError naming the key. The train state is any object
+batch geometry, dtypes); with model.json's architecture it is compared with the config before
+anything is restored, and a mismatch is a ConfigError naming every differing key that touches
+nothing (checkpoint/manager.py also compares the stored array shapes). A run never starts
+again from step 0 over step directories or set-aside checkpoints. The train state is any object
 with `params` (by role, "policy" an nnx.State), `step`, `skipped`, `rng`, `opt_state` and
 `replace(**fields)` (rl/train_state.py's TrainState).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +27,16 @@ from typing import Any, Optional
 from flax import nnx
 
 from flowrl_jax.checkpoint.manager import TrainCheckpointManager
-from flowrl_jax.checkpoint.orbax import RUN_CHECKPOINTS, write_model_json
+from flowrl_jax.checkpoint.orbax import MODEL_JSON, RUN_CHECKPOINTS, write_model_json
 from flowrl_jax.config import Config, ConfigError, ModelArch
+from flowrl_jax.errors import CheckpointError
 from flowrl_jax.paths import as_path
 
 #: fingerprint key → the config key an error names
-_CONFIG_KEY = {"algo": "algo.name", "seed": "seed"}
+_CONFIG_KEY = {"algo": "algo.name", "seed": "seed", "prompts_per_step": "rollout.prompts_per_step",
+               "samples_per_prompt": "rollout.samples_per_prompt",
+               "mini_batch_size": "trainer.mini_batch_size", "param_dtype": "model.param_dtype",
+               "compute_dtype": "model.compute_dtype"}
 
 
 @dataclass
@@ -45,7 +54,36 @@ def fingerprint(cfg: Config) -> dict:
     return {"algo": cfg.algo.name, "seed": cfg.seed,
             "prompts_per_step": cfg.rollout.prompts_per_step,
             "samples_per_prompt": cfg.rollout.samples_per_prompt,
-            "mini_batch_size": cfg.trainer.mini_batch_size}
+            "mini_batch_size": cfg.trainer.mini_batch_size,
+            "param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype}
+
+
+def _mismatch(out: Any, diffs: list[tuple[str, Any, Any]]) -> ConfigError:
+    """One line naming every (config key, saved, now) difference."""
+    parts = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+    return ConfigError(f"the run in {out} was started with other settings ({parts}); nothing "
+                       "was changed: rerun with the original settings, or use a new --out")
+
+
+def check_saved_model(out: str | Path, arch: ModelArch, param_dtype: str) -> None:
+    """ConfigError when OUT/checkpoints/model.json (the architecture and parameter dtype the
+    run's checkpoints hold) differs from the config's; no model.json or no step, no check."""
+    p = as_path(out) / RUN_CHECKPOINTS / MODEL_JSON
+    try:
+        if not p.exists() or not any(c.name.isdigit() for c in p.parent.iterdir()):
+            return  # nothing saved that a change would not fit
+        body = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: cannot be read ({type(e).__name__}: {e}); nothing was "
+                              "changed") from e
+    saved = dict(body.get("arch") or {})
+    now = dataclasses.asdict(arch)
+    diffs = [(f"model.arch.{k}", saved[k], v) for k, v in now.items()
+             if k in saved and saved[k] != v]
+    if "param_dtype" in body and body["param_dtype"] != param_dtype:
+        diffs.append(("model.param_dtype", body["param_dtype"], param_dtype))
+    if diffs:
+        raise _mismatch(out, diffs)
 
 
 def policy_tree(state: Any) -> Any:
@@ -80,14 +118,32 @@ class RunCheckpoint:
                 "fingerprint": fingerprint(self.cfg), "time": time.time()}
         self.manager.save(step, policy_tree(state), train_tree(state), meta)
 
-    def restore(self, state: Any, allow_resume: bool = True) -> Optional[Resumed]:
-        """The newest restorable checkpoint laid into `state`'s structure, or None."""
+    def restore(self, state: Any, allow_resume: bool = True,
+                arch: Optional[ModelArch] = None) -> Optional[Resumed]:
+        """The newest restorable checkpoint laid into `state`'s structure; None for a fresh run.
+
+        Refuses (touching nothing) when the checkpoints were made with other settings, and
+        never returns None while step directories or set-aside checkpoints exist (a fresh
+        start there needs --no-resume, which still refuses over restorable steps)."""
         steps = self.manager.all_steps()
         if not steps:
+            stray, aside = self.manager.step_dirs(), self.manager.set_aside()
+            if stray:
+                raise CheckpointError(f"--out {self.out} holds step directories {stray} that "
+                                      f"are not complete checkpoints in {self.dir}; the run does "
+                                      "not restart from step 0 over them: move them away or "
+                                      "use a new --out")
+            if aside and allow_resume:
+                raise CheckpointError(f"--out {self.out} holds checkpoints set aside as corrupt "
+                                      f"in {self.manager.set_aside_dir} ({', '.join(aside)}); the "
+                                      "run does not restart from step 0 over them: use a new "
+                                      "--out, or --no-resume to start again from step 0 here")
             return None
         if not allow_resume:
             raise ConfigError(f"--out {self.out}: holds checkpoints {steps} but resuming was "
                               "disabled")
+        if arch is not None:
+            check_saved_model(self.out, arch, self.cfg.model.param_dtype)
         got = self.manager.restore_latest(policy_tree(state), train_tree(state),
                                           check=self._check_fingerprint)
         if got is None:
@@ -102,13 +158,10 @@ class RunCheckpoint:
 
     def _check_fingerprint(self, meta: dict) -> None:
         saved = meta.get("fingerprint", {})
-        diff = {k: (saved.get(k), v) for k, v in fingerprint(self.cfg).items()
-                if k in saved and saved[k] != v}
-        if diff:
-            key = next(iter(diff))
-            raise ConfigError(f"{_CONFIG_KEY.get(key, key)}: the run in {self.out} was started "
-                              f"with {diff[key][0]!r}, now {diff[key][1]!r}; use a new --out to "
-                              "change it")
+        diffs = [(_CONFIG_KEY.get(k, k), saved[k], v) for k, v in fingerprint(self.cfg).items()
+                 if k in saved and saved[k] != v]
+        if diffs:
+            raise _mismatch(self.out, diffs)
 
     def wait(self) -> None:
         """Block until pending async saves are written."""

@@ -1,4 +1,8 @@
-"""`flowrl-jax convert hf-to-orbax | orbax-to-hf`: move checkpoints to and from HF format."""
+"""`flowrl-jax convert hf-to-orbax | orbax-to-hf`: move checkpoints to and from HF format.
+
+Every argument is checked before anything is read or written; bad input is one line naming the
+flag (exit 2), and a failed export leaves no partial HF directory (checkpoint/hf.py stages it).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from flowrl_jax.checkpoint.safetensors_io import parse_size
+from flowrl_jax.errors import ConfigError
+from flowrl_jax.paths import check_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,14 +84,32 @@ def _orbax_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from flowrl_jax.checkpoint import CheckpointError
+def check_args(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag for any argument that cannot work (nothing touched yet)."""
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step: must be >= 0, got {args.step}")
+    check_output_dir(args.out)
+    if args.direction == "orbax-to-hf":
+        try:
+            size = parse_size(args.shard_size)
+        except ValueError as e:
+            raise ConfigError(f"--shard-size: {e}") from None
+        if size <= 0:
+            raise ConfigError(f"--shard-size: must be > 0, got {args.shard_size!r}")
+        from flowrl_jax.checkpoint.hf import has_tokenizer  # imports JAX: converting only
 
+        tok = args.tokenizer
+        if tok is not None and not Path(tok).is_dir():
+            raise ConfigError(f"--tokenizer {tok}: not a directory")
+        if tok is not None and not has_tokenizer(tok):
+            raise ConfigError(f"--tokenizer {tok}: holds no tokenizer files (tokenizer.json, "
+                              "vocab.json or tokenizer.model)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point; errors (flowrl_jax.errors) reach `cli.main`, which prints them as one line."""
     if not args.direction:
         print("flowrl-jax convert: choose hf-to-orbax or orbax-to-hf", file=sys.stderr)
         return 2
-    try:
-        return _hf_to_orbax(args) if args.direction == "hf-to-orbax" else _orbax_to_hf(args)
-    except CheckpointError as e:
-        print(f"flowrl-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    check_args(args)
+    return _hf_to_orbax(args) if args.direction == "hf-to-orbax" else _orbax_to_hf(args)

@@ -1,7 +1,10 @@
 """`flowrl-jax train --config FILE [--out DIR] [key=value ...]`: RL post-training.
 
 Rerunning the same command with the same `--out` resumes from the newest complete
-checkpoint in `OUT/checkpoints` (bit-exactly: data position, RNG, optimizer all restored).
+checkpoint in `OUT/checkpoints` (bit-exactly: data position, RNG, optimizer all restored); a
+config that does not fit the saved checkpoints is refused before anything is touched.
+SIGTERM or Ctrl-C stops after the current step with a checkpoint (Ctrl-C: exit status 130); a
+second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="run directory (default runs/<config name>); reused to resume")
     parser.add_argument("--no-resume", action="store_true",
-                        help="refuse to start when OUT already holds checkpoints")
+                        help="refuse to start when OUT already holds checkpoints (when it only "
+                             "holds checkpoints set aside as corrupt: start again from step 0)")
     parser.add_argument("--no-console", action="store_true",
                         help="no live progress display (logs and metrics.jsonl only)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -48,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, out, console=not args.no_console,
                           allow_resume=not args.no_resume)
-        trainer.run()
+        result = trainer.run()
     except ConfigError as e:
         print(f"flowrl-jax train: config error: {e}", file=sys.stderr)
         return 2
+    if result.stopped_by == "SIGINT":
+        print(f"flowrl-jax train: interrupted: stopped after step {result.step} with a "
+              f"checkpoint in {out}; rerun the same command to continue", file=sys.stderr)
+        return 130
     return 0

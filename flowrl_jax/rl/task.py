@@ -25,9 +25,9 @@ import numpy as np
 
 from flowrl_jax.config import Config, ConfigError
 from flowrl_jax.data.pipeline import PromptEncoder, build_train_pipeline, load_train_records
-from flowrl_jax.data.registry import load_eval_set
+from flowrl_jax.data.registry import REGISTRY, load_eval_set
 from flowrl_jax.data.tokenizer import load_tokenizer
-from flowrl_jax.rewards import RewardPool
+from flowrl_jax.rewards import RewardPool, available_rewards
 
 
 @dataclass
@@ -111,6 +111,14 @@ class _PipelineSource:
         self.it.close()
 
 
+def _check_source(source: str, key: str, known: dict[str, str]) -> None:
+    """ConfigError naming `key` when no reward is registered for data source `source`."""
+    if source not in known:
+        raise ConfigError(f"{key}: no reward registered for data_source {source!r} (known: "
+                          f"{', '.join(sorted(known))}; register one with "
+                          "flowrl_jax.rewards.register_reward)")
+
+
 class DataTask:
     """Training prompts from `cfg.data` (tokenised, chat-templated), rewards by data source."""
 
@@ -128,8 +136,22 @@ class DataTask:
         return self._pool
 
     def check(self) -> None:
-        """Fail early (before compute) on unreadable data: loads the training records."""
-        load_train_records(self.cfg.data)
+        """Fail early (before compute): the training records load, every reward data_source
+        they name is registered, and every validation set exists."""
+        data = self.cfg.data
+        known = available_rewards()
+        for spec in data.custom:
+            _check_source(spec.data_source, f"data.custom ({spec.name}).data_source", known)
+        records, _ = load_train_records(data)
+        for source in sorted({r.data_source for r in records}):
+            _check_source(source, "data.train", known)
+        if self.cfg.trainer.validate_every:
+            customs = {s.name for s in data.custom}
+            for name in self.cfg.eval.sets:
+                if name not in REGISTRY and name not in customs:
+                    raise ConfigError(f"eval.sets: unknown data set {name!r} (registry: "
+                                      f"{', '.join(REGISTRY)}; data.custom: "
+                                      f"{', '.join(sorted(customs)) or 'none'})")
 
     def prompt_source(self, cfg: Config, process_index: int, process_count: int) -> PromptSource:
         it = build_train_pipeline(cfg, self.tokenizer, 1, cfg.rollout.prompts_per_step,

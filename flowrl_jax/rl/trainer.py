@@ -39,7 +39,9 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,13 +56,13 @@ import yaml
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.checkpoint.hf import export_hf
 from flowrl_jax.checkpoint.load import arch_from_config, model_from_config
-from flowrl_jax.checkpoint.run import RunCheckpoint
+from flowrl_jax.checkpoint.run import RunCheckpoint, check_saved_model
 from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
 from flowrl_jax.distributed import HostReplica, any_process, to_host
 from flowrl_jax.hardware import peak_flops
 from flowrl_jax.memory import check_fits
 from flowrl_jax.mesh import make_mesh, resolve_axis_sizes
-from flowrl_jax.paths import as_path
+from flowrl_jax.paths import as_path, check_output_dir
 from flowrl_jax.rl.metrics import step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
@@ -83,6 +85,7 @@ class TrainResult:
     state: Any
     history: list[dict] = field(default_factory=list)
     out_dir: Optional[Path] = None
+    stopped_by: Optional[str] = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -107,7 +110,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._mesh = mesh
         self._ready = False
-        self._sigterm = False
+        self._stop_signal: Optional[str] = None
 
     # ================================================================== set-up
 
@@ -119,10 +122,22 @@ class Trainer:
         return self._task
 
     def preflight(self) -> Any:
-        """Checks that need no compute: model path, data readable, memory fits; returns the arch."""
+        """Checks that need no compute: the run directory can be made, the model path reads
+        (weight headers included), the run's saved architecture matches, data readable with
+        registered rewards, memory fits; returns the arch."""
         cfg = self.cfg
+        check_output_dir(self.out)
         arch = arch_from_config(cfg.model)
-        check = getattr(self.task, "check", None)
+        if self.allow_resume:
+            check_saved_model(self.out, arch, cfg.model.param_dtype)
+        try:
+            task = self.task
+        except ConfigError:
+            raise
+        except (OSError, ValueError) as e:  # e.g. the tokenizer of the data task
+            raise ConfigError(f"model.tokenizer: cannot load the tokenizer "
+                              f"({cfg.model.tokenizer or cfg.model.path or 'packaged'}): {e}") from e
+        check = getattr(task, "check", None)
         if check is not None:
             try:
                 check()
@@ -171,7 +186,7 @@ class Trainer:
 
     def _restore(self) -> tuple[int, list[dict]]:
         """Continue from the newest restorable checkpoint; (next step, metric history)."""
-        got = self.ckpt.restore(self.state, self.allow_resume)
+        got = self.ckpt.restore(self.state, self.allow_resume, self.arch)
         if got is None:
             return 0, []
         self.state = got.state
@@ -295,14 +310,20 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train from the newest checkpoint (or scratch) to `trainer.steps`.
 
-        SIGTERM (preemption) stops at the next step boundary after a checkpoint of that
-        step; rerunning the command continues from it.
+        SIGTERM (preemption) and Ctrl-C (SIGINT) stop at the next step boundary after a
+        checkpoint of that step; rerunning the command continues from it. A second Ctrl-C
+        exits at once (complete checkpoints are never touched by an exit).
         """
-        if not self._ready:
-            self.setup()
+        try:
+            if not self._ready:
+                self.setup()
+        except BaseException:
+            self.close()  # finish the checkpoint manager's threads before the error surfaces
+            raise
         cfg = self.cfg.trainer
         done = self.start_step
-        restore_handler = self._catch_sigterm()
+        stopped = None
+        restore_handlers = self._catch_stop_signals()
         try:
             for step in range(self.start_step, cfg.steps):
                 m = self.rollout_step(step)
@@ -314,12 +335,14 @@ class Trainer:
                     self.logger.table(rec)
                 for cb in self.callbacks:
                     cb(self, done, rec)
-                stop = any_process(self._sigterm)  # agreed by all, so all save the same step
+                # agreed by all processes, so all save the same step
+                stop = any_process(self._stop_signal is not None)
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
                     self.save(done)
                 if stop:
                     self.ckpt.wait()
-                    self._info(f"stopping after step {done} (SIGTERM); rerun to continue")
+                    stopped = self._stop_signal or "SIGTERM"  # another process was signalled
+                    self._info(f"stopping after step {done} ({stopped}); rerun to continue")
                     break
             else:
                 self.ckpt.wait()
@@ -331,21 +354,36 @@ class Trainer:
                                     "`flowrl-jax convert orbax-to-hf --ckpt %s/checkpoints`",
                                     self.out, self.out)
         finally:
-            restore_handler()
+            restore_handlers()
             self.close()
-        return TrainResult(max(done, self.start_step), self.state, self.logger.history, self.out)
+        return TrainResult(max(done, self.start_step), self.state, self.logger.history, self.out,
+                           stopped)
 
-    def _catch_sigterm(self) -> Callable[[], None]:
-        """Turn SIGTERM into a stop request (main thread only); returns the undo function."""
-        self._sigterm = False
+    def _catch_stop_signals(self) -> Callable[[], None]:
+        """Turn SIGTERM and the first Ctrl-C into a stop request at the next step boundary
+        (main thread only); a second Ctrl-C exits at once. Returns the undo function."""
+        self._stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
-        def handler(signum, frame):
-            self._sigterm = True
+        def on_term(signum, frame):
+            self._stop_signal = self._stop_signal or "SIGTERM"
 
-        previous = signal.signal(signal.SIGTERM, handler)
-        return lambda: signal.signal(signal.SIGTERM, previous)
+        def on_int(signum, frame):
+            if self._stop_signal == "SIGINT":
+                # Orbax renames a step dir only once complete, so no checkpoint is harmed
+                sys.stderr.write("\nflowrl-jax train: second Ctrl-C: exiting now; rerun to "
+                                 "continue from the last complete checkpoint\n")
+                sys.stderr.flush()
+                os._exit(130)
+            self._stop_signal = "SIGINT"
+            sys.stderr.write("\nflowrl-jax train: Ctrl-C: stopping after this step with a "
+                             "checkpoint (Ctrl-C again to exit at once)\n")
+            sys.stderr.flush()
+
+        previous = {sig: signal.signal(sig, fn)
+                    for sig, fn in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int))}
+        return lambda: [signal.signal(sig, fn) for sig, fn in previous.items()]
 
     def export_hf(self, out_dir: Path) -> None:
         """Write the policy (Z-network / critic stripped) as a HF checkpoint."""
