@@ -26,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
     add_sampling_arguments(parser, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=8192)
     parser.add_argument("--limit", type=int, default=None, help="first K problems per benchmark")
-    parser.add_argument("--out", required=True, help="output directory (resumable)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (resumable onto the same model and settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start --out afresh (remove an earlier eval's samples and tables) "
+                             "instead of resuming; needed when the model or settings changed")
     parser.add_argument("--data-dir", default=None,
                         help="data root (default: $FLOWRL_DATA_DIR, else the packaged copy)")
     add_sampling_arguments(parser, seed=0)
@@ -79,6 +83,13 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                     ("--batch-prompts", args.batch_prompts)):
         if v < 1:
             raise EvalError(f"{flag} must be >= 1, got {v}")
+    # the engine would refuse these only after --out was set up: refuse them first
+    if args.temperature < 0:
+        raise EvalError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise EvalError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     data_dir = resolve_data_dir(args.data_dir)
@@ -106,7 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         diversity_on=diversity_on, judge_cfg=judge_cfg, cf_standings=standings,
         show_progress=not args.no_progress, dtype=args.dtype, devices=args.devices,
         decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
-        prefill_buckets=parse_buckets(args.prefill_buckets))
+        prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
