@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowrl_jax.commands.common_args import add_sampling_arguments
+from flowrl_jax.commands.common_args import add_device_arguments, add_sampling_arguments
 from flowrl_jax.eval.judge import config_from_env
 from flowrl_jax.eval.records import EvalError
 from flowrl_jax.eval.suites import DIVERSITY_DEFAULT, KNOWN, parse_diversity, parse_suite
@@ -48,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '{contest_id: {"problems": [{"index", "points"?}], "rows": '
                              '[{"points", "penalty"}], "old_ratings": [...]}} (rated users only)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help="compute/KV-cache dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    parser.add_argument("--devices", default="auto", choices=("auto", "1", "all"),
-                        help="devices to shard the model over (auto: all on GPU/TPU, 1 on CPU)")
+    add_device_arguments(parser)
     add_sampling_arguments(parser, decode_slots=256, decode_chunk=64)
     parser.add_argument("--prefill-buckets", default=None,
                         help="comma-separated prompt-length buckets (fewer buckets = fewer "
