@@ -352,7 +352,8 @@ def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9
     thread.start()
 
     async def make():
-        server = grpc.aio.server(executor)
+        # no SO_REUSEPORT: a second server on a busy port must fail, not share the port
+        server = grpc.aio.server(executor, options=[("grpc.so_reuseport", 0)])
         js.jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
             ValidatingOrchestrator(driver, engine, service), server)
         bound = server.add_insecure_port(f"{host}:{port}")
