@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes); 0 = score inline")
     parser.add_argument("--diversity", default=",".join(DIVERSITY_DEFAULT),
                         help="benchmarks to compute diversity metrics on: NAME[,NAME] | all | none")
+    parser.add_argument("--self-bleu", default="add1", choices=("add1", "texygen"),
+                        help="self-BLEU convention: add1 = BLEU-4 with add-one smoothing (default); "
+                             "texygen = BLEU-3 with NLTK smoothing method1, as in Texygen and the "
+                             "papers that use it")
     parser.add_argument("--judge", action="store_true",
                         help="also ask the LLM judge (FLOWRL_JUDGE_URL etc.) for diversity scores")
     parser.add_argument("--cf-standings", default=None,
@@ -114,7 +118,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         diversity_on=diversity_on, judge_cfg=judge_cfg, cf_standings=standings,
         show_progress=not args.no_progress, dtype=args.dtype, devices=args.devices,
         decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
-        prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite)
+        prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite,
+        self_bleu=args.self_bleu)
 
 
 def run(args: argparse.Namespace) -> int:

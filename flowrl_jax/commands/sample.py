@@ -56,9 +56,13 @@ def _emit(args: argparse.Namespace, rec: dict) -> None:
 
 def _run_server(args: argparse.Namespace, prompts: list[str]) -> int:
     """Ask a `flowrl-jax serve` over gRPC, with this command's sampling settings per request."""
-    import grpc
+    try:  # the serve extra (google-jetstream, grpcio)
+        import grpc
 
-    from flowrl_jax.sampling.jetstream import request_samples
+        from flowrl_jax.sampling.jetstream import request_samples
+    except ImportError as e:
+        print(f"flowrl-jax sample: --server: {e}", file=sys.stderr)
+        return 2
 
     settings = {k: v for k, v in sampling_kwargs(args).items() if k != "max_new_tokens"}
     # --chat: the server renders the prompt with its tokenizer's chat template

@@ -68,13 +68,14 @@ class EvalSettings:
     decode_chunk: int
     prefill_buckets: Sequence[int] | None  # None = powers of two up to the context
     overwrite: bool = False  # remove an earlier eval's files in `out` instead of resuming
+    self_bleu: str = "add1"  # self-BLEU convention (eval/diversity.py SELF_BLEU_VARIANTS)
 
 
 def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int, seed: int,
              batch_prompts: int, scorer: Scorer, config: dict[str, Any],
              diversity_on: Sequence[str] = DIVERSITY_DEFAULT, data_dir: Path | None = None,
              judge_cfg: JudgeConfig | None = None, cf_standings: dict | None = None,
-             show_progress: bool = False) -> dict[str, Any]:
+             show_progress: bool = False, self_bleu: str = "add1") -> dict[str, Any]:
     """The whole eval given problems and a backend (the CLI and tests both go through here)."""
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, config)
@@ -82,7 +83,8 @@ def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int
     new = generate_and_score(problems, backend, scorer, out / "samples.jsonl", n, seed,
                              batch_prompts, show_progress)
     samples = read_samples(out / "samples.jsonl")
-    summary = summarize(problems, samples, diversity_on, data_dir, judge_cfg, cf_standings)
+    summary = summarize(problems, samples, diversity_on, data_dir, judge_cfg, cf_standings,
+                        self_bleu_variant=self_bleu)
     write_outputs(out, summary, {"model": config.get("model"), "config": config,
                                  "new_samples": new, "wall_s": round(time.time() - t0, 3)})
     return summary
@@ -134,6 +136,6 @@ def evaluate_model(s: EvalSettings) -> dict[str, Any]:
                         batch_prompts=s.batch_prompts, scorer=scorer, config=config,
                         diversity_on=s.diversity_on, data_dir=s.data_dir,
                         judge_cfg=s.judge_cfg, cf_standings=s.cf_standings,
-                        show_progress=s.show_progress)
+                        show_progress=s.show_progress, self_bleu=s.self_bleu)
     finally:
         scorer.close()
