@@ -70,6 +70,7 @@ def test_models_lists_the_served_directory_name(served):
     assert [m["id"] for m in data["data"]] == [MODEL_ID] and data["object"] == "list"
 
 
+@pytest.mark.slow
 def test_per_request_temperature_and_greedy_equals_engine(served):
     core, model, tok, base = served
     prompt = "w5 w9 w11 w4"
@@ -141,6 +142,7 @@ def test_unknown_route_and_bad_json(served):
     assert code == 404 and "/v1/chat/completions" in r["error"]["message"]
 
 
+@pytest.mark.slow
 def test_eval_judge_client_speaks_to_this_server(served):
     """`eval --judge` pointed at our server: the request/response shape works end to end (a
     random model never writes "Score: N", so the judge records its reply as unscored)."""
@@ -152,6 +154,10 @@ def test_eval_judge_client_speaks_to_this_server(served):
     res = jg.judge_benchmark(cfg, {"p": "w3 w4"}, {"p": ["w5", "w6 w7"]})
     err = res["per_problem"]["p"]["error"]
     assert res["num_failed"] == 1 and "no score in reply" in err and "HTTP" not in err
+    # a wrong FLOWRL_JUDGE_MODEL is named in the judge's error (not retried: 404)
+    wrong = jg.JudgeConfig(url=base, model="gpt-4o-mini", retries=3, backoff_s=0.0)
+    with pytest.raises(jg.JudgeError, match="HTTP 404: the model 'gpt-4o-mini' does not exist"):
+        jg.judge_problem(wrong, "w3", ["w5"])
 
 
 def _openai():
