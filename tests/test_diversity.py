@@ -118,3 +118,41 @@ def test_fast_self_bleu_equals_pairwise_definition():
         slow = sum(dv.bleu(h, [r for j, r in enumerate(samples) if j != i])
                    for i, h in enumerate(samples)) / len(samples)
         assert dv.self_bleu(samples) == pytest.approx(slow, rel=1e-12, abs=1e-15)
+
+
+def test_texygen_self_bleu_hand_computed():
+    """Texygen convention: BLEU-3, NLTK smoothing method1 (a zero count becomes 0.1)."""
+    hyp, ref = list("abcd"), list("abxd")
+    # unigrams 3/4, bigrams 1/3 (ab), trigrams 0/2 → 0.1/2; equal lengths → no brevity penalty
+    want = (0.75 * (1 / 3) * 0.05) ** (1 / 3)
+    assert dv.bleu(hyp, [ref], 3, "epsilon") == pytest.approx(want, rel=1e-12)
+    assert dv.self_bleu([hyp, ref], 3, "epsilon") == pytest.approx(want, rel=1e-12)
+    # the default (add-one, BLEU-4) differs on the same pair: (3/4 · 2/4 · 1/3 · 1/2)^(1/4)
+    assert dv.bleu(hyp, [ref]) == pytest.approx((0.75 * 0.5 * (1 / 3) * 0.5) ** 0.25, rel=1e-12)
+    assert dv.bleu(list("ab"), [list("xy")], 3, "epsilon") == 0.0  # no unigram match
+
+
+def test_self_bleu_variant_is_named_and_selectable():
+    samples = [{"prompt_id": "p", "sample_index": i, "text": t, "score": 0.0}
+               for i, t in enumerate(["a b c d", "a b x d"])]
+    default = dv.benchmark_diversity(samples)
+    tex = dv.benchmark_diversity(samples, self_bleu_variant="texygen")
+    assert default["self_bleu_variant"].startswith("add1: BLEU-4")
+    assert tex["self_bleu_variant"].startswith("texygen: BLEU-3")
+    assert tex["mean"]["self_bleu"] == pytest.approx((0.75 * (1 / 3) * 0.05) ** (1 / 3))
+    assert default["mean"]["self_bleu"] != tex["mean"]["self_bleu"]
+    with pytest.raises(ValueError, match="unknown self-BLEU variant 'nltk'"):
+        dv.problem_diversity(["a", "b"], self_bleu_variant="nltk")
+
+
+def test_fast_self_bleu_equals_pairwise_with_epsilon_smoothing():
+    import random
+
+    rng = random.Random(1)
+    vocab = "a b c d e f g".split()
+    for trial in range(20):
+        samples = [[rng.choice(vocab) for _ in range(rng.randint(0 if trial else 1, 12))]
+                   for _ in range(rng.randint(2, 6))]
+        slow = sum(dv.bleu(h, [r for j, r in enumerate(samples) if j != i], 3, "epsilon")
+                   for i, h in enumerate(samples) if h) / len(samples)
+        assert dv.self_bleu(samples, 3, "epsilon") == pytest.approx(slow, rel=1e-12, abs=1e-15)

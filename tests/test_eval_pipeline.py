@@ -222,3 +222,16 @@ def test_samples_hit_disk_while_the_next_chunk_generates(tmp_path):
     finally:
         scorer.close()
     assert seen == [8]  # chunk 1 (2 prompts × 4) was on disk before chunk 2 finished
+
+
+def test_self_bleu_variant_reaches_summary_and_results(tmp_path):
+    run_eval(_problems(), FakeBackend(), tmp_path, n=4, seed=3, batch_prompts=2,
+             scorer=Scorer(0, fake_score), config={"model": "fake"}, diversity_on=("aime24",),
+             self_bleu="texygen")
+    summ = json.loads((tmp_path / "summary.json").read_text())
+    assert summ["diversity"]["aime24"]["self_bleu_variant"].startswith("texygen: BLEU-3")
+    assert "self_bleu: texygen: BLEU-3" in (tmp_path / "results.md").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert all(r["gold"] == "7" for r in rows)
+    assert all(r["extracted"] == r["text"].rsplit("Answer: ", 1)[1] for r in rows)
+    assert {r["extracted"] for r in rows} == {"7", "8"}

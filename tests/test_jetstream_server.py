@@ -23,6 +23,7 @@ MAX_NEW = 12
 def served(tmp_path_factory):
     root = logging.getLogger()
     before = (root.level, list(root.handlers))
+    from flowrl_jax.sampling.completions import CompletionService
     from flowrl_jax.sampling.jetstream import FlowRLEngine, start_server
 
     assert (root.level, list(root.handlers)) == before  # compat restored the root logger
@@ -35,7 +36,8 @@ def served(tmp_path_factory):
                           verbose=False)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)
     engine = FlowRLEngine(core, model, tok, str(tok_dir), sampling, max_prefill_length=32, slots=4)
-    server = start_server(engine, host="127.0.0.1", port=0)
+    service = CompletionService(core, model, tok, sampling, max_new_tokens_limit=MAX_NEW)
+    server = start_server(engine, host="127.0.0.1", port=0, service=service)
     try:
         yield core, model, tok, f"127.0.0.1:{server.port}"
     finally:
@@ -134,11 +136,82 @@ def test_sample_cli_client(served, capsys):
 
     core, model, tok, addr = served
     code = main(["sample", "--server", addr, "--prompt", "w3 w4", "--n", "2", "--max-new-tokens", "5",
-                 "--json"])
+                 "--temperature", "0", "--json"])
     recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     ref = _reference(core, model, [tok.encode("w3 w4", add_special_tokens=False)], 5)[0]
     assert code == 0 and [r["sample_index"] for r in recs] == [0, 1]
     assert all(r["token_ids"] == ref for r in recs)
+
+
+def test_sample_server_honours_temperature(served, capsys):
+    """`sample --server --temperature T --seed S` gives what local sampling with the same
+    settings gives (it used to be silently the server's greedy setting)."""
+    import json
+
+    from flowrl_jax.cli import main
+
+    core, model, tok, addr = served
+    ids = tok.encode("w3 w4", add_special_tokens=False)
+    sp = SamplingParams(temperature=1.5, n=4, seed=5, max_new_tokens=6)
+    local = [t[:t.index(EOS)] if EOS in t else t
+             for t in core.generate(model, [ids], sp).token_lists()]
+    assert main(["sample", "--server", addr, "--prompt", "w3 w4", "--n", "4", "--seed", "5",
+                 "--max-new-tokens", "6", "--temperature", "1.5", "--json"]) == 0
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["token_ids"] for r in recs] == local
+    greedy = _reference(core, model, [ids], 6)[0]
+    assert any(t != greedy for t in local)  # the temperature had an effect
+
+
+def test_grpc_per_request_settings_and_context_refusal(served):
+    core, model, tok, addr = served
+    from flowrl_jax.sampling.jetstream import request, request_samples
+
+    ids = [5, 9, 13]
+    got = request_samples(addr, token_ids=ids, max_tokens=MAX_NEW, timeout=120,
+                          sampling={"temperature": 0, "n": 2})
+    assert [c.token_ids for c in got] == _reference(core, model, [ids, ids], MAX_NEW)
+    with pytest.raises(grpc.RpcError) as err:
+        request(addr, token_ids=[4] * 40, max_tokens=MAX_NEW, timeout=60,
+                sampling={"temperature": 0.5})  # validated like any request: too long
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 32" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        request(addr, token_ids=[4], max_tokens=2, timeout=60, sampling={"top_p": 2})
+    assert "top_p" in err.value.details()
+    assert len(request(addr, token_ids=[7, 8], max_tokens=2, timeout=60).token_ids) <= 2
+
+
+def test_context_length_refused_per_request(tmp_path):
+    """A prompt + max_tokens beyond max_position_embeddings is INVALID_ARGUMENT, not a crash."""
+    from flowrl_jax.sampling.jetstream import FlowRLEngine, js
+
+    tok = word_tokenizer(64)
+    arch = tiny_arch(64, eos_token_id=EOS, max_position_embeddings=24)
+    model = tiny_model(arch, seed=2)
+    core = SamplingEngine(model, decode_slots=2, decode_chunk=4, prefill_buckets=(16,),
+                          verbose=False)
+    engine = FlowRLEngine(core, model, tok, str(tmp_path), SamplingParams(max_new_tokens=8),
+                          max_prefill_length=32, slots=2)
+    pb = js.jetstream_pb2
+    req = pb.DecodeRequest(token_content=pb.DecodeRequest.TokenContent(token_ids=[4] * 16),
+                           max_tokens=8)
+    assert engine.validate_request(req) is None  # 16 + 8 = 24 fits
+    req.token_content.token_ids.append(4)
+    assert "maximum context length is 24" in engine.validate_request(req)
+
+
+def test_sample_unreachable_server_one_line(capsys):
+    import socket
+
+    from flowrl_jax.cli import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["sample", "--server", f"127.0.0.1:{port}", "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -156,7 +229,8 @@ def test_serve_command_subprocess(tmp_path):
     save_hf_dir(tiny_model(arch, seed=3), arch, str(tmp_path), word_tokenizer(64))
     proc = subprocess.Popen(
         [sys.executable, "-m", "flowrl_jax.cli", "serve", "--model", str(tmp_path), "--port", "0",
-         "--slots", "2", "--max-new-tokens", "8", "--max-prefill-length", "16", "--temperature", "0"],
+         "--http-port", "0", "--slots", "2", "--max-new-tokens", "8", "--max-prefill-length", "16",
+         "--temperature", "0", "--devices", "auto", "--dtype", "auto"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=dict(os.environ))
     lines: list[str] = []
     ready = threading.Event()
@@ -164,7 +238,7 @@ def test_serve_command_subprocess(tmp_path):
     def reader():
         for line in proc.stderr:
             lines.append(line)
-            if "listening on" in line:
+            if "OpenAI-compatible API on" in line:  # printed after the gRPC line
                 ready.set()
 
     threading.Thread(target=reader, daemon=True).start()
@@ -173,6 +247,25 @@ def test_serve_command_subprocess(tmp_path):
         port = [ln for ln in lines if "listening on" in ln][-1].split(":")[-1].split()[0]
         c = request(f"127.0.0.1:{port}", text="w1 w2", max_tokens=4, timeout=60)
         assert 0 < len(c.token_ids) <= 4
+        assert "float32, 1 device(s)" in "".join(lines)  # --dtype/--devices auto on CPU
+        base = [ln for ln in lines if "OpenAI-compatible" in ln][-1].split(" on ")[1].split()[0]
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(base + "/models", timeout=30) as r:
+            assert json.loads(r.read())["data"][0]["id"] == tmp_path.name
+        req = urllib.request.Request(base + "/completions", method="POST", data=json.dumps(
+            {"model": tmp_path.name, "prompt": "w1 w2", "max_tokens": 4, "temperature": 0}).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["choices"][0]["finish_reason"] in ("stop", "length")
+
+        # a second serve on the same (busy) port: one line, exit 2
+        busy = subprocess.run([sys.executable, "-m", "flowrl_jax.cli", "serve", "--model",
+                               str(tmp_path), "--port", port, "--max-new-tokens", "8",
+                               "--max-prefill-length", "16"],
+                              capture_output=True, text=True, timeout=180)
+        assert busy.returncode == 2 and "could not bind" in busy.stderr, busy.stderr[-2000:]
+        assert "Traceback" not in busy.stderr
     finally:
         proc.terminate()
         try:

@@ -105,3 +105,60 @@ def test_read_metrics_is_the_training_loggers_reader(tmp_path):
                      f"{tmp_path / 'metrics.jsonl'}:5: skipped unparsable line "
                      "(Unterminated string starting at)"]
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1}, {"step": 2}]
+
+
+def _eval_config(run, **over):
+    eval_dir = next(p.parent for p in run.rglob("summary.json"))
+    cfg = {"model": "m", "model_digest": "d", "n": 8, "temperature": 0.6, "top_p": 0.95,
+           "top_k": 0, "max_new_tokens": 64, "limit": None,
+           "benchmarks": ["aime24", "math500"], **over}
+    (eval_dir / "eval_config.json").write_text(json.dumps(cfg))
+
+
+def test_unlike_settings_refused_unless_allow_mixed(tmp_path, capsys):
+    a, _ = _write_run(tmp_path, "flowrl", 0.4)
+    b, _ = _write_run(tmp_path, "grpo", 0.2)
+    _eval_config(a)
+    _eval_config(b, n=4, limit=3, benchmarks=["math500", "aime24"])  # suite order is no difference
+    out = tmp_path / "out"
+    args = argparse.Namespace(runs=[str(a), str(b)], out=str(out), labels=None, allow_mixed=False)
+    assert report_cmd.run(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--allow-mixed" in err
+    assert "n: flowrl=8, grpo=4" in err and "limit: flowrl=None, grpo=3" in err
+    assert "benchmarks" not in err and "temperature" not in err
+    assert not (out / "report.md").exists()
+
+    args.allow_mixed = True
+    assert report_cmd.run(args) == 0
+    md = (out / "report.md").read_text()
+    assert "Mixed evaluation settings" in md and "`n` differs" in md and "`limit` differs" in md
+    assert "| run | n ⚠ | temperature | top_p | top_k | max_new_tokens | limit ⚠ | benchmarks |" in md
+    assert "| flowrl | 8 | 0.6 | 0.95 | 0 | 64 | all | aime24,math500 |" in md
+    assert "| grpo | 4 | 0.6 | 0.95 | 0 | 64 | 3 | aime24,math500 |" in md
+
+
+def test_like_settings_report_and_problem_counts(tmp_path):
+    a, _ = _write_run(tmp_path, "flowrl", 0.4)
+    b, _ = _write_run(tmp_path, "grpo", 0.2)
+    _eval_config(a)
+    _eval_config(b, model="other", model_digest="e")  # another model is the point of a report
+    out = tmp_path / "out"
+    args = argparse.Namespace(runs=[str(a), str(b)], out=str(out), labels=None)
+    assert report_cmd.run(args) == 0
+    md = (out / "report.md").read_text()
+    assert "Mixed" not in md and "⚠" not in md
+    assert "| benchmark | flowrl | grpo | problems |" in md
+    assert md.count(" | 3 |\n") >= 2  # 3 problems in aime24 and math500
+
+
+def test_problem_count_difference_is_marked(tmp_path):
+    from flowrl_jax.eval.report import _problem_counts, load_run
+
+    a, _ = _write_run(tmp_path, "a", 0.4)
+    b, _ = _write_run(tmp_path, "b", 0.4)
+    s = json.loads((b / "eval" / "step_10" / "summary.json").read_text())
+    s["benchmarks"]["aime24"]["num_problems"] = 30
+    (b / "eval" / "step_10" / "summary.json").write_text(json.dumps(s))
+    assert _problem_counts([load_run(a), load_run(b)], "aime24") == "3 / 30 ⚠"
+    assert _problem_counts([load_run(a), load_run(b)], "math500") == "3"

@@ -97,3 +97,22 @@ def test_shared_sampling_flags_keep_each_commands_defaults_and_order():
                                             max_new_tokens=512, seed=0, ignore_eos=False)}
     for argv, defaults in want.items():
         assert sampling_kwargs(parser.parse_args(list(argv))) == defaults, argv
+
+
+def test_sample_serve_eval_share_device_and_dtype_options():
+    """sample and serve place the model like eval: --devices auto|1|all, --dtype auto (bf16 on
+    accelerators, float32 on CPU)."""
+    from flowrl_jax.cli import build_parser
+    from flowrl_jax.sampling.devices import resolve_dtype
+
+    parser = build_parser()
+    for argv in (("eval", "--model", "m", "--out", "o"), ("sample", "--prompt", "x"),
+                 ("serve", "--model", "m")):
+        args = parser.parse_args(list(argv))
+        assert (args.devices, args.dtype) == ("auto", "auto"), argv
+        args = parser.parse_args([*argv, "--devices", "all", "--dtype", "bfloat16"])
+        assert (args.devices, args.dtype) == ("all", "bfloat16"), argv
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--devices", "2"])
+    assert resolve_dtype("auto") == "float32"  # these tests run on CPU
+    assert resolve_dtype("bfloat16") == "bfloat16"

@@ -7,6 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Any, Mapping
 
+# --devices / --dtype values (resolved by flowrl_jax.sampling.devices; literal here so that
+# `flowrl-jax --help` does not import JAX)
+DEVICE_CHOICES = ("auto", "1", "all")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
 # flag dest → (type, help). type None = an on/off switch (store_true, default False).
 SAMPLING_FLAGS: dict[str, tuple[type | None, str | None]] = {
     "temperature": (float, "0 = greedy"),
@@ -46,3 +51,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser,
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The SamplingParams fields among the parsed flags (those the command registered)."""
     return {k: getattr(args, k) for k in PARAM_FLAGS if hasattr(args, k)}
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --devices, the same for sample, serve and eval (sampling/devices.py)."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="compute/KV-cache dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--devices", default="auto", choices=DEVICE_CHOICES,
+                        help="devices to shard the model over (auto: all on GPU/TPU, 1 on CPU)")

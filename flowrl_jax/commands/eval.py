@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowrl_jax.commands.common_args import add_sampling_arguments
+from flowrl_jax.commands.common_args import add_device_arguments, add_sampling_arguments
 from flowrl_jax.eval.judge import config_from_env
 from flowrl_jax.eval.records import EvalError
 from flowrl_jax.eval.suites import DIVERSITY_DEFAULT, KNOWN, parse_diversity, parse_suite
@@ -26,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=16, help="samples per problem (default 16)")
     add_sampling_arguments(parser, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=8192)
     parser.add_argument("--limit", type=int, default=None, help="first K problems per benchmark")
-    parser.add_argument("--out", required=True, help="output directory (resumable)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (resumable onto the same model and settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start --out afresh (remove an earlier eval's samples and tables) "
+                             "instead of resuming; needed when the model or settings changed")
     parser.add_argument("--data-dir", default=None,
                         help="data root (default: $FLOWRL_DATA_DIR, else the packaged copy)")
     add_sampling_arguments(parser, seed=0)
@@ -37,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "processes); 0 = score inline")
     parser.add_argument("--diversity", default=",".join(DIVERSITY_DEFAULT),
                         help="benchmarks to compute diversity metrics on: NAME[,NAME] | all | none")
+    parser.add_argument("--self-bleu", default="add1", choices=("add1", "texygen"),
+                        help="self-BLEU convention: add1 = BLEU-4 with add-one smoothing (default); "
+                             "texygen = BLEU-3 with NLTK smoothing method1, as in Texygen and the "
+                             "papers that use it")
     parser.add_argument("--judge", action="store_true",
                         help="also ask the LLM judge (FLOWRL_JUDGE_URL etc.) for diversity scores")
     parser.add_argument("--cf-standings", default=None,
@@ -44,10 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '{contest_id: {"problems": [{"index", "points"?}], "rows": '
                              '[{"points", "penalty"}], "old_ratings": [...]}} (rated users only)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                        help="compute/KV-cache dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    parser.add_argument("--devices", default="auto", choices=("auto", "1", "all"),
-                        help="devices to shard the model over (auto: all on GPU/TPU, 1 on CPU)")
+    add_device_arguments(parser)
     add_sampling_arguments(parser, decode_slots=256, decode_chunk=64)
     parser.add_argument("--prefill-buckets", default=None,
                         help="comma-separated prompt-length buckets (fewer buckets = fewer "
@@ -79,6 +84,13 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                     ("--batch-prompts", args.batch_prompts)):
         if v < 1:
             raise EvalError(f"{flag} must be >= 1, got {v}")
+    # the engine would refuse these only after --out was set up: refuse them first
+    if args.temperature < 0:
+        raise EvalError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise EvalError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     data_dir = resolve_data_dir(args.data_dir)
@@ -106,7 +118,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         diversity_on=diversity_on, judge_cfg=judge_cfg, cf_standings=standings,
         show_progress=not args.no_progress, dtype=args.dtype, devices=args.devices,
         decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
-        prefill_buckets=parse_buckets(args.prefill_buckets))
+        prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite,
+        self_bleu=args.self_bleu)
 
 
 def run(args: argparse.Namespace) -> int:

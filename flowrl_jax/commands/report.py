@@ -13,6 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="report", help="output directory (default: ./report)")
     parser.add_argument("--labels", default=None,
                         help="comma-separated run labels (default: directory names)")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="report evaluations made with different settings (n, temperature, "
+                             "top-p/k, max new tokens, --limit, suites) anyway, marked ⚠; "
+                             "without it such a comparison is refused")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     try:
-        path = build_report(args.runs, args.out, labels)
+        path = build_report(args.runs, args.out, labels,
+                            allow_mixed=getattr(args, "allow_mixed", False))
     except ValueError as e:
         print(f"flowrl-jax report: {e}", file=sys.stderr)
         return 2

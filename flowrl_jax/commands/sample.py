@@ -8,15 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from flowrl_jax.commands.common_args import add_sampling_arguments, sampling_kwargs
+from flowrl_jax.commands.common_args import (add_device_arguments, add_sampling_arguments,
+                                             sampling_kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group("source")
     src.add_argument("--model", help="HF model directory (with tokenizer files) or Orbax checkpoint")
     src.add_argument("--server", default=None, metavar="HOST:PORT",
-                     help="ask a running `flowrl-jax serve` instead of loading a model (sampling "
-                          "parameters are then the server's)")
+                     help="ask a running `flowrl-jax serve` (gRPC) instead of loading a model; "
+                          "the sampling flags below travel with each request")
     pr = parser.add_mutually_exclusive_group(required=True)
     pr.add_argument("--prompt", help="one prompt")
     pr.add_argument("--prompts-file", help="a text file with one prompt per line")
@@ -28,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     add_sampling_arguments(parser, decode_slots=64, decode_chunk=32)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute (and KV-cache) dtype")
+    add_device_arguments(parser)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -55,11 +55,27 @@ def _emit(args: argparse.Namespace, rec: dict) -> None:
 
 
 def _run_server(args: argparse.Namespace, prompts: list[str]) -> int:
-    from flowrl_jax.sampling.jetstream import request
+    """Ask a `flowrl-jax serve` over gRPC, with this command's sampling settings per request."""
+    try:  # the serve extra (google-jetstream, grpcio)
+        import grpc
 
+        from flowrl_jax.sampling.jetstream import request_samples
+    except ImportError as e:
+        print(f"flowrl-jax sample: --server: {e}", file=sys.stderr)
+        return 2
+
+    settings = {k: v for k, v in sampling_kwargs(args).items() if k != "max_new_tokens"}
+    # --chat: the server renders the prompt with its tokenizer's chat template
+    settings.update(n=args.n, stop=list(args.stop_token_ids) or None, chat=args.chat)
     for i, p in enumerate(prompts):
-        for s in range(args.n):
-            c = request(args.server, text=p, max_tokens=args.max_new_tokens)
+        try:
+            samples = request_samples(args.server, text=p, max_tokens=args.max_new_tokens,
+                                      sampling=settings)
+        except grpc.RpcError as e:
+            print(f"flowrl-jax sample: --server {args.server}: {e.code().name}: {e.details()}",
+                  file=sys.stderr)
+            return 2
+        for s, c in enumerate(samples):
             _emit(args, {"prompt_index": i, "sample_index": s, "token_ids": c.token_ids,
                          "text": c.text, "logprobs": None,
                          "finish_reason": "length" if len(c.token_ids) >= args.max_new_tokens
@@ -79,18 +95,20 @@ def run(args: argparse.Namespace) -> int:
         print("flowrl-jax sample: give --model DIR (or --server HOST:PORT)", file=sys.stderr)
         return 2
 
+    from flowrl_jax.checkpoint.load import load_for_sampling
     from flowrl_jax.config import ModelConfig
     from flowrl_jax.data.templates import ChatRenderer
-    from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
-    from flowrl_jax.checkpoint.load import load_for_sampling
     from flowrl_jax.data.tokenizer import load_tokenizer_for
+    from flowrl_jax.sampling.devices import resolve_dtype, sampling_mesh
+    from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
 
     sampling = SamplingParams(**sampling_kwargs(args), n=args.n,
                               stop_token_ids=tuple(args.stop_token_ids))
     try:
         sampling.validate()
+        mesh = sampling_mesh(args.devices)
         model, arch, tok_dir = load_for_sampling(
-            args.model, None, ModelConfig(path=args.model, compute_dtype=args.dtype))
+            args.model, mesh, ModelConfig(path=args.model, compute_dtype=resolve_dtype(args.dtype)))
         tokenizer = load_tokenizer_for(tok_dir)
     except (OSError, ValueError, KeyError, SamplingError) as e:
         print(f"flowrl-jax sample: {e}", file=sys.stderr)
@@ -104,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [chat(p) for p in prompts]
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     eos = {t for t in (arch.eos_token_id, tokenizer.eos_token_id) if t is not None}
-    engine = SamplingEngine(model, decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
+    engine = SamplingEngine(model, mesh=mesh, decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
                             prefill_buckets=(32, 128, 512, 2048), eos_token_ids=sorted(eos),
                             pad_token_id=tokenizer.pad_token_id or 0)
     try:

@@ -6,11 +6,14 @@ Definitions (all deterministic, no model or judge needed):
   (``[^\\w\\s]``), so LaTeX and code stay comparable across samples.
 * distinct-n: (number of unique n-grams in the set) / (total n-grams in the set),
   pooled over all n samples (Li et al. 2016). 1.0 = no n-gram repeats, → 0 = copies.
-* self-BLEU: mean over samples i of BLEU-4(hypothesis=i, references=all others),
-  uniform weights, clipped n-gram counts against the max count over references,
-  brevity penalty against the closest reference length, and add-one smoothing of
-  the modified precision for n ≥ 2 ((m+1)/(t+1), Lin & Och 2004) so a short sample
-  does not zero the geometric mean. Identical samples → 1; disjoint vocabularies → ~0.
+* self-BLEU: mean over samples i of BLEU(hypothesis=i, references=all others), uniform
+  weights, clipped n-gram counts against the max count over references, brevity penalty
+  against the closest reference length. Two conventions (``SELF_BLEU_VARIANTS``, named in
+  summary.json as ``self_bleu_variant``): ``add1`` (default) is BLEU-4 with add-one smoothing
+  of the modified precision for n ≥ 2 ((m+1)/(t+1), Lin & Och 2004) so a short sample does
+  not zero the geometric mean; ``texygen`` is the convention of Texygen (Zhu et al. 2018)
+  used in papers: BLEU-3 with NLTK's smoothing method1 (a precision with no match counts
+  ε = 0.1 matches). Both give 0 when no unigram matches. Identical samples → 1.
 * distinct answers: number of different normalised final answers (last ``\\boxed{}`` as
   ``flowrl_jax.data.extract.last_boxed`` finds it, else the last ``Answer:`` line;
   Minerva/DAPO normalisation from ``flowrl_jax.rewards``, then a light local one); samples
@@ -35,6 +38,11 @@ from flowrl_jax.eval.metrics import group_by_problem, is_correct
 from flowrl_jax.rewards.math_dapo import normalize_final_answer
 
 TRUNCATE_CHARS = 300
+# self-BLEU convention → (max n-gram order, smoothing of the modified precisions)
+SELF_BLEU_VARIANTS = {"add1": (4, "add1"), "texygen": (3, "epsilon")}
+SELF_BLEU_NAMES = {"add1": "BLEU-4, add-one smoothing for n>=2 (Lin & Och 2004)",
+                   "texygen": "BLEU-3, NLTK smoothing method1 eps=0.1 (Texygen, Zhu et al. 2018)"}
+EPSILON = 0.1
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -54,8 +62,21 @@ def distinct_n(token_lists: Sequence[Sequence[str]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
-    """Sentence BLEU with clipped counts, closest-length brevity penalty, add-one smoothing n≥2."""
+def _precision(matched: int, total: int, n: int, smoothing: str) -> float:
+    """Modified precision of order n+1 (n 0-based) under a smoothing; 0.0 zeroes BLEU."""
+    if n == 0 and matched == 0:
+        return 0.0
+    if smoothing == "add1":
+        return matched / total if n == 0 else (matched + 1.0) / (total + 1.0)
+    if smoothing == "epsilon":  # NLTK method1: only zero counts are smoothed
+        return (matched if matched else EPSILON) / max(1, total)
+    raise ValueError(f"unknown BLEU smoothing {smoothing!r} (add1 | epsilon)")
+
+
+def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4,
+         smoothing: str = "add1") -> float:
+    """Sentence BLEU with clipped counts, closest-length brevity penalty and a smoothing
+    (add1: add-one for n≥2; epsilon: NLTK method1)."""
     if not references:
         raise ValueError("bleu needs at least one reference")
     if not hypothesis:
@@ -69,13 +90,9 @@ def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: 
                 if c > max_ref[g]:
                     max_ref[g] = c
         matched = sum(min(c, max_ref[g]) for g, c in hyp.items())
-        total = sum(hyp.values())
-        if n == 1:
-            if matched == 0:
-                return 0.0
-            p = matched / total
-        else:
-            p = (matched + 1.0) / (total + 1.0)
+        p = _precision(matched, sum(hyp.values()), n - 1, smoothing)
+        if p == 0.0:
+            return 0.0
         log_p += math.log(p) / max_n
     hyp_len = len(hypothesis)
     # closest reference length; ties go to the shorter reference
@@ -84,7 +101,8 @@ def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     return bp * math.exp(log_p)
 
 
-def self_bleu(token_lists: Sequence[Sequence[str]], max_n: int = 4) -> float:
+def self_bleu(token_lists: Sequence[Sequence[str]], max_n: int = 4,
+              smoothing: str = "add1") -> float:
     """Mean BLEU of each sample against all the others (needs ≥ 2 samples).
 
     Same value as averaging `bleu(h_i, others)`, but each sample's n-gram counts are built
@@ -119,14 +137,10 @@ def self_bleu(token_lists: Sequence[Sequence[str]], max_n: int = 4) -> float:
             for g, k in counts[i][n].items():
                 (b, owner), second = top2[n][g]
                 matched += min(k, second if owner == i else b)
-            hyp_total = max(0, len(hyp) - n)
-            if n == 0:
-                if matched == 0:
-                    log_p = -math.inf
-                    break
-                p = matched / hyp_total
-            else:
-                p = (matched + 1.0) / (hyp_total + 1.0)
+            p = _precision(matched, max(0, len(hyp) - n), n, smoothing)
+            if p == 0.0:
+                log_p = -math.inf
+                break
             log_p += math.log(p) / max_n
         if log_p == -math.inf:
             continue
@@ -206,25 +220,32 @@ def cluster_paths(token_lists: Sequence[Sequence[str]], threshold: float = 0.5,
 
 # ----------------------------------------------------------------------------- per problem
 
-def _text_metrics(texts: Sequence[str], suffix: str) -> dict[str, float | None]:
+def _text_metrics(texts: Sequence[str], suffix: str,
+                  variant: str = "add1") -> dict[str, float | None]:
     toks = [tokenize(t) for t in texts]
     out: dict[str, float | None] = {f"distinct_{n}{suffix}": distinct_n(toks, n) for n in (1, 2, 3)}
-    out[f"self_bleu{suffix}"] = self_bleu(toks) if len(toks) >= 2 else None
+    max_n, smoothing = SELF_BLEU_VARIANTS[variant]
+    out[f"self_bleu{suffix}"] = self_bleu(toks, max_n, smoothing) if len(toks) >= 2 else None
     return out
 
 
 def problem_diversity(texts: Sequence[str], scores: Sequence[float] | None = None,
                       path_threshold: float = 0.5,
-                      answer_key: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+                      answer_key: Callable[[str], str | None] | None = None,
+                      self_bleu_variant: str = "add1") -> dict[str, Any]:
     """All judge-free diversity metrics for the n responses of one problem."""
+    if self_bleu_variant not in SELF_BLEU_VARIANTS:
+        raise ValueError(f"unknown self-BLEU variant {self_bleu_variant!r} "
+                         f"({' | '.join(SELF_BLEU_VARIANTS)})")
     if not texts:
         raise ValueError("problem_diversity needs at least one response")
     if scores is not None and len(scores) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(scores)} scores")
     key = answer_key or default_answer_key
     out: dict[str, Any] = {"n": len(texts)}
-    out.update(_text_metrics(texts, ""))
-    out.update(_text_metrics([t[:TRUNCATE_CHARS] for t in texts], f"_{TRUNCATE_CHARS}"))
+    out.update(_text_metrics(texts, "", self_bleu_variant))
+    out.update(_text_metrics([t[:TRUNCATE_CHARS] for t in texts], f"_{TRUNCATE_CHARS}",
+                             self_bleu_variant))
     answers = [key(t) for t in texts]
     out["distinct_answers"] = len({a for a in answers if a is not None})
     out["answered"] = sum(a is not None for a in answers)
@@ -248,12 +269,15 @@ def aggregate(per_problem: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def benchmark_diversity(samples: Sequence[Mapping[str, Any]],
-                        path_threshold: float = 0.5) -> dict[str, Any]:
-    """Diversity of a benchmark's sample records (``prompt_id``, ``text``, ``score``)."""
+def benchmark_diversity(samples: Sequence[Mapping[str, Any]], path_threshold: float = 0.5,
+                        self_bleu_variant: str = "add1") -> dict[str, Any]:
+    """Diversity of a benchmark's sample records (``prompt_id``, ``text``, ``score``); the
+    self-BLEU convention is named in ``self_bleu_variant``."""
     per = {}
     for pid, group in group_by_problem(samples).items():
         texts = [str(s.get("text", "")) for s in group]
         scores = [float(s["score"]) for s in group] if all("score" in s for s in group) else None
-        per[pid] = problem_diversity(texts, scores, path_threshold)
-    return {"mean": aggregate(list(per.values())), "per_problem": per}
+        per[pid] = problem_diversity(texts, scores, path_threshold,
+                                     self_bleu_variant=self_bleu_variant)
+    return {"mean": aggregate(list(per.values())), "per_problem": per,
+            "self_bleu_variant": f"{self_bleu_variant}: {SELF_BLEU_NAMES[self_bleu_variant]}"}

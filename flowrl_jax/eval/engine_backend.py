@@ -4,29 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
-
 from flowrl_jax.config import ModelConfig
 from flowrl_jax.data.templates import ChatRenderer
 from flowrl_jax.eval.records import EvalError, Generation, Problem
-from flowrl_jax.mesh import make_mesh, single_device_mesh
+from flowrl_jax.sampling.devices import resolve_dtype, sampling_mesh
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 from flowrl_jax.checkpoint.load import load_for_sampling
 from flowrl_jax.data.tokenizer import load_tokenizer_for
 
-
-def eval_mesh(devices: str) -> Any:
-    """1-device mesh, or all devices on the fsdp axis (auto: all on GPU/TPU, 1 on CPU)."""
-    if devices == "auto":
-        devices = "1" if jax.default_backend() == "cpu" else "all"
-    return make_mesh() if devices == "all" else single_device_mesh()
-
-
-def resolve_dtype(name: str) -> str:
-    """--dtype auto → bfloat16 on GPU/TPU, float32 on CPU; other names pass through."""
-    if name != "auto":
-        return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+# the shared placement helpers, under the names eval used first
+eval_mesh = sampling_mesh
+__all__ = ["EngineBackend", "eval_mesh", "resolve_dtype"]
 
 
 class EngineBackend:

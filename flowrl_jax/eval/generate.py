@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from flowrl_jax.eval.records import Backend, EvalError, Problem
 from flowrl_jax.eval.resume import chunk_seed, read_samples
-from flowrl_jax.eval.scoring import Scorer
+from flowrl_jax.eval.scoring import Scorer, extracted_answer, gold_answer
 
 
 def _progress(total: int, enabled: bool) -> Progress | None:
@@ -95,7 +95,8 @@ def generate_and_score(problems: Sequence[Problem], backend: Backend, scorer: Sc
                 rec = {"benchmark": b, "prompt_id": p.prompt_id,
                        "sample_index": g.sample_index, "text": g.text,
                        "num_tokens": g.num_tokens, "finish_reason": g.finish_reason,
-                       "data_source": p.data_source}
+                       "data_source": p.data_source, "gold": gold_answer(p.ground_truth),
+                       "extracted": extracted_answer(g.text, p.ground_truth)}
                 fut = scorer.submit(p.data_source, g.text, p.ground_truth)
                 with lock:  # before add_done_callback, which may run the callback at once
                     outstanding += 1

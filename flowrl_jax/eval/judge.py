@@ -117,6 +117,15 @@ def _post(cfg: JudgeConfig, payload: dict[str, Any]) -> dict[str, Any]:
         return json.loads(resp.read().decode("utf-8"))
 
 
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    """": message" from an OpenAI-style error body (e.g. an unknown FLOWRL_JUDGE_MODEL), or ""."""
+    try:
+        msg = json.loads(e.read().decode("utf-8"))["error"]["message"]
+    except Exception:  # noqa: BLE001 - any other body: the status code alone
+        return ""
+    return f": {str(msg)[:300]}"
+
+
 def judge_problem(cfg: JudgeConfig, problem: str, solutions: Sequence[str]) -> dict[str, Any]:
     """Ask the judge once per problem (bounded retries); returns score and raw reply."""
     payload = {"model": cfg.model, "temperature": 0.0, "max_tokens": 512,
@@ -131,7 +140,7 @@ def judge_problem(cfg: JudgeConfig, problem: str, solutions: Sequence[str]) -> d
                 return {"score": score, "reply": content, "attempts": attempt + 1}
             errors.append(f"attempt {attempt + 1}: no score in reply {content[:120]!r}")
         except urllib.error.HTTPError as e:
-            errors.append(f"attempt {attempt + 1}: HTTP {e.code}")
+            errors.append(f"attempt {attempt + 1}: HTTP {e.code}{_error_detail(e)}")
             if e.code in (400, 401, 403, 404):  # not transient: do not hammer the endpoint
                 break
         except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError,

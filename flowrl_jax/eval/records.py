@@ -8,8 +8,10 @@ from typing import Any, Protocol, Sequence
 
 from flowrl_jax.errors import EvalError  # noqa: F401 (re-exported)
 
+# "gold": the reference answer (None for code, whose gold is a test suite); "extracted": the
+# answer read from the response (last \\boxed{}, else a final "Answer:"; None for code).
 SAMPLE_KEYS = ("benchmark", "prompt_id", "sample_index", "text", "num_tokens", "score",
-               "finish_reason", "data_source")
+               "finish_reason", "data_source", "gold", "extracted")
 
 
 @dataclass(frozen=True)

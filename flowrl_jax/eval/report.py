@@ -5,6 +5,8 @@ On-disk layout read here (anything missing is reported as a note, never fatal):
 * an *eval dir* (written by ``flowrl-jax eval``) holds ``summary.json`` (keys
   ``benchmarks`` {name: summary}, ``math_average``, optional ``diversity`` {name:
   mean metrics}, optional ``codeforces``, optional ``judge``) and ``samples.jsonl``;
+  and ``eval_config.json`` (the model digest and the sampling settings; ``COMPARED`` keys
+  must agree between runs, or the report is refused unless ``allow_mixed``);
 * a *run dir* (written by ``flowrl-jax train``) holds ``metrics.jsonl``, one JSON object per
   rollout step with ``step`` and metrics such as ``reward/mean``,
   ``response_length/mean``, ``kl/ref`` and, after periodic validation,
@@ -33,6 +35,9 @@ CURVES: dict[str, tuple[str, ...]] = {
     "response length": ("response_length/mean", "response_length", "length/mean"),
     "KL to ref": ("kl/ref", "kl_ref", "kl/ref_mean", "actor/kl_ref"),
 }
+# eval_config.json keys that make two evaluations comparable (a key a run lacks, e.g. an
+# eval written before it was recorded, is "unknown" and compared among the others only).
+COMPARED = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "limit", "benchmarks")
 DIVERSITY_BARS = ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "distinct_answers",
                   "distinct_correct_paths")
 
@@ -44,6 +49,7 @@ class RunData:
     label: str
     path: Path
     summary: dict[str, Any] | None = None
+    eval_config: dict[str, Any] | None = None
     eval_dir: Path | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -83,12 +89,70 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
             run.summary = json.loads((run.eval_dir / "summary.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             run.notes.append(f"{run.eval_dir / 'summary.json'}: unreadable ({e})")
+        cfg_path = run.eval_dir / "eval_config.json"
+        try:
+            run.eval_config = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            run.notes.append(f"{cfg_path}: missing, so this run's eval settings are unknown "
+                             f"and not checked against the others")
+        except (OSError, json.JSONDecodeError) as e:
+            run.notes.append(f"{cfg_path}: unreadable ({e}); eval settings not checked")
     mfile = p / "metrics.jsonl"
     if mfile.is_file():
         run.metrics = read_metrics(mfile, notes=run.notes)
     else:
         run.notes.append(f"{p}: no metrics.jsonl (training curves skipped for this run)")
     return run
+
+
+_UNKNOWN = object()  # a setting the run's eval_config.json does not record
+
+
+def _setting(r: RunData, key: str) -> Any:
+    """A run's eval setting (benchmarks as a sorted list), or the _UNKNOWN marker."""
+    cfg = r.eval_config or {}
+    if key not in cfg:
+        return _UNKNOWN
+    v = cfg[key]
+    return sorted(v) if key == "benchmarks" and isinstance(v, list) else v
+
+
+def mixed_settings(runs: Sequence[RunData]) -> dict[str, dict[str, Any]]:
+    """{setting: {run label: value}} for every COMPARED setting on which the runs with
+    evaluations disagree (runs that do not record the setting are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in COMPARED:
+        vals = {r.label: _setting(r, key) for r in runs if r.summary is not None}
+        known = {lab: v for lab, v in vals.items() if v is not _UNKNOWN}
+        if len({json.dumps(v, sort_keys=True) for v in known.values()}) > 1:
+            out[key] = known
+    return out
+
+
+def _settings_table(runs: Sequence[RunData], mixed: Mapping[str, Any]) -> list[str]:
+    """Markdown: each run's eval settings; a ⚠ marks the columns that differ."""
+    head = [f"{k} ⚠" if k in mixed else k for k in COMPARED]
+    md = ["", "## Evaluation settings", "", "| run | " + " | ".join(head) + " |",
+          "|---|" + "---|" * len(COMPARED)]
+    for r in runs:
+        if r.summary is None:
+            continue
+        cells = []
+        for k in COMPARED:
+            v = _setting(r, k)
+            cells.append("?" if v is _UNKNOWN else
+                         ",".join(v) if isinstance(v, list) else
+                         "all" if v is None and k == "limit" else str(v))
+        md.append(f"| {r.label} | " + " | ".join(cells) + " |")
+    return md
+
+
+def _problem_counts(runs: Sequence[RunData], bench: str) -> str:
+    """Problems evaluated per run for one benchmark: "30", or "30 / 3" when they differ."""
+    counts = [(r.summary or {}).get("benchmarks", {}).get(bench, {}).get("num_problems")
+              for r in runs if r.summary is not None]
+    shown = [str(c) if c is not None else "–" for c in counts]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown) + " ⚠"
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
@@ -216,8 +280,9 @@ def _plot_training(runs: Sequence[RunData], out: Path) -> list[str]:
 
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
-                 labels: Sequence[str] | None = None) -> Path:
-    """Write report.md and PNG plots comparing the runs into out_dir; returns report.md's path."""
+                 labels: Sequence[str] | None = None, allow_mixed: bool = False) -> Path:
+    """Write report.md and PNG plots comparing the runs into out_dir; returns report.md's path.
+    Evaluations with unlike settings (COMPARED) raise ValueError unless `allow_mixed`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,25 +298,38 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
             r.label = f"{r.label}#{seen[r.label]}"
         else:
             seen[r.label] = 1
+    mixed = mixed_settings(runs)
+    if mixed and not allow_mixed:
+        what = "; ".join(f"{k}: " + ", ".join(f"{lab}={v}" for lab, v in per.items())
+                         for k, per in mixed.items())
+        raise ValueError(f"the evaluations were made with different settings ({what}); "
+                         f"their scores are not comparable (--allow-mixed to report them anyway, "
+                         f"marked)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# Run comparison", "", "| run | path | eval dir |", "|---|---|---|"]
     md += [f"| {r.label} | `{r.path}` | `{r.eval_dir}` |" for r in runs]
+    if mixed:
+        md += ["", "> ⚠ **Mixed evaluation settings** (--allow-mixed): "
+               + "; ".join(f"`{k}` differs" for k in mixed)
+               + ". Scores in the same row are not directly comparable."]
+    if any(r.summary is not None for r in runs):
+        md += _settings_table(runs, mixed)
 
     benches = _benchmarks(runs)
     if benches:
-        md += ["", "## Avg@n (%)", "", "| benchmark | " + " | ".join(r.label for r in runs) + " |",
-               "|---|" + "---|" * len(runs)]
+        md += ["", "## Avg@n (%)", "", "| benchmark | " + " | ".join(r.label for r in runs)
+               + " | problems |", "|---|" + "---|" * (len(runs) + 1)]
         for b in benches:
             cells = [_fmt((r.summary or {}).get("benchmarks", {}).get(b, {}).get("avg_at_n"))
                      for r in runs]
-            md.append(f"| {b} | " + " | ".join(cells) + " |")
+            md.append(f"| {b} | " + " | ".join(cells) + f" | {_problem_counts(runs, b)} |")
         avgs = []
         for r in runs:
             a = math_average((r.summary or {}).get("benchmarks", {}))
             avgs.append(_fmt(a["value"]) if a["value"] is not None else
                         (_fmt(a["partial_value"]) + " (partial)" if a["benchmarks"] else "–"))
-        md.append("| **math average (6)** | " + " | ".join(avgs) + " |")
+        md.append("| **math average (6)** | " + " | ".join(avgs) + " | |")
         md += ["", "## pass@k (%)", ""]
         for b in benches:
             ks = sorted({int(k) for r in runs for k in

@@ -36,18 +36,56 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+# Recorded in eval_config.json for readers (report) but free to change on resume: samples are
+# keyed per (benchmark, prompt_id, sample_index), so another suite or --limit only adds rows.
+RECORDED_ONLY = ("benchmarks", "limit", "model_identity")
+# What `eval` writes into --out; --overwrite removes exactly these (plus <benchmark>.md).
+OUTPUT_FILES = ("samples.jsonl", "eval_config.json", "summary.json", "results.md")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)  # never a half-written eval_config.json
+
+
 def check_config(out: Path, cfg: dict[str, Any]) -> None:
-    """Write eval_config.json, or refuse a resume whose sample-changing settings differ."""
+    """Write eval_config.json, or refuse a resume whose model or sample-changing settings
+    differ (the recorded-only keys are updated to this run's)."""
     path = out / "eval_config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvalError(f"{path}: unreadable ({e}); use --overwrite or another --out") from e
+        if "model_digest" in cfg and "model_digest" not in old:
+            raise EvalError(f"{path}: written before evals recorded the model's digest, so the "
+                            f"samples there cannot be matched to this model; use --overwrite "
+                            f"or another --out")
+        diff = sorted(k for k in set(old) | set(cfg)
+                      if k not in RECORDED_ONLY and old.get(k) != cfg.get(k))
         if diff:
-            raise EvalError(f"{path}: settings differ from this run in {diff} "
+            what = ("the model changed since these samples were made (another checkpoint step "
+                    "or re-exported weights); " if "model_digest" in diff else "")
+            raise EvalError(f"{path}: {what}settings differ from this run in {diff} "
                             f"(old {[old.get(k) for k in diff]}, new {[cfg.get(k) for k in diff]}); "
-                            f"use another --out")
+                            f"use --overwrite to start afresh, or another --out")
+        if any(old.get(k) != cfg.get(k) for k in RECORDED_ONLY if k in cfg):
+            _write_json(path, {**old, **{k: cfg[k] for k in RECORDED_ONLY if k in cfg}})
     else:
-        path.write_text(json.dumps(cfg, indent=1, sort_keys=True))
+        _write_json(path, cfg)
+
+
+def clear_outputs(out: Path, benchmarks: Any = ()) -> list[str]:
+    """--overwrite: remove the files an earlier eval wrote into `out`; returns their names."""
+    names = list(OUTPUT_FILES) + [f"{b}.md" for b in benchmarks]
+    gone = []
+    for name in names:
+        p = out / name
+        if p.is_file():
+            p.unlink()
+            gone.append(name)
+    return gone
 
 
 def chunk_seed(seed: int, benchmark: str, chunk: int) -> int:

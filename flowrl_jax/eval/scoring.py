@@ -5,11 +5,31 @@ from __future__ import annotations
 import concurrent.futures as cf
 from typing import Any, Callable
 
+from flowrl_jax.data.extract import last_boxed
+from flowrl_jax.rewards.math_dapo import extract_answer
+
 
 def _score_one(data_source: str, text: str, ground_truth: Any) -> float:
     from flowrl_jax.rewards import score
 
     return float(score(data_source, text, ground_truth))
+
+
+def gold_answer(ground_truth: Any) -> str | None:
+    """The reference answer written next to each sample: text/number golds; None for code
+    (its ground truth is a test suite, kept out of samples.jsonl)."""
+    if isinstance(ground_truth, (str, int, float)) and not isinstance(ground_truth, bool):
+        return str(ground_truth)
+    return None
+
+
+def extracted_answer(text: str, ground_truth: Any) -> str | None:
+    """The answer a math response commits to: its last \\boxed{}, else a final "Answer:"
+    line (DAPO style); None for code or when the response states none."""
+    if gold_answer(ground_truth) is None:
+        return None
+    boxed = last_boxed(text)
+    return boxed.strip() if boxed is not None else extract_answer(text)
 
 
 class Scorer:

@@ -17,7 +17,8 @@ from flowrl_jax.eval.records import Problem
 def summarize(problems: Sequence[Problem], samples: Sequence[dict[str, Any]],
               diversity_on: Sequence[str], data_dir: Path | None,
               judge_cfg: jg.JudgeConfig | None = None,
-              cf_standings: dict | None = None) -> dict[str, Any]:
+              cf_standings: dict | None = None,
+              self_bleu_variant: str = "add1") -> dict[str, Any]:
     """summary.json content from the scored samples of the requested problems."""
     wanted = {(p.benchmark, p.prompt_id) for p in problems}
     by_bench: dict[str, list[dict[str, Any]]] = {}
@@ -27,10 +28,11 @@ def summarize(problems: Sequence[Problem], samples: Sequence[dict[str, Any]],
     order = list(dict.fromkeys(p.benchmark for p in problems))
     benches = {b: ev.summarize_benchmark(b, by_bench[b]) for b in order if b in by_bench}
     out: dict[str, Any] = {"benchmarks": benches, "math_average": ev.math_average(benches)}
-    div = {b: dv.benchmark_diversity(by_bench[b]) for b in order
-           if b in by_bench and b in diversity_on}
+    div = {b: dv.benchmark_diversity(by_bench[b], self_bleu_variant=self_bleu_variant)
+           for b in order if b in by_bench and b in diversity_on}
     if div:
-        out["diversity"] = {b: {"mean": d["mean"]} for b, d in div.items()}
+        out["diversity"] = {b: {"mean": d["mean"], "self_bleu_variant": d["self_bleu_variant"]}
+                            for b, d in div.items()}
         out["diversity_per_problem"] = {b: d["per_problem"] for b, d in div.items()}
     if "codeforces" in by_bench and data_dir is not None:
         out["codeforces"] = _codeforces(by_bench["codeforces"], data_dir, cf_standings)
@@ -91,6 +93,9 @@ def write_outputs(out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> N
     md = [f"# Evaluation of `{meta.get('model')}`", "", ev.render_markdown(benches, extra)]
     if "diversity" in summary:
         md += ["## Diversity (judge-free, mean over problems)", ""]
+        variant = next(iter(summary["diversity"].values())).get("self_bleu_variant")
+        if variant:
+            md += [f"self_bleu: {variant}", ""]
         keys = ["distinct_1", "distinct_2", "distinct_3", "self_bleu", "self_bleu_300",
                 "distinct_answers", "distinct_correct_paths"]
         md += ["| benchmark | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

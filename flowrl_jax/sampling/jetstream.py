@@ -8,13 +8,23 @@ full cache and then reports `valid = False`, which completes the request.
 
 JetStream's driver threads SIGKILL the process on any exception, so requests are validated in
 the gRPC handler (`ValidatingOrchestrator`) and answered with INVALID_ARGUMENT before they
-reach the driver; prefill/insert additionally clamp their inputs instead of raising.
+reach the driver (a prompt longer than the model's context included); prefill/insert
+additionally clamp their inputs instead of raising.
+
+The JetStream DecodeRequest carries only `max_tokens`. A request with per-request sampling
+settings sends them as gRPC metadata `x-flowrl-sampling` (a JSON object with OpenAI field
+names: temperature, top_p, top_k, min_p, n, seed, stop, ignore_eos; and `chat: true` to render
+a text prompt with the chat template); such a request is served
+by `CompletionService` (sampling/completions.py, as the HTTP endpoint's are) and answered
+with one DecodeResponse holding its n samples. Requests without it go through JetStream's
+continuous batching with the server's settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -24,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowrl_jax.sampling.completions import (SAMPLING_METADATA_KEY, CompletionService,
+                                             sampling_from_metadata)
 from flowrl_jax.sampling.engine import SamplingEngine
 from flowrl_jax.sampling.kernels import DecodeState, bucket
-from flowrl_jax.sampling.params import SamplingParams
+from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.random import sample_keys
 from flowrl_jax.sampling.jetstream_compat import import_jetstream
 
@@ -215,21 +227,46 @@ class FlowRLEngine(engine_api.Engine):
         if request.max_tokens > self.sampling.max_new_tokens:
             return (f"max_tokens {request.max_tokens} exceeds this server's limit "
                     f"{self.sampling.max_new_tokens} (serve --max-new-tokens)")
+        context = self.core.arch.max_position_embeddings
+        if n + request.max_tokens > context:
+            return (f"this model's maximum context length is {context} tokens; the prompt has "
+                    f"{n} tokens and max_tokens is {request.max_tokens}")
         return None
+
+    def prompt_ids(self, request: Any) -> list[int]:
+        """The token ids of a validated request's prompt (no BOS: the sampler's convention)."""
+        if request.WhichOneof("content") == "text_content":
+            return self.tokenizer.encode(request.text_content.text, add_special_tokens=False)
+        return list(request.token_content.token_ids)
 
 
 class ValidatingOrchestrator(js.orchestrator.LLMOrchestrator):
     """JetStream's gRPC servicer with request validation (bad requests never reach the driver)."""
 
-    def __init__(self, driver: Any, engine: FlowRLEngine):
+    def __init__(self, driver: Any, engine: FlowRLEngine,
+                 service: Optional[CompletionService] = None):
         super().__init__(driver=driver)
         self._engine = engine
+        self._service = service
 
     async def Decode(self, request: Any, context: Any = None):  # noqa: N802 - gRPC name
+        body = None
         try:
             err = self._engine.validate_request(request)
+            if err is None and context is not None:
+                body = sampling_from_metadata(context.invocation_metadata())
+                if body is not None and self._service is None:
+                    err = f"this server does not take per-request settings ({SAMPLING_METADATA_KEY})"
+        except SamplingError as e:
+            err = str(e)
         except Exception as e:  # noqa: BLE001 - e.g. a tokenizer failure: report, keep serving
             err = f"could not process the request: {type(e).__name__}: {e}"
+        if err is None and body is not None:
+            try:
+                yield await self._decode_with_settings(request, body)
+                return
+            except SamplingError as e:
+                err = str(e)
         if err is not None:
             import grpc
 
@@ -239,6 +276,24 @@ class ValidatingOrchestrator(js.orchestrator.LLMOrchestrator):
             return
         async for resp in super().Decode(request, context):
             yield resp
+
+    async def _decode_with_settings(self, request: Any, body: dict) -> Any:
+        """Serve a request with its own sampling settings: one response with its n samples."""
+        body = {**body, "max_tokens": request.max_tokens}
+        chat = body.pop("chat", False)
+        sp, stop = self._service.params_from(body)
+        ids = self._engine.prompt_ids(request)
+        if chat:  # the text is one user message, rendered with the chat template
+            if request.WhichOneof("content") != "text_content":
+                raise SamplingError("chat: true needs text_content")
+            ids = self._service.render_chat([{"role": "user",
+                                              "content": request.text_content.text}])
+        loop = asyncio.get_running_loop()
+        c = await loop.run_in_executor(None, self._service.complete, ids, sp, stop)
+        pb = js.jetstream_pb2.DecodeResponse
+        samples = [pb.StreamContent.Sample(text=ch.text, token_ids=ch.token_ids)
+                   for ch in c.choices]
+        return pb(stream_content=pb.StreamContent(samples=samples))
 
 
 class _Driver(js.orchestrator.Driver):
@@ -282,8 +337,9 @@ class Server:
 
 
 def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9000,
-                 threads: int = 64) -> Server:
-    """Start JetStream's driver (interleaved mode) and a gRPC server; port 0 picks a free one."""
+                 threads: int = 64, service: Optional[CompletionService] = None) -> Server:
+    """Start JetStream's driver (interleaved mode) and a gRPC server; port 0 picks a free one.
+    With `service`, requests carrying `x-flowrl-sampling` metadata get their own settings."""
     import grpc
 
     params = engine.load_params()
@@ -296,22 +352,26 @@ def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9
     thread.start()
 
     async def make():
-        server = grpc.aio.server(executor)
+        # no SO_REUSEPORT: a second server on a busy port must fail, not share the port
+        server = grpc.aio.server(executor, options=[("grpc.so_reuseport", 0)])
         js.jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
-            ValidatingOrchestrator(driver, engine), server)
+            ValidatingOrchestrator(driver, engine, service), server)
         bound = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         return server, bound
 
     try:
         server, bound = asyncio.run_coroutine_threadsafe(make(), loop).result()
-    except Exception:
+    except Exception as e:
         driver.stop()
         loop.call_soon_threadsafe(loop.stop)
+        if isinstance(e, RuntimeError) and "bind" in str(e).lower():  # grpc: port in use
+            raise OSError(f"could not bind the gRPC server to {host}:{port} (port in use?)") from e
         raise
     if bound == 0:
         driver.stop()
-        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+        loop.call_soon_threadsafe(loop.stop)
+        raise OSError(f"could not bind the gRPC server to {host}:{port} (port in use?)")
     return Server(bound, driver, server, loop, thread)
 
 
@@ -326,9 +386,12 @@ class Completion:
     text: str
 
 
-def request(address: str, *, text: Optional[str] = None, token_ids: Optional[list[int]] = None,
-            max_tokens: int = 64, timeout: float = 60.0) -> Completion:
-    """Send one Decode request to a JetStream server at HOST:PORT and collect the stream."""
+def request_samples(address: str, *, text: Optional[str] = None,
+                    token_ids: Optional[list[int]] = None, max_tokens: int = 64,
+                    timeout: float = 60.0, sampling: Optional[dict] = None) -> list[Completion]:
+    """Send one Decode request to a JetStream server at HOST:PORT; one Completion per sample.
+    `sampling` (OpenAI field names: temperature, top_p, top_k, min_p, n, seed, stop…) travels
+    as `x-flowrl-sampling` metadata; without it the server's settings apply."""
     import grpc
 
     if (text is None) == (token_ids is None):
@@ -340,12 +403,23 @@ def request(address: str, *, text: Optional[str] = None, token_ids: Optional[lis
     else:
         req = pb.DecodeRequest(token_content=pb.DecodeRequest.TokenContent(token_ids=token_ids),
                                max_tokens=max_tokens)
+    metadata = ((SAMPLING_METADATA_KEY, json.dumps(sampling)),) if sampling else None
+    samples: list[tuple[list[int], list[str]]] = []
     with grpc.insecure_channel(address) as channel:
         stub = js.jetstream_pb2_grpc.OrchestratorStub(channel)
-        ids: list[int] = []
-        parts: list[str] = []
-        for resp in stub.Decode(req, timeout=timeout):
-            for s in resp.stream_content.samples:
-                ids.extend(s.token_ids)
-                parts.append(s.text)
-    return Completion(ids, "".join(parts))
+        for resp in stub.Decode(req, timeout=timeout, metadata=metadata):
+            for i, s in enumerate(resp.stream_content.samples):
+                while len(samples) <= i:
+                    samples.append(([], []))
+                samples[i][0].extend(s.token_ids)
+                samples[i][1].append(s.text)
+    return [Completion(ids, "".join(parts)) for ids, parts in samples] or [Completion([], "")]
+
+
+def request(address: str, *, text: Optional[str] = None, token_ids: Optional[list[int]] = None,
+            max_tokens: int = 64, timeout: float = 60.0,
+            sampling: Optional[dict] = None) -> Completion:
+    """Send one Decode request to a JetStream server at HOST:PORT and collect the stream (one
+    sample; see `request_samples` for n > 1)."""
+    return request_samples(address, text=text, token_ids=token_ids, max_tokens=max_tokens,
+                           timeout=timeout, sampling=sampling)[0]
