@@ -13,7 +13,7 @@ from flowrl_jax.eval import identity
 from flowrl_jax.eval.records import EvalError
 from flowrl_jax.eval.resume import check_config
 from flowrl_jax.eval.scoring import extracted_answer, gold_answer
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+from flowrl_jax.testing import tiny_arch, tiny_model
 from test_eval_e2e import char_tokenizer
 
 

@@ -1,16 +1,12 @@
 """The OpenAI-compatible HTTP endpoint of `serve` on 127.0.0.1, in the OpenAI wire format
 (urllib) and with the `openai` client package when importable: per-request temperatures,
 greedy = the engine's greedy tokens, n/seed/stop, chat template, the context-length refusal
-(the server stays up), and our own `eval --judge` client against it.
-
-The `openai` package is not a dependency: to run its test, install it into a directory
-(`pip install --target DIR openai`) and set FLOWRL_OPENAI_CLIENT_DIR=DIR."""
+(the server stays up), and our own `eval --judge` client against it. The `openai` client is a
+test dependency (pyproject's `test` extra)."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import urllib.error
 import urllib.request
 
@@ -20,7 +16,7 @@ from flowrl_jax.eval import judge as jg
 from flowrl_jax.sampling.completions import CompletionService
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 from flowrl_jax.sampling.openai_http import OpenAIApp, start_http_server
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model, word_tokenizer
+from flowrl_jax.testing import tiny_arch, tiny_model, word_tokenizer
 
 EOS = 1
 MODEL_ID = "tiny-model"
@@ -161,11 +157,9 @@ def test_eval_judge_client_speaks_to_this_server(served):
 
 
 def _openai():
-    extra = os.environ.get("FLOWRL_OPENAI_CLIENT_DIR")
-    if extra and extra not in sys.path:
-        sys.path.append(extra)  # after the venv: its packages keep precedence
-    return pytest.importorskip("openai", reason="set FLOWRL_OPENAI_CLIENT_DIR to a "
-                                                "`pip install --target` dir holding openai")
+    import openai  # the standard client a user would point at `serve --http-port`
+
+    return openai
 
 
 def test_openai_client_package(served):
