@@ -9,7 +9,10 @@ read the run), and per saved step (checkpoint/manager.py writes them atomically,
 The fingerprint is the part of the config a resumed run must not change (algorithm, seed,
 batch geometry); a mismatch is a ConfigError naming the key. The train state is any object
 with `params` (by role, "policy" an nnx.State), `step`, `skipped`, `rng`, `opt_state` and
-`replace(**fields)` (rl/train_state.py's TrainState).
+`replace(**fields)` (rl/train_state.py's TrainState). Its `rollout_step` counter (rollout
+steps completed) is not a separate entry: it equals meta's step, written in the same
+atomic checkpoint, and the trainer sets it from `Resumed.step` (so checkpoints written
+before the counter existed restore unchanged).
 """
 
 from __future__ import annotations
