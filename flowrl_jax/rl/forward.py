@@ -116,7 +116,8 @@ def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any]
     """Policy forward (+ Z_φ / value head when their params are given) → algorithm outputs.
 
     Returns logp [B, R] (and entropy [B, R] with `with_entropy`), log_z [B] when
-    params has "z", values [B, R] when params has "value".
+    params has "z" (pooled over the prompt columns of `z_pool_length`), values [B, R] when
+    params has "value".
     """
     ids = batch["input_ids"]
     am = batch["attention_mask"]
@@ -139,11 +140,21 @@ def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any]
         outputs["logp"] = res
     if "z" in params:
         znet = nnx.merge(graphdefs["z"], params["z"])
-        outputs["log_z"] = znet(hidden[:, :p], am[:, :p], deterministic=not train, key=key)
+        pz = z_pool_length(cfg, p)
+        outputs["log_z"] = znet(hidden[:, :pz], am[:, :pz], deterministic=not train, key=key)
     if "value" in params:
         head = nnx.merge(graphdefs["value"], params["value"])
         outputs["values"] = head(h_resp)
     return outputs
+
+
+def z_pool_length(cfg: Config, prompt_columns: int) -> int:
+    """How many leading prompt columns Z_φ pools: all, or all but the last one
+    (`algo.z_pool: prompt_but_last`, the official slice; prompts are left-padded, so the
+    last column is every row's last prompt token)."""
+    if getattr(cfg.algo, "z_pool", "prompt_but_last") == "prompt_but_last":
+        return prompt_columns - 1
+    return prompt_columns
 
 
 def widest_layer(policy_params: Any) -> int:
