@@ -146,3 +146,21 @@ def test_train_step_applies_the_rollout_step_warmup():
             same = jax.tree.map(np.array_equal, host(state.params["policy"]), init["policy"])
             assert not all(jax.tree.leaves(same)), "rollout step 1 changed nothing"
         state = with_rollout_step(state, s + 1)  # what the trainer does after each step
+
+
+def test_critic_weight_decay_is_its_own():
+    """With zero gradients AdamW's step is −lr·wd·p: the policy decays by its lr × 0.1, the
+    critic (PPO value head) by critic_lr × algo.critic_weight_decay (veRL's 0.01)."""
+    from flowrl_jax.config import AlgoConfig
+
+    cfg = Config(algo=AlgoConfig(name="ppo", critic_lr=1e-2, critic_weight_decay=0.01),
+                 optimizer=OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.1))
+    params = {"policy": {"w": jnp.full((3,), 2.0)}, "value": {"k": jnp.full((2,), 4.0)}}
+    tx = make_optimizer(cfg, ("policy", "value"))
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    ref, state = tx.update(zeros, state, params)
+    ours = adamw_updates(cfg, state, params)
+    for upd in (ref, ours):
+        np.testing.assert_allclose(np.asarray(upd["policy"]["w"]), -1e-3 * 0.1 * 2.0, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(upd["value"]["k"]), -1e-2 * 0.01 * 4.0, rtol=1e-6)
