@@ -337,6 +337,11 @@ class AlgoConfig:
     vf_coef: float = 1.0
     critic_lr: float = 1e-5
     critic_weight_decay: Optional[float] = None  # AdamW decay of the critic; None → optimizer's
+    # "head": a value head on the policy trunk (shares its gradient and clip budget);
+    # "model": a separate copy of the policy architecture initialised from the same
+    # checkpoint, with a value head, its own AdamW (critic_lr) and grad-norm clip (veRL's)
+    critic: Literal["head", "model"] = "head"
+    critic_grad_clip: float = 1.0  # the separate critic's own global-norm clip (critic: model)
     # REINFORCE++
     kl_penalty_coef: float = 0.0
     kl_penalty_type: Literal["k1", "k2", "k3"] = "k1"  # in-reward KL estimator (PPO / REINFORCE++)
@@ -372,6 +377,7 @@ class AlgoConfig:
         _check(self.critic_lr > 0, f"{key}.critic_lr", "must be > 0")
         _check(self.critic_weight_decay is None or self.critic_weight_decay >= 0,
                f"{key}.critic_weight_decay", "must be >= 0")
+        _check(self.critic_grad_clip > 0, f"{key}.critic_grad_clip", "must be > 0")
 
 
 # --------------------------------------------------------------------------- optimizer

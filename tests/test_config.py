@@ -105,11 +105,12 @@ def test_paper_configs_official_warmup_and_z_network():
     d = Config()
     assert d.optimizer.warmup_unit == "update" and d.algo.dual_clip_c is None
     assert d.algo.value_clip == 0.2 and d.algo.critic_weight_decay is None
+    assert d.algo.critic == "head" and cfg.algo.critic == "model"  # the paper configs' PPO
 
 
 BASELINES = {
     "grpo": dict(dual_clip_c=3.0, use_kl_loss=True, kl_coef=0.001, kl_loss_type="k3"),
-    "ppo": dict(dual_clip_c=3.0, value_clip=0.5, critic_weight_decay=0.01),
+    "ppo": dict(dual_clip_c=3.0, value_clip=0.5, critic_weight_decay=0.01, critic="model"),
     "reinforce_pp": dict(dual_clip_c=3.0),
 }
 
@@ -137,6 +138,8 @@ def test_baseline_configs_carry_the_paper_era_verl_settings(name):
     (["algo.length_norm=sometimes"], "algo.length_norm: expected true/false"),
     (["algo.z_pool=last"], "algo.z_pool: 'last' is not one of"),
     (["algo.critic_weight_decay=-0.1"], "algo.critic_weight_decay: must be >= 0"),
+    (["algo.critic=separate"], "algo.critic: 'separate' is not one of"),
+    (["algo.critic_grad_clip=0"], "algo.critic_grad_clip: must be > 0"),
 ])
 def test_new_switches_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -7,21 +7,26 @@ the modules. `params` is a dict of `nnx.State`s keyed by role:
 - "policy": the Qwen2 policy (always);
 - "z":      Z_φ (FlowRL, `algo.needs_z`; `algo.log_z: scalar` → one learned scalar,
             `zero` → no module), see models/znet.py;
-- "value":  PPO's critic (`algo.needs_critic`): a value head Linear(H→1) on the policy
-            trunk's final hidden states. The trunk is shared, so the value loss gradient
-            (scaled by `algo.vf_coef`) also reaches the transformer, at the policy lr; only
-            the head itself uses `algo.critic_lr`. (One forward pass serves both; no second
-            7B copy in memory.)
+- "value":  PPO's critic (`algo.needs_critic`): a value head Linear(H→1). With
+            `algo.critic: head` (default) it reads the policy trunk's final hidden states:
+            the trunk is shared, so the value loss gradient (scaled by `algo.vf_coef`) also
+            reaches the transformer, at the policy lr and inside the policy's clip budget;
+            only the head itself uses `algo.critic_lr`. (One forward pass serves both; no
+            second 7B copy in memory.)
+- "critic": with `algo.critic: model` (veRL's critic) the head reads a separate copy of the
+            policy architecture, initialised from the same weights; critic and head learn at
+            `algo.critic_lr` and are clipped to `algo.critic_grad_clip` on their own.
 
-Optimizer (SPEC §2, OptimizerConfig): global grad-norm clip over *all* trained params,
+Optimizer (SPEC §2, OptimizerConfig): global grad-norm clip over *all* trained params
+(with a separate critic model: over the actor's roles and, on its own, over the critic's),
 then per role AdamW(b1, b2, eps, weight_decay) with the peak lr times the warm-up factor
 `lr_scale`: with `optimizer.warmup_unit: update` min(1, (k+1)/warmup_steps) at update k
 (so the very first update is not a wasted lr = 0 step); with `rollout_step` (the official
 runs) min(1, s/warmup_steps) for every update of rollout step s (lr 0 in step 0: the
 moments move, the params do not). The rollout step is the state's `rollout_step` counter,
 which the trainer advances once per rollout step (and restores with the checkpoint).
-Z_φ uses `optimizer.z_lr` when set, else the policy lr; the value head `algo.critic_lr` and
-`algo.critic_weight_decay` (when set).
+Z_φ uses `optimizer.z_lr` when set, else the policy lr; the value head (and critic model)
+`algo.critic_lr` and `algo.critic_weight_decay` (when set).
 Optimizer moments are nnx Variables with their param's `logical_axes`, so they get the
 same shardings as their params.
 """
@@ -114,14 +119,50 @@ def role_lrs(cfg: Config) -> dict[str, float]:
     """Peak learning rate of each parameter role."""
     opt: OptimizerConfig = cfg.optimizer
     return {"policy": opt.lr, "z": opt.z_lr if opt.z_lr is not None else opt.lr,
-            "value": cfg.algo.critic_lr}
+            "value": cfg.algo.critic_lr, "critic": cfg.algo.critic_lr}
 
 
 def role_weight_decays(cfg: Config) -> dict[str, float]:
     """AdamW weight decay of each parameter role (the critic's own when set)."""
     wd = cfg.optimizer.weight_decay
     critic = getattr(cfg.algo, "critic_weight_decay", None)
-    return {"policy": wd, "z": wd, "value": wd if critic is None else critic}
+    return {"policy": wd, "z": wd, "value": wd if critic is None else critic,
+            "critic": wd if critic is None else critic}
+
+
+#: roles of a separate critic model, clipped on their own (`algo.critic: model`)
+CRITIC_ROLES = ("critic", "value")
+
+
+def clip_by_group_norms(groups: tuple[tuple[tuple[str, ...], float], ...]
+                        ) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied separately to each group of roles ((roles, max
+    norm), ...) of a {role: grads} tree; stateless like it, so the optimizer state keeps
+    its layout."""
+    def update(updates, state, params=None):
+        out = dict(updates)
+        for roles, max_norm in groups:
+            sub = {r: updates[r] for r in roles if r in updates}
+            if not sub:
+                continue
+            g = optax.tree.norm(sub)
+            keep = g < max_norm
+            out.update(jax.tree.map(
+                lambda t: jnp.where(keep, t, (t / g.astype(t.dtype)) * max_norm), sub))
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def gradient_clip(cfg: Config, roles: tuple[str, ...]) -> optax.GradientTransformation:
+    """One global-norm clip over every role; with a separate critic model the actor's roles
+    and the critic's are clipped apart (each to its own bound, as veRL's two optimizers)."""
+    opt = cfg.optimizer
+    if "critic" not in roles:
+        return optax.clip_by_global_norm(opt.grad_clip)
+    actor = tuple(r for r in roles if r not in CRITIC_ROLES)
+    return clip_by_group_norms(((actor, opt.grad_clip),
+                                (CRITIC_ROLES, cfg.algo.critic_grad_clip)))
 
 
 def make_optimizer(cfg: Config, roles: tuple[str, ...]) -> optax.GradientTransformation:
@@ -141,7 +182,7 @@ def make_optimizer(cfg: Config, roles: tuple[str, ...]) -> optax.GradientTransfo
     def labels(params: dict[str, Any]) -> dict[str, Any]:
         return {role: jax.tree.map(lambda _, r=role: r, sub) for role, sub in params.items()}
 
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
+    return optax.chain(gradient_clip(cfg, roles),
                        optax.multi_transform({r: adamw(r) for r in roles}, labels))
 
 
@@ -254,6 +295,10 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
                           rngs=nnx.Rngs(seed_z))), mesh)
         graphdefs.append(("z", gd))
         params["z"] = st
+    if algo.needs_critic and getattr(cfg.algo, "critic", "head") == "model":
+        # veRL's critic: the same architecture and weights as the policy, trained apart
+        graphdefs.append(("critic", gd_policy))
+        params["critic"] = copy_params(policy)
     if algo.needs_critic:
         seed_v = int(jax.random.randint(kv, (), 0, 2**31 - 1))
         gd, st = _init_module_sharded(lambda: ValueHead(hidden, rngs=nnx.Rngs(seed_v)), mesh)
