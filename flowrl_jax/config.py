@@ -313,9 +313,21 @@ class AlgoConfig:
     is_clip: Literal["paper", "cap", "asym", "none"] = "cap"
     is_cap: float = 10.0
     log_w_clamp: float = 20.0  # |log w| clamp before exp (overflow guard)
+    # importance weight w of the TB loss: "clipped" = exp(Σ log-ratio) through `is_clip`;
+    # "one" = w ≡ 1 (the paper's "w/o importance sampling" ablation; not is_clip: none)
+    importance_weight: Literal["clipped", "one"] = "clipped"
+    # log Z in δ: "network" = Z_φ(x) (SPEC §2); "zero" = log Z ≡ 0, no Z-network;
+    # "scalar" = one learned scalar shared by all prompts (ablations)
+    log_z: Literal["network", "zero", "scalar"] = "network"
+    # true: δ uses the per-token means of log πθ and log π_ref (the paper); false: their sums
+    length_norm: bool = True
+    # hidden blocks [Linear → GELU → LayerNorm → Dropout] before the Linear(H→1) head; the
+    # paper's "3-layer MLP" (official num_layers = 3) is z_depth 2
     z_depth: int = 2
     z_dropout: float = 0.1
     detach_z_input: bool = False
+    # prompt tokens Z_φ averages: all, or all but the last (the official code's slice)
+    z_pool: Literal["prompt", "prompt_but_last"] = "prompt_but_last"
     # clipped surrogate (GRPO / PPO / REINFORCE++; FlowRL `paper`/`asym` reuse eps)
     clip_eps: float = 0.2
     clip_eps_high: float = 0.28
@@ -328,6 +340,12 @@ class AlgoConfig:
     value_clip: float = 0.2
     vf_coef: float = 1.0
     critic_lr: float = 1e-5
+    critic_weight_decay: Optional[float] = None  # AdamW decay of the critic; None → optimizer's
+    # "head": a value head on the policy trunk (shares its gradient and clip budget);
+    # "model": a separate copy of the policy architecture initialised from the same
+    # checkpoint, with a value head, its own AdamW (critic_lr) and grad-norm clip (veRL's)
+    critic: Literal["head", "model"] = "head"
+    critic_grad_clip: float = 1.0  # the separate critic's own global-norm clip (critic: model)
     # REINFORCE++
     kl_penalty_coef: float = 0.0
     kl_penalty_type: Literal["k1", "k2", "k3"] = "k1"  # in-reward KL estimator (PPO / REINFORCE++)
@@ -361,6 +379,9 @@ class AlgoConfig:
         _check(0 <= self.lam <= 1, f"{key}.lam", "must be in [0, 1]")
         _check(self.kl_coef >= 0, f"{key}.kl_coef", "must be >= 0")
         _check(self.critic_lr > 0, f"{key}.critic_lr", "must be > 0")
+        _check(self.critic_weight_decay is None or self.critic_weight_decay >= 0,
+               f"{key}.critic_weight_decay", "must be >= 0")
+        _check(self.critic_grad_clip > 0, f"{key}.critic_grad_clip", "must be > 0")
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -368,7 +389,14 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up then constant learning rate, global-norm clipping."""
+    """AdamW with linear warm-up then constant learning rate, global-norm clipping.
+
+    `warmup_unit` says what `warmup_steps` counts (rl/train_state.py, `lr_scale`):
+    "update" = optimizer updates, lr · min(1, (k + 1) / warmup_steps) at update k (full lr
+    within the first rollout step); "rollout_step" = rollout steps as the official runs
+    (torch's constant-with-warm-up scheduler stepped once per rollout step):
+    lr · min(1, s / warmup_steps) for every update of rollout step s, so 0 in step 0.
+    """
 
     lr: float = 1e-6
     b1: float = 0.9
@@ -376,6 +404,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 10
+    warmup_unit: Literal["update", "rollout_step"] = "update"
     grad_clip: float = 1.0
     z_lr: Optional[float] = None  # None → Z-network in the policy's optimizer at `lr`
 

@@ -8,6 +8,8 @@ The estimate is deliberately simple and slightly pessimistic:
   kv_cache    2·L·kv·hd·(prompt+response)·slots·bytes(compute) / (data·fsdp · tensor split)
   activations per micro-batch row: L·S·H·bytes·k (k = 34 without remat, 2 with, plus one
               layer's worth), plus the chunked logits (chunk·V·4) of the log-prob pass
+  A separate critic model (`algo.critic: model`, PPO) adds its own params, grads, AdamW
+  moments and layer activations (the same sizes as the policy's; no logits).
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, ModelArch
 from flowrl_jax.models.arch import param_count
 
@@ -93,10 +96,12 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     shard = mesh_shape.get("fsdp", 1) * mesh_shape.get("tensor", 1)
     batch_shard = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
-    params = n * pb / shard
-    ref = 0.0 if (cfg.trainer.ref_offload or not uses_ref) else params
-    grads = n * pb / shard
-    optimizer = 2 * n * 4 / shard
+    # models trained: the policy, and a separate critic model when the algorithm has one
+    trained = 2 if critic_model(cfg) else 1
+    params = trained * n * pb / shard
+    ref = 0.0 if (cfg.trainer.ref_offload or not uses_ref) else n * pb / shard
+    grads = trained * n * pb / shard
+    optimizer = trained * 2 * n * 4 / shard
     seq = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     kv_heads_split = max(1, min(tensor, arch.num_key_value_heads))
     slots = min(cfg.rollout.decode_slots,
@@ -107,10 +112,17 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
         kv += n * pb / sampler_local_devices
     rows = max(1, cfg.trainer.micro_batch_size // batch_shard)
     k = 2 if cfg.model.remat else 34
-    act = rows * seq * arch.hidden_size * cb * (k * arch.num_hidden_layers + (34 if k == 2 else 0))
+    act = (trained * rows * seq * arch.hidden_size * cb *
+           (k * arch.num_hidden_layers + (34 if k == 2 else 0)))
     act += rows * min(seq, cfg.trainer.logprob_chunk) * arch.vocab_size * 4 / tensor
     b, src = budget if budget is not None else device_budget(cfg)
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n)
+
+
+def critic_model(cfg: Config) -> bool:
+    """Whether the run trains a separate critic model (`algo.critic: model` with PPO)."""
+    return (get_algorithm(cfg.algo.name).needs_critic and
+            getattr(cfg.algo, "critic", "head") == "model")
 
 
 def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list[str]:

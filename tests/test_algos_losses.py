@@ -92,17 +92,21 @@ def np_group_norm(r, gid, valid):
     return out
 
 
-def np_flowrl(lp, old, ref, lz, rh, m, beta, mode, eps=0.2, eps_hi=0.28, cap=10.0, clamp=20.0):
-    """Loss, d/d logp, d/d log_z (analytic), weights and clip flags of SPEC §1."""
+def np_flowrl(lp, old, ref, lz, rh, m, beta, mode, eps=0.2, eps_hi=0.28, cap=10.0, clamp=20.0,
+              one=False, length_norm=True):
+    """Loss, d/d logp, d/d log_z (analytic), weights and clip flags of SPEC §1 (`one`: w ≡ 1;
+    `length_norm=False`: sums instead of per-token means in δ)."""
     n = m.sum(1)
     valid = n > 0
-    ns = np.maximum(n, 1)
+    ns = np.maximum(n, 1) if length_norm else np.ones_like(n)
     z = lambda x: np.where(m > 0, x, 0.0)  # noqa: E731
     delta = lz + z(lp).sum(1) / ns - beta * rh - z(ref).sum(1) / ns
     logw = z(lp - old).sum(1)
     w0 = np.exp(np.clip(logw, -clamp, clamp))
     w = {"paper": np.clip(w0, 1 - eps, 1 + eps), "cap": np.minimum(w0, cap),
          "asym": np.clip(w0, 1 - eps, 1 + eps_hi), "none": w0}[mode]
+    if one:
+        w = np.ones_like(w0)
     nv = valid.sum()
     loss = (w * delta ** 2)[valid].sum() / nv
     coef = np.where(valid, 2 * w * delta, 0.0) / nv
@@ -241,6 +245,90 @@ def test_flowrl_clip_modes_hand_cases():
         close(met["w_mean"], np.mean(w), rtol=1e-9)
         close(met["clip_frac"], frac, rtol=1e-12)
         close(met["delta_mean"], 1.0, rtol=1e-9)
+
+
+def _ablation_case():
+    """Two sequences with hand-picked numbers (β = 10):
+    row A: 2 tokens, ℓθ = (−1, −3), ℓold = (−1.5, −3.5) → log w = 1, ℓref = (−1, −1),
+           r̂ = 0.1, log Z = 0.5: δ = 0.5 − 2 − 1 + 1 = −1.5 (means), 0.5 − 4 − 1 + 2 = −2.5 (sums);
+    row B: 1 token, ℓθ = ℓold = −0.5 → w = 1, ℓref = −1, r̂ = −0.2, log Z = 0:
+           δ = 0 − 0.5 + 2 + 1 = 2.5 either way."""
+    m = np.array([[1.0, 1.0], [1.0, 0.0]])
+    batch = dict(response_mask=jnp.asarray(m),
+                 old_logp=jnp.asarray([[-1.5, -3.5], [-0.5, GARBAGE]]),
+                 ref_logp=jnp.asarray([[-1.0, -1.0], [-1.0, GARBAGE]]),
+                 rhat=jnp.asarray([0.1, -0.2]))
+    outputs = dict(logp=jnp.asarray([[-1.0, -3.0], [-0.5, GARBAGE]]),
+                   log_z=jnp.asarray([0.5, 0.0]))
+    return batch, outputs
+
+
+# (importance_weight, length_norm, log_z) → (δ_A, δ_B, w_A): loss = (w_A δ_A² + δ_B²) / 2
+ABLATIONS = {
+    ("clipped", True, "network"): (-1.5, 2.5, np.e),
+    ("one", True, "network"): (-1.5, 2.5, 1.0),
+    ("clipped", False, "network"): (-2.5, 2.5, np.e),
+    ("one", False, "network"): (-2.5, 2.5, 1.0),
+    ("clipped", True, "zero"): (-2.0, 2.5, np.e),  # log Z ≡ 0: δ − log Z
+    ("one", False, "zero"): (-3.0, 2.5, 1.0),
+}
+
+
+@pytest.mark.parametrize("iw,norm,log_z", list(ABLATIONS), ids=lambda x: str(x))
+def test_flowrl_ablation_switches_hand_cases(iw, norm, log_z):
+    d_a, d_b, w_a = ABLATIONS[(iw, norm, log_z)]
+    batch, outputs = _ablation_case()
+    if log_z == "zero":
+        outputs.pop("log_z")  # no Z-network: the loss must not need its output
+    cfg = AlgoConfig(beta=10.0, importance_weight=iw, length_norm=norm, log_z=log_z)
+    (loss, met), g = jax.value_and_grad(partial(get_algorithm("flowrl").loss, cfg), argnums=1,
+                                        has_aux=True)(batch, outputs)
+    close(loss, (w_a * d_a ** 2 + d_b ** 2) / 2, rtol=1e-12)
+    close(met["w_mean"], (w_a + 1.0) / 2, rtol=1e-12)
+    close(met["delta_mean"], (d_a + d_b) / 2, rtol=1e-12)
+    close(met["log_z_mean"], 0.0 if log_z == "zero" else 0.25, rtol=1e-12)
+    close(met["clip_frac"], 0.0, rtol=1e-12)  # e < cap; w ≡ 1 is never clipped
+    # dloss/dℓθ_t = w δ / N per valid token, divided by the length when length-normalised
+    n_a = 2.0 if norm else 1.0
+    close(g["logp"], [[w_a * d_a / n_a, w_a * d_a / n_a], [d_b, 0.0]], rtol=1e-12)
+    if log_z != "zero":
+        close(g["log_z"], [w_a * d_a, d_b], rtol=1e-12)  # 2 w δ / N with N = 2
+
+
+@pytest.mark.parametrize("iw,norm", [("one", True), ("clipped", False), ("one", False)])
+def test_flowrl_ablations_vs_numpy(iw, norm):
+    """The switches on the random padded batch: loss and gradients against float64 NumPy."""
+    d = make_data(4)
+    m = d["response_mask"]
+    rh = np_group_norm(d["rewards"], d["group_ids"], LENGTHS > 0)
+    cfg = AlgoConfig(name="flowrl", beta=15.0, importance_weight=iw, length_norm=norm)
+    algo = get_algorithm("flowrl")
+    batch, outputs = split(d)
+    batch.update(algo.advantages(batch, cfg))
+    (loss, met), grads = jax.value_and_grad(lambda o: algo.loss(cfg, batch, o), has_aux=True)(outputs)
+    ref_loss, g_lp, g_lz, w, _ = np_flowrl(d["logp"], d["old_logp"], d["ref_logp"], d["log_z"],
+                                           rh, m, 15.0, "cap", one=iw == "one", length_norm=norm)
+    close(loss, ref_loss)
+    close(grads["logp"], g_lp)
+    close(grads["log_z"], g_lz)
+    close(met["w_mean"], w.mean())
+    if iw == "one":
+        assert np.all(w == 1.0) and float(met["clip_frac"]) == 0.0
+
+
+def test_flowrl_loss_signature_keeps_old_calls_valid():
+    """Positional and keyword calls written before the switches give the paper's loss."""
+    from flowrl_jax.algos.flowrl import flowrl_loss
+
+    batch, outputs = _ablation_case()
+    args = (outputs["logp"], batch["old_logp"], batch["ref_logp"], outputs["log_z"],
+            batch["rhat"], batch["response_mask"], 10.0, "cap", 0.2, 0.28, 10.0, 20.0)
+    loss, _ = flowrl_loss(*args)
+    close(loss, (np.e * 1.5 ** 2 + 2.5 ** 2) / 2, rtol=1e-12)
+    loss1, _ = flowrl_loss(*args, importance_weight="one", length_norm=False)
+    close(loss1, (2.5 ** 2 + 2.5 ** 2) / 2, rtol=1e-12)
+    with pytest.raises(ValueError, match="importance_weight"):
+        flowrl_loss(*args, importance_weight="none")
 
 
 @pytest.mark.parametrize("mode", ["none", "cap"])

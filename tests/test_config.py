@@ -90,3 +90,58 @@ def test_hf_config_both_rope_spellings():
 
 def test_defaults_validate():
     Config().validate()
+
+
+# --------------------------------------------------------------------------- paper configs
+
+
+def test_paper_configs_official_warmup_and_z_network():
+    cfg = load_config("qwen2.5-7b-math.yaml")
+    assert cfg.optimizer.warmup_unit == "rollout_step" and cfg.optimizer.warmup_steps == 10
+    assert cfg.algo.z_depth == 2 and cfg.algo.z_pool == "prompt_but_last"
+    assert (cfg.algo.importance_weight, cfg.algo.log_z, cfg.algo.length_norm) == (
+        "clipped", "network", True)
+    # the code defaults keep the behaviour of before
+    d = Config()
+    assert d.optimizer.warmup_unit == "update" and d.algo.dual_clip_c is None
+    assert d.algo.value_clip == 0.2 and d.algo.critic_weight_decay is None
+    assert d.algo.critic == "head" and cfg.algo.critic == "model"  # the paper configs' PPO
+
+
+BASELINES = {
+    "grpo": dict(dual_clip_c=3.0, use_kl_loss=True, kl_coef=0.001, kl_loss_type="k3"),
+    "ppo": dict(dual_clip_c=3.0, value_clip=0.5, critic_weight_decay=0.01, critic="model"),
+    "reinforce_pp": dict(dual_clip_c=3.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_configs_carry_the_paper_era_verl_settings(name):
+    from flowrl_jax.rl.train_state import role_weight_decays
+
+    cfg = load_config(f"baselines/qwen2.5-7b-math-{name}.yaml")
+    paper = load_config("qwen2.5-7b-math.yaml")
+    assert cfg.algo.name == name
+    for k, v in BASELINES[name].items():
+        assert getattr(cfg.algo, k) == v, k
+    # everything else is the FlowRL recipe: data, batch, optimizer (official warm-up), model
+    for section in ("data", "rollout", "optimizer", "trainer", "model", "mesh"):
+        assert getattr(cfg, section) == getattr(paper, section), section
+    wds = role_weight_decays(cfg)
+    assert wds["policy"] == 0.1 and wds["value"] == (0.01 if name == "ppo" else 0.1)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optimizer.warmup_unit=epoch"], "optimizer.warmup_unit: 'epoch' is not one of"),
+    (["algo.importance_weight=none"], "algo.importance_weight: 'none' is not one of"),
+    (["algo.log_z=learned"], "algo.log_z: 'learned' is not one of"),
+    (["algo.length_norm=sometimes"], "algo.length_norm: expected true/false"),
+    (["algo.z_pool=last"], "algo.z_pool: 'last' is not one of"),
+    (["algo.critic_weight_decay=-0.1"], "algo.critic_weight_decay: must be >= 0"),
+    (["algo.critic=separate"], "algo.critic: 'separate' is not one of"),
+    (["algo.critic_grad_clip=0"], "algo.critic_grad_clip: must be > 0"),
+])
+def test_new_switches_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value)

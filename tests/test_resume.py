@@ -112,7 +112,10 @@ def _kill(proc) -> None:
 @pytest.mark.slow
 def test_sigkill_and_restart_is_bit_exact(tmp_path):
     steps = 5
-    ov = toy_overrides("flowrl", steps)
+    # the official warm-up over rollout steps (lr 0, 1/3, 2/3, 1, 1 × peak): a resumed run
+    # must restore the rollout-step counter too, or its lr and params differ
+    ov = toy_overrides("flowrl", steps, **{"optimizer.warmup_unit": "rollout_step",
+                                           "optimizer.warmup_steps": 3})
     ref = start_train(tmp_path / "ref", ov)  # the uninterrupted run, concurrently
     run = tmp_path / "killed"
     rnd = random.Random(20261125)
@@ -168,3 +171,5 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
     recs_a, recs_b = stable_records(tmp_path / "ref"), stable_records(run)
     assert [r["step"] for r in recs_b] == list(range(1, steps + 1))
     assert recs_a == recs_b
+    np.testing.assert_allclose([r["optimizer/lr"] for r in recs_b],
+                               [0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rtol=1e-6)

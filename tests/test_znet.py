@@ -143,3 +143,95 @@ def test_znet_params_carry_logical_axes():
     assert axes["blocks.0.linear.kernel"] == ("z_hidden", "z_hidden")
     assert axes["head.kernel"] == ("z_hidden", None)
     assert all(a is not None for a in axes.values())
+
+
+# --------------------------------------------------------------------------- official details
+
+
+def _pool_forward(z_pool: str):
+    from flowrl_jax.config import AlgoConfig
+
+    return Config(algo=AlgoConfig(z_pool=z_pool))
+
+
+@pytest.mark.parametrize("z_pool", ["prompt", "prompt_but_last"])
+def test_z_pool_keeps_or_drops_the_last_prompt_token(policy, z_pool):
+    """`prompt_but_last` (the official slice) pools prompt tokens 0..P−2: the last prompt token
+    cannot change log Z (attention is causal), and log Z is Z_φ of the mean hidden state of
+    the other prompt tokens; `prompt` pools all of them."""
+    gd, st = policy
+    z = _znet(dropout=0.0)
+    zgd, zst = nnx.split(z)
+    params, gds = {"policy": st, "z": zst}, {"policy": gd, "z": zgd}
+    cfg = _pool_forward(z_pool)
+    f = jax.jit(lambda p, b: forward(cfg, gds, p, b)["log_z"])
+    batch = _batch(2)
+    other = dict(batch, input_ids=batch["input_ids"].at[0, 6].set(77))  # last prompt token
+    a, b = np.asarray(f(params, batch)), np.asarray(f(params, other))
+    if z_pool == "prompt_but_last":
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert np.all(a != b)
+    hidden = np.asarray(nnx.merge(gd, st)(batch["input_ids"], batch["attention_mask"], None,
+                                          return_logits=False).hidden)
+    n = 4 if z_pool == "prompt_but_last" else 5  # real prompt tokens pooled (columns 2..)
+    mask = np.zeros((1, 7), bool)
+    mask[0, 2:2 + n] = True
+    np.testing.assert_allclose(a, _np_znet(z, hidden[:, :7], mask), rtol=2e-5, atol=2e-5)
+
+
+def test_biases_start_like_torch_linear():
+    """U(±1/√fan_in) for every Linear bias (torch's default), LayerNorm bias 0 and scale 1."""
+    z = _znet(depth=2, seed=3)
+    bound = 1.0 / np.sqrt(H)
+    for lin in [blk.linear for blk in z.blocks] + [z.head]:
+        b = np.asarray(lin.bias[...])
+        assert np.all(np.abs(b) <= bound)
+    b = np.concatenate([np.asarray(blk.linear.bias[...]) for blk in z.blocks])
+    assert b.max() > 0.5 * bound and b.min() < -0.5 * bound  # spread over the range, not 0
+    assert abs(float(np.asarray(z.head.bias[...])[0])) > 0
+    for blk in z.blocks:
+        np.testing.assert_array_equal(np.asarray(blk.norm.bias[...]), 0.0)
+        np.testing.assert_array_equal(np.asarray(blk.norm.scale[...]), 1.0)
+
+
+def test_z_depth_counts_hidden_blocks():
+    """z_depth 2 = the paper's "3-layer MLP" (official ProjZModule(num_layers=3)): 3 Linears."""
+    from flowrl_jax.models.znet import ZLinear
+
+    for depth in (0, 2, 3):
+        lins = [m for _, m in nnx.iter_graph(_znet(depth=depth)) if isinstance(m, ZLinear)]
+        assert len(lins) == depth + 1
+
+
+@pytest.mark.parametrize("log_z", ["zero", "scalar"])
+def test_log_z_ablations_train(log_z):
+    """`log_z: zero` builds no Z module and logs log Z 0; `scalar` learns one value shared by
+    every prompt (starts at 0) and leaves the rest of the step as it is."""
+    from flowrl_jax.bench import train as bench
+    from flowrl_jax.config import AlgoConfig, ModelConfig, OptimizerConfig, TrainerConfig
+    from flowrl_jax.rl.train_state import create_train_state
+    from flowrl_jax.rl.train_step import make_train_step
+
+    cfg = Config(model=ModelConfig(), algo=AlgoConfig(name="flowrl", log_z=log_z),
+                 optimizer=OptimizerConfig(lr=1e-2, warmup_steps=0),
+                 trainer=TrainerConfig(mini_batch_size=4, micro_batch_size=2))
+    mesh = single_device_mesh()
+    state = create_train_state(cfg, random_model(TINY, Numerics(), mesh, seed=0), mesh, rng=0)
+    if log_z == "zero":
+        assert "z" not in state.params
+    else:
+        leaves = jax.tree.leaves(state.params["z"])
+        assert len(leaves) == 1 and leaves[0].shape == () and float(leaves[0]) == 0.0
+    step = make_train_step(cfg, state, mesh)
+    batch = bench._inputs(TINY, 4, 6, 6)
+    state, m = step(state, batch)
+    assert np.isfinite(float(m["loss"]))
+    if log_z == "zero":
+        assert float(m["log_z_mean"]) == 0.0 and "grad_norm_z" not in m
+    else:
+        assert float(m["log_z_mean"]) == 0.0 and float(m["grad_norm_z"]) > 0
+        new = float(jax.tree.leaves(state.params["z"])[0])
+        assert new != 0.0
+        _, m2 = step(state, batch)
+        np.testing.assert_allclose(float(m2["log_z_mean"]), new, rtol=1e-6)

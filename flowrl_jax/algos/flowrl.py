@@ -5,6 +5,12 @@
     w_i     = clip_mode(exp(clamp(sg(log w_i), ±log_w_clamp)))
     loss    = mean over valid sequences of w_i δ_i²
 
+The paper's ablations are switches of `AlgoConfig` (defaults = the paper):
+`importance_weight: one` sets w_i ≡ 1 ("w/o importance sampling"; not `is_clip: none`, which
+is the unclipped weight); `length_norm: false` uses Σ_t instead of mean_t in δ;
+`log_z: zero` fixes log Z_i ≡ 0 (no Z-network) and `log_z: scalar` makes it one learned
+scalar shared by all prompts (models/znet.py).
+
 The clamp (default ±20, so w ≤ e^20 ≈ 4.9e8 before the clip) keeps exp finite in float32
 even for absurd log-ratios; with `cap`/`paper`/`asym` it never changes the final weight
 unless |log w| > 20, where the clip would have cut it anyway. Padding sequences (no valid
@@ -25,6 +31,8 @@ from flowrl_jax.algos.base import (Algorithm, Metrics, cfg_get, check_shape, com
 
 Array = jax.Array
 IS_CLIP_MODES = ("paper", "cap", "asym", "none")
+IMPORTANCE_WEIGHTS = ("clipped", "one")
+LOG_Z_MODES = ("network", "zero", "scalar")
 
 
 def clip_importance_weight(w: Array, mode: str, eps_low: float = 0.2, eps_high: float = 0.28,
@@ -45,8 +53,16 @@ def clip_importance_weight(w: Array, mode: str, eps_low: float = 0.2, eps_high: 
 def flowrl_loss(logp: Array, old_logp: Array, ref_logp: Array, log_z: Array, rhat: Array,
                 mask: Array, beta: float = 15.0, is_clip: str = "cap", clip_eps: float = 0.2,
                 clip_eps_high: float = 0.28, is_cap: float = 10.0, log_w_clamp: float = 20.0,
-                valid: Array | None = None) -> tuple[Array, Metrics]:
-    """The FlowRL loss of SPEC §1 on [B, T] log-probs, [B] log Z and r̂; returns (loss, metrics)."""
+                valid: Array | None = None, importance_weight: str = "clipped",
+                length_norm: bool = True) -> tuple[Array, Metrics]:
+    """The FlowRL loss of SPEC §1 on [B, T] log-probs, [B] log Z and r̂; returns (loss, metrics).
+
+    `importance_weight="one"` sets w ≡ 1; `length_norm=False` puts the sequence sums of
+    log πθ and log π_ref into δ instead of their per-token means (the ablations).
+    """
+    if importance_weight not in IMPORTANCE_WEIGHTS:
+        raise ValueError(f"algo.importance_weight: unknown value {importance_weight!r} "
+                         f"(expected one of {IMPORTANCE_WEIGHTS})")
     dt = C.compute_dtype(logp, old_logp, ref_logp, log_z, rhat)
     mask = jnp.asarray(mask).astype(dt)
     logp, old_logp, ref_logp = (x.astype(dt) for x in (logp, old_logp, ref_logp))
@@ -55,10 +71,11 @@ def flowrl_loss(logp: Array, old_logp: Array, ref_logp: Array, log_z: Array, rha
     if valid is None:
         valid = n > 0
     valid = valid & (n > 0)
-    n_safe = jnp.maximum(n, 1.0)  # padding rows: no 0/0; they are masked out below
-    mean_logp = C.masked_sum(logp, mask, axis=-1) / n_safe
-    mean_ref = C.masked_sum(ref_logp, mask, axis=-1) / n_safe
-    delta = log_z + mean_logp - beta * rhat - mean_ref
+    # per-token means (padding rows: no 0/0; they are masked out below), or plain sums
+    norm = jnp.maximum(n, 1.0) if length_norm else jnp.ones_like(n)
+    seq_logp = C.masked_sum(logp, mask, axis=-1) / norm
+    seq_ref = C.masked_sum(ref_logp, mask, axis=-1) / norm
+    delta = log_z + seq_logp - beta * rhat - seq_ref
     # select (not multiply) so NaN/inf in padding rows can reach neither loss nor gradient
     delta = jnp.where(valid, delta, 0.0)
 
@@ -67,8 +84,12 @@ def flowrl_loss(logp: Array, old_logp: Array, ref_logp: Array, log_z: Array, rha
     log_w_raw = jnp.where(valid, log_w_raw, 0.0)
     log_w = jnp.clip(log_w_raw, -log_w_clamp, log_w_clamp)
     w_unclipped = jnp.exp(log_w)
-    w = clip_importance_weight(w_unclipped, is_clip, clip_eps, clip_eps_high, is_cap)
-    clipped = (w != w_unclipped) | (log_w != log_w_raw)
+    if importance_weight == "one":  # the ablation: w ≡ 1, nothing is clipped
+        w = jnp.ones_like(w_unclipped)
+        clipped = jnp.zeros(w.shape, bool)
+    else:
+        w = clip_importance_weight(w_unclipped, is_clip, clip_eps, clip_eps_high, is_cap)
+        clipped = (w != w_unclipped) | (log_w != log_w_raw)
 
     loss = C.masked_mean(w * jnp.square(delta), valid)
     d = lax.stop_gradient(delta)
@@ -128,12 +149,19 @@ class FlowRL(Algorithm):
         b, t = mask.shape
         (logp,) = token_arrays(outputs, ("logp",), (b, t), where, "outputs")
         old_logp, ref_logp = token_arrays(batch, ("old_logp", "ref_logp"), (b, t), where)
-        require(outputs, ("log_z",), where, "outputs")
         require(batch, ("rhat",), where)
-        log_z = jnp.asarray(outputs["log_z"])
-        if log_z.shape == (b, 1):
-            log_z = log_z[:, 0]
-        check_shape(log_z, (b,), "outputs['log_z']", where)
+        log_z_mode = cfg_get(cfg, "log_z", "network")
+        if log_z_mode not in LOG_Z_MODES:
+            raise ValueError(f"algo.log_z: unknown value {log_z_mode!r} (expected one of "
+                             f"{LOG_Z_MODES})")
+        if log_z_mode == "zero":  # the ablation: log Z ≡ 0, there is no Z-network
+            log_z = jnp.zeros((b,), jnp.float32)
+        else:
+            require(outputs, ("log_z",), where, "outputs")
+            log_z = jnp.asarray(outputs["log_z"])
+            if log_z.shape == (b, 1):
+                log_z = log_z[:, 0]
+            check_shape(log_z, (b,), "outputs['log_z']", where)
         rhat = jnp.asarray(batch["rhat"])
         check_shape(rhat, (b,), "batch['rhat']", where)
         valid = seq_valid(batch, mask)
@@ -141,6 +169,8 @@ class FlowRL(Algorithm):
             logp, old_logp, ref_logp, log_z, rhat, mask,
             beta=cfg.beta, is_clip=cfg.is_clip, clip_eps=cfg.clip_eps,
             clip_eps_high=cfg_get(cfg, "clip_eps_high", 0.28), is_cap=cfg_get(cfg, "is_cap", 10.0),
-            log_w_clamp=cfg_get(cfg, "log_w_clamp", 20.0), valid=valid)
+            log_w_clamp=cfg_get(cfg, "log_w_clamp", 20.0), valid=valid,
+            importance_weight=cfg_get(cfg, "importance_weight", "clipped"),
+            length_norm=cfg_get(cfg, "length_norm", True))
         m.update(common_metrics(batch, outputs, mask, valid))
         return loss, m

@@ -12,7 +12,10 @@ anything is restored, and a mismatch is a ConfigError naming every differing key
 nothing (checkpoint/manager.py also compares the stored array shapes). A run never starts
 again from step 0 over step directories or set-aside checkpoints. The train state is any object
 with `params` (by role, "policy" an nnx.State), `step`, `skipped`, `rng`, `opt_state` and
-`replace(**fields)` (rl/train_state.py's TrainState).
+`replace(**fields)` (rl/train_state.py's TrainState). Its `rollout_step` counter (rollout
+steps completed) is not a separate entry: it equals meta's step, written in the same
+atomic checkpoint, and the trainer sets it from `Resumed.step` (so checkpoints written
+before the counter existed restore unchanged).
 """
 
 from __future__ import annotations

@@ -2,8 +2,16 @@
 
 Input: the policy's final hidden states (after the final RMSNorm) of the prompt tokens,
 taken from the same forward pass that gives the token log-probs, averaged over the valid
-(non-padding) prompt tokens. Network: `depth` × [Linear(H→H) → GELU → LayerNorm(H) →
-Dropout(p)] then Linear(H→1); the scalar output is log Z(x) directly.
+(non-padding) prompt tokens; with `algo.z_pool: prompt_but_last` (default, the official
+code's `[:, :-response_length-1]` slice) the last prompt token is left out (rl/forward.py).
+Network: `depth` × [Linear(H→H) → GELU → LayerNorm(H) → Dropout(p)] then Linear(H→1); the
+scalar output is log Z(x) directly. `depth` (`algo.z_depth`) counts the hidden blocks, not
+the Linear layers: the paper's "3-layer MLP" (official `ProjZModule(num_layers=3)`) is
+depth 2 (three Linear layers in all). Linear weights and biases start as torch.nn.Linear's
+do, U(±1/√fan_in); LayerNorm as torch's (scale 1, bias 0).
+
+`ZScalar` is the `algo.log_z: scalar` ablation: one learned log Z shared by every prompt
+(starts at 0), called like ZNet.
 
 Gradient flows from log Z back into the transformer unless `detach_input` (the
 `algo.detach_z_input` ablation), which puts a stop_gradient on the pooled input.
@@ -25,13 +33,20 @@ Array = jax.Array
 _KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def torch_bias_init(key: Array, fan_in: int, d_out: int) -> Array:
+    """torch.nn.Linear's default bias: U(−1/√fan_in, 1/√fan_in), float32 [d_out]."""
+    bound = 1.0 / float(fan_in) ** 0.5
+    return jax.random.uniform(key, (d_out,), jnp.float32, -bound, bound)
+
+
 class ZLinear(nnx.Module):
-    """y = x @ W + b in float32; W [in, out] annotated with logical axes."""
+    """y = x @ W + b in float32; W [in, out] annotated with logical axes; torch's init."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (d_in, d_out), jnp.float32),
                                 logical_axes=axes)
-        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32), logical_axes=(axes[1],))
+        self.bias = nnx.Param(torch_bias_init(rngs.params(), d_in, d_out),
+                              logical_axes=(axes[1],))
 
     def __call__(self, x: Array) -> Array:
         return jnp.dot(x, self.kernel[...]) + self.bias[...]
@@ -103,6 +118,18 @@ class ZNet(nnx.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, deterministic, None if key is None else jax.random.fold_in(key, i))
         return self.head(x)[:, 0]
+
+
+class ZScalar(nnx.Module):
+    """log Z as one learned scalar shared by all prompts (`algo.log_z: scalar`), starting at 0."""
+
+    def __init__(self):
+        self.value = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, prompt_hidden: Array, prompt_mask: Array, *, deterministic: bool = True,
+                 key: Optional[Array] = None) -> Array:
+        """The scalar broadcast to [B] (the prompt is not read: no gradient reaches the policy)."""
+        return jnp.broadcast_to(self.value[...], prompt_hidden.shape[:1])
 
 
 def build_znet(hidden_size: int, algo_cfg, seed: int = 0) -> ZNet:

@@ -113,10 +113,12 @@ def logprob_chunk(cfg: Config, batch: int, length: int, vocab: int) -> int:
 def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any], batch: Batch,
             *, train: bool = False, key: Optional[Array] = None,
             with_entropy: bool = False) -> dict[str, Array]:
-    """Policy forward (+ Z_φ / value head when their params are given) → algorithm outputs.
+    """Policy forward (+ Z_φ / value head / critic model when their params are given) →
+    algorithm outputs.
 
     Returns logp [B, R] (and entropy [B, R] with `with_entropy`), log_z [B] when
-    params has "z", values [B, R] when params has "value".
+    params has "z" (pooled over the prompt columns of `z_pool_length`), values [B, R] when
+    params has "value".
     """
     ids = batch["input_ids"]
     am = batch["attention_mask"]
@@ -139,11 +141,27 @@ def forward(cfg: Config, graphdefs: Mapping[str, Any], params: Mapping[str, Any]
         outputs["logp"] = res
     if "z" in params:
         znet = nnx.merge(graphdefs["z"], params["z"])
-        outputs["log_z"] = znet(hidden[:, :p], am[:, :p], deterministic=not train, key=key)
+        pz = z_pool_length(cfg, p)
+        outputs["log_z"] = znet(hidden[:, :pz], am[:, :pz], deterministic=not train, key=key)
     if "value" in params:
         head = nnx.merge(graphdefs["value"], params["value"])
-        outputs["values"] = head(h_resp)
+        if "critic" in params:  # a separate critic model (algo.critic: model)
+            critic = nnx.merge(graphdefs["critic"], params["critic"])
+            c_out = critic(ids, am, batch.get("positions"), return_logits=False,
+                           remat=None if train else False)
+            outputs["values"] = head(c_out.hidden[:, p - 1:t - 1])
+        else:
+            outputs["values"] = head(h_resp)
     return outputs
+
+
+def z_pool_length(cfg: Config, prompt_columns: int) -> int:
+    """How many leading prompt columns Z_φ pools: all, or all but the last one
+    (`algo.z_pool: prompt_but_last`, the official slice; prompts are left-padded, so the
+    last column is every row's last prompt token)."""
+    if getattr(cfg.algo, "z_pool", "prompt_but_last") == "prompt_but_last":
+        return prompt_columns - 1
+    return prompt_columns
 
 
 def widest_layer(policy_params: Any) -> int:

@@ -5,17 +5,28 @@ graph definitions ride along as static (hashable) metadata so the jitted step ca
 the modules. `params` is a dict of `nnx.State`s keyed by role:
 
 - "policy": the Qwen2 policy (always);
-- "z":      Z_φ (FlowRL, `algo.needs_z`), see models/znet.py;
-- "value":  PPO's critic (`algo.needs_critic`): a value head Linear(H→1) on the policy
-            trunk's final hidden states. The trunk is shared, so the value loss gradient
-            (scaled by `algo.vf_coef`) also reaches the transformer, at the policy lr; only
-            the head itself uses `algo.critic_lr`. (One forward pass serves both; no second
-            7B copy in memory.)
+- "z":      Z_φ (FlowRL, `algo.needs_z`; `algo.log_z: scalar` → one learned scalar,
+            `zero` → no module), see models/znet.py;
+- "value":  PPO's critic (`algo.needs_critic`): a value head Linear(H→1). With
+            `algo.critic: head` (default) it reads the policy trunk's final hidden states:
+            the trunk is shared, so the value loss gradient (scaled by `algo.vf_coef`) also
+            reaches the transformer, at the policy lr and inside the policy's clip budget;
+            only the head itself uses `algo.critic_lr`. (One forward pass serves both; no
+            second 7B copy in memory.)
+- "critic": with `algo.critic: model` (veRL's critic) the head reads a separate copy of the
+            policy architecture, initialised from the same weights; critic and head learn at
+            `algo.critic_lr` and are clipped to `algo.critic_grad_clip` on their own.
 
-Optimizer (SPEC §2, OptimizerConfig): global grad-norm clip over *all* trained params,
-then per role AdamW(b1, b2, eps, weight_decay) with lr × min(1, (k+1)/warmup_steps) at
-update k (so the very first update is not a wasted lr = 0 step) and constant afterwards.
-Z_φ uses `optimizer.z_lr` when set, else the policy lr; the value head `algo.critic_lr`.
+Optimizer (SPEC §2, OptimizerConfig): global grad-norm clip over *all* trained params
+(with a separate critic model: over the actor's roles and, on its own, over the critic's),
+then per role AdamW(b1, b2, eps, weight_decay) with the peak lr times the warm-up factor
+`lr_scale`: with `optimizer.warmup_unit: update` min(1, (k+1)/warmup_steps) at update k
+(so the very first update is not a wasted lr = 0 step); with `rollout_step` (the official
+runs) min(1, s/warmup_steps) for every update of rollout step s (lr 0 in step 0: the
+moments move, the params do not). The rollout step is the state's `rollout_step` counter,
+which the trainer advances once per rollout step (and restores with the checkpoint).
+Z_φ uses `optimizer.z_lr` when set, else the policy lr; the value head (and critic model)
+`algo.critic_lr` and `algo.critic_weight_decay` (when set).
 Optimizer moments are nnx Variables with their param's `logical_axes`, so they get the
 same shardings as their params.
 """
@@ -34,7 +45,7 @@ from jax.sharding import Mesh
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, OptimizerConfig
 from flowrl_jax.mesh import logical_axes_of, named_sharding, replicated
-from flowrl_jax.models.znet import ZNet
+from flowrl_jax.models.znet import ZNet, ZScalar
 
 Array = jax.Array
 
@@ -54,13 +65,17 @@ class ValueHead(nnx.Module):
 
 @struct.dataclass
 class TrainState:
-    """Params (by role), optax state, applied-update counter, base RNG key, skip counter."""
+    """Params (by role), optax state, applied-update counter, base RNG key, skip counter,
+    rollout-step counter."""
 
     step: Array  # int32: updates applied so far (skipped steps do not count)
     params: dict[str, Any]  # role → nnx.State
     opt_state: Any
     rng: Array  # base PRNG key (uint32[2]); per-step keys are fold_in(rng, step + skipped)
     skipped: Array  # int32: steps skipped because the loss or a gradient was not finite
+    # int32: rollout steps completed, i.e. the index of the rollout step whose updates run
+    # now (the warm-up of `optimizer.warmup_unit: rollout_step` reads it)
+    rollout_step: Array
     graphdefs: tuple = struct.field(pytree_node=False, default=())  # ((role, GraphDef), ...)
 
     def graphdef(self, role: str) -> Any:
@@ -88,32 +103,94 @@ def warmup_constant(lr: float, warmup_steps: int) -> Callable[[Array], Array]:
     return schedule
 
 
+def lr_scale(opt: OptimizerConfig, update: Array, rollout_step: Array) -> Array:
+    """The warm-up factor of the peak lr for update number `update` (0-based, counted over
+    the run) inside rollout step `rollout_step` (0-based), by `opt.warmup_unit`."""
+    if opt.warmup_steps <= 0:
+        return jnp.asarray(1.0, jnp.float32)
+    if opt.warmup_unit == "rollout_step":  # torch's constant-with-warm-up: s / warmup_steps
+        done = jnp.asarray(rollout_step, jnp.float32)
+    else:
+        done = jnp.asarray(update, jnp.float32) + 1.0
+    return jnp.minimum(1.0, done / opt.warmup_steps)
+
+
 def role_lrs(cfg: Config) -> dict[str, float]:
     """Peak learning rate of each parameter role."""
     opt: OptimizerConfig = cfg.optimizer
     return {"policy": opt.lr, "z": opt.z_lr if opt.z_lr is not None else opt.lr,
-            "value": cfg.algo.critic_lr}
+            "value": cfg.algo.critic_lr, "critic": cfg.algo.critic_lr}
+
+
+def role_weight_decays(cfg: Config) -> dict[str, float]:
+    """AdamW weight decay of each parameter role (the critic's own when set)."""
+    wd = cfg.optimizer.weight_decay
+    critic = getattr(cfg.algo, "critic_weight_decay", None)
+    return {"policy": wd, "z": wd, "value": wd if critic is None else critic,
+            "critic": wd if critic is None else critic}
+
+
+#: roles of a separate critic model, clipped on their own (`algo.critic: model`)
+CRITIC_ROLES = ("critic", "value")
+
+
+def clip_by_group_norms(groups: tuple[tuple[tuple[str, ...], float], ...]
+                        ) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied separately to each group of roles ((roles, max
+    norm), ...) of a {role: grads} tree; stateless like it, so the optimizer state keeps
+    its layout."""
+    def update(updates, state, params=None):
+        out = dict(updates)
+        for roles, max_norm in groups:
+            sub = {r: updates[r] for r in roles if r in updates}
+            if not sub:
+                continue
+            g = optax.tree.norm(sub)
+            keep = g < max_norm
+            out.update(jax.tree.map(
+                lambda t: jnp.where(keep, t, (t / g.astype(t.dtype)) * max_norm), sub))
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def gradient_clip(cfg: Config, roles: tuple[str, ...]) -> optax.GradientTransformation:
+    """One global-norm clip over every role; with a separate critic model the actor's roles
+    and the critic's are clipped apart (each to its own bound, as veRL's two optimizers)."""
+    opt = cfg.optimizer
+    if "critic" not in roles:
+        return optax.clip_by_global_norm(opt.grad_clip)
+    actor = tuple(r for r in roles if r not in CRITIC_ROLES)
+    return clip_by_group_norms(((actor, opt.grad_clip),
+                                (CRITIC_ROLES, cfg.algo.critic_grad_clip)))
 
 
 def make_optimizer(cfg: Config, roles: tuple[str, ...]) -> optax.GradientTransformation:
-    """Global-norm clip, then AdamW per role (see module docstring)."""
+    """Global-norm clip, then AdamW per role (see module docstring).
+
+    Its own schedule counts updates; the train step applies `adamw_updates`, which reads
+    the warm-up unit (the optimizer state's layout is the same for both units).
+    """
     opt = cfg.optimizer
     lrs = role_lrs(cfg)
+    wds = role_weight_decays(cfg)
 
-    def adamw(lr: float) -> optax.GradientTransformation:
-        return optax.adamw(warmup_constant(lr, opt.warmup_steps), b1=opt.b1, b2=opt.b2,
-                           eps=opt.eps, weight_decay=opt.weight_decay)
+    def adamw(role: str) -> optax.GradientTransformation:
+        return optax.adamw(warmup_constant(lrs[role], opt.warmup_steps), b1=opt.b1, b2=opt.b2,
+                           eps=opt.eps, weight_decay=wds[role])
 
     def labels(params: dict[str, Any]) -> dict[str, Any]:
         return {role: jax.tree.map(lambda _, r=role: r, sub) for role, sub in params.items()}
 
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip),
-                       optax.multi_transform({r: adamw(lrs[r]) for r in roles}, labels))
+    return optax.chain(gradient_clip(cfg, roles),
+                       optax.multi_transform({r: adamw(r) for r in roles}, labels))
 
 
-def adamw_updates(cfg: Config, opt_state: Any, params: dict[str, Any]) -> dict[str, Any]:
+def adamw_updates(cfg: Config, opt_state: Any, params: dict[str, Any],
+                  rollout_step: Array | int = 0) -> dict[str, Any]:
     """The AdamW parameter updates of `make_optimizer`, computed from an optimizer state whose
-    moments and counts were already advanced by its `update` (same arithmetic as optax).
+    moments and counts were already advanced by its `update` (same arithmetic as optax),
+    with the warm-up of `optimizer.warmup_unit` (`rollout_step`: the current rollout step).
 
     The train step uses this so that the parameter update reads the moments it has just
     written: when it recomputes them from the old moments instead (optax's `update` output),
@@ -122,6 +199,7 @@ def adamw_updates(cfg: Config, opt_state: Any, params: dict[str, Any]) -> dict[s
     """
     opt = cfg.optimizer
     lrs = role_lrs(cfg)
+    wds = role_weight_decays(cfg)
     partition = opt_state[1]  # after the global-norm clip's empty state
     out = {}
     for role, sub in params.items():
@@ -130,10 +208,11 @@ def adamw_updates(cfg: Config, opt_state: Any, params: dict[str, Any]) -> dict[s
         # computing it differs by ~1e-5 relative
         mu_hat = optax.tree.bias_correction(adam.mu[role], opt.b1, adam.count)
         nu_hat = optax.tree.bias_correction(adam.nu[role], opt.b2, adam.count)
-        lr = warmup_constant(lrs[role], opt.warmup_steps)(schedule.count - 1)  # count before this step
+        # schedule.count - 1: the update count before this step
+        lr = lrs[role] * lr_scale(opt, schedule.count - 1, rollout_step)
 
-        def one(m, v, p, lr=lr):
-            return (m / (jnp.sqrt(v) + opt.eps) + opt.weight_decay * p) * -lr
+        def one(m, v, p, lr=lr, wd=wds[role]):
+            return (m / (jnp.sqrt(v) + opt.eps) + wd * p) * -lr
 
         out[role] = jax.tree.map(one, mu_hat, nu_hat, sub)
     return out
@@ -207,13 +286,19 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
     params: dict[str, Any] = {"policy": policy}
     hidden = model.arch.hidden_size
     kz, kv, kstate = jax.random.split(key, 3)
-    if algo.needs_z:
+    log_z = getattr(cfg.algo, "log_z", "network")
+    if algo.needs_z and log_z != "zero":  # `zero`: log Z ≡ 0, nothing to learn
         seed_z = int(jax.random.randint(kz, (), 0, 2**31 - 1))
         gd, st = _init_module_sharded(
-            lambda: ZNet(hidden, cfg.algo.z_depth, cfg.algo.z_dropout, cfg.algo.detach_z_input,
-                         rngs=nnx.Rngs(seed_z)), mesh)
+            (lambda: ZScalar()) if log_z == "scalar" else
+            (lambda: ZNet(hidden, cfg.algo.z_depth, cfg.algo.z_dropout, cfg.algo.detach_z_input,
+                          rngs=nnx.Rngs(seed_z))), mesh)
         graphdefs.append(("z", gd))
         params["z"] = st
+    if algo.needs_critic and getattr(cfg.algo, "critic", "head") == "model":
+        # veRL's critic: the same architecture and weights as the policy, trained apart
+        graphdefs.append(("critic", gd_policy))
+        params["critic"] = copy_params(policy)
     if algo.needs_critic:
         seed_v = int(jax.random.randint(kv, (), 0, 2**31 - 1))
         gd, st = _init_module_sharded(lambda: ValueHead(hidden, rngs=nnx.Rngs(seed_v)), mesh)
@@ -226,7 +311,16 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
                       opt_state=opt_state, rng=jax.device_put(kstate, rep),
                       skipped=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                      rollout_step=jax.device_put(jnp.zeros((), jnp.int32), rep),
                       graphdefs=tuple(graphdefs))
+
+
+def with_rollout_step(state: TrainState, rollout_step: int) -> TrainState:
+    """`state` with its rollout-step counter set to `rollout_step` (same sharding; the
+    callback form works when the mesh spans several processes)."""
+    value = np.asarray(rollout_step, np.int32)
+    arr = jax.make_array_from_callback((), state.rollout_step.sharding, lambda _: value)
+    return state.replace(rollout_step=arr)
 
 
 def copy_params(params: Any) -> Any:

@@ -21,7 +21,7 @@ the step (a leaf-wise select of the old values, fused with the update): params a
 
 Metrics (scalars): the algorithm's own (e.g. FlowRL loss, delta_mean, log_z_mean, w_mean,
 clip_frac, kl_old, kl_ref, ...), plus loss, grad_norm (global, before clipping),
-grad_norm_<role>, lr (policy lr of this update), skipped, skipped_total, step, tokens
+grad_norm_<role>, lr (policy lr of this update, after warm-up: rl/train_state.py), skipped, skipped_total, step, tokens
 (valid response tokens), seqs (valid sequences), input_tokens (all real tokens, for
 throughput).
 """
@@ -44,8 +44,8 @@ from flowrl_jax.rl.forward import (Batch, batch_shardings, check_attention_layou
                                    forward, pass_compiler_options, signature, to_micro,
                                    widest_layer)
 from flowrl_jax.rl.rollout_batch import RolloutBatch
-from flowrl_jax.rl.train_state import (TrainState, adamw_updates, make_optimizer, tree_shardings,
-                                       warmup_constant)
+from flowrl_jax.rl.train_state import (TrainState, adamw_updates, lr_scale, make_optimizer,
+                                       tree_shardings)
 
 Array = jax.Array
 
@@ -147,7 +147,7 @@ class TrainStep:
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         _, opt_state = self.tx.update(grads, state.opt_state, state.params)
         opt_state = lax.optimization_barrier(jax.tree.map(keep, opt_state, state.opt_state))
-        updates = adamw_updates(cfg, opt_state, state.params)
+        updates = adamw_updates(cfg, opt_state, state.params, state.rollout_step)
         params = jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params)
         okf = ok.astype(jnp.int32)
         new_state = state.replace(step=state.step + okf, params=params, opt_state=opt_state,
@@ -155,7 +155,7 @@ class TrainStep:
         metrics.update({
             "loss": loss,
             "grad_norm": gnorm,
-            "lr": warmup_constant(cfg.optimizer.lr, cfg.optimizer.warmup_steps)(state.step),
+            "lr": cfg.optimizer.lr * lr_scale(cfg.optimizer, state.step, state.rollout_step),
             "skipped": (1 - okf).astype(jnp.float32),
             "skipped_total": new_state.skipped,
             "step": new_state.step,

@@ -69,7 +69,7 @@ from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucke
 from flowrl_jax.rl.rollout_batch import minibatches
 from flowrl_jax.rl.step_fns import StepFns
 from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
-from flowrl_jax.rl.train_state import FrozenReference, create_train_state
+from flowrl_jax.rl.train_state import FrozenReference, create_train_state, with_rollout_step
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class Trainer:
         got = self.ckpt.restore(self.state, self.allow_resume, self.arch)
         if got is None:
             return 0, []
-        self.state = got.state
+        self.state = with_rollout_step(got.state, got.step)  # rollout steps done = saved step
         if got.data_state is not None:
             self.source.set_state(got.data_state)
         self._info(f"resumed from {self.ckpt.dir} step {got.step}")
@@ -270,6 +270,7 @@ class Trainer:
                                   cfg.data.length_buckets, response_bucket(cfg, ro)):
                 self.state, m = self.step_fns.update(self.state, mb)
                 train_metrics.append(m)
+        self.state = with_rollout_step(self.state, step + 1)  # the warm-up's rollout-step clock
         train_metrics = to_host(train_metrics)
         t["update"] = time.perf_counter() - t0
 
