@@ -36,11 +36,26 @@ def _includes(path: Path) -> list[str]:
     return [inc] if isinstance(inc, str) else list(inc)
 
 
+PRESET_DIRS = ("models", "mesh")  # model and mesh presets: parts of configs, not runs
+
+
+def shipped_yamls() -> list[Path]:
+    """Every YAML under configs/ except the model and mesh presets."""
+    return sorted(p for p in CONFIGS.rglob("*.yaml")
+                  if p.relative_to(CONFIGS).parts[0] not in PRESET_DIRS)
+
+
+def names_a_model(path: Path) -> bool:
+    """Whether a config (with its includes) says which model to train: a run, not a fragment."""
+    from flowrl_jax.config import load_yaml_tree
+
+    model = load_yaml_tree(path).get("model") or {}
+    return bool(model.get("path") or model.get("preset") or model.get("arch"))
+
+
 def train_configs() -> list[Path]:
-    """Top-level YAMLs of configs/ that are not fragments included by another one."""
-    files = sorted(CONFIGS.glob("*.yaml"))
-    included = {(CONFIGS / i).resolve() for f in files for i in _includes(f)}
-    return [f for f in files if f.resolve() not in included]
+    """The shipped configs that `flowrl-jax train` runs (fragments such as math-base.yaml aside)."""
+    return [p for p in shipped_yamls() if names_a_model(p)]
 
 
 TRAIN_CONFIGS = train_configs()
@@ -105,11 +120,17 @@ def qwen_dir(tmp_path_factory) -> Path:
 
 
 def test_configs_are_discovered():
-    names = {p.name for p in TRAIN_CONFIGS}
-    # the paper's math recipe for every size, the code setting and the demo
+    names = {str(p.relative_to(CONFIGS)) for p in TRAIN_CONFIGS}
+    # the paper's math recipe for every size, its baselines, the code setting and the demo
     assert {"qwen2.5-0.5b-math.yaml", "qwen2.5-1.5b-math.yaml", "qwen2.5-7b-math.yaml",
-            "qwen2.5-32b-math.yaml", "r1-distill-qwen-7b-code.yaml", "demo.yaml"} <= names
-    assert "math-base.yaml" not in names  # a fragment: included by the math configs
+            "qwen2.5-32b-math.yaml", "r1-distill-qwen-7b-code.yaml", "demo.yaml",
+            "baselines/qwen2.5-7b-math-grpo.yaml"} <= names, names
+    # a YAML that names no model must be a fragment that some config includes, never a
+    # config that this test would silently pass over
+    included = {(f.parent / i).resolve() for f in shipped_yamls() for i in _includes(f)}
+    fragments = [p for p in shipped_yamls() if p not in TRAIN_CONFIGS]
+    assert [p.name for p in fragments] == ["math-base.yaml"]
+    assert all(p.resolve() in included for p in fragments)
 
 
 def _shipped(path: Path):
@@ -119,7 +140,8 @@ def _shipped(path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", TRAIN_CONFIGS,
+                         ids=lambda p: str(p.relative_to(CONFIGS).with_suffix("")))
 def test_train_one_step_as_shipped(config, qwen_dir, tmp_path):
     shipped = _shipped(config)
     overrides = cpu_mesh_overrides() + SIZE_OVERRIDES
