@@ -24,18 +24,21 @@ def table_rows(summary: dict) -> list[str]:
     """The Markdown results table (mean ± std over seeds; π_ref first)."""
     ref = summary["meta"]["reference"]
     lines = ["| run | Avg@16 | pass@1 | pass@8 | pass@32 | distinct correct / problem | "
-             "mass on valid | KL(target‖π) | answers covered | 2-number / 3-number mass |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "mass on valid | KL(target‖π) | answers covered | 2-number / 3-number mass | "
+             "seen: Avg@16 | seen: distinct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     kmax = str(max(int(k) for k in ref["pass_at_k"]))
     lines.append(f"| π_ref | {ref['accuracy_avg16']:.3f} | {ref['pass_at_k']['1']:.3f} | "
                  f"{ref['pass_at_k'].get('8', float('nan')):.3f} | {ref['pass_at_k'][kmax]:.3f} | "
                  f"{ref['distinct_correct_per_problem']:.2f} | {ref['mass_on_valid']:.3f} | "
                  f"{ref['kl_target_policy']:.3f} | {ref['answers_covered']:.2f} | "
-                 f"{ref['mass_by_length'][0]:.2f} / {ref['mass_by_length'][1]:.2f} |")
+                 f"{ref['mass_by_length'][0]:.2f} / {ref['mass_by_length'][1]:.2f} | "
+                 f"{ref['seen']['accuracy_avg16']:.3f} | "
+                 f"{ref['seen']['distinct_correct_per_problem']:.2f} |")
     for name, r in summary["runs"].items():
         if r["status"] != "ok":
             lines.append(f"| {name} | {UNAVAILABLE} (`{' '.join(r['overrides'][1:])}`) "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         pk = r["pass_at_k"]
         ml = r["mass_by_length"]["mean"]
@@ -43,7 +46,8 @@ def table_rows(summary: dict) -> list[str]:
                      f"{_pm(pk.get('8', pk['1']))} | {_pm(pk[kmax])} | "
                      f"{_pm(r['distinct_correct_per_problem'], 2)} | {_pm(r['mass_on_valid'])} | "
                      f"{_pm(r['kl_target_policy'])} | {_pm(r['answers_covered'], 2)} | "
-                     f"{ml[0]:.2f} / {ml[1]:.2f} |")
+                     f"{ml[0]:.2f} / {ml[1]:.2f} | {_pm(r['seen']['accuracy_avg16'])} | "
+                     f"{_pm(r['seen']['distinct_correct_per_problem'], 2)} |")
     return lines
 
 
@@ -98,7 +102,8 @@ def markdown(summary: dict) -> str:
         "valid*, *KL(target‖π)* (over the valid answers plus one 'everything else' outcome), "
         "*answers covered* (share of valid answers holding ≥ half their target mass) and the "
         "mass on 2-number vs 3-number answers are exact (every valid answer scored by the "
-        "final checkpoint), not sampled.", "",
+        "final checkpoint), not sampled. *seen*: the same figures on as many training "
+        "problems.", "",
         *table_rows(summary), "",
         "## The paper's claimed directions", "", *claims(summary), "",
         "![pass@k](pass_at_k.png)", "", "![distinct answers](distinct_answers.png)", "",

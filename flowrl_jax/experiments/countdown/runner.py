@@ -26,6 +26,7 @@ from flowrl_jax.experiments.countdown.evaluate import (answer_logprobs, heldout_
                                                        sample_answers)
 from flowrl_jax.experiments.countdown.runs import UNAVAILABLE, all_runs, unavailable_reason
 from flowrl_jax.experiments.countdown.sft import SFTSettings, fit_reference
+from flowrl_jax.experiments.countdown.task import Problem
 from flowrl_jax.experiments.countdown.train_task import CountdownTrainTask
 from flowrl_jax.mesh import make_mesh
 from flowrl_jax.models.qwen2 import Numerics
@@ -87,12 +88,21 @@ def fit_reference_model(cfg: Config, task: CountdownTrainTask, out: Path, mesh: 
     return info
 
 
-def evaluate_model(model: Any, engine: SamplingEngine, task: CountdownTrainTask,
+def evaluate_model(model: Any, engine: SamplingEngine, problems: list[Problem],
                    ref_logp: list[np.ndarray], beta: float, n: int, seed: int) -> dict:
-    """Held-out figures of one policy."""
-    samples = sample_answers(engine, model, task.heldout, n, seed)
-    return heldout_metrics(task.heldout, samples, answer_logprobs(model, task.heldout),
-                           ref_logp, beta)
+    """The figures of one policy on `problems`."""
+    samples = sample_answers(engine, model, problems, n, seed)
+    return heldout_metrics(problems, samples, answer_logprobs(model, problems), ref_logp, beta)
+
+
+def evaluate_both(model: Any, engine: SamplingEngine, sets: dict[str, list[Problem]],
+                  ref_logp: dict[str, list[np.ndarray]], beta: float, n: int, seed: int
+                  ) -> tuple[dict, dict]:
+    """(held-out figures with the seen-problem figures under "seen", per-answer details)."""
+    held = evaluate_model(model, engine, sets["heldout"], ref_logp["heldout"], beta, n, seed)
+    seen = evaluate_model(model, engine, sets["seen"], ref_logp["seen"], beta, n, seed)
+    per_answer = {"heldout": held.pop("per_answer"), "seen": seen.pop("per_answer")}
+    return {**held, "seen": seen}, per_answer
 
 
 def train_one(cfg: Config, run_dir: Path) -> dict:
@@ -116,12 +126,13 @@ def run_experiment(settings: ExperimentSettings) -> dict:
     ref_info = fit_reference_model(cfg, task, out, mesh)
     ref_model, _, _ = load_model(out / "reference_hf", mesh)
     n_eval = int(cfg.task.get("eval_samples", 32))
-    engine = SamplingEngine(ref_model, mesh=mesh, decode_slots=256, decode_chunk=8,
-                            prefill_buckets=(8,), verbose=False)
-    ref_logp = answer_logprobs(ref_model, task.heldout)
+    # the trainer's sampler shapes: its compiled kernels serve the evaluation too
+    engine = SamplingEngine.from_rollout_config(ref_model, cfg.rollout, mesh=mesh, verbose=False)
+    sets = {"heldout": task.heldout, "seen": task.train[:len(task.heldout)]}
+    ref_logp = {k: answer_logprobs(ref_model, v) for k, v in sets.items()}
     details: dict[str, Any] = {}
-    reference = evaluate_model(ref_model, engine, task, ref_logp, cfg.algo.beta, n_eval, 0)
-    details["reference"] = reference.pop("per_answer")
+    reference, details["reference"] = evaluate_both(ref_model, engine, sets, ref_logp,
+                                                    cfg.algo.beta, n_eval, 0)
 
     wanted = all_runs()
     if settings.runs is not None:
@@ -144,9 +155,9 @@ def run_experiment(settings: ExperimentSettings) -> dict:
             log.info("run %s seed %d → %s", name, seed, run_dir)
             trained = train_one(run_cfg, run_dir)
             model, _, _ = load_model(run_dir / "checkpoints", mesh)  # the real checkpoint
-            m = evaluate_model(model, engine, task, ref_logp, run_cfg.algo.beta, n_eval,
-                               1000 + seed)
-            details.setdefault(name, []).append(m.pop("per_answer"))
+            m, per_answer = evaluate_both(model, engine, sets, ref_logp, run_cfg.algo.beta,
+                                          n_eval, 1000 + seed)
+            details.setdefault(name, []).append(per_answer)
             per_seed.append({**m, **trained, "seed": seed})
         summary[name] = aggregate(name, overrides, per_seed)
 
@@ -180,4 +191,8 @@ def aggregate(name: str, overrides: list[str], per_seed: list[dict]) -> dict:
         entry[key] = {"per_seed": [s[key] for s in per_seed],
                       "mean": np.mean([s[key] for s in per_seed], axis=0).tolist()}
     entry["reward_curve"] = {"per_seed": [s["reward_curve"] for s in per_seed]}
+    entry["seen"] = {key: {"per_seed": [s["seen"][key] for s in per_seed],
+                           "mean": float(np.mean([s["seen"][key] for s in per_seed])),
+                           "std": float(np.std([s["seen"][key] for s in per_seed]))}
+                     for key in SCALAR_FIGURES}
     return entry

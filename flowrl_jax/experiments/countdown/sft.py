@@ -29,7 +29,7 @@ class SFTSettings:
     steps: int = 300
     batch_size: int = 128
     lr: float = 3e-3
-    valid_fraction: float = 0.5  # share of supervised answers that are valid
+    valid_fraction: float = 0.75  # share of supervised answers that are valid
     short_weight: float = 3.0  # a 2-number valid answer is drawn this many times as often
     seed: int = 0
 

@@ -13,6 +13,7 @@ Prompt: BOS a b c = tens units :   (8 tokens, numbers ascending)
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
@@ -84,17 +85,27 @@ def expression_tokens(expression: str) -> list[str]:
 
 def all_expressions(numbers: Sequence[int]) -> list[str]:
     """Every answer shape over the numbers: ordered picks of 2 or 3 distinct ones, any ops."""
+    return list(_expressions(tuple(numbers)))
+
+
+@functools.lru_cache(maxsize=None)
+def _expressions(numbers: tuple[int, ...]) -> tuple[str, ...]:
     out = []
     for k in (2, 3):
         for pick in itertools.permutations(numbers, k):
             for ops in itertools.product("+-*", repeat=k - 1):
-                out.append("".join(str(pick[0]) + "".join(o + str(n) for o, n in zip(ops, pick[1:]))))
-    return out
+                out.append(str(pick[0]) + "".join(o + str(n) for o, n in zip(ops, pick[1:])))
+    return tuple(out)
 
 
 def valid_answers(problem: Problem) -> list[str]:
     """Every valid answer of a problem (expressions whose value is the target), sorted."""
-    return sorted(e for e in all_expressions(problem.numbers) if evaluate(e) == problem.target)
+    return list(_valid(problem))
+
+
+@functools.lru_cache(maxsize=None)
+def _valid(problem: Problem) -> tuple[str, ...]:
+    return tuple(sorted(e for e in _expressions(problem.numbers) if evaluate(e) == problem.target))
 
 
 def encode_answer(expression: str) -> list[int]:
@@ -154,9 +165,10 @@ def all_problems(min_answers: int = 3, max_answers: int = 16) -> list[Problem]:
     return out
 
 
-def split_problems(num_heldout: int, heldout_sets: int = 16, seed: int = 0
-                   ) -> tuple[list[Problem], list[Problem]]:
-    """(training, held-out) problems; held-out problems use number sets never trained on."""
+def split_problems(num_heldout: int, num_train: int | None = None, heldout_sets: int = 16,
+                   seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(training, held-out) problems; held-out problems use number sets never trained on.
+    `num_train` keeps a random subset of the training problems (None: all of them)."""
     problems = all_problems()
     sets = sorted({p.numbers for p in problems})
     rng = np.random.default_rng(seed)
@@ -166,4 +178,8 @@ def split_problems(num_heldout: int, heldout_sets: int = 16, seed: int = 0
     if num_heldout > len(pool):
         raise ValueError(f"num_heldout={num_heldout}: only {len(pool)} held-out problems exist")
     pick = rng.choice(len(pool), num_heldout, replace=False)
+    if num_train is not None:
+        if not 0 < num_train <= len(train):
+            raise ValueError(f"num_train={num_train}: must be in 1…{len(train)}")
+        train = [train[i] for i in sorted(rng.choice(len(train), num_train, replace=False))]
     return train, [pool[i] for i in sorted(pick)]

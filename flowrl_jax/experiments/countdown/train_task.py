@@ -38,8 +38,10 @@ class CountdownTrainTask:
     """Training prompts from the training split; reward 1 for a valid answer, else 0."""
 
     def __init__(self, cfg: Any):
-        self.num_heldout = int(cfg.task.get("num_heldout", 32))
-        self.train, self.heldout = split_problems(self.num_heldout)
+        num_train = cfg.task.get("num_train")
+        self.train, self.heldout = split_problems(
+            int(cfg.task.get("num_heldout", 32)),
+            None if num_train is None else int(num_train))
 
     def prompt_source(self, cfg: Any, process_index: int, process_count: int
                       ) -> CountdownPromptSource:
