@@ -8,12 +8,13 @@ details.json (per-answer masses against the target), report.md, PNG plots, refer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -62,11 +63,21 @@ class ExperimentSettings:
         return (FULL_OVERRIDES if self.full else []) + list(self.overrides)
 
 
-def _enable_compile_cache(out: Path) -> None:
-    """Every run has the same shapes: later runs load their executables from disk."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+@contextlib.contextmanager
+def compile_cache(out: Path) -> Iterator[None]:
+    """Every run has the same shapes: later runs load their executables from OUT/.jax_cache
+    (a cache the caller configured is kept; the settings are restored afterwards)."""
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 def fit_reference_model(cfg: Config, task: CountdownTrainTask, out: Path, mesh: Any) -> dict:
@@ -117,7 +128,11 @@ def run_experiment(settings: ExperimentSettings) -> dict:
     """Run the experiment and write summary.json, details.json, report.md and the plots."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    _enable_compile_cache(out)
+    with compile_cache(out):
+        return _run(settings, out)
+
+
+def _run(settings: ExperimentSettings, out: Path) -> dict:
     t_start = time.perf_counter()
     base = settings.base_overrides()
     cfg = load_config(CONFIG, base)
