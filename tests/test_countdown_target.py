@@ -1,6 +1,5 @@
 """Countdown's exact target p ∝ π_ref·exp(β r) against a brute-force sum over every sequence."""
 
-import itertools
 import math
 
 import numpy as np

@@ -43,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
     runs = tuple(r for r in args.runs.split(",") if r) if args.runs else None
     settings = ExperimentSettings(Path(args.out), args.full, args.seeds, runs,
                                   tuple(args.overrides))
-    try:
-        summary = run_experiment(settings)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    summary = run_experiment(settings)
     print(f"report: {args.out}/report.md  summary: {args.out}/summary.json  "
           f"({summary['meta']['seconds']:.0f} s)")
     return 0

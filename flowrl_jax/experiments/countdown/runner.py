@@ -22,6 +22,7 @@ import numpy as np
 from flowrl_jax.checkpoint.hf import export_hf
 from flowrl_jax.checkpoint.load import load_model, random_model
 from flowrl_jax.config import Config, load_config
+from flowrl_jax.errors import ConfigError
 from flowrl_jax.experiments.countdown import report
 from flowrl_jax.experiments.countdown.evaluate import (answer_logprobs, heldout_metrics,
                                                        sample_answers)
@@ -134,6 +135,7 @@ def run_experiment(settings: ExperimentSettings) -> dict:
 
 def _run(settings: ExperimentSettings, out: Path) -> dict:
     t_start = time.perf_counter()
+    wanted = selected_runs(settings.runs)  # before any compute: a typo fails at once
     base = settings.base_overrides()
     cfg = load_config(CONFIG, base)
     mesh = make_mesh(cfg.mesh)
@@ -149,12 +151,6 @@ def _run(settings: ExperimentSettings, out: Path) -> dict:
     reference, details["reference"] = evaluate_both(ref_model, engine, sets, ref_logp,
                                                     cfg.algo.beta, n_eval, 0)
 
-    wanted = all_runs()
-    if settings.runs is not None:
-        unknown = [r for r in settings.runs if r not in wanted]
-        if unknown:
-            raise ValueError(f"--runs: unknown run(s) {unknown} (known: {', '.join(wanted)})")
-        wanted = {r: wanted[r] for r in settings.runs}
     summary: dict[str, Any] = {}
     for name, overrides in wanted.items():
         reason = unavailable_reason(CONFIG, base + overrides)
@@ -188,6 +184,17 @@ def _run(settings: ExperimentSettings, out: Path) -> dict:
     meta["seconds"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(full_summary, indent=2) + "\n")
     return full_summary
+
+
+def selected_runs(names: Optional[tuple[str, ...]]) -> dict[str, list[str]]:
+    """The runs to do: all, or the named ones (an unknown name is a ConfigError)."""
+    runs = all_runs()
+    if names is None:
+        return runs
+    unknown = [r for r in names if r not in runs]
+    if unknown:
+        raise ConfigError(f"--runs: unknown run(s) {unknown} (known: {', '.join(runs)})")
+    return {r: runs[r] for r in names}
 
 
 def aggregate(name: str, overrides: list[str], per_seed: list[dict]) -> dict:

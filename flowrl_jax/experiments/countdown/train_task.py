@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flowrl_jax.errors import ConfigError
 from flowrl_jax.experiments.countdown.task import Problem, reward, split_problems
 from flowrl_jax.rl.task import PromptBatch
 
@@ -39,9 +40,12 @@ class CountdownTrainTask:
 
     def __init__(self, cfg: Any):
         num_train = cfg.task.get("num_train")
-        self.train, self.heldout = split_problems(
-            int(cfg.task.get("num_heldout", 32)),
-            None if num_train is None else int(num_train))
+        try:
+            self.train, self.heldout = split_problems(
+                int(cfg.task.get("num_heldout", 32)),
+                None if num_train is None else int(num_train))
+        except ValueError as e:  # sizes out of range, or not integers
+            raise ConfigError(f"task.num_heldout / task.num_train: {e}") from e
 
     def prompt_source(self, cfg: Any, process_index: int, process_count: int
                       ) -> CountdownPromptSource:
