@@ -8,7 +8,7 @@ from types import ModuleType
 
 from flowrl_jax import cpu_runtime
 from flowrl_jax.errors import FlowRLError
-from flowrl_jax.commands import bench, convert, data, demo, report, sample, serve, train
+from flowrl_jax.commands import bench, convert, data, demo, experiment, report, sample, serve, train
 from flowrl_jax.commands import eval as eval_cmd
 
 # name → (module under flowrl_jax.commands, one-line help). Modules expose
@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "bench": (bench, "throughput benchmarks side by side with HF PyTorch"),
     "report": (report, "compare runs side by side (Markdown + PNG plots)"),
     "data": (data, "the shipped data sets: list, show one record, verify checksums"),
+    "experiment": (experiment, "research experiments on the real trainer (countdown: FlowRL vs "
+                               "baselines and ablations, held-out pass@k and diversity)"),
 }
 
 
