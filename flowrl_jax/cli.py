@@ -8,7 +8,7 @@ from types import ModuleType
 
 from flowrl_jax import cpu_runtime
 from flowrl_jax.errors import FlowRLError
-from flowrl_jax.commands import bench, convert, data, demo, report, sample, serve, train
+from flowrl_jax.commands import bench, check, convert, data, demo, report, sample, serve, train
 from flowrl_jax.commands import eval as eval_cmd
 
 # name → (module under flowrl_jax.commands, one-line help). Modules expose
@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "bench": (bench, "throughput benchmarks side by side with HF PyTorch"),
     "report": (report, "compare runs side by side (Markdown + PNG plots)"),
     "data": (data, "the shipped data sets: list, show one record, verify checksums"),
+    "check": (check, "compile one RL step ahead of time for a TPU slice: HBM per chip, fit, FLOPs"),
 }
 
 
@@ -53,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The console script: process-wide CPU runtime settings first (before JAX creates its
-    CPU client; see cpu_runtime.py), then `main`. In-process callers of `main` (tests,
+    """The console script: process-wide runtime settings first (the platform when libtpu is
+    installed without TPU chips, and CPU settings, before JAX creates its CPU client; see
+    cpu_runtime.py), then `main`. In-process callers of `main` (tests,
     notebooks) keep their own settings."""
+    cpu_runtime.select_platform()
     cpu_runtime.configure()
     return main()
 

@@ -32,8 +32,9 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from flowrl_jax.algos import get_algorithm
-from flowrl_jax.config import Config, OptimizerConfig
+from flowrl_jax.config import Config, ModelArch, OptimizerConfig
 from flowrl_jax.mesh import logical_axes_of, named_sharding, replicated
+from flowrl_jax.models.qwen2 import Numerics, abstract_model
 from flowrl_jax.models.znet import ZNet
 
 Array = jax.Array
@@ -226,6 +227,50 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
                       opt_state=opt_state, rng=jax.device_put(kstate, rep),
                       skipped=jax.device_put(jnp.zeros((), jnp.int32), rep),
+                      graphdefs=tuple(graphdefs))
+
+
+def abstract_tree(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with every array leaf a ShapeDtypeStruct carrying its NamedSharding on `mesh`
+    (nnx Variables by their logical axes, other leaves replicated): what `jit(...).lower`
+    takes in place of arrays; nothing is allocated."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            v = x.get_value()
+            if not hasattr(v, "shape"):
+                return x
+            sh = named_sharding(mesh, logical_axes_of(x), v.shape)
+            return x.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_train_state(cfg: Config, arch: ModelArch, mesh: Mesh) -> TrainState:
+    """The TrainState `create_train_state` would build for a `cfg.model`-numerics policy of
+    `arch` on `mesh`, as ShapeDtypeStructs with their shardings (for AOT compilation: no
+    array is allocated, no weight read, nothing computed)."""
+    algo = get_algorithm(cfg.algo.name)
+    gd_policy, policy = nnx.split(abstract_model(arch, Numerics.from_config(cfg.model)))
+    graphdefs = [("policy", gd_policy)]
+    params: dict[str, Any] = {"policy": policy}
+    hidden = arch.hidden_size
+    with nnx.use_eager_sharding(False):
+        if algo.needs_z:
+            gd, st = nnx.split(nnx.eval_shape(
+                lambda: ZNet(hidden, cfg.algo.z_depth, cfg.algo.z_dropout,
+                             cfg.algo.detach_z_input, rngs=nnx.Rngs(0))))
+            graphdefs.append(("z", gd))
+            params["z"] = st
+        if algo.needs_critic:
+            gd, st = nnx.split(nnx.eval_shape(lambda: ValueHead(hidden, rngs=nnx.Rngs(0))))
+            graphdefs.append(("value", gd))
+            params["value"] = st
+    params = abstract_tree(params, mesh)
+    opt_state = abstract_tree(jax.eval_shape(make_optimizer(cfg, tuple(params)).init, params),
+                              mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
+    return TrainState(step=scalar, params=params, opt_state=opt_state, rng=rng, skipped=scalar,
                       graphdefs=tuple(graphdefs))
 
 

@@ -143,14 +143,25 @@ class Kernels:
         """An empty decode state (all slots idle) placed in its shardings."""
         key = (slots, length)
         if key not in self._init_fns:  # one compiled initialiser per shape, not one per call
-            def make():
-                cache = empty_cache(self.arch, slots, length, self.cache_dtype)
-                zi = jnp.zeros((slots,), jnp.int32)
-                return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
-                                   jnp.zeros((slots, key_width()), jnp.uint32))
-
-            self._init_fns[key] = jax.jit(make, out_shardings=self.state_shardings(slots, length))
+            self._init_fns[key] = jax.jit(lambda: self._empty_state(slots, length),
+                                          out_shardings=self.state_shardings(slots, length))
         return self._init_fns[key]()
+
+    def abstract_state(self, slots: int, length: int) -> DecodeState:
+        """`init_state`'s result as ShapeDtypeStructs with their shardings (nothing allocated;
+        for lowering the kernels ahead of time)."""
+        shapes = jax.eval_shape(lambda: self._empty_state(slots, length))
+        shardings = self.state_shardings(slots, length)
+        if shardings is None:
+            return shapes
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+
+    def _empty_state(self, slots: int, length: int) -> DecodeState:
+        cache = empty_cache(self.arch, slots, length, self.cache_dtype)
+        zi = jnp.zeros((slots,), jnp.int32)
+        return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
+                           jnp.zeros((slots, key_width()), jnp.uint32))
 
     # ----------------------------------------------------------------- traced functions
 
