@@ -117,9 +117,11 @@ def select_platform() -> Optional[str]:
 
 def quiet_tpu_compiler_environment() -> None:
     """On a machine without TPU chips, give libtpu the host description it otherwise warns
-    about when `check` loads it to compile for a described slice (set only when unset)."""
+    about when `check` loads it to compile for a described slice, and let several such
+    compiling processes load it at once (no chips to share; set only when unset)."""
     if tpu_chips_present():
         return
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", "v5litepod-1")):
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-1"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(key, value)

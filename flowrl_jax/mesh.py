@@ -48,6 +48,8 @@ LOGICAL_RULES: dict[str, Any] = {
 _MESH_RULES: dict[Mesh, dict[str, Any]] = {}
 _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
     "flowrl_activation_mesh", default=None)
+_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "flowrl_compute_platform", default=None)
 
 
 def rules_for(mesh: Mesh | None) -> dict[str, Any]:
@@ -182,9 +184,30 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
     """While tracing inside this context, `constrain` pins activations to `mesh` by its rules."""
     token = _ACTIVATION_MESH.set(mesh)
     try:
-        yield
+        with compute_platform(mesh):
+            yield
     finally:
         _ACTIVATION_MESH.reset(token)
+
+
+@contextlib.contextmanager
+def compute_platform(mesh: Mesh | None) -> Iterator[None]:
+    """While tracing inside this context, `current_platform()` is `mesh`'s device platform
+    (so a program compiled for a TPU mesh on a CPU host takes the TPU code paths)."""
+    if mesh is None:
+        yield
+        return
+    token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform the program being traced will run on: the mesh's inside
+    `compute_platform` / `activation_sharding`, else JAX's default backend."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Optional
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
 
     cpu_runtime.quiet_tpu_compiler_environment()  # before libtpu is loaded
     from flowrl_jax.aot.programs import PROGRAMS
-    from flowrl_jax.aot.report import check_arch, run_check, summary
     from flowrl_jax.aot.topologies import get_slice
     from flowrl_jax.config import ConfigError, load_config
 
@@ -47,7 +47,16 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--programs: unknown {', '.join(unknown)} (known: "
                               f"{', '.join(PROGRAMS)})")
     cfg = load_config(args.config, args.overrides)
-    rows = run_check(cfg, check_arch(cfg), sl, only=only, as_json=args.json)
-    verdict = summary(rows)
-    print(verdict, file=sys.stderr if args.json else sys.stdout)
+    return check(cfg, sl, only=only, as_json=args.json)
+
+
+def check(cfg: Any, sl: Any, *, only: Optional[set[str]] = None, as_json: bool = False,
+          capacity_bytes: Optional[int] = None) -> int:
+    """Compile and report `cfg`'s programs for slice `sl`; the exit code (0 fits, 1 not).
+    `capacity_bytes` replaces the chip's HBM (tests)."""
+    from flowrl_jax.aot.report import check_arch, run_check, summary
+
+    rows = run_check(cfg, check_arch(cfg), sl, only=only, as_json=as_json,
+                     capacity_bytes=capacity_bytes)
+    print(summary(rows), file=sys.stderr if as_json else sys.stdout, flush=True)
     return 0 if all(r.fits for r in rows) else 1

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, named_sharding
+from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
 from flowrl_jax.models.decode import (CACHE_AXES, DecodeCache, DecodeMatrices, cache_shape,
                                       decode_forward, empty_cache, prefill, rope_table)
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
@@ -168,7 +168,8 @@ class Kernels:
     def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
         """Decode-layout cache (P slots) of right-padded prompts `tokens` [B, P] with
         `lengths` [B] (models/decode.py `prefill`)."""
-        return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
+        with compute_platform(self.mesh):  # code paths for the mesh's devices
+            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
 
     def insert(self, st: DecodeState, prefix: list[DecodeCache], src: Array, dst: Array,
                last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
