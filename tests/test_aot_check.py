@@ -137,3 +137,23 @@ def test_summary_and_rows_without_compiling():
     assert summary([ok, bad]) == ("does not fit: sampler_decode needs 20.00 GiB per chip of "
                                   "16.00 GiB (over by 4.00 GiB)")
     assert "RESOURCE_EXHAUSTED" in format_row(bad) and " NO " in format_row(bad)
+
+
+def test_cpu_platform_chosen_when_libtpu_has_no_chips(monkeypatch):
+    """With libtpu installed on a machine without TPU chips the CLI picks the CPU platform
+    (no TPU probing, no libtpu warnings); an explicit JAX_PLATFORMS or TPU chips win."""
+    chosen = []
+    monkeypatch.setattr(jax.config, "update", lambda k, v: chosen.append((k, v)))
+    monkeypatch.setattr(cpu_runtime, "libtpu_installed", lambda: True)
+    monkeypatch.setattr(cpu_runtime, "tpu_chips_present", lambda: False)
+    monkeypatch.setattr(cpu_runtime.os.path, "exists", lambda p: False)  # no NVIDIA devices
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cpu_runtime.select_platform() is None and chosen == []
+    monkeypatch.delenv("JAX_PLATFORMS")
+    assert cpu_runtime.select_platform() == "cpu"
+    assert chosen == [("jax_platforms", "cpu")]
+    monkeypatch.setattr(cpu_runtime, "tpu_chips_present", lambda: True)
+    assert cpu_runtime.select_platform() is None and len(chosen) == 1
+    monkeypatch.setattr(cpu_runtime, "tpu_chips_present", lambda: False)
+    monkeypatch.setattr(cpu_runtime, "libtpu_installed", lambda: False)
+    assert cpu_runtime.select_platform() is None and len(chosen) == 1
