@@ -72,8 +72,9 @@ def flops_of(compiled: Any) -> Optional[float]:
 
 
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
-# e.g. "Used 133.50G of 95.74G hbm" or "HLO temporaries 133.50G exceed available HBM 95.74G"
-_OOM = re.compile(r"([\d.]+)([KMGT]?)B?\s+(?:of|exceed available HBM)\s+([\d.]+)([KMGT]?)",
+# e.g. "the total memory required for HLO temporaries (115.63G) exceeds available HBM
+# (15.75G)" or "Used 17.25G of 15.75G hbm"
+_OOM = re.compile(r"\(?([\d.]+)([KMGT]?)B?\)?\s+(?:of|exceeds? available HBM)\s+\(?([\d.]+)([KMGT]?)",
                   re.IGNORECASE)
 
 
@@ -139,9 +140,10 @@ def check_mesh(cfg: Config, sl: Slice) -> Mesh:
 
 def run_check(cfg: Config, arch: ModelArch, sl: Slice, *, only: Optional[set[str]] = None,
               capacity_bytes: Optional[int] = None, as_json: bool = False,
-              out: TextIO = sys.stdout) -> list[Row]:
+              out: Optional[TextIO] = None) -> list[Row]:
     """Compile every program of one RL step of `cfg` for slice `sl`, printing a row each as
     it completes. `capacity_bytes` replaces the chip's HBM (tests)."""
+    out = out or sys.stdout
     capacity = int(capacity_bytes if capacity_bytes is not None else sl.hbm_bytes)
     mesh = check_mesh(cfg, sl)
     hosts = sorted({d.process_index for d in mesh.devices.flat})
