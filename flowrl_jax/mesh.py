@@ -86,13 +86,19 @@ def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A Mesh over axes (data, fsdp, tensor); multi-host aware (uses all global devices)."""
+def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Device]] = None,
+              whole_slice: Optional[bool] = None) -> Mesh:
+    """A Mesh over axes (data, fsdp, tensor); multi-host aware (uses all global devices).
+    `whole_slice`: order the devices by their physical topology, as for all of
+    `jax.devices()` (default: only when `devices` is that); `check` passes a described
+    slice's devices this way so that it compiles the mesh a run on the slice builds."""
     cfg = cfg or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     sizes = resolve_axis_sizes(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if devices == jax.devices():
+    if whole_slice is None:
+        whole_slice = devices == jax.devices()
+    if whole_slice:
         try:
             # Topology-aware device order (ICI rings on TPU); falls back for odd shapes.
             from jax.experimental import mesh_utils

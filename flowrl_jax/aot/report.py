@@ -133,7 +133,7 @@ def check_arch(cfg: Config) -> ModelArch:
 def check_mesh(cfg: Config, sl: Slice) -> Mesh:
     """The config's mesh on the slice's devices (ConfigError naming mesh keys if it can't)."""
     try:
-        return make_mesh(cfg.mesh, slice_devices(sl))
+        return make_mesh(cfg.mesh, slice_devices(sl), whole_slice=True)
     except ConfigError as e:
         raise ConfigError(f"--topology {sl.name} ({sl.chips} chips): {e}") from e
 
