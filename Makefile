@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,serve]'
+	$(BIN)/pip install --quiet -e '.[test,serve,tpu-aot]'
 	$(BIN)/pip install --quiet --no-deps $(JETSTREAM)
 	touch $(STAMP)
 

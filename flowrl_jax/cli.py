@@ -8,7 +8,8 @@ from types import ModuleType
 
 from flowrl_jax import cpu_runtime
 from flowrl_jax.errors import FlowRLError
-from flowrl_jax.commands import bench, convert, data, demo, experiment, report, sample, serve, train
+from flowrl_jax.commands import (bench, check, convert, data, demo, experiment, report, sample,
+                                 serve, train)
 from flowrl_jax.commands import eval as eval_cmd
 
 # name → (module under flowrl_jax.commands, one-line help). Modules expose
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "data": (data, "the shipped data sets: list, show one record, verify checksums"),
     "experiment": (experiment, "research experiments on the real trainer (countdown: FlowRL vs "
                                "baselines and ablations, held-out pass@k and diversity)"),
+    "check": (check, "compile one RL step ahead of time for a TPU slice: HBM per chip, fit, FLOPs"),
 }
 
 
@@ -58,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The console script: process-wide CPU runtime settings first (before JAX creates its
-    CPU client; see cpu_runtime.py), then `main`. In-process callers of `main` (tests,
+    """The console script: process-wide runtime settings first (the platform when libtpu is
+    installed without TPU chips, and CPU settings, before JAX creates its CPU client; see
+    cpu_runtime.py), then `main`. In-process callers of `main` (tests,
     notebooks) keep their own settings."""
+    cpu_runtime.select_platform()
     cpu_runtime.configure()
     return main()
 

@@ -74,3 +74,54 @@ def model_pass_compiler_options(platform_name: str, widest_activation: int) -> O
     if platform_name != "cpu" or widest_activation > YNN_ELTWISE_MAX_ACTIVATION:
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITH_ELTWISE}
+
+
+# --------------------------------------------------------------------------- platform
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus (what libtpu itself looks for)
+
+
+def tpu_chips_present() -> bool:
+    """Whether this machine has TPU chips (Google PCI devices); False off Linux."""
+    try:
+        for dev in os.scandir("/sys/bus/pci/devices"):
+            with open(os.path.join(dev.path, "vendor")) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def libtpu_installed() -> bool:
+    """Whether libtpu can be found (without loading it)."""
+    import importlib.util  # for a third-party package's presence, not for our modules
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def select_platform() -> Optional[str]:
+    """With libtpu installed (the `tpu-aot` extra) on a machine without TPU chips, JAX
+    would probe for TPUs at start-up and print libtpu's warnings: pick the CPU platform
+    explicitly then. Leaves an explicit JAX_PLATFORMS, TPU machines and NVIDIA machines
+    alone. Returns the platform set, or None. Call before JAX creates a backend."""
+    if os.environ.get("JAX_PLATFORMS") or not libtpu_installed() or tpu_chips_present():
+        return None
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl"):
+        return None
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    return "cpu"
+
+
+def quiet_tpu_compiler_environment() -> None:
+    """On a machine without TPU chips, give libtpu the host description it otherwise warns
+    about when `check` loads it to compile for a described slice, and let several such
+    compiling processes load it at once (no chips to share; set only when unset)."""
+    if tpu_chips_present():
+        return
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_ACCELERATOR_TYPE", "v5litepod-1"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        os.environ.setdefault(key, value)

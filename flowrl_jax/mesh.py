@@ -48,6 +48,8 @@ LOGICAL_RULES: dict[str, Any] = {
 _MESH_RULES: dict[Mesh, dict[str, Any]] = {}
 _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
     "flowrl_activation_mesh", default=None)
+_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "flowrl_compute_platform", default=None)
 
 
 def rules_for(mesh: Mesh | None) -> dict[str, Any]:
@@ -84,13 +86,19 @@ def resolve_axis_sizes(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A Mesh over axes (data, fsdp, tensor); multi-host aware (uses all global devices)."""
+def make_mesh(cfg: MeshConfig | None = None, devices: Optional[Sequence[jax.Device]] = None,
+              whole_slice: Optional[bool] = None) -> Mesh:
+    """A Mesh over axes (data, fsdp, tensor); multi-host aware (uses all global devices).
+    `whole_slice`: order the devices by their physical topology, as for all of
+    `jax.devices()` (default: only when `devices` is that); `check` passes a described
+    slice's devices this way so that it compiles the mesh a run on the slice builds."""
     cfg = cfg or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     sizes = resolve_axis_sizes(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if devices == jax.devices():
+    if whole_slice is None:
+        whole_slice = devices == jax.devices()
+    if whole_slice:
         try:
             # Topology-aware device order (ICI rings on TPU); falls back for odd shapes.
             from jax.experimental import mesh_utils
@@ -182,9 +190,30 @@ def activation_sharding(mesh: Mesh) -> Iterator[None]:
     """While tracing inside this context, `constrain` pins activations to `mesh` by its rules."""
     token = _ACTIVATION_MESH.set(mesh)
     try:
-        yield
+        with compute_platform(mesh):
+            yield
     finally:
         _ACTIVATION_MESH.reset(token)
+
+
+@contextlib.contextmanager
+def compute_platform(mesh: Mesh | None) -> Iterator[None]:
+    """While tracing inside this context, `current_platform()` is `mesh`'s device platform
+    (so a program compiled for a TPU mesh on a CPU host takes the TPU code paths)."""
+    if mesh is None:
+        yield
+        return
+    token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform the program being traced will run on: the mesh's inside
+    `compute_platform` / `activation_sharding`, else JAX's default backend."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:

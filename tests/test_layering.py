@@ -10,13 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowrl_jax"
 
 #: folder → the packages it must never import (at module level or inside a function)
 FORBIDDEN = {
-    "models": ("rl", "eval", "sampling", "commands", "checkpoint"),
-    "algos": ("rl", "eval", "sampling", "commands", "checkpoint"),
-    "rewards": ("rl", "eval", "sampling", "commands", "checkpoint", "models"),
-    "data": ("rl", "eval", "sampling", "commands", "checkpoint", "models"),
-    "checkpoint": ("rl", "eval", "sampling", "commands"),
-    "sampling": ("rl", "eval", "data", "checkpoint", "commands"),
-    "eval": ("rl", "commands"),
+    "models": ("rl", "eval", "sampling", "commands", "checkpoint", "aot"),
+    "algos": ("rl", "eval", "sampling", "commands", "checkpoint", "aot"),
+    "rewards": ("rl", "eval", "sampling", "commands", "checkpoint", "models", "aot"),
+    "data": ("rl", "eval", "sampling", "commands", "checkpoint", "models", "aot"),
+    "checkpoint": ("rl", "eval", "sampling", "commands", "aot"),
+    "sampling": ("rl", "eval", "data", "checkpoint", "commands", "aot"),
+    "eval": ("rl", "commands", "aot"),
 }
 
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowrl_jax.mesh import current_platform
+
 Array = jax.Array
 
 #: query positions per block (T = 512 → 8 blocks; measured on CPU, see bench train)
@@ -167,7 +169,8 @@ def flash_attention(q: Array, k: Array, v: Array, k_valid: Array, block: int = F
 
 
 def _on_nvidia_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda")
+    # the mesh's platform, not the host's backend: `check` compiles for TPUs on a CPU host
+    return current_platform() in ("gpu", "cuda")
 
 
 def _half(dtype) -> bool:

@@ -54,6 +54,28 @@ class LogProbs:
 
         return {k: from_micro(v) for k, v in lax.map(one, micro).items()}
 
+    def compiled(self, params: Mapping[str, Any], batch: Mapping[str, Any]) -> Callable:
+        """The jitted pass for these params and a batch whose rows are a multiple of the
+        log-prob micro-batch (built on first use; arrays or ShapeDtypeStructs, so it also
+        lowers ahead of time on abstract inputs)."""
+        params = dict(params)
+        sig = (signature(batch), tuple(sorted(params)))
+        fn = self._fns.get(sig)
+        if fn is None:
+            b, t = batch["input_ids"].shape
+            r = batch["response_mask"].shape[1]
+            mb = min(b, self.cfg.trainer.logprob_micro_batch_size)
+            if b % mb:
+                raise ValueError(f"compute_logprobs: {b} rows are not a multiple of "
+                                 f"trainer.logprob_micro_batch_size={mb}")
+            out_sh = named_sharding(self.mesh, ("batch", None), (b, r))
+            options = pass_compiler_options(self.mesh, widest_layer(params["policy"]), mb, t)
+            fn = jax.jit(self._run, in_shardings=(tree_shardings(params, self.mesh),
+                                                  batch_shardings(batch, self.mesh)),
+                         out_shardings=out_sh, compiler_options=options)
+            self._fns[sig] = fn
+        return fn
+
     def __call__(self, params: Mapping[str, Any],
                  batch: Union[RolloutBatch, Mapping[str, Any]]) -> dict[str, Array]:
         if isinstance(batch, RolloutBatch):
@@ -67,17 +89,7 @@ class LogProbs:
             batch = {k: jnp.concatenate([jnp.asarray(v), jnp.zeros((pad,) + v.shape[1:], v.dtype)])
                      for k, v in batch.items()}
         params = dict(params)
-        sig = (signature(batch), tuple(sorted(params)))
-        fn = self._fns.get(sig)
-        if fn is None:
-            bsh = batch_shardings(batch, self.mesh)
-            r = batch["response_mask"].shape[1]
-            out_sh = named_sharding(self.mesh, ("batch", None), (b + pad, r))
-            options = pass_compiler_options(self.mesh, widest_layer(params["policy"]), mb,
-                                            batch["input_ids"].shape[1])
-            fn = jax.jit(self._run, in_shardings=(tree_shardings(params, self.mesh), bsh),
-                         out_shardings=out_sh, compiler_options=options)
-            self._fns[sig] = fn
+        fn = self.compiled(params, batch)
         batch = jax.device_put(batch, batch_shardings(batch, self.mesh))
         out = fn(params, batch)
         return {k: v[:b] for k, v in out.items()} if pad else out

@@ -33,7 +33,7 @@ same shardings as their params.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,9 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from flowrl_jax.algos import get_algorithm
-from flowrl_jax.config import Config, OptimizerConfig
+from flowrl_jax.config import Config, ModelArch, OptimizerConfig
 from flowrl_jax.mesh import logical_axes_of, named_sharding, replicated
+from flowrl_jax.models.qwen2 import Numerics, abstract_model
 from flowrl_jax.models.znet import ZNet, ZScalar
 
 Array = jax.Array
@@ -265,6 +266,24 @@ def _as_key(rng: Array | int) -> Array:
     return rng
 
 
+def role_modules(cfg: Config, hidden: int, seed_z: int = 0,
+                 seed_v: int = 0) -> list[tuple[str, Optional[Callable[[], nnx.Module]]]]:
+    """The roles an algorithm trains beside the policy, in order, each with the constructor
+    of its module (None for `critic`: a copy of the policy): Z_φ or its scalar (FlowRL, unless
+    `algo.log_z: zero`), the critic model (`algo.critic: model`), the value head (PPO)."""
+    algo = get_algorithm(cfg.algo.name)
+    roles: list[tuple[str, Optional[Callable[[], nnx.Module]]]] = []
+    if algo.needs_z and cfg.algo.log_z != "zero":  # `zero`: log Z ≡ 0, nothing to learn
+        roles.append(("z", (lambda: ZScalar()) if cfg.algo.log_z == "scalar" else
+                      (lambda: ZNet(hidden, cfg.algo.z_depth, cfg.algo.z_dropout,
+                                    cfg.algo.detach_z_input, rngs=nnx.Rngs(seed_z)))))
+    if algo.needs_critic and cfg.algo.critic == "model":
+        roles.append(("critic", None))
+    if algo.needs_critic:
+        roles.append(("value", lambda: ValueHead(hidden, rngs=nnx.Rngs(seed_v))))
+    return roles
+
+
 def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
                        rng: Array | int = 0) -> TrainState:
     """TrainState for `cfg.algo.name` around `model` (the policy), placed on `mesh`.
@@ -284,26 +303,16 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
     policy = jax.device_put(policy, tree_shardings(policy, mesh))
     graphdefs = [("policy", gd_policy)]
     params: dict[str, Any] = {"policy": policy}
-    hidden = model.arch.hidden_size
     kz, kv, kstate = jax.random.split(key, 3)
-    log_z = getattr(cfg.algo, "log_z", "network")
-    if algo.needs_z and log_z != "zero":  # `zero`: log Z ≡ 0, nothing to learn
-        seed_z = int(jax.random.randint(kz, (), 0, 2**31 - 1))
-        gd, st = _init_module_sharded(
-            (lambda: ZScalar()) if log_z == "scalar" else
-            (lambda: ZNet(hidden, cfg.algo.z_depth, cfg.algo.z_dropout, cfg.algo.detach_z_input,
-                          rngs=nnx.Rngs(seed_z))), mesh)
-        graphdefs.append(("z", gd))
-        params["z"] = st
-    if algo.needs_critic and getattr(cfg.algo, "critic", "head") == "model":
-        # veRL's critic: the same architecture and weights as the policy, trained apart
-        graphdefs.append(("critic", gd_policy))
-        params["critic"] = copy_params(policy)
-    if algo.needs_critic:
-        seed_v = int(jax.random.randint(kv, (), 0, 2**31 - 1))
-        gd, st = _init_module_sharded(lambda: ValueHead(hidden, rngs=nnx.Rngs(seed_v)), mesh)
-        graphdefs.append(("value", gd))
-        params["value"] = st
+    seeds = [int(jax.random.randint(k, (), 0, 2**31 - 1)) for k in (kz, kv)]
+    for role, ctor in role_modules(cfg, model.arch.hidden_size, *seeds):
+        if ctor is None:  # veRL's critic: the policy's architecture and weights, trained apart
+            graphdefs.append((role, gd_policy))
+            params[role] = copy_params(policy)
+        else:
+            gd, st = _init_module_sharded(ctor, mesh)
+            graphdefs.append((role, gd))
+            params[role] = st
     tx = make_optimizer(cfg, tuple(params))
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -321,6 +330,46 @@ def with_rollout_step(state: TrainState, rollout_step: int) -> TrainState:
     value = np.asarray(rollout_step, np.int32)
     arr = jax.make_array_from_callback((), state.rollout_step.sharding, lambda _: value)
     return state.replace(rollout_step=arr)
+
+
+def abstract_tree(tree: Any, mesh: Mesh) -> Any:
+    """`tree` with every array leaf a ShapeDtypeStruct carrying its NamedSharding on `mesh`
+    (nnx Variables by their logical axes, other leaves replicated): what `jit(...).lower`
+    takes in place of arrays; nothing is allocated."""
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            v = x.get_value()
+            if not hasattr(v, "shape"):
+                return x
+            sh = named_sharding(mesh, logical_axes_of(x), v.shape)
+            return x.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_train_state(cfg: Config, arch: ModelArch, mesh: Mesh) -> TrainState:
+    """The TrainState `create_train_state` would build for a `cfg.model`-numerics policy of
+    `arch` on `mesh`, as ShapeDtypeStructs with their shardings (for AOT compilation: no
+    array is allocated, no weight read, nothing computed)."""
+    gd_policy, policy = nnx.split(abstract_model(arch, Numerics.from_config(cfg.model)))
+    graphdefs = [("policy", gd_policy)]
+    params: dict[str, Any] = {"policy": policy}
+    with nnx.use_eager_sharding(False):
+        for role, ctor in role_modules(cfg, arch.hidden_size):
+            if ctor is None:
+                graphdefs.append((role, gd_policy))
+                params[role] = policy
+            else:
+                gd, st = nnx.split(nnx.eval_shape(ctor))
+                graphdefs.append((role, gd))
+                params[role] = st
+    params = abstract_tree(params, mesh)
+    opt_state = abstract_tree(jax.eval_shape(make_optimizer(cfg, tuple(params)).init, params),
+                              mesh)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
+    return TrainState(step=scalar, params=params, opt_state=opt_state, rng=rng, skipped=scalar,
+                      rollout_step=scalar, graphdefs=tuple(graphdefs))
 
 
 def copy_params(params: Any) -> Any:

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, named_sharding
+from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
 from flowrl_jax.models.decode import (CACHE_AXES, DecodeCache, DecodeMatrices, cache_shape,
                                       decode_forward, empty_cache, prefill, rope_table)
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
@@ -143,21 +143,33 @@ class Kernels:
         """An empty decode state (all slots idle) placed in its shardings."""
         key = (slots, length)
         if key not in self._init_fns:  # one compiled initialiser per shape, not one per call
-            def make():
-                cache = empty_cache(self.arch, slots, length, self.cache_dtype)
-                zi = jnp.zeros((slots,), jnp.int32)
-                return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
-                                   jnp.zeros((slots, key_width()), jnp.uint32))
-
-            self._init_fns[key] = jax.jit(make, out_shardings=self.state_shardings(slots, length))
+            self._init_fns[key] = jax.jit(lambda: self._empty_state(slots, length),
+                                          out_shardings=self.state_shardings(slots, length))
         return self._init_fns[key]()
+
+    def abstract_state(self, slots: int, length: int) -> DecodeState:
+        """`init_state`'s result as ShapeDtypeStructs with their shardings (nothing allocated;
+        for lowering the kernels ahead of time)."""
+        shapes = jax.eval_shape(lambda: self._empty_state(slots, length))
+        shardings = self.state_shardings(slots, length)
+        if shardings is None:
+            return shapes
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+
+    def _empty_state(self, slots: int, length: int) -> DecodeState:
+        cache = empty_cache(self.arch, slots, length, self.cache_dtype)
+        zi = jnp.zeros((slots,), jnp.int32)
+        return DecodeState(cache, zi, zi, jnp.zeros((slots,), bool), zi, zi,
+                           jnp.zeros((slots, key_width()), jnp.uint32))
 
     # ----------------------------------------------------------------- traced functions
 
     def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
         """Decode-layout cache (P slots) of right-padded prompts `tokens` [B, P] with
         `lengths` [B] (models/decode.py `prefill`)."""
-        return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
+        with compute_platform(self.mesh):  # code paths for the mesh's devices
+            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
 
     def insert(self, st: DecodeState, prefix: list[DecodeCache], src: Array, dst: Array,
                last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
