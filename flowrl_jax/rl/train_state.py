@@ -293,7 +293,6 @@ def create_train_state(cfg: Config, model: nnx.Module, mesh: Mesh,
     become the state's policy params (they are donated by the train step afterwards: take a
     copy with `copy_params` first if you still need them, e.g. as the reference model).
     """
-    algo = get_algorithm(cfg.algo.name)
     key = _as_key(rng)
     gd_policy, policy = nnx.split(model)
     others = [type(v).__name__ for v in jax.tree.leaves(
