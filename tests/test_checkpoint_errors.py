@@ -171,7 +171,7 @@ def test_orbax_shape_mismatch(bad_ckpt):
     meta = json.loads((bad_ckpt / "model.json").read_text())
     meta["arch"]["intermediate_size"] = 96
     (bad_ckpt / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"policy: tensor 'layers\.0\.mlp\.down_proj\.weight' has shape \(64, 128\), expected \(64, 96\)"):
+    with pytest.raises(CheckpointError, match=r"policy: tensor 'layers\.stacked\.mlp\.down_proj\.weight' has shape \(2, 64, 128\), expected \(2, 64, 96\)"):
         orbax.restore_policy(bad_ckpt, single_device_mesh())
 
 
