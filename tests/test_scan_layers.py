@@ -18,6 +18,7 @@ from flowrl_jax.checkpoint.hf import export_hf, iter_hf_tensors, load_hf
 from flowrl_jax.config import REMAT, ConfigError, load_config
 from flowrl_jax.mesh import single_device_mesh
 from flowrl_jax.models.qwen2 import DecoderStack, Numerics, build_model, with_layer_form
+from flowrl_jax.rl.forward import widest_layer
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 from flowrl_jax.sampling.testing import tiny_arch, tiny_model
 
@@ -165,3 +166,12 @@ def test_scan_layers_config_switch():
     assert load_config(None, []).model.scan_layers is True
     cfg = load_config(None, ["model.scan_layers=false"])
     assert Numerics.from_config(cfg.model).scan_layers is False
+
+
+def test_widest_layer_is_the_same_in_either_form():
+    """The MLP width that picks the passes' CPU compiler options (rl/forward.py) reads a
+    stacked weight's per-layer shape."""
+    arch = tiny_arch(64, hidden_size=32, intermediate_size=96, num_hidden_layers=4)
+    for scan in (True, False):
+        model = build_model(arch, Numerics(scan_layers=scan))
+        assert widest_layer(nnx.state(model, nnx.Param)) == 96

@@ -349,8 +349,8 @@ class Qwen2ForCausalLM(nnx.Module):
         input_ids/attention_mask/positions are [B, T]; left padding works (positions should
         count real tokens from 0); `return_kv` also returns each layer's keys/values
         [B, T, kv_heads, D] as `kv` (what the decode path's prefill stores, see decode.py).
-        `remat=False` overrides `Numerics.remat` (passes without gradients turn it off: there
-        is no backward pass to save memory for); None keeps the configured policy.
+        `remat` (a REMAT name or a boolean) overrides `Numerics.remat`; passes without
+        gradients turn it off with False: there is no backward pass to save memory for.
         """
         b, t = input_ids.shape
         if attention_mask is None:
