@@ -155,6 +155,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: tokens (cuDNN in 16-bit on GPU, XLA otherwise); "plain" = our flash attention (the full
 #: softmax for sequences of ≤ 64 tokens); "xla" = XLA's full masked softmax
 ATTENTION = ("auto", "xla", "plain", "cudnn")
+#: `model.remat`: what the backward pass recomputes of each decoder layer. "none" keeps every
+#: activation, "full" recomputes them all (jax.checkpoint saving nothing), the others are
+#: jax.checkpoint_policies that keep the matmul outputs; true/false mean full/none
+REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy_name(value: Any, key: str = "model.remat") -> str:
+    """The REMAT name of a remat setting (a name, or a boolean: true → full, false → none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(REMAT)} (or true/false)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -167,9 +180,17 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # tokenizer dir; None → model path, else the packaged Qwen2.5 one
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False  # rematerialise each decoder layer in the backward pass
+    remat: Union[bool, str] = "none"  # REMAT policy of each decoder layer (true = full)
     attention: Literal["auto", "xla", "plain", "cudnn"] = "auto"
     seed: int = 0  # random-init seed
+    # decoder parameters stacked along a `layers` axis and run by one lax.scan: the compiled
+    # programs hold one layer whatever the depth (compile time flat in depth). Off by default
+    # until the sampler's decode of the stacked form is measured on GPU/TPU (it slices each
+    # layer's weights inside the step loop there; XLA:CPU copied such slices every step)
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
 
     def validate(self, key: str = "model") -> None:
         _check(self.param_dtype in DTYPES, f"{key}.param_dtype", f"must be one of {DTYPES}")

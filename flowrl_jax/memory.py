@@ -111,7 +111,7 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     if sampler_local_devices:
         kv += n * pb / sampler_local_devices
     rows = max(1, cfg.trainer.micro_batch_size // batch_shard)
-    k = 2 if cfg.model.remat else 34
+    k = 2 if cfg.model.remat != "none" else 34
     act = (trained * rows * seq * arch.hidden_size * cb *
            (k * arch.num_hidden_layers + (34 if k == 2 else 0)))
     act += rows * min(seq, cfg.trainer.logprob_chunk) * arch.vocab_size * 4 / tensor
@@ -139,7 +139,7 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
     if est.activations >= est.kv_cache:
         if cfg.trainer.micro_batch_size > 1:
             tips.append(f"trainer.micro_batch_size (now {cfg.trainer.micro_batch_size}) smaller")
-        if not cfg.model.remat:
+        if cfg.model.remat == "none":
             tips.append("model.remat=true recomputes layer activations in the backward pass")
         if cfg.model.compute_dtype == "float32":
             tips.append("model.compute_dtype=bfloat16 halves activations")

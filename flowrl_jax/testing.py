@@ -4,6 +4,7 @@ it builds HF twins through checkpoint/, which the sampler never imports."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, build_model
+from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, build_model, with_layer_form
 
 
 def tiny_arch(vocab_size: int = 128, **kw: Any) -> ModelArch:
@@ -27,8 +28,10 @@ def tiny_arch(vocab_size: int = 128, **kw: Any) -> ModelArch:
 def tiny_model(arch: ModelArch, seed: int = 0, scale: float = 10.0,
                num: Optional[Numerics] = None) -> Qwen2ForCausalLM:
     """A random model whose weights are `scale`× the default init and biases random, so
-    logits are peaked (greedy ties and near-uniform distributions make weak tests)."""
-    model = build_model(arch, num, seed)
+    logits are peaked (greedy ties and near-uniform distributions make weak tests). The same
+    weights in either layer form (`num.scan_layers`): built unrolled, then stacked."""
+    num = num or Numerics()
+    model = build_model(arch, dataclasses.replace(num, scan_layers=False), seed)
     state = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(seed)
 
@@ -40,7 +43,7 @@ def tiny_model(arch: ModelArch, seed: int = 0, scale: float = 10.0,
         return x
 
     nnx.update(model, jax.tree.map(rescale, state))
-    return model
+    return with_layer_form(model, num.scan_layers)
 
 
 def to_hf(model: Qwen2ForCausalLM, arch: ModelArch) -> Any:
@@ -53,10 +56,9 @@ def to_hf(model: Qwen2ForCausalLM, arch: ModelArch) -> Any:
         d.pop(k, None)
     hf = HFQwen2(Qwen2Config(**d)).float().eval()
 
-    from flowrl_jax.checkpoint.hf import hf_name
+    from flowrl_jax.checkpoint.hf import hf_tensors
 
-    sd = {hf_name(path): torch.tensor(np.asarray(var.get_value(), np.float32))
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sd = {name: torch.tensor(np.asarray(arr, np.float32)) for name, arr in hf_tensors(model)}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     if unexpected or any("lm_head" not in m for m in missing):
         raise RuntimeError(f"HF conversion mismatch: missing={missing} unexpected={unexpected}")

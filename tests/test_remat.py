@@ -1,6 +1,7 @@
 """`model.remat`: the same values and gradients as without it, inside every JAX transform that
 the trainer nests the model in (lax.map, lax.scan, a nested jit over params the outer jit
-owns), and no recomputation in passes without a backward pass."""
+owns), and no recomputation in passes without a backward pass; with the layers scanned
+(model.scan_layers) and unrolled (the default)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,16 @@ ARCH = tiny_arch(64, hidden_size=32, intermediate_size=64)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 12)))
 
 
-def _split(remat: bool):
-    return nnx.split(build_model(ARCH, Numerics(remat=remat), seed=0))
+@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
+def scanned(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def _split(scanned):
+    def split(remat: bool):
+        return nnx.split(build_model(ARCH, Numerics(remat=remat, scan_layers=scanned), seed=0))
+    return split
 
 
 def _loss(graphdef, params, ids, **kw):
@@ -26,7 +35,7 @@ def _loss(graphdef, params, ids, **kw):
 
 
 @pytest.fixture(scope="module")
-def plain_grads():
+def plain_grads(_split):
     graphdef, params = _split(False)
     return jax.jit(jax.value_and_grad(lambda p: _loss(graphdef, p, IDS)))(params)
 
@@ -36,13 +45,13 @@ def _assert_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-def test_remat_gradient_equals_plain(plain_grads):
+def test_remat_gradient_equals_plain(plain_grads, _split):
     graphdef, params = _split(True)
     _assert_close(jax.jit(jax.value_and_grad(lambda p: _loss(graphdef, p, IDS)))(params),
                   plain_grads)
 
 
-def test_remat_under_lax_scan_accumulation(plain_grads):
+def test_remat_under_lax_scan_accumulation(plain_grads, _split):
     """Gradient accumulation over micro-batches in a scan, params closed over from outside."""
     graphdef, params = _split(True)
 
@@ -62,7 +71,7 @@ def test_remat_under_lax_scan_accumulation(plain_grads):
     _assert_close(accumulate(params), want)
 
 
-def test_remat_forward_under_lax_map_and_nested_jit():
+def test_remat_forward_under_lax_map_and_nested_jit(_split):
     """The old/ref log-prob pass shape: lax.map over micro-batches inside the params' jit.
     `nnx.remat` failed here (TraceContextError: cannot mutate Param from a different trace)."""
     graphdef, params = _split(True)
@@ -78,13 +87,15 @@ def test_remat_forward_under_lax_map_and_nested_jit():
                                atol=1e-5)
 
 
-def test_passes_without_backward_do_not_recompute():
+def test_passes_without_backward_do_not_recompute(_split, scanned):
     """remat=False (what the log-prob pass and the sampler's prefill ask for) leaves no
-    checkpoint in the program; the model's own setting puts one per layer."""
+    checkpoint in the program; the model's own setting puts one per layer (one in the scan
+    body when the layers are scanned)."""
     graphdef, params = _split(True)
 
     def jaxpr(**kw):
         return str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(IDS, **kw).logits)(params))
 
-    assert jaxpr().count("remat2[") == ARCH.num_hidden_layers  # jax.checkpoint's primitive
+    per_layer = 1 if scanned else ARCH.num_hidden_layers
+    assert jaxpr().count("remat2[") == per_layer  # jax.checkpoint's primitive
     assert "remat2[" not in jaxpr(remat=False)

@@ -56,13 +56,14 @@ def write_random_checkpoint(out: Path, arch, shard_size: str, seed: int = 0) -> 
     from safetensors.numpy import save_file
 
     from flowrl_jax.checkpoint.hf import INDEX_FILE, expected_params, hf_name
+    from flowrl_jax.models.qwen2 import Numerics
     from flowrl_jax.checkpoint.safetensors_io import parse_size
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     limit = parse_size(shard_size)
     tensors = []
-    for path, var in expected_params(arch):
+    for path, var in expected_params(arch, Numerics(scan_layers=False)):  # one per HF tensor
         tensors.append((hf_name(path), tuple(var.get_value().shape)))
     groups: list[list] = [[]]
     size = 0
@@ -163,17 +164,14 @@ def _export_child(ckpt: str, mesh) -> None:
     """Time export_hf vs safetensors' own save_file of the same (already host) tensors."""
     from safetensors.numpy import save_file
 
-    from flowrl_jax.checkpoint.hf import export_hf, hf_name, load_hf
+    from flowrl_jax.checkpoint.hf import export_hf, hf_tensors, load_hf
     from flowrl_jax.checkpoint.safetensors_io import parse_size
 
     model, arch = load_hf(ckpt, mesh)
     out = Path(ckpt).parent / "export"
     ref_dir = Path(ckpt).parent / "export-ref"
     ref_dir.mkdir(exist_ok=True)
-    from flax import nnx
-    host = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        host[hf_name(path)] = np.asarray(var.get_value())
+    host = {name: np.asarray(arr) for name, arr in hf_tensors(model)}
     limit, shard, size, k = parse_size("500MB"), {}, 0, 0
     os.sync()  # each writer starts with no dirty pages of the other's (or an earlier run's)
     t0 = time.perf_counter()

@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=ATTENTION, default="auto",
                         help="model.attention of our side (see flowrl_jax.config.ATTENTION)")
     parser.add_argument("--remat", action="store_true", help="rematerialise each layer (ours)")
+    parser.add_argument("--unrolled", action="store_true",
+                        help="run our decoder layers unrolled (model.scan_layers=false) instead "
+                             "of one lax.scan over the stacked layers")
 
 
 def _arch(shape: str):
@@ -110,7 +113,8 @@ def _call(fn_name: str, *args: Any) -> dict[str, Any]:
 
 
 def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "auto",
-               attention: str = "auto", remat: bool = False) -> dict[str, Any]:
+               attention: str = "auto", remat: bool = False,
+               scan_layers: bool = True) -> dict[str, Any]:
     """Best step time of our jitted FlowRL train step on one device (run in a fresh process,
     which gets the CLI's process settings first; the parent never touches, and on a GPU
     never preallocates, the accelerator). "auto" compute: float32 on CPU, else bfloat16."""
@@ -130,7 +134,7 @@ def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "a
     platform = jax.devices()[0].platform
     compute_dtype = resolve_dtype(compute_dtype, platform)
     cfg = Config(model=ModelConfig(param_dtype="float32", compute_dtype=compute_dtype,
-                                   remat=remat, attention=attention),
+                                   remat=remat, attention=attention, scan_layers=scan_layers),
                  algo=AlgoConfig(name="flowrl"),
                  trainer=TrainerConfig(mini_batch_size=b, micro_batch_size=b),
                  rollout=RolloutConfig(temperature=1.0))
@@ -258,6 +262,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     steps_arg = getattr(args, "steps", None)
     dtype = getattr(args, "dtype", "auto")
     attention, remat = getattr(args, "attention", "auto"), bool(getattr(args, "remat", False))
+    scan_layers = not getattr(args, "unrolled", False)
     use_ref = not getattr(args, "no_reference", False)
     peak_gflops: Optional[float] = None
     rows = []
@@ -271,7 +276,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         flops = step_flops(arch, b, p, r)
         # tiny steps take milliseconds: more of them make the best one representative
         steps = int(steps_arg) if steps_arg is not None else (20 if shape == "tiny" else 3)
-        ours = _isolated("bench_ours", arch, b, p, r, steps, dtype, attention, remat)
+        ours = _isolated("bench_ours", arch, b, p, r, steps, dtype, attention, remat, scan_layers)
         ref = (_isolated("bench_reference", arch, b, p, r, steps, ours["compute_dtype"],
                          ours["platform"] == "gpu")
                if use_ref and "error" not in ours else None)
@@ -291,7 +296,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "ratio": None if ref is None else ref["step_s"] / ours["step_s"],
             "batch": b, "seq": seq, "layers": arch.num_hidden_layers, "params": ours["params"],
             "compute_dtype": ours["compute_dtype"], "attention": attention, "remat": remat,
-            "step_flops": flops,
+            "scan_layers": scan_layers, "step_flops": flops,
             "ours_step_s": ours["step_s"], "ours_compile_s": ours["compile_s"],
             "ours_tflops": flops / ours["step_s"] / 1e12, "ours_ok": ours["ok"],
             "device": ours["device"],

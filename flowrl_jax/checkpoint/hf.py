@@ -52,11 +52,54 @@ DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(jax.numpy.bfloat16): "b
 
 
 def hf_name(path: tuple) -> str:
-    """HF tensor name for an NNX param path (same layout: only the prefix differs)."""
+    """HF tensor name for an NNX param path of the unrolled form (same layout: only the
+    prefix differs)."""
     parts = [str(p) for p in path]
     if parts == ["embed_tokens"]:
         parts = ["embed_tokens", "weight"]
     return ".".join(parts if parts[0] == "lm_head" else ["model"] + parts)
+
+
+def is_stacked(path: tuple) -> bool:
+    """Whether an NNX param path is one of the scanned layers' stacked params
+    (`layers.stacked.<name>`, leading axis = layer; see qwen2.DecoderStack)."""
+    return len(path) > 2 and path[0] == "layers" and path[1] == "stacked"
+
+
+def hf_names(path: tuple, shape: tuple) -> list[str]:
+    """The HF tensor names a param holds: one, or one per layer for a stacked param."""
+    if is_stacked(path):
+        return [hf_name(("layers", i) + tuple(path[2:])) for i in range(shape[0])]
+    return [hf_name(path)]
+
+
+def hf_tensors(model_or_state: Any) -> Iterable[tuple[str, Any]]:
+    """(HF name, array) of every parameter of a model, nnx.State or pure dict, either layer
+    form; a stacked param gives one lazily indexed array per layer (nothing is copied until
+    the array is read)."""
+    for path, arr in _flat_arrays(model_or_state).items():
+        names = hf_names(path, tuple(arr.shape))
+        if not is_stacked(path):
+            yield names[0], arr
+            continue
+        for i, name in enumerate(names):
+            yield name, _LayerOf(arr, i)
+
+
+class _LayerOf:
+    """Layer `i` of a stacked array, read (by `np.asarray` / `_to_host`) only when needed."""
+
+    def __init__(self, stacked: Any, i: int):
+        self.stacked, self.i = stacked, i
+        self.shape, self.dtype = tuple(stacked.shape[1:]), stacked.dtype
+
+    def get(self) -> Any:
+        """The layer's slice (a device array for a jax.Array)."""
+        return self.stacked[self.i]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(jax.device_get(self.get()))
+        return out if dtype is None else out.astype(dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -141,23 +184,27 @@ def checkpoint_dtype(hf_dir: PathLike) -> str:
 
 
 def _match(params: list[tuple[tuple, Any]], arch: ModelArch, tensors: dict[str, TensorEntry],
-           src: Path) -> list[tuple[tuple, Any, TensorEntry]]:
-    """Pair each model param with its checkpoint tensor; any gap or surplus is an error."""
+           src: Path) -> list[tuple[tuple, Any, list[TensorEntry]]]:
+    """Pair each model param with its checkpoint tensor (a stacked param: one per layer);
+    any gap or surplus is an error."""
     plan, seen = [], set()
     for path, var in params:
-        name = hf_name(path)
-        shape = tuple(var.get_value().shape)
-        entry = tensors.get(name)
-        if entry is None:
-            raise CheckpointError(f"{src}: tensor {name!r} is missing (expected shape {shape})")
-        if entry.shape != shape:
-            raise CheckpointError(f"{entry.file}: tensor {name!r} has shape {entry.shape}, "
-                                  f"expected {shape} for this config.json")
-        if entry.dtype not in DTYPE_NAMES:
-            raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, "
-                                  f"expected a floating dtype")
-        plan.append((path, var, entry))
-        seen.add(name)
+        full = tuple(var.get_value().shape)
+        shape = full[1:] if is_stacked(path) else full
+        entries = []
+        for name in hf_names(path, full):
+            entry = tensors.get(name)
+            if entry is None:
+                raise CheckpointError(f"{src}: tensor {name!r} is missing (expected shape {shape})")
+            if entry.shape != shape:
+                raise CheckpointError(f"{entry.file}: tensor {name!r} has shape {entry.shape}, "
+                                      f"expected {shape} for this config.json")
+            if entry.dtype not in DTYPE_NAMES:
+                raise CheckpointError(f"{entry.file}: tensor {name!r} has dtype {entry.dtype}, "
+                                      f"expected a floating dtype")
+            entries.append(entry)
+            seen.add(name)
+        plan.append((path, var, entries))
     for name, entry in tensors.items():
         if name in seen or name.endswith(IGNORED_SUFFIXES):
             continue
@@ -166,7 +213,7 @@ def _match(params: list[tuple[tuple, Any]], arch: ModelArch, tensors: dict[str, 
         raise CheckpointError(f"{entry.file}: unexpected tensor {name!r} (shape {entry.shape}) "
                               f"that a Qwen2 model with this config.json does not have")
     # Read in file order so the page cache / disk see sequential access.
-    plan.sort(key=lambda t: (str(t[2].file), t[2].start))
+    plan.sort(key=lambda t: (str(t[2][0].file), t[2][0].start))
     return plan
 
 
@@ -180,6 +227,26 @@ def place_tensor(entry: TensorEntry, dtype: Any, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def place_stacked(entries: list[TensorEntry], dtype: Any, sharding: Any) -> jax.Array:
+    """One tensor per layer → a global [layers, ...] jax.Array (a scanned model's stacked
+    param). Each device's slice is filled layer by layer from the files: the host holds that
+    slice and one tensor at a time, never the whole stack at once (unless one device holds it)."""
+    shape = (len(entries),) + tuple(entries[0].shape)
+
+    def fill(index: tuple) -> np.ndarray:
+        layers = range(len(entries))[index[0]]
+        rest = tuple(index[1:])
+        out = None
+        for j, i in enumerate(layers):
+            part = read_tensor(entries[i], dtype)[rest]
+            if out is None:
+                out = np.empty((len(layers),) + part.shape, part.dtype)
+            out[j] = part
+        return out
+
+    return jax.make_array_from_callback(shape, sharding, fill)
+
+
 def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
                   ) -> tuple[nnx.GraphDef, nnx.State, ModelArch]:
     """Graphdef, sharded param state and arch of a HF checkpoint directory."""
@@ -189,10 +256,12 @@ def load_hf_state(hf_dir: PathLike, mesh: Mesh, num: Numerics | None = None,
     graphdef, params = _abstract(arch, num)
     plan = _match(list(params), arch, index_tensors(src), src)
     flat = []
-    for path, var, entry in plan:
+    for path, var, entries in plan:
         v = var.get_value()
         sharding = named_sharding(mesh, logical_axes_of(var), v.shape)
-        flat.append((path, var.replace(place_tensor(entry, v.dtype, sharding))))
+        value = (place_stacked(entries, v.dtype, sharding) if is_stacked(path)
+                 else place_tensor(entries[0], v.dtype, sharding))
+        flat.append((path, var.replace(value)))
     return graphdef, nnx.from_flat_state(flat), arch
 
 
@@ -274,15 +343,16 @@ def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    arrays = _flat_arrays(model_or_state)
-    expected = expected_params(arch)
+    arrays = dict(hf_tensors(model_or_state))  # by HF name, whichever layer form is given
+    # the HF tensors in the order of the unrolled model's params
+    expected = expected_params(arch, Numerics(scan_layers=False))
     specs: list[TensorSpec] = []
     for path, var in expected:
         name = hf_name(path)
-        if path not in arrays:
+        if name not in arrays:
             raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} "
                                   f"({name}) is missing from the given state")
-        arr = arrays.pop(path)
+        arr = arrays.pop(name)
         want = tuple(var.get_value().shape)
         if tuple(arr.shape) != want:
             raise CheckpointError(f"export to {out}: parameter {'.'.join(map(str, path))} has "
@@ -291,11 +361,12 @@ def export_hf(model_or_state: Any, arch: ModelArch, out_dir: PathLike, *,
         shape = tuple(arr.shape)
 
         def fetch(arr=arr, out_dt=out_dt) -> np.ndarray:
+            arr = arr.get() if isinstance(arr, _LayerOf) else arr  # a stacked param's layer
             return np.ascontiguousarray(_to_host(arr), dtype=out_dt)
 
         specs.append(TensorSpec(name, out_dt, shape, fetch))
     if arrays:
-        extra = ", ".join(".".join(map(str, p)) for p in list(arrays)[:5])
+        extra = ", ".join(list(arrays)[:5])
         raise CheckpointError(f"export to {out}: {len(arrays)} parameters are not part of the "
                               f"Qwen2 policy ({extra}); pass only the policy model state")
 

@@ -30,7 +30,8 @@ from flowrl_jax.checkpoint.hf import copy_tokenizer, has_tokenizer
 from flowrl_jax.checkpoint.safetensors_io import CheckpointError
 from flowrl_jax.config import ConfigError, ModelArch, build_dataclass
 from flowrl_jax.mesh import state_shardings
-from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM, abstract_model, dtype_of
+from flowrl_jax.models.qwen2 import (Numerics, Qwen2ForCausalLM, abstract_model, dtype_of,
+                                     with_layer_form)
 from flowrl_jax.paths import as_path, is_url
 
 PathLike = Union[str, os.PathLike]
@@ -186,13 +187,22 @@ def _flatten(tree: Any, prefix: tuple = ()) -> dict[str, Any]:
     return {".".join(prefix): tree}
 
 
-def _check_stored_shapes(item_dir: Path, target: dict) -> None:
-    """Compare the stored array shapes with the target's; name the first mismatch."""
+def _stored_arrays(item_dir: Path) -> dict[str, Any]:
+    """{dotted path: array metadata} of a stored policy item."""
     try:
         meta = ocp.StandardCheckpointer().metadata(item_dir)
-        stored = _flatten(getattr(meta, "item_metadata", meta).tree)
+        return _flatten(getattr(meta, "item_metadata", meta).tree)
     except Exception as e:  # noqa: BLE001 - unreadable metadata: say which dir
         raise CheckpointError(f"{item_dir}: cannot read checkpoint metadata: {e}") from e
+
+
+def _stored_scanned(stored: dict[str, Any]) -> bool:
+    """Whether a stored policy holds stacked (scanned) decoder layers (qwen2.DecoderStack)."""
+    return any(k.startswith("layers.stacked.") for k in stored)
+
+
+def _check_stored_shapes(item_dir: Path, target: dict, stored: dict[str, Any]) -> None:
+    """Compare the stored array shapes with the target's; name the first mismatch."""
     want = _flatten(target)
     missing = sorted(set(want) - set(stored))
     if missing:
@@ -227,13 +237,22 @@ def restore_policy_state(ckpt_dir: PathLike, mesh: Mesh, num: Numerics | None = 
         item_dir = d / str(step) / POLICY_ITEM
         if not item_dir.is_dir():
             raise CheckpointError(f"{item_dir}: missing (step {step} has no '{POLICY_ITEM}' item)")
-        graphdef, state, target = policy_target(arch, num, mesh)
-        _check_stored_shapes(item_dir, target)
+        # restored in the layer form it was saved in, then converted to the one asked for
+        stored = _stored_arrays(item_dir)
+        saved_num = dataclasses.replace(num, scan_layers=_stored_scanned(stored))
+        graphdef, state, target = policy_target(arch, saved_num, mesh)
+        _check_stored_shapes(item_dir, target, stored)
         restored = mngr.restore(
             step, args=ocp.args.Composite(**{POLICY_ITEM: ocp.args.StandardRestore(target)}))
     finally:
         mngr.close()
     nnx.replace_by_pure_dict(state, restored[POLICY_ITEM])
+    if saved_num.scan_layers != num.scan_layers:
+        model = with_layer_form(nnx.merge(graphdef, state), num.scan_layers)
+        graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda v, sh: v.replace(jax.device_put(v.get_value(), sh)), state,
+                             state_shardings(state, mesh),
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
     return graphdef, state, arch, step
 
 

@@ -10,6 +10,7 @@ cache layout, prefill, one-token steps) lives in models/decode.py.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowrl_jax.config import ModelArch, ModelConfig
+from flowrl_jax.config import ModelArch, ModelConfig, remat_policy_name
 from flowrl_jax.mesh import constrain
 from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
                                          no_cache_kernel)
@@ -30,18 +31,33 @@ def dtype_of(name: str) -> jnp.dtype:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
+#: `model.remat` policies → what jax.checkpoint may keep from a layer's forward pass
+#: ("full": nothing, every activation is recomputed; "none": no checkpoint at all)
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclass(frozen=True)
 class Numerics:
-    """How the model computes: parameter dtype, activation dtype, remat, attention kernel."""
+    """How the model computes: parameter dtype, activation dtype, remat policy (a name of
+    config.REMAT; booleans mean full / none), attention kernel, scanned layers."""
 
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: Any = "none"
     attention: str = "auto"  # auto | xla | plain | cudnn
+    scan_layers: bool = False  # see config.ModelConfig.scan_layers
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Numerics":
-        return cls(dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype), cfg.remat, cfg.attention)
+        return cls(dtype_of(cfg.param_dtype), dtype_of(cfg.compute_dtype), cfg.remat, cfg.attention,
+                   cfg.scan_layers)
 
 
 # While set, parameters are built as ShapeDtypeStructs without running (or tracing) their
@@ -238,6 +254,57 @@ class DecoderLayer(nnx.Module):
         return constrain(x, HIDDEN_AXES), kv
 
 
+def _stack_param(vars_: list[nnx.Variable]) -> nnx.Variable:
+    """One Variable holding `vars_`' values stacked along a leading `layers` axis."""
+    first = vars_[0].get_value()
+    if isinstance(first, jax.ShapeDtypeStruct):
+        value = jax.ShapeDtypeStruct((len(vars_),) + first.shape, first.dtype)
+    else:
+        value = jnp.stack([v.get_value() for v in vars_])
+    return vars_[0].replace(value, logical_axes=("layers",) + logical_axes(vars_[0]))
+
+
+def logical_axes(var: nnx.Variable) -> tuple:
+    """A Variable's `logical_axes` metadata."""
+    return tuple(var.get_metadata()["logical_axes"])
+
+
+def layer_slice(state: nnx.State, index: Any) -> nnx.State:
+    """Layer `index` of a stacked layer state (each value's leading axis indexed, the
+    `layers` logical axis dropped)."""
+    return nnx.from_flat_state([(path, var.replace(var.get_value()[index],
+                                                   logical_axes=logical_axes(var)[1:]))
+                                for path, var in nnx.to_flat_state(state)])
+
+
+class DecoderStack(nnx.Module):
+    """The decoder layers as one `DecoderLayer` (`stacked`) whose parameters carry a leading
+    `layers` axis, run by one `jax.lax.scan` (`Qwen2ForCausalLM.__call__`): the compiled
+    program holds a single layer body whatever the depth. `stack[i]` is layer i as a plain
+    `DecoderLayer` (read-only slices: what the decode step and tests use)."""
+
+    def __init__(self, layers: list[DecoderLayer]):
+        graphdef = nnx.graphdef(layers[0])
+        flats = [nnx.to_flat_state(nnx.state(layer)) for layer in layers]
+        stacked = [(path, _stack_param([f[k][1] for f in flats]))
+                   for k, (path, _) in enumerate(flats[0])]
+        self.stacked = nnx.merge(graphdef, nnx.from_flat_state(stacked))
+        self.num_layers = len(layers)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, i: int) -> DecoderLayer:
+        if not -self.num_layers <= i < self.num_layers:
+            raise IndexError(f"layer {i} of {self.num_layers}")
+        graphdef, state = nnx.split(self.stacked)
+        return nnx.merge(graphdef, layer_slice(state, i))
+
+    def __iter__(self):
+        graphdef, state = nnx.split(self.stacked)
+        return (nnx.merge(graphdef, layer_slice(state, i)) for i in range(self.num_layers))
+
+
 class ModelOutput(NamedTuple):
     """Forward results: logits [B,T,V] (None when not asked), hidden [B,T,H] after the final
     norm, each layer's keys and values (with `return_kv`, else None)."""
@@ -255,7 +322,8 @@ class Qwen2ForCausalLM(nnx.Module):
         self.arch, self.num = arch, num
         self.embed_tokens = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"),
                                    num.param_dtype)
-        self.layers = nnx.List([DecoderLayer(arch, num, rngs) for _ in range(arch.num_hidden_layers)])
+        layers = [DecoderLayer(arch, num, rngs) for _ in range(arch.num_hidden_layers)]
+        self.layers = DecoderStack(layers) if num.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, num)
         self.lm_head = (None if arch.tie_word_embeddings else
                         Linear(arch.hidden_size, arch.vocab_size, ("embed", "vocab"), bias=False,
@@ -281,8 +349,8 @@ class Qwen2ForCausalLM(nnx.Module):
         input_ids/attention_mask/positions are [B, T]; left padding works (positions should
         count real tokens from 0); `return_kv` also returns each layer's keys/values
         [B, T, kv_heads, D] as `kv` (what the decode path's prefill stores, see decode.py).
-        `remat` overrides `Numerics.remat` (passes without gradients turn it off: there is no
-        backward pass to save memory for).
+        `remat` (a REMAT name or a boolean) overrides `Numerics.remat`; passes without
+        gradients turn it off with False: there is no backward pass to save memory for.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -295,23 +363,28 @@ class Qwen2ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.arch.resolved_head_dim, self.arch.rope_theta)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.num.compute_dtype)
         x = constrain(x, HIDDEN_AXES)
-        kv = [] if return_kv else None
+        policy = self.num.remat if remat is None else remat_policy_name(remat)
 
         def run_layer(layer, x):
             return layer(x, cos, sin, mask_info, return_kv)
 
-        if self.num.remat if remat is None else remat:
-            run_layer = rematerialised(run_layer)
-        for layer in self.layers:
-            x, layer_kv = run_layer(layer, x)
-            if kv is not None:
-                kv.append(layer_kv)
+        if isinstance(self.layers, DecoderStack):
+            x, kv = scan_layers(run_layer, self.layers, x, policy)
+        else:
+            if policy != "none":
+                run_layer = rematerialised(run_layer, policy)
+            kv = [] if return_kv else None
+            for layer in self.layers:
+                x, layer_kv = run_layer(layer, x)
+                if kv is not None:
+                    kv.append(layer_kv)
         hidden = constrain(self.norm(x), HIDDEN_AXES)
         return ModelOutput(self.logits(hidden) if return_logits else None, hidden, kv)
 
 
-def rematerialised(run_layer: Callable) -> Callable:
-    """`run_layer(layer, x)` whose activations the backward pass recomputes.
+def rematerialised(run_layer: Callable, policy: str = "full") -> Callable:
+    """`run_layer(layer, x)` whose activations the backward pass recomputes (all of them, or
+    all but those the REMAT_POLICIES entry `policy` keeps).
 
     A pure `jax.checkpoint` over the layer's split state rather than `nnx.remat`: the NNX
     transform tries to write the layer's Params back at its own trace level, which fails
@@ -326,15 +399,49 @@ def rematerialised(run_layer: Callable) -> Callable:
         def pure(state, x):
             return run_layer(nnx.merge(graphdef, state), x)
 
-        return jax.checkpoint(pure)(state, x)
+        return jax.checkpoint(pure, policy=REMAT_POLICIES[policy])(state, x)
 
     return run
+
+
+def scan_layers(run_layer: Callable, stack: DecoderStack, x: Array,
+                policy: str) -> tuple[Array, Optional[list[LayerKV]]]:
+    """`run_layer(layer, x) -> (x, kv)` over every layer of `stack` by one `jax.lax.scan` over
+    the stacked state (each step merges that layer's slices into a `DecoderLayer`), under the
+    remat `policy` per layer; each layer's kv (None when `run_layer` keeps none) as a list."""
+    graphdef, state = nnx.split(stack.stacked)
+
+    def body(x, layer_state):
+        return run_layer(nnx.merge(graphdef, layer_state), x)
+
+    if policy != "none":
+        # prevent_cse=False: inside scan, CSE cannot merge the recomputation away (JAX docs)
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    x, kv = jax.lax.scan(body, x, state)
+    if kv is None:
+        return x, None
+    return x, [LayerKV(kv.k[i], kv.v[i]) for i in range(stack.num_layers)]
 
 
 def build_model(arch: ModelArch, num: Numerics | None = None, seed: int = 0) -> Qwen2ForCausalLM:
     """A randomly initialised model on the default device (small models, tests)."""
     with nnx.use_eager_sharding(False):
         return Qwen2ForCausalLM(arch, num, rngs=nnx.Rngs(seed))
+
+
+def with_layer_form(model: Qwen2ForCausalLM, scan_layers: bool) -> Qwen2ForCausalLM:
+    """The model with its decoder layers stacked (`scan_layers`) or unrolled: the model itself
+    when already so, else a new one sharing the embedding, final norm and head Variables,
+    whose layer params are new arrays (stacked or sliced; place them with
+    `mesh.state_shardings` where the sharding matters)."""
+    if model.num.scan_layers == scan_layers:
+        return model
+    num = dataclasses.replace(model.num, scan_layers=scan_layers)
+    out = abstract_model(model.arch, num)
+    out.embed_tokens, out.norm, out.lm_head = model.embed_tokens, model.norm, model.lm_head
+    layers = list(model.layers)
+    out.layers = DecoderStack(layers) if scan_layers else nnx.List(layers)
+    return out
 
 
 def abstract_model(arch: ModelArch, num: Numerics | None = None) -> Qwen2ForCausalLM:

@@ -168,8 +168,13 @@ def widest_layer(policy_params: Any) -> int:
     """The largest dimension of the policy's 2-D weights other than the vocabulary (the MLP
     width): activations are at most [rows, tokens, this] outside the LM head."""
     flat = jax.tree_util.tree_flatten_with_path(policy_params)[0]
-    shapes = [tuple(leaf.shape) for path, leaf in flat
-              if not any(n in jax.tree_util.keystr(path) for n in ("embed_tokens", "lm_head"))]
+    shapes = []
+    for path, leaf in flat:
+        key = jax.tree_util.keystr(path)
+        if any(n in key for n in ("embed_tokens", "lm_head")):
+            continue
+        # scanned layers (qwen2.DecoderStack): one weight per layer along the leading axis
+        shapes.append(tuple(leaf.shape)[1:] if "stacked" in key else tuple(leaf.shape))
     return max((d for s in shapes if len(s) == 2 for d in s), default=1)
 
 

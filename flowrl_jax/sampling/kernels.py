@@ -235,6 +235,7 @@ class Kernels:
         mats, noise, products = None, None, "matmul"
         if cpu_fast_paths.enabled(self.device):
             products = "elementwise"
+            model = cpu_fast_paths.per_layer_weights(model)
             mats = cpu_fast_paths.decode_matrices(model, slots, chunk)
             noise = cpu_fast_paths.chunk_noise(st.keys, st.generated, spec, chunk,
                                                self.arch.vocab_size)
