@@ -20,7 +20,7 @@ from flowrl_jax.mesh import single_device_mesh
 from flowrl_jax.models.qwen2 import DecoderStack, Numerics, build_model, with_layer_form
 from flowrl_jax.rl.forward import widest_layer
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
-from flowrl_jax.sampling.testing import tiny_arch, tiny_model
+from flowrl_jax.testing import tiny_arch, tiny_model
 
 ARCH = tiny_arch(64, hidden_size=32, intermediate_size=64, num_hidden_layers=3)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(3, 10)))
@@ -51,7 +51,7 @@ def unrolled_grads(unrolled):
 
 
 def test_same_seed_same_weights_in_either_form(unrolled):
-    scanned = build_model(ARCH, Numerics(), seed=3)
+    scanned = build_model(ARCH, Numerics(scan_layers=True), seed=3)
     assert isinstance(scanned.layers, DecoderStack) and len(scanned.layers) == 3
     w = scanned.layers.stacked.mlp.up_proj.weight
     assert w.get_value().shape == (3, 64, 32)
@@ -92,7 +92,7 @@ def test_scanned_prefill_keys_and_values_per_layer(unrolled):
 def test_hf_round_trip_with_scanned_layers_is_bit_exact(unrolled, tmp_path):
     """Export streams each layer of the stacked arrays as its own HF tensor (the same files as
     the unrolled model writes); import fills the stacked arrays back, bit for bit."""
-    scanned = tiny_model(ARCH, seed=4)
+    scanned = tiny_model(ARCH, seed=4, num=Numerics(scan_layers=True))
     assert isinstance(scanned.layers, DecoderStack)
     export_hf(scanned, ARCH, tmp_path / "scanned")
     export_hf(with_layer_form(scanned, False), ARCH, tmp_path / "unrolled")
@@ -131,7 +131,7 @@ def test_greedy_decode_tokens_equal_unrolled():
     generates the unrolled model's greedy tokens exactly, through both decode-step forms
     (the CPU [in, out] weight copies at 8 slots, the model's own layout at 2)."""
     arch = tiny_arch(128)
-    scanned = tiny_model(arch, seed=0)
+    scanned = tiny_model(arch, seed=0, num=Numerics(scan_layers=True))
     unrolled = tiny_model(arch, seed=0, num=Numerics(scan_layers=False))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 1, 9, 3, 12, 7)]
