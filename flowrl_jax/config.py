@@ -503,6 +503,25 @@ class EvalConfig:
         _check(self.limit is None or self.limit > 0, f"{key}.limit", "must be > 0")
 
 
+# --------------------------------------------------------------------------- rewards
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """How code rewards run untrusted programs."""
+
+    # required: refuse to run code rewards when no isolating backend (namespaces as root,
+    # bubblewrap) works here; best_effort: run them unisolated then (rlimits only), warned once
+    isolation: Literal["required", "best_effort"] = "required"
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    """Reward scoring settings."""
+
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+
+
 # --------------------------------------------------------------------------- top level
 
 
@@ -519,6 +538,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     task: dict[str, Any] = field(default_factory=dict)  # free-form options of a task (demo)
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -25,3 +26,12 @@ def drops_uid(cfg: SandboxConfig) -> bool:
     return isolation_mode(cfg)[1] is not None
 
 
+
+
+@functools.cache
+def isolated_here() -> bool:
+    """True when some isolating backend works on this machine."""
+    try:
+        return isolation_mode(SandboxConfig(policy="required"))[0] in ISOLATING_BACKENDS
+    except SandboxError:
+        return False

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowrl_jax.errors import ConfigError
@@ -72,6 +72,8 @@ _UNSHARE_ARGS = ("--net", "--pid", "--mount", "--fork", "--mount-proc", "--kill-
 #: backends that isolate (network, PID, filesystem), in the order `auto` tries them
 ISOLATING_BACKENDS = ("namespaces", "bwrap")
 POLICIES = ("required", "best_effort")
+#: policy of a SandboxConfig that names none (the test suite lowers it on unisolated machines)
+DEFAULT_POLICY = "required"
 INSTALL_HINT = ("install bubblewrap (`apt install bubblewrap`; the kernel must allow unprivileged "
                 "user namespaces) or run as root with `unshare` (util-linux)")
 
@@ -89,7 +91,8 @@ class SandboxConfig:
     max_stderr_bytes: int = 64 << 10  # stderr kept (the rest is discarded)
     startup_grace_s: float = 5.0  # parent-side backstop on top of the program timeout
     isolation: str = "auto"  # backend: auto | namespaces | bwrap | plain
-    policy: str = "required"  # required | best_effort (auto may fall back to plain, warned)
+    # required | best_effort (auto may then fall back to plain, warned); default: DEFAULT_POLICY
+    policy: str = field(default_factory=lambda: DEFAULT_POLICY)
     uid_base: int = 2_000_000_000  # per-slot uids: uid_base + slot (root only)
     python: str = sys.executable  # interpreter for the untrusted program
     # run the program with `python -S` and site-packages on PYTHONPATH: skips .pth processing
