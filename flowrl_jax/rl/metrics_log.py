@@ -16,11 +16,13 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from flowrl_jax.paths import as_path, is_url
+from flowrl_jax.run_files import canonical_metrics
 
 # What the live table shows (when present), in order: (metric key, column header).
 DISPLAY = (
-    ("reward/mean", "reward"), ("accuracy", "acc"), ("response_length/mean", "len"),
-    ("loss", "loss"), ("log_z_mean", "logZ"), ("kl/ref", "kl_ref"), ("optimizer/grad_norm", "gnorm"),
+    ("reward/mean", "reward"), ("reward/accuracy", "acc"), ("response_length/mean", "len"),
+    ("loss/total", "loss"), ("flowrl/log_z_mean", "logZ"), ("kl/ref", "kl_ref"),
+    ("optimizer/grad_norm", "gnorm"),
     ("time/step", "s/step"), ("throughput/tokens_per_s", "tok/s"),
 )
 
@@ -48,7 +50,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.remote = is_url(out_dir)  # object stores cannot append: rewritten each step
         self.path = as_path(out_dir) / "metrics.jsonl"
-        self.history: list[dict] = list(history or [])
+        # a run resumed from before the naming convention continues under today's names
+        self.history: list[dict] = [canonical_metrics(rec) for rec in history or []]
         self._tb = None
         self._progress = None
         self._task = None
