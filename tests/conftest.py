@@ -16,7 +16,7 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from flowrl_jax.rewards import sandbox  # noqa: E402
-from tests._sandbox_backends import isolated_here  # noqa: E402
+from _sandbox_backends import isolated_here  # noqa: E402
 
 
 def pytest_configure(config):

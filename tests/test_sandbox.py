@@ -18,12 +18,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _sandbox_backends import backend_config, drops_uid
 
 from flowrl_jax import rewards
 from flowrl_jax.rewards.code_reward import CodeLimits
-from flowrl_jax.rewards.sandbox import SandboxConfig, isolation_mode, run_python
-from flowrl_jax.rewards.sandbox import ISOLATING_BACKENDS
-from tests._sandbox_backends import backend_config, drops_uid
+from flowrl_jax.rewards.sandbox import ISOLATING_BACKENDS, SandboxConfig, isolation_mode, run_python
 
 CFG = SandboxConfig(memory_mb=512, max_processes=32, max_output_bytes=1 << 20, max_file_mb=16,
                     tmpfs_mb=64)

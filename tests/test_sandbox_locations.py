@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy
 import pytest
+from _sandbox_backends import ISOLATING_BACKENDS, backend_config
 
 from flowrl_jax import rewards
 from flowrl_jax.rewards.code_reward import score_code
 from flowrl_jax.rewards.sandbox import SandboxConfig, isolation_mode, run_python
 from flowrl_jax.rewards.sandbox_mounts import SandboxError, exec_path, mount_plan, probe_interpreter
-from tests._sandbox_backends import ISOLATING_BACKENDS, backend_config
 
 CFG = SandboxConfig(memory_mb=1024, max_output_bytes=1 << 20, tmpfs_mb=64)
 

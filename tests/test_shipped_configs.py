@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests._sandbox_backends import isolated_here
+from _sandbox_backends import isolated_here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

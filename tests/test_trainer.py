@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides
+from _wandb_offline import history
+from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides, train_env
 
 from flowrl_jax import cli
 from flowrl_jax.config import ConfigError, load_config
@@ -38,9 +39,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("algos")
     extra = {"flowrl": {"trainer.export_hf": "true", "trainer.ref_offload": "true"},
              "grpo": {"trainer.validate_every": 2, "eval.greedy": "true",
-                      "eval.max_new_tokens": 4}}
+                      "eval.max_new_tokens": 4},
+             "reinforce_pp": {"trainer.loggers": "[jsonl,wandb]"}}  # W&B offline, no TensorBoard
+    wandb_env = train_env(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true")
     procs = {a: start_train(root / a, toy_overrides(a, 2, **{"trainer.checkpoint_every": 2,
-                                                               **extra.get(a, {})}))
+                                                               **extra.get(a, {})}),
+                            env=wandb_env if a == "reinforce_pp" else None)
              for a in ALGOS}
     for a, p in procs.items():
         assert p.wait(600) == 0, (root / f"{a}.log").read_text()[-4000:]
@@ -63,7 +67,13 @@ def test_metrics_of_each_algorithm(runs, algo):
     raw = [json.loads(line) for line in (runs / algo / "metrics.jsonl").read_text().splitlines()]
     off_style = sorted({k for r in raw for k in r if k != "step" and not KEY_STYLE.fullmatch(k)})
     assert off_style == [], f"{algo}: metric names off the group/name style: {off_style}"
-    assert any((runs / algo / "tb").iterdir())  # TensorBoard events
+    if algo == "reinforce_pp":  # trainer.loggers: [jsonl, wandb]
+        assert not (runs / algo / "tb").exists()
+        sent = [{k: r[k] for k in ("_step", "reward/mean", "loss/total")} for r in history(runs)]
+        assert sent == [{"_step": r["step"], "reward/mean": r["reward/mean"],
+                         "loss/total": r["loss/total"]} for r in recs]
+    else:
+        assert any((runs / algo / "tb").iterdir())  # TensorBoard events
     assert (runs / algo / "checkpoints" / "2" / "policy").is_dir()
 
 

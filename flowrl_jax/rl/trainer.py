@@ -181,9 +181,14 @@ class Trainer:
         self.ckpt = RunCheckpoint(self.out, cfg)
         self.start_step, history = self._restore()
         self._write_run_files()
+        loggers = cfg.trainer.loggers
         self.logger = MetricsLogger(self.out, enabled=self.pi == 0, console=self.console,
                                     total_steps=cfg.trainer.steps, history=history,
-                                    start_step=self.start_step)
+                                    start_step=self.start_step,
+                                    tensorboard="tensorboard" in loggers,
+                                    wandb_project=(cfg.trainer.wandb_project
+                                                   if "wandb" in loggers else None),
+                                    run_config=config_to_dict(cfg))
         self._ready = True
 
     def _restore(self) -> tuple[int, list[dict]]:
