@@ -13,6 +13,7 @@ next to the `validate` that checks them, and the loader below walks those same d
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -456,6 +457,10 @@ class TrainerConfig:
     keep_last: int = 3
     keep_every: Optional[int] = None  # also keep every k-th step permanently
     log_every: int = 1
+    # where metrics go: metrics.jsonl (always: the run's record, resumed from the checkpoint),
+    # TensorBoard (OUT/tb), Weights & Biases (the `wandb` extra; WANDB_MODE, WANDB_DIR apply)
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "flowrl-jax"  # the W&B project of `wandb` (the run is named after OUT)
     validate_every: int = 0  # 0 = off
     export_hf: bool = False  # write the final policy in HF format to OUT/hf
     ref_offload: bool = False  # keep reference params on host memory
@@ -474,6 +479,14 @@ class TrainerConfig:
         _check(self.keep_last > 0, f"{key}.keep_last", "must be > 0")
         _check(self.keep_every is None or self.keep_every > 0, f"{key}.keep_every", "must be > 0")
         _check(self.log_every > 0, f"{key}.log_every", "must be > 0")
+        _check("jsonl" in self.loggers, f"{key}.loggers",
+               f"must include jsonl (metrics.jsonl is the run's record), got {list(self.loggers)}")
+        _check(len(set(self.loggers)) == len(self.loggers), f"{key}.loggers",
+               f"lists a logger twice: {list(self.loggers)}")
+        # third-party package, not the project's own module: is it installed at all?
+        _check("wandb" not in self.loggers or importlib.util.find_spec("wandb") is not None,
+               f"{key}.loggers", "lists wandb but the wandb package is not installed "
+               "(pip install 'flowrl-jax[wandb]')")
         _check(self.validate_every >= 0, f"{key}.validate_every", "must be >= 0")
         _check(self.logprob_chunk > 0, f"{key}.logprob_chunk", "must be > 0")
         _check(self.device_memory_gb is None or self.device_memory_gb > 0,
@@ -503,6 +516,25 @@ class EvalConfig:
         _check(self.limit is None or self.limit > 0, f"{key}.limit", "must be > 0")
 
 
+# --------------------------------------------------------------------------- rewards
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """How code rewards run untrusted programs."""
+
+    # required: refuse to run code rewards when no isolating backend (namespaces as root,
+    # bubblewrap) works here; best_effort: run them unisolated then (rlimits only), warned once
+    isolation: Literal["required", "best_effort"] = "required"
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    """Reward scoring settings."""
+
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+
+
 # --------------------------------------------------------------------------- top level
 
 
@@ -519,6 +551,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     task: dict[str, Any] = field(default_factory=dict)  # free-form options of a task (demo)
 
     def validate(self) -> None:

@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 from flowrl_jax import cli
+from flowrl_jax.config import load_config
+from flowrl_jax.errors import SandboxError
+from flowrl_jax.rewards import sandbox
+from flowrl_jax.rl.task import DataTask
 from flowrl_jax.data.tokenizer import PACKAGED_TOKENIZER
 
 TINY = ["model.preset=tiny", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
@@ -42,6 +46,29 @@ def test_unknown_validation_set_fails_before_compute(tmp_path, capsys):
                   "eval.sets=[no_such_set]") == 2
     _one_line_error(capsys, "eval.sets", "'no_such_set'")
     assert not (tmp_path / "run").exists()
+
+
+def test_code_rewards_refused_before_compute_where_nothing_isolates(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sandbox, "ISOLATING_BACKENDS", ())  # simulate an unisolated machine
+    assert _train(tmp_path / "run", "data.train=[code_train]") == 2
+    _one_line_error(capsys, "no isolating backend", "rewards.sandbox.isolation: required",
+                    "apt install bubblewrap", "best_effort")
+    assert not (tmp_path / "run").exists()
+
+
+def test_code_task_records_its_sandbox_backend(monkeypatch):
+    cfg = load_config(None, TINY + ["data.train=[code_train]", "rewards.sandbox.isolation=best_effort"])
+    monkeypatch.setattr(sandbox, "ISOLATING_BACKENDS", ())
+    task = DataTask(cfg)
+    try:
+        task.check()
+    except SandboxError as exc:  # root, and uid 65534 cannot reach the interpreter: refused
+        assert "isolation='plain'" in str(exc)
+    else:
+        assert task.run_info() == {"sandbox_backend": "plain", "sandbox_isolation": "best_effort"}
+    math_task = DataTask(load_config(None, TINY + ["data.train=[gsm8k]"]))
+    math_task.check()  # no code rewards: no sandbox needed, none probed
+    assert math_task.run_info()["sandbox_backend"] is None
 
 
 def test_missing_tokenizer_fails_before_compute(tmp_path, capsys):

@@ -18,27 +18,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _sandbox_backends import backend_config, drops_uid
 
 from flowrl_jax import rewards
 from flowrl_jax.rewards.code_reward import CodeLimits
-from flowrl_jax.rewards.sandbox import SandboxConfig, isolation_mode, run_python
+from flowrl_jax.rewards.sandbox import ISOLATING_BACKENDS, SandboxConfig, isolation_mode, run_python
 
 CFG = SandboxConfig(memory_mb=512, max_processes=32, max_output_bytes=1 << 20, max_file_mb=16,
                     tmpfs_mb=64)
 TIMEOUT = 2.0
-
-
-def _ns_available() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    try:
-        return isolation_mode(CFG)[0] == "namespaces"
-    except RuntimeError:
-        return False
-
-
-needs_ns = pytest.mark.skipif(not _ns_available(),
-                              reason="namespace sandbox needs root + unshare (plain-mode tests still run)")
 
 
 def _sandbox_procs(root: str) -> list[psutil.Process]:
@@ -64,9 +52,15 @@ def _wait_no_sandbox_procs(root: str, timeout: float = 3.0) -> list:
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    """The test config with a private host temp root, so leftovers are attributable to us."""
-    return dataclasses.replace(CFG, host_tmp_dir=str(tmp_path_factory.mktemp("sbx_host")))
+def host_tmp(tmp_path_factory):
+    """A private host temp root, so leftovers are attributable to us."""
+    return str(tmp_path_factory.mktemp("sbx_host"))
+
+
+@pytest.fixture(params=ISOLATING_BACKENDS)
+def cfg(request, host_tmp):
+    """The test config on each isolating backend (skipped, with the reason, where missing)."""
+    return backend_config(dataclasses.replace(CFG, host_tmp_dir=host_tmp), request.param)
 
 
 @pytest.fixture()
@@ -77,6 +71,7 @@ def host(tmp_path, monkeypatch):
     secret = base / "secret.txt"
     secret.write_text("TOPSECRET-FILE-8412")
     os.chmod(secret, 0o600)
+    (base / "metrics.jsonl").write_text("RUNDIR-CONTENT-3391")  # world-readable, like a run dir
     canary = base / "canary"
     canary.mkdir()
     (canary / "keep.txt").write_text("keep me")
@@ -165,20 +160,24 @@ def hostile_programs(h: dict) -> dict[str, str]:
                             "print('setns', libc.setns(os.open('/proc/self/ns/net', os.O_RDONLY), 0), ctypes.get_errno())\n"
                             "print('ptrace', libc.ptrace(16, 1, 0, 0), ctypes.get_errno())\n"
                             "print('userns_cmd', os.system('unshare -r true 2>/dev/null'))\n",
+        "read_run_dir": "import os\nfor p in (%r, %r):\n    try:\n        print(p, 'READ', open(p).read() if p.endswith('l') else os.listdir(p))\n"
+                        "    except OSError as e:\n        print(p, 'DENIED', type(e).__name__)\n"
+                        % (str(h["base"] / "metrics.jsonl"), str(Path(__file__).resolve().parent)),
         "proc_snoop": "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n",
     }
 
 
-@needs_ns
-def test_sandbox_identity_and_isolation_basics():
-    res = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())", "", 10.0, CFG)
+def test_sandbox_identity_and_isolation_basics(cfg):
+    res = run_python("import os\nprint(os.getuid(), os.getgid(), os.getgroups(), os.getcwd())", "", 10.0, cfg)
     assert res.ok, res
     uid, gid, groups, cwd = res.stdout.split(" ", 3)
-    assert int(uid) >= CFG.uid_base and int(gid) == int(uid) and groups == "[]"
+    if drops_uid(cfg):
+        assert int(uid) >= CFG.uid_base and int(gid) == int(uid) and groups == "[]"
+    else:  # without root (bwrap in a user namespace) the program keeps the caller's uid
+        assert int(uid) == os.getuid()
     assert cwd.strip() == "/tmp/sandbox"
 
 
-@needs_ns
 def test_leftover_detector_sees_a_live_sandbox(cfg):
     # the "nothing survives" checks below rely on this detector, so prove it can see a sandbox
     with cf.ThreadPoolExecutor(1) as ex:
@@ -194,7 +193,6 @@ def test_leftover_detector_sees_a_live_sandbox(cfg):
     assert _wait_no_sandbox_procs(cfg.host_tmp_dir) == []
 
 
-@needs_ns
 def test_hostile_programs_are_contained(host, cfg):
     progs = hostile_programs(host)
     assert len(progs) >= 20
@@ -241,14 +239,21 @@ def test_hostile_programs_are_contained(host, cfg):
         assert issubclass(getattr(builtins, outcome, type(None)), OSError), reads
     assert res["env_secrets"].ok and "PATH" in res["env_secrets"].stdout
 
+    # bwrap shows an allow-list: no run dir, no checkout (namespaces mode hides only 0700 dirs)
+    if isolation_mode(cfg)[0] == "bwrap":
+        assert "READ" not in res["read_run_dir"].stdout and res["read_run_dir"].stdout.count("DENIED") == 2
+
     # no network: nothing reached the host listener; outbound connects fail
     assert "BLOCKED" in res["network_local"].stdout and "CONNECTED" not in res["network_local"].stdout
     assert "BLOCKED" in res["network_external"].stdout
     time.sleep(0.3)
     assert host["accepted"] == []
 
-    # signals: the launcher, the trainer and init are out of reach
-    assert "KILLED" not in res["kill_parent"].stdout, res["kill_parent"].stdout
+    # signals: the trainer is out of reach; under a uid of its own the launcher and init too
+    # (without root the program shares the launcher's uid: killing it ends its own sandbox)
+    if drops_uid(cfg):
+        assert "KILLED" not in res["kill_parent"].stdout, res["kill_parent"].stdout
+    assert f"KILLED {host['pid']}" not in res["kill_parent"].stdout
     assert psutil.pid_exists(host["pid"])
 
     # files and ids: canary intact, no escalation, no shell writes, no mounts
@@ -276,12 +281,11 @@ def test_hostile_programs_are_contained(host, cfg):
     assert _wait_no_sandbox_procs(root) == []
     me = psutil.Process()
     leftovers = [c for c in me.children(recursive=True)
-                 if any(k in " ".join(c.cmdline()) for k in ("_launcher.py", "unshare", "main.py"))]
+                 if any(k in " ".join(c.cmdline()) for k in ("_launcher.py", "unshare", "bwrap", "main.py"))]
     assert leftovers == []
     assert list(Path(root).iterdir()) == [], "host temp dirs left behind"
 
 
-@needs_ns
 def test_pool_scores_hostile_batch_zero_then_recovers(host, cfg):
     progs = hostile_programs(host)
     gt = {"tests": [{"input": "", "output": "SAFE-SENTINEL-NEVER-PRINTED", "testtype": "stdin"}]}
@@ -348,23 +352,51 @@ def test_fast_inprocess_start_matches_exec_start():
     assert r.stdout == "main.py __main__\ncba\n"
 
 
-def test_auto_mode_without_namespaces(monkeypatch, caplog):
+def test_unisolated_machine_refuses_code_rewards_unless_best_effort(monkeypatch, caplog):
     import flowrl_jax.rewards.sandbox as sbx
 
-    real_which = shutil.which
-    monkeypatch.setattr(sbx.shutil, "which", lambda name, *a, **k: None if name == "unshare" else real_which(name, *a, **k))
-    cfg = SandboxConfig(uid_base=1_999_000_000)  # its own probe-cache entry
-    caplog.set_level(logging.WARNING, logger="flowrl_jax.rewards.sandbox")
+    monkeypatch.setattr(sbx, "ISOLATING_BACKENDS", ())  # a machine with no isolating backend
+    caplog.set_level(logging.INFO, logger="flowrl_jax.rewards.sandbox")
+    required = SandboxConfig(uid_base=1_999_000_000, policy="required")  # own probe-cache entry
+    monkeypatch.setattr(sbx, "DEFAULT_POLICY", "required")  # the package default (conftest may lower it)
+    assert SandboxConfig().policy == "required"
+    with pytest.raises(rewards.SandboxError, match=r"no isolating backend.*apt install bubblewrap.*best_effort"):
+        isolation_mode(required)
+    ok_prog = "```python\nprint(sum(map(int, input().split())))\n```"
+    good = {"tests": [{"input": "2 3\n", "output": "5\n"}]}
+    with rewards.RewardPool(num_workers=1, sandbox=required) as pool:  # refuses, never scores 0
+        with pytest.raises(RuntimeError, match="no isolating backend"):
+            pool.score_batch([("codeforces", ok_prog, good)])
+
+    best = dataclasses.replace(required, policy="best_effort")
     if os.geteuid() == 0:
         try:
-            mode, uid = isolation_mode(cfg)
-        except RuntimeError as exc:  # root, the interpreter unreachable for uid 65534: refuse
+            mode, uid = isolation_mode(best)
+        except rewards.SandboxError as exc:  # root, the interpreter unreachable for uid 65534
             assert "isolation='plain'" in str(exc)
-        else:  # root and uid 65534 can run the interpreter: plain mode, dropped uid, warned
-            assert (mode, uid) == ("plain", 65534)
-            assert any("plain mode" in r.getMessage() for r in caplog.records)
+            return
+        assert (mode, uid) == ("plain", 65534)
     else:
-        assert isolation_mode(cfg) == ("plain", None)
-        assert any("plain mode" in r.getMessage() for r in caplog.records)
-    with pytest.raises(RuntimeError, match="no working isolation mode"):
+        assert isolation_mode(best) == ("plain", None)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "plain mode" in r.getMessage()]
+    assert len(warnings) == 1
+    with rewards.RewardPool(num_workers=1, sandbox=best) as pool:
+        assert pool.score_batch([("codeforces", ok_prog, good)] * 2) == [1.0, 1.0]
+    assert len([r for r in caplog.records if "plain mode" in r.getMessage()]) == 1  # warned once
+
+
+def test_backend_choice_is_logged_once_and_bad_settings_are_named(caplog):
+    with pytest.raises(ValueError, match="policy.*'maybe'"):
+        SandboxConfig(policy="maybe")
+    with pytest.raises(ValueError, match="isolation.*'docker'"):
+        SandboxConfig(isolation="docker")
+    with pytest.raises(RuntimeError, match="interpreter '/nonexistent/python3' does not exist"):
         isolation_mode(SandboxConfig(python="/nonexistent/python3"))
+    caplog.set_level(logging.INFO, logger="flowrl_jax.rewards.sandbox")
+    cfg = SandboxConfig(uid_base=1_998_000_000)  # its own probe-cache entry: logged afresh
+    mode, uid = isolation_mode(cfg)
+    isolation_mode(cfg)
+    assert mode in ISOLATING_BACKENDS or (mode == "plain" and cfg.policy == "best_effort")
+    assert [r.getMessage() for r in caplog.records if "backend" in r.getMessage()] == [
+        f"sandbox: code runs in the {mode} backend (uid "
+        f"{'dropped to a per-slot id' if uid not in (None, 65534) else uid})"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from _sandbox_backends import ISOLATING_BACKENDS, backend_config
 
 from flowrl_jax import rewards
 from flowrl_jax.rewards.code_reward import score_code
@@ -49,7 +50,8 @@ def make_venv(where: Path) -> Path:
     assert site.is_dir(), site
     (site / "flowrl_probe_pkg").mkdir()
     (site / "flowrl_probe_pkg" / "__init__.py").write_text("VALUE = 42\n")
-    np_dir = Path(numpy.__file__).parent  # linked, not copied (70 MB)
+    # linked, not copied (70 MB); to its real path: bwrap shows only real, needed dirs
+    np_dir = Path(numpy.__file__).resolve().parent
     for src in (np_dir, np_dir.parent / "numpy.libs"):
         if src.exists():
             (site / src.name).symlink_to(src)
@@ -74,10 +76,12 @@ def venv_home(request, tmp_path):
     return base
 
 
+@pytest.mark.parametrize("backend", ISOLATING_BACKENDS)
 @pytest.mark.parametrize("fast_startup", [True, False], ids=["inproc", "exec"])
-def test_interpreter_runs_wherever_it_lives(venv_home, fast_startup):
+def test_interpreter_runs_wherever_it_lives(venv_home, fast_startup, backend):
     python = make_venv(venv_home / "venv")
-    cfg = dataclasses.replace(CFG, python=str(python), fast_startup=fast_startup)
+    cfg = backend_config(dataclasses.replace(CFG, python=str(python), fast_startup=fast_startup),
+                         backend)
     res = run_python(PROGRAM, "abc\n", 20.0, cfg)
     assert res.ok, res
     assert res.stdout == "42 10 cba\n"
@@ -93,8 +97,9 @@ def test_interpreter_runs_wherever_it_lives(venv_home, fast_startup):
         assert seen["prefix"] == venv_real
     assert seen["plant"] != "WROTE" and not plant.exists()  # the venv is read-only
     rebound = mount_plan(probe_interpreter(str(python)).needed_dirs)[1]
-    if mode == "namespaces" and venv_real in rebound:
-        # bound back from a hidden/masked dir: only the venv itself became visible there
+    if mode == "bwrap" or venv_real in rebound:
+        # bwrap binds only what the interpreter needs; namespaces mode binds back from a
+        # hidden/masked dir: either way only the venv itself is visible beside it
         assert seen["listing"] == ["venv"], seen
         assert seen["secret"] == "FileNotFoundError", seen
 

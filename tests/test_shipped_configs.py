@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _sandbox_backends import isolated_here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -149,12 +150,17 @@ def test_train_one_step_as_shipped(config, qwen_dir, tmp_path):
         overrides.append(f"model.path={qwen_dir}")
     if shipped.task.get("factory"):  # a custom task (the demo) owns its prompts and sizes
         overrides = cpu_mesh_overrides() + ["trainer.steps=1"]
+    if not isolated_here():  # code rewards on a machine where nothing isolates (see conftest)
+        overrides.append("rewards.sandbox.isolation=best_effort")
     out = tmp_path / "run"
     res = cli("train", "--config", str(config), "--out", str(out), "--no-console", *overrides)
     assert res.returncode == 0, f"{config.name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
 
     # the run trained with the shipped settings, not silently different ones
     saved = yaml.safe_load((out / "config.yaml").read_text())
+    if not shipped.task.get("factory"):  # the sandbox backend is recorded when code runs
+        info = json.loads((out / "run_info.json").read_text())
+        assert (info["sandbox_backend"] is not None) == ("code" in config.name), info
     assert saved["model"]["remat"] == shipped.model.remat
     assert saved["model"]["compute_dtype"] == shipped.model.compute_dtype
     assert saved["algo"]["name"] == shipped.algo.name

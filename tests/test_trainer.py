@@ -7,25 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides
+from _wandb_offline import history
+from trainer_toy import ToyTask, checkpoint_arrays, start_train, toy_overrides, train_env
 
 from flowrl_jax import cli
 from flowrl_jax.config import ConfigError, load_config
+from flowrl_jax.rl.metrics import KEY_STYLE
 from flowrl_jax.run_files import read_metrics
 from flowrl_jax.rl.trainer import Trainer
 
 ALGOS = ("flowrl", "grpo", "ppo", "reinforce_pp")
 COMMON_KEYS = (
-    "reward/mean", "reward/toy/mean", "accuracy", "response_length/mean", "response_length/max",
-    "response_length/truncated_frac", "entropy", "kl/old", "loss", "optimizer/grad_norm",
+    "reward/mean", "reward/toy/mean", "reward/accuracy", "reward/toy/accuracy",
+    "response_length/mean", "response_length/max", "response_length/truncated_frac",
+    "entropy/rollout", "kl/old", "loss/total", "optimizer/grad_norm", "optimizer/grad_norm_policy",
     "optimizer/lr", "optimizer/skipped_frac", "optimizer/skipped_total", "time/sampling",
     "time/reward", "time/logprobs", "time/update", "time/step", "throughput/tokens_per_s",
 )
 ALGO_KEYS = {
-    "flowrl": ("log_z_mean", "w_mean", "clip_frac", "kl/ref", "rhat/mean", "rhat/std"),
-    "grpo": ("pg_clip_frac", "rhat/mean"),
-    "ppo": ("vf_loss", "value_mean"),
-    "reinforce_pp": ("pg_clip_frac",),
+    "flowrl": ("flowrl/log_z_mean", "flowrl/w_mean", "flowrl/clip_frac", "kl/ref", "rhat/mean",
+               "rhat/std"),
+    "grpo": ("policy/clip_frac", "rhat/mean"),
+    "ppo": ("loss/value", "value/mean"),
+    "reinforce_pp": ("policy/clip_frac",),
 }
 
 
@@ -35,9 +39,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("algos")
     extra = {"flowrl": {"trainer.export_hf": "true", "trainer.ref_offload": "true"},
              "grpo": {"trainer.validate_every": 2, "eval.greedy": "true",
-                      "eval.max_new_tokens": 4}}
+                      "eval.max_new_tokens": 4},
+             "reinforce_pp": {"trainer.loggers": "[jsonl,wandb]"}}  # W&B offline, no TensorBoard
+    wandb_env = train_env(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true")
     procs = {a: start_train(root / a, toy_overrides(a, 2, **{"trainer.checkpoint_every": 2,
-                                                               **extra.get(a, {})}))
+                                                               **extra.get(a, {})}),
+                            env=wandb_env if a == "reinforce_pp" else None)
              for a in ALGOS}
     for a, p in procs.items():
         assert p.wait(600) == 0, (root / f"{a}.log").read_text()[-4000:]
@@ -54,9 +61,19 @@ def test_metrics_of_each_algorithm(runs, algo):
             assert k in r, f"{algo}: metric {k!r} missing (has {sorted(r)})"
             assert isinstance(r[k], (int, float)) and math.isfinite(r[k]), (algo, k, r[k])
         assert r["optimizer/updates"] == 2  # 16 sequences / mini-batch 8, one epoch
-        assert -1.0 <= r["reward/mean"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+        assert -1.0 <= r["reward/mean"] <= 1.0 and 0.0 <= r["reward/accuracy"] <= 1.0
         assert r["response_length/max"] <= 8
-    assert any((runs / algo / "tb").iterdir())  # TensorBoard events
+    # one naming style for every key the trainer writes (read raw: no alias renaming)
+    raw = [json.loads(line) for line in (runs / algo / "metrics.jsonl").read_text().splitlines()]
+    off_style = sorted({k for r in raw for k in r if k != "step" and not KEY_STYLE.fullmatch(k)})
+    assert off_style == [], f"{algo}: metric names off the group/name style: {off_style}"
+    if algo == "reinforce_pp":  # trainer.loggers: [jsonl, wandb]
+        assert not (runs / algo / "tb").exists()
+        sent = [{k: r[k] for k in ("_step", "reward/mean", "loss/total")} for r in history(runs)]
+        assert sent == [{"_step": r["step"], "reward/mean": r["reward/mean"],
+                         "loss/total": r["loss/total"]} for r in recs]
+    else:
+        assert any((runs / algo / "tb").iterdir())  # TensorBoard events
     assert (runs / algo / "checkpoints" / "2" / "policy").is_dir()
 
 
@@ -64,7 +81,7 @@ def test_metrics_of_each_algorithm(runs, algo):
 def test_same_rollouts_for_every_algorithm(runs):
     """Step 1 samples with identical params and seeds: only the loss differs between algos."""
     first = {a: read_metrics(runs / a)[0] for a in ALGOS}
-    for k in ("reward/mean", "response_length/mean", "entropy"):
+    for k in ("reward/mean", "response_length/mean", "entropy/rollout"):
         assert len({first[a][k] for a in ALGOS}) == 1, {a: first[a][k] for a in ALGOS}
     # ... and the updates differ: the final policies are not all the same
     pols = {a: checkpoint_arrays(runs / a, 2) for a in ("flowrl", "grpo")}

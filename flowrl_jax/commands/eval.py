@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-workers", type=int, default=max(1, min(16, (os.cpu_count() or 2))),
                         help="reward worker threads (code runs sandboxed, Math-Verify in worker "
                              "processes); 0 = score inline")
+    parser.add_argument("--sandbox-isolation", default="required", choices=("required", "best_effort"),
+                        help="code rewards: required = refuse to run programs when no isolating "
+                             "sandbox backend works here (default); best_effort = run them "
+                             "unisolated then (rlimits only), with a warning")
     parser.add_argument("--diversity", default=",".join(DIVERSITY_DEFAULT),
                         help="benchmarks to compute diversity metrics on: NAME[,NAME] | all | none")
     parser.add_argument("--self-bleu", default="add1", choices=("add1", "texygen"),
@@ -119,7 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         show_progress=not args.no_progress, dtype=args.dtype, devices=args.devices,
         decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
         prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite,
-        self_bleu=args.self_bleu)
+        self_bleu=args.self_bleu, sandbox_isolation=args.sandbox_isolation)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,10 +35,10 @@ from flowrl_jax.eval.identity import model_identity
 from flowrl_jax.eval.judge import JudgeConfig
 from flowrl_jax.eval.records import Backend, EvalError, Problem
 from flowrl_jax.eval.resume import check_config, clear_outputs, read_samples
-from flowrl_jax.eval.scoring import Scorer
+from flowrl_jax.eval.scoring import Scorer, sandboxed_score
 from flowrl_jax.eval.suites import DIVERSITY_DEFAULT, KNOWN
 from flowrl_jax.eval.summary import summarize, write_outputs
-from flowrl_jax.rewards import RewardPool
+from flowrl_jax.rewards import RewardPool, SandboxConfig, isolation_mode, runs_code
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class EvalSettings:
     prefill_buckets: Sequence[int] | None  # None = powers of two up to the context
     overwrite: bool = False  # remove an earlier eval's files in `out` instead of resuming
     self_bleu: str = "add1"  # self-BLEU convention (eval/diversity.py SELF_BLEU_VARIANTS)
+    sandbox_isolation: str = "required"  # code rewards: required | best_effort
 
 
 def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int, seed: int,
@@ -130,7 +131,11 @@ def evaluate_model(s: EvalSettings) -> dict[str, Any]:
         backend.check_lengths(problems)
     except (OSError, ValueError, KeyError) as e:  # unreadable model/tokenizer/data: one line
         raise EvalError(str(e)) from e
-    scorer = RewardPool(num_workers=s.score_workers) if s.score_workers > 0 else Scorer(0)
+    sandbox = SandboxConfig(policy=s.sandbox_isolation)
+    if any(runs_code(p.data_source) for p in problems):  # refuse before generating, not after
+        isolation_mode(sandbox)
+    scorer = (RewardPool(num_workers=s.score_workers, sandbox=sandbox) if s.score_workers > 0
+              else Scorer(0, fn=sandboxed_score(sandbox)))
     try:
         return run_eval(problems, backend, out, n=s.n, seed=s.seed,
                         batch_prompts=s.batch_prompts, scorer=scorer, config=config,

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 from typing import Any, Callable
 
 from flowrl_jax.data.extract import last_boxed
+from flowrl_jax.rewards import SandboxConfig, resolve, runs_code, score_code
 from flowrl_jax.rewards.math_dapo import extract_answer
 
 
@@ -13,6 +14,16 @@ def _score_one(data_source: str, text: str, ground_truth: Any) -> float:
     from flowrl_jax.rewards import score
 
     return float(score(data_source, text, ground_truth))
+
+
+def sandboxed_score(sandbox: SandboxConfig) -> Callable[[str, str, Any], float]:
+    """An inline scoring function whose code rewards run under `sandbox`."""
+    def score_one(data_source: str, text: str, ground_truth: Any) -> float:
+        if runs_code(data_source):
+            return score_code(resolve(data_source), text, ground_truth, sandbox=sandbox)
+        return _score_one(data_source, text, ground_truth)
+
+    return score_one
 
 
 def gold_answer(ground_truth: Any) -> str | None:

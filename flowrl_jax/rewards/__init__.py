@@ -7,7 +7,7 @@ Public interface: `score(data_source, response, ground_truth) -> float`, `regist
 from flowrl_jax.rewards.code_reward import CodeLimits, extract_code, outputs_match, score_code
 from flowrl_jax.rewards.math_dapo import math_dapo_score, normalize_final_answer
 from flowrl_jax.rewards.math_eval import MathVerifyScorer, math_verify_score
-from flowrl_jax.rewards.pool import RewardPool
+from flowrl_jax.rewards.pool import RewardPool, runs_code
 from flowrl_jax.rewards.registry import (
     available_rewards,
     get_reward,
@@ -24,5 +24,6 @@ __all__ = [
     "CodeLimits", "MathVerifyScorer", "RewardPool", "RunResult", "SandboxConfig", "SandboxError",
     "available_rewards", "extract_code", "get_reward", "isolation_mode", "math_dapo_score",
     "math_verify_score", "normalize_final_answer", "outputs_match", "register_alias",
-    "register_reward", "resolve", "run_python", "score", "score_code", "unregister_reward",
+    "register_reward", "resolve", "run_python", "runs_code", "score", "score_code",
+    "unregister_reward",
 ]

@@ -2,8 +2,10 @@
 
 Run by `sandbox.py` as `python -I -S -B _launcher.py HOST_DIR` (stdlib only, no package import).
 In "namespaces" mode it runs as PID 1 of fresh PID/mount/net namespaces (via `unshare`), so its
-exit kills every process the program left behind. In "plain" mode (fallback) it becomes a child
-subreaper and kills all descendants itself. Exit status: the program's exit code, 128+signal
+exit kills every process the program left behind. In "bwrap" mode bubblewrap has built the
+namespaces and the filesystem view already; the launcher's exit ends bwrap's PID namespace the
+same way. In "plain" mode (fallback) it becomes a child subreaper and kills all descendants
+itself. Exit status: the program's exit code, 128+signal
 if it was killed by a signal, 124 on timeout, 125 if the sandbox itself could not be set up.
 The host learns about set-up failures, and that the program started, from the status pipe
 (config "status_fd"): the program cannot write to it (closed before it runs), unlike its exit
@@ -21,7 +23,7 @@ import time
 EXIT_TIMEOUT = 124
 EXIT_SETUP = 125
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 36, 38
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # seccomp deny-list: namespace/mount/kernel-extension/introspection syscalls a test program
@@ -254,8 +256,9 @@ def main():
         with open(os.path.join(host_dir, name), "rb") as f:
             files[name] = f.read()
     try:
-        if cfg["mode"] == "namespaces":
-            _setup_mounts(cfg)
+        if cfg["mode"] in ("namespaces", "bwrap"):
+            if cfg["mode"] == "namespaces":
+                _setup_mounts(cfg)
             workdir = "/tmp/sandbox"
         else:
             _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -281,6 +284,9 @@ def main():
         os.close(status_fd)
         _child(cfg, workdir, os.path.join(workdir, cfg["stdin_file"]), setup_w)
     os.close(setup_w)
+    # a program under the launcher's own uid (bwrap without root, plain) must not reach its
+    # memory through /proc/<pid>/mem: non-dumpable processes refuse same-uid ptrace access
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     failure = _read_until_eof(setup_r)  # EOF as soon as the program starts
     os.close(setup_r)
     if failure:
@@ -311,9 +317,9 @@ def main():
         code = 128 + os.WTERMSIG(status)
     else:
         code = os.WEXITSTATUS(status)
-    if cfg["mode"] != "namespaces":
+    if cfg["mode"] == "plain":
         _kill_descendants(os.getpid())
-    # In namespaces mode returning ends PID 1, and the kernel kills everything left inside.
+    # Otherwise returning ends the PID namespace, and the kernel kills everything left inside.
     return code
 
 

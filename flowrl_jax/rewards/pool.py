@@ -21,6 +21,13 @@ from flowrl_jax.rewards.sandbox import SandboxConfig
 _CODE_SOURCES = ("livecodebench", "codeforces", "humanevalplus", "humaneval")
 
 
+def runs_code(data_source: str) -> bool:
+    """True when `data_source` is scored by the built-in code reward (in the sandbox)."""
+    fn = registry.get_reward(data_source)
+    builtin_code = isinstance(fn, functools.partial) and fn.func is score_code
+    return builtin_code and registry.resolve(data_source) in _CODE_SOURCES
+
+
 class RewardPool:
     """Thread pool of reward workers; `submit` returns a Future, `score_batch` a list."""
 
@@ -54,10 +61,9 @@ class RewardPool:
     def _score(self, data_source: str, response: str, ground_truth: Any) -> float:
         name = registry.resolve(data_source)
         fn = registry.get_reward(data_source)
-        builtin_code = isinstance(fn, functools.partial) and fn.func is score_code
         if name == "math_verify" and fn is registry.math_verify_score:
             return self._mv.score(response, ground_truth)
-        if name in _CODE_SOURCES and builtin_code:
+        if runs_code(data_source):
             return score_code(name, response, ground_truth, limits=self._limits, sandbox=self._sandbox)
         return float(fn(response, ground_truth))  # math_dapo and user-registered rewards
 

@@ -24,9 +24,15 @@ Design (namespaces mode, used when running as root with a working `unshare`):
 - A sandbox that cannot be set up raises SandboxError (never a silent zero reward): the launcher
   reports set-up failures, and that the program started, on a status pipe the program cannot
   write to (it is closed before the program runs), so a program cannot fake either.
-Fallback ("plain" mode, when namespaces are unavailable): same launcher without namespaces; it
-is a child subreaper that kills all descendants when the program ends, uid drop only as root.
-There is no network or filesystem isolation in that mode; a warning is logged once.
+Without root (bwrap mode, see sandbox_bwrap.py): bubblewrap builds the namespaces in an
+unprivileged user namespace and shows the program only the system directories, the
+interpreter's directories (read-only) and a private tmpfs /tmp; the launcher runs inside it as in
+namespaces mode, without the uid drop (a user namespace maps only the caller's uid).
+Backends are tried in ISOLATING_BACKENDS order; the first that runs a probe program is used and
+logged once. If none works, `policy="required"` (the default) raises SandboxError saying what to
+install; `policy="best_effort"` falls back to "plain" mode with one warning: the same launcher
+without namespaces, a child subreaper that kills all descendants when the program ends, uid drop
+only as root, and no network or filesystem isolation.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowrl_jax.errors import ConfigError
+from flowrl_jax.rewards.sandbox_bwrap import bwrap_command, bwrap_path
 from flowrl_jax.rewards.sandbox_mounts import (
     MASKED_DIRS,
     InterpreterLayout,
@@ -61,6 +69,13 @@ logger = logging.getLogger(__name__)
 _LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
 EXIT_TIMEOUT = 124
 _UNSHARE_ARGS = ("--net", "--pid", "--mount", "--fork", "--mount-proc", "--kill-child")
+#: backends that isolate (network, PID, filesystem), in the order `auto` tries them
+ISOLATING_BACKENDS = ("namespaces", "bwrap")
+POLICIES = ("required", "best_effort")
+#: policy of a SandboxConfig that names none (the test suite lowers it on unisolated machines)
+DEFAULT_POLICY = "required"
+INSTALL_HINT = ("install bubblewrap (`apt install bubblewrap`; the kernel must allow unprivileged "
+                "user namespaces) or run as root with `unshare` (util-linux)")
 
 
 @dataclass(frozen=True)
@@ -75,14 +90,23 @@ class SandboxConfig:
     max_output_bytes: int = 16 << 20  # stdout cap; exceeding it kills the program
     max_stderr_bytes: int = 64 << 10  # stderr kept (the rest is discarded)
     startup_grace_s: float = 5.0  # parent-side backstop on top of the program timeout
-    isolation: str = "auto"  # auto | namespaces | plain
+    isolation: str = "auto"  # backend: auto | namespaces | bwrap | plain
+    # required | best_effort (auto may then fall back to plain, warned); default: DEFAULT_POLICY
+    policy: str = field(default_factory=lambda: DEFAULT_POLICY)
     uid_base: int = 2_000_000_000  # per-slot uids: uid_base + slot (root only)
     python: str = sys.executable  # interpreter for the untrusted program
     # run the program with `python -S` and site-packages on PYTHONPATH: skips .pth processing
     # (~50-70 ms per run with an editable install); exit()/quit() are re-added by a prologue
     fast_startup: bool = True
-    seccomp: bool = True
-    host_tmp_dir: str | None = None  # where per-run host dirs are made (None: system temp dir)  # deny namespace/mount/ptrace/bpf/io_uring/... syscalls (x86_64, aarch64)
+    seccomp: bool = True  # deny namespace/mount/ptrace/bpf/io_uring/... syscalls (x86_64, aarch64)
+    host_tmp_dir: str | None = None  # where per-run host dirs are made (None: system temp dir)
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("auto", "plain", *ISOLATING_BACKENDS):
+            raise ConfigError(f"SandboxConfig.isolation: {self.isolation!r} is not one of "
+                               f"{['auto', *ISOLATING_BACKENDS, 'plain']}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"SandboxConfig.policy: {self.policy!r} is not one of {list(POLICIES)}")
 
 
 @dataclass
@@ -222,16 +246,16 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
     interp = _interpreter(cfg.python)
     python = interp.layout.exec_path
     mounts = interp.mounts if mode == "namespaces" else ([], [])
+    isolated = mode in ISOLATING_BACKENDS
     host_dir = tempfile.mkdtemp(prefix="flowrl_sbx_", dir=cfg.host_tmp_dir)
     start = time.monotonic()
     proc = None
     status_r, status_w = os.pipe()
     try:
-        ns = mode == "namespaces"
-        workdir = "/tmp/sandbox" if ns else os.path.join(host_dir, "work")
-        if not ns and uid is not None:
+        workdir = "/tmp/sandbox" if isolated else os.path.join(host_dir, "work")
+        if mode == "plain" and uid is not None:
             os.chmod(host_dir, 0o711)  # the dropped uid must reach host_dir/work
-        env = _program_env(workdir, "/tmp" if ns else workdir)
+        env = _program_env(workdir, "/tmp" if isolated else workdir)
         argv = [python, "-B", "-s", "main.py"]
         if cfg.fast_startup:
             argv = [python, "-B", "-S", "main.py"]
@@ -257,8 +281,13 @@ def _run_once(source: str, stdin: str, timeout_s: float, cfg: SandboxConfig, mod
         with open(os.path.join(host_dir, "config.json"), "w") as f:
             json.dump(config, f)
         cmd = [sys.executable, "-I", "-S", "-B", _LAUNCHER, host_dir]
-        if ns:
+        if mode == "namespaces":
             cmd = [shutil.which("unshare") or "unshare", *_UNSHARE_ARGS, *cmd]
+        elif mode == "bwrap":  # only the interpreters' dirs exist inside: exec them by real dir
+            launcher_python = _interpreter(sys.executable).layout
+            needed = {*interp.layout.needed_dirs, *launcher_python.needed_dirs}
+            cmd = [*bwrap_command(sorted(needed), host_dir, _LAUNCHER, cfg.tmpfs_mb),
+                   launcher_python.exec_path, *cmd[1:]]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, cwd=host_dir, close_fds=True,
@@ -342,26 +371,43 @@ def _probe_program(site_dirs: tuple[str, ...]) -> str:
 
 
 def isolation_mode(cfg: SandboxConfig | None = None) -> tuple[str, int | None]:
-    """(mode, uid base) chosen once per config: probes namespaces + uid drop, else falls back."""
+    """(backend, uid base) chosen once per config: the first isolating backend that works,
+    else plain mode under `policy="best_effort"`, else SandboxError saying what to install."""
     cfg = cfg or SandboxConfig()
-    key = (cfg.isolation, cfg.uid_base, cfg.python)
+    key = (cfg.isolation, cfg.policy, cfg.uid_base, cfg.python, ISOLATING_BACKENDS)
     with _mode_lock:
         if key not in _mode_cache:
             _mode_cache[key] = _probe(cfg)
+            mode, uid = _mode_cache[key]
+            logger.info("sandbox: code runs in the %s backend (uid %s)", mode,
+                        "dropped to a per-slot id" if uid not in (None, 65534) else uid)
         return _mode_cache[key]
+
+
+def _candidates(cfg: SandboxConfig, root: bool) -> list[tuple[str, int | None]]:
+    """(backend, uid base) pairs to try, in order (uid None: programs keep the caller's uid)."""
+    wanted = ISOLATING_BACKENDS if cfg.isolation == "auto" else (cfg.isolation,)
+    out: list[tuple[str, int | None]] = []
+    for backend in wanted:
+        if backend == "namespaces" and root and shutil.which("unshare"):
+            out += [("namespaces", cfg.uid_base), ("namespaces", 65534)]
+        elif backend == "bwrap" and bwrap_path():
+            # as root bwrap keeps the caller's ids, so the launcher drops them as in namespaces
+            # mode; without root a user namespace maps only the caller's uid: no drop
+            out += [("bwrap", cfg.uid_base), ("bwrap", 65534)] if root else [("bwrap", None)]
+    if cfg.isolation == "plain" or (cfg.isolation == "auto" and cfg.policy == "best_effort"):
+        if root:
+            out.append(("plain", 65534))
+        # untrusted code as root with no isolation at all only when explicitly asked for
+        if not root or cfg.isolation == "plain":
+            out.append(("plain", None))
+    return out
 
 
 def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
     root = os.geteuid() == 0
-    candidates: list[tuple[str, int | None]] = []
-    if cfg.isolation in ("auto", "namespaces") and root and shutil.which("unshare"):
-        candidates += [("namespaces", cfg.uid_base), ("namespaces", 65534)]
-    if cfg.isolation in ("auto", "plain"):
-        if root:
-            candidates.append(("plain", 65534))
-        # untrusted code as root with no isolation at all only when explicitly asked for
-        if not root or cfg.isolation == "plain":
-            candidates.append(("plain", None))
+    _interpreter(cfg.python)  # a missing or broken interpreter is named as such, not as isolation
+    candidates = _candidates(cfg, root)
     reasons = []
     for mode, uid in candidates:
         try:
@@ -371,20 +417,29 @@ def _probe(cfg: SandboxConfig) -> tuple[str, int | None]:
             reasons.append(f"{mode}/uid={uid}: {exc}")
             continue
         if res.ok and res.stdout.strip() == "42":
-            if (mode, uid) != candidates[0] or mode != "namespaces":
+            if mode == "plain" or uid == 65534:
                 logger.warning(
                     "sandbox: using %s mode with uid %s (%s). %s", mode, uid,
-                    "; ".join(reasons) or "namespaces unavailable (not root or no unshare)",
+                    "; ".join(reasons) or "no isolating backend on this machine",
                     "Programs share one uid for RLIMIT_NPROC." if uid == 65534 else
                     "No network/PID/mount isolation: untrusted code is only rlimited and killed.")
             return mode, uid
         reasons.append(f"{mode}/uid={uid}: {res.status} rc={res.returncode} "
                        f"{res.stdout.strip()[-200:]} {res.stderr.strip()[-200:]}")
-    if cfg.isolation == "namespaces":
-        raise SandboxError("sandbox: namespaces isolation requested but unavailable: " + "; ".join(reasons))
+    tried = "; ".join(reasons) or (
+        f"none available: namespaces need root and `unshare`"
+        f"{' (not root)' if not root else ''}, bwrap needs the `bwrap` program"
+        f"{' (not found)' if not bwrap_path() else ''}")
+    if cfg.isolation not in ("auto", "plain"):
+        raise SandboxError(f"sandbox: {cfg.isolation} isolation requested but unavailable: {tried}")
+    if cfg.isolation == "auto" and cfg.policy == "required":
+        raise SandboxError(
+            "sandbox: code rewards need isolation (rewards.sandbox.isolation: required) and no "
+            f"isolating backend works here ({tried}). To fix: {INSTALL_HINT}; or set "
+            "rewards.sandbox.isolation: best_effort to run programs unisolated (rlimits only)")
     hint = (" (as root, unisolated execution needs SandboxConfig(isolation='plain'))"
             if root and cfg.isolation == "auto" else "")
-    raise SandboxError("sandbox: no working isolation mode" + hint + ": " + "; ".join(reasons))
+    raise SandboxError("sandbox: no working isolation mode" + hint + ": " + tried)
 
 
 def run_python(source: str, stdin: str = "", timeout_s: float = 6.0,

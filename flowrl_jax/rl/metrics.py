@@ -3,6 +3,7 @@ rewards, batch, train-step metrics and timings."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -11,13 +12,31 @@ from flowrl_jax.config import Config
 from flowrl_jax.rl.rollout_batch import RolloutBatch
 from flowrl_jax.rl.task import PromptBatch
 
-#: train-step metric → the name it is reported under
+#: every metrics.jsonl key but `step`: `group/name`, lower_snake, a data source or set name
+#: between them (`reward/gsm8k/accuracy`); old runs are read through run_files.METRIC_ALIASES
+KEY_STYLE = re.compile(r"[a-z][a-z0-9_]*(/[^/\s]+)*/[a-z][a-z0-9_]*")
+#: train-step metric (an algorithm's own name) → the name it is reported under
 RENAMED = {"kl_ref": "kl/ref", "kl_old": "kl/old", "step": "optimizer/step",
            "skipped": "optimizer/skipped_frac", "lr": "optimizer/lr",
-           "grad_norm": "optimizer/grad_norm", "entropy": "entropy/train"}
+           "grad_norm": "optimizer/grad_norm", "entropy": "entropy/train",
+           "loss": "loss/total", "pg_loss": "loss/policy", "vf_loss": "loss/value",
+           "kl_loss": "loss/kl", "kl_penalty": "kl/penalty",
+           "delta_mean": "flowrl/delta_mean", "delta_std": "flowrl/delta_std",
+           "log_z_mean": "flowrl/log_z_mean", "w_mean": "flowrl/w_mean",
+           "log_w_mean": "flowrl/log_w_mean", "clip_frac": "flowrl/clip_frac",
+           "rhat_mean": "flowrl/rhat_mean", "pg_clip_frac": "policy/clip_frac",
+           "pg_clip_frac_lower": "policy/clip_frac_lower", "ratio_mean": "policy/ratio_mean",
+           "adv_mean": "policy/adv_mean", "vf_clip_frac": "value/clip_frac",
+           "value_mean": "value/mean"}
 #: train-step metrics that are not reported (counts of one update; reported per step instead)
 DROPPED = {"response_length", "num_seqs", "num_tokens", "skipped_total", "tokens", "seqs",
            "input_tokens"}
+
+
+def _reported_name(key: str) -> str:
+    if key.startswith("grad_norm_"):  # per model role: grad_norm_policy, grad_norm_z, ...
+        return f"optimizer/{key}"
+    return RENAMED.get(key, key)
 
 
 def mean_over_updates(ms: list[dict]) -> dict[str, float]:
@@ -29,7 +48,7 @@ def mean_over_updates(ms: list[dict]) -> dict[str, float]:
             continue
         vals = [float(np.asarray(m[k])) for m in ms if k in m and np.asarray(m[k]).size == 1]
         if vals:
-            out[RENAMED.get(k, k)] = float(np.mean(vals))
+            out[_reported_name(k)] = float(np.mean(vals))
     return out
 
 
@@ -47,12 +66,12 @@ def step_metrics(cfg: Config, batch: PromptBatch, ro: Any, rewards: np.ndarray,
     m["reward/std"] = float(np.std(rewards))
     m["reward/max"] = float(np.max(rewards))
     m["reward/min"] = float(np.min(rewards))
-    m["accuracy"] = float(np.mean(rewards > 0))
+    m["reward/accuracy"] = float(np.mean(rewards > 0))
     sources = np.asarray([batch.data_source[int(p)] for p in ro.prompt_index])
     for s in sorted(set(sources.tolist())):
         sel = sources == s
         m[f"reward/{s}/mean"] = float(np.mean(rewards[sel]))
-        m[f"accuracy/{s}"] = float(np.mean(rewards[sel] > 0))
+        m[f"reward/{s}/accuracy"] = float(np.mean(rewards[sel] > 0))
     if data.rhat is not None:
         rh = np.asarray(data.rhat)
         m["rhat/mean"], m["rhat/std"] = float(np.mean(rh)), float(np.std(rh))
@@ -69,7 +88,7 @@ def step_metrics(cfg: Config, batch: PromptBatch, ro: Any, rewards: np.ndarray,
         np.asarray(ro.finish_reasons) == "length"))
     m["prompt_length/mean"] = float(np.mean([len(p) for p in batch.prompts]))
     mask = data.response_mask.astype(np.float32)
-    m["entropy"] = _masked_mean(data.entropy, mask)
+    m["entropy/rollout"] = _masked_mean(data.entropy, mask)
     # sampler vs trainer log-probs of the same tokens (same params: ~0 up to numerics)
     m["rollout/logp_abs_diff"] = _masked_mean(np.abs(data.sampler_logp - data.old_logp), mask)
     m.update(mean_over_updates(train_metrics))

@@ -1,5 +1,6 @@
 """Training metrics: `OUT/metrics.jsonl` (one JSON object per rollout step), TensorBoard
-(`OUT/tb/`, tensorboardX) and a live rich progress bar with a compact table.
+(`OUT/tb/`, tensorboardX), Weights & Biases (optional, rl/metrics_wandb.py) and a live rich
+progress bar with a compact table. `trainer.loggers` picks TensorBoard and W&B.
 
 Only process 0 writes. On resume, the JSONL file is rewritten from the metric history stored
 in the checkpoint and TensorBoard events after the restored step are purged, so a killed and
@@ -16,11 +17,14 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from flowrl_jax.paths import as_path, is_url
+from flowrl_jax.rl.metrics_wandb import WandbSink
+from flowrl_jax.run_files import canonical_metrics
 
 # What the live table shows (when present), in order: (metric key, column header).
 DISPLAY = (
-    ("reward/mean", "reward"), ("accuracy", "acc"), ("response_length/mean", "len"),
-    ("loss", "loss"), ("log_z_mean", "logZ"), ("kl/ref", "kl_ref"), ("optimizer/grad_norm", "gnorm"),
+    ("reward/mean", "reward"), ("reward/accuracy", "acc"), ("response_length/mean", "len"),
+    ("loss/total", "loss"), ("flowrl/log_z_mean", "logZ"), ("kl/ref", "kl_ref"),
+    ("optimizer/grad_norm", "gnorm"),
     ("time/step", "s/step"), ("throughput/tokens_per_s", "tok/s"),
 )
 
@@ -44,12 +48,16 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | os.PathLike, *, enabled: bool = True,
                  tensorboard: bool = True, console: bool = True, total_steps: int = 0,
-                 history: Optional[Iterable[dict]] = None, start_step: int = 0):
+                 history: Optional[Iterable[dict]] = None, start_step: int = 0,
+                 wandb_project: Optional[str] = None, run_config: Optional[dict] = None):
+        """`wandb_project` set: also log to Weights & Biases (`run_config` as the run's config)."""
         self.enabled = enabled
         self.remote = is_url(out_dir)  # object stores cannot append: rewritten each step
         self.path = as_path(out_dir) / "metrics.jsonl"
-        self.history: list[dict] = list(history or [])
+        # a run resumed from before the naming convention continues under today's names
+        self.history: list[dict] = [canonical_metrics(rec) for rec in history or []]
         self._tb = None
+        self._wandb: Optional[WandbSink] = None
         self._progress = None
         self._task = None
         self._rows = 0
@@ -67,6 +75,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(f"{out_dir}/tb", purge_step=start_step + 1)
             except Exception:  # noqa: BLE001 - TensorBoard is optional; JSONL is the record
                 self._tb = None
+        if wandb_project is not None:
+            self._wandb = WandbSink(as_path(out_dir), wandb_project, run_config, start_step)
         if console:
             self._start_console(total_steps, start_step)
 
@@ -111,6 +121,8 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(k, v, global_step=step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, rec)
         if self._progress is not None:
             info = "  ".join(f"{h} {rec[k]:.4g}" for k, h in DISPLAY[:4]
                              if isinstance(rec.get(k), float))
@@ -140,10 +152,13 @@ class MetricsLogger:
             print(msg, flush=True)
 
     def close(self) -> None:
-        """Flush and close TensorBoard and stop the live display."""
+        """Flush and close TensorBoard and W&B and stop the live display."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

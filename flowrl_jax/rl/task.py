@@ -27,7 +27,7 @@ from flowrl_jax.config import Config, ConfigError
 from flowrl_jax.data.pipeline import PromptEncoder, build_train_pipeline, load_train_records
 from flowrl_jax.data.registry import REGISTRY, load_eval_set
 from flowrl_jax.data.tokenizer import load_tokenizer
-from flowrl_jax.rewards import RewardPool, available_rewards
+from flowrl_jax.rewards import RewardPool, SandboxConfig, available_rewards, isolation_mode, runs_code
 
 
 @dataclass
@@ -128,12 +128,19 @@ class DataTask:
                                                      _tokenizer_dir(cfg.model.path))
         self._pool = None
         self._num_workers = num_reward_workers
+        self.sandbox = SandboxConfig(policy=cfg.rewards.sandbox.isolation)
+        self.sandbox_backend: Optional[str] = None  # set by check() when rewards run code
 
     @property
     def pool(self) -> Any:
         if self._pool is None:
-            self._pool = RewardPool(self._num_workers)
+            self._pool = RewardPool(self._num_workers, sandbox=self.sandbox)
         return self._pool
+
+    def run_info(self) -> dict[str, Any]:
+        """What the run's `run_info.json` records about this task (the sandbox backend)."""
+        return {"sandbox_backend": self.sandbox_backend,
+                "sandbox_isolation": self.cfg.rewards.sandbox.isolation}
 
     def check(self) -> None:
         """Fail early (before compute): the training records load, every reward data_source
@@ -143,15 +150,21 @@ class DataTask:
         for spec in data.custom:
             _check_source(spec.data_source, f"data.custom ({spec.name}).data_source", known)
         records, _ = load_train_records(data)
-        for source in sorted({r.data_source for r in records}):
+        sources = {r.data_source for r in records}
+        for source in sorted(sources):
             _check_source(source, "data.train", known)
         if self.cfg.trainer.validate_every:
-            customs = {s.name for s in data.custom}
+            customs = {s.name: s for s in data.custom}
             for name in self.cfg.eval.sets:
                 if name not in REGISTRY and name not in customs:
                     raise ConfigError(f"eval.sets: unknown data set {name!r} (registry: "
                                       f"{', '.join(REGISTRY)}; data.custom: "
                                       f"{', '.join(sorted(customs)) or 'none'})")
+                sources.add((REGISTRY.get(name) or customs[name]).data_source)
+        if any(runs_code(s) for s in sources):
+            # the backend is chosen (and logged) now; SandboxError here, before any compute,
+            # when rewards.sandbox.isolation is required and nothing isolates
+            self.sandbox_backend = isolation_mode(self.sandbox)[0]
 
     def prompt_source(self, cfg: Config, process_index: int, process_count: int) -> PromptSource:
         it = build_train_pipeline(cfg, self.tokenizer, 1, cfg.rollout.prompts_per_step,

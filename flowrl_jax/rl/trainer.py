@@ -15,7 +15,8 @@ from the config, else the data pipeline + reward registry. Each callback is call
 
 Outputs under OUT: `metrics.jsonl`, `tb/` (TensorBoard), `checkpoints/` (Orbax; see
 checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
-`config.yaml`, `hf/` (when `trainer.export_hf`). Running again with the same OUT resumes.
+`config.yaml`, `run_info.json` (e.g. the sandbox backend of code rewards), `hf/` (when
+`trainer.export_hf`). Running again with the same OUT resumes.
 
 Per step (`rollout_step`), with the file that does each part:
   1. this host's prompts (task prompt source: rl/task.py, data/pipeline.py);
@@ -38,6 +39,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -179,9 +181,14 @@ class Trainer:
         self.ckpt = RunCheckpoint(self.out, cfg)
         self.start_step, history = self._restore()
         self._write_run_files()
+        loggers = cfg.trainer.loggers
         self.logger = MetricsLogger(self.out, enabled=self.pi == 0, console=self.console,
                                     total_steps=cfg.trainer.steps, history=history,
-                                    start_step=self.start_step)
+                                    start_step=self.start_step,
+                                    tensorboard="tensorboard" in loggers,
+                                    wandb_project=(cfg.trainer.wandb_project
+                                                   if "wandb" in loggers else None),
+                                    run_config=config_to_dict(cfg))
         self._ready = True
 
     def _restore(self) -> tuple[int, list[dict]]:
@@ -202,6 +209,9 @@ class Trainer:
         (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg),
                                                              sort_keys=False))
         self.ckpt.write_model_json(self.arch)
+        run_info = getattr(self.task, "run_info", None)
+        if run_info is not None:  # e.g. which sandbox backend runs the code rewards
+            (self.out / "run_info.json").write_text(json.dumps(run_info(), indent=1) + "\n")
 
     def _info(self, msg: str) -> None:
         if jax.process_index() == 0:
