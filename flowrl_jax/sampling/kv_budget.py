@@ -1,0 +1,37 @@
+"""KV-cache memory arithmetic shared by the paged engine's pool sizing and `bench
+rollout-memory`: bytes per cached token, pages per sequence, pages a byte budget buys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from flowrl_jax.config import ModelArch
+from flowrl_jax.errors import ConfigError
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype: Any) -> int:
+    """Bytes one cached position takes over all layers: keys + values of the kv heads only
+    (grouped-query attention caches num_key_value_heads, not num_attention_heads)."""
+    return (arch.num_hidden_layers * 2 * arch.num_key_value_heads * arch.resolved_head_dim
+            * jnp.dtype(dtype).itemsize)
+
+
+def pages_for(n_positions: int, page_size: int) -> int:
+    """Pages holding `n_positions` positions: ceil(n_positions / page_size) (0 for none)."""
+    if page_size <= 0:
+        raise ConfigError(f"page_size={page_size}: must be > 0")
+    if n_positions < 0:
+        raise ConfigError(f"n_positions={n_positions}: must be >= 0")
+    return -(-int(n_positions) // int(page_size))
+
+
+def pool_pages(budget_bytes: int, arch: ModelArch, dtype: Any, page_size: int) -> int:
+    """Whole pages of `page_size` positions (all layers, keys + values) that fit in
+    `budget_bytes`."""
+    if page_size <= 0:
+        raise ConfigError(f"page_size={page_size}: must be > 0")
+    if budget_bytes < 0:
+        raise ConfigError(f"budget_bytes={budget_bytes}: must be >= 0")
+    return int(budget_bytes) // (int(page_size) * kv_bytes_per_token(arch, dtype))
