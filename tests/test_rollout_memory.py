@@ -36,9 +36,10 @@ def test_pages_for_and_pool_pages_by_hand():
     arch = preset_arch("qwen2.5-7b")
     assert pool_pages(GIB, arch, "bfloat16", 16) == 1170  # 2^30 // (16 × 57,344) = 1170.3
     assert pool_pages(16 * 57_344 - 1, arch, "bfloat16", 16) == 0
-    with pytest.raises(ConfigError, match="page_size"):
+    assert pool_pages(-1, arch, "bfloat16", 16) == 0 and pages_for(-3, 16) == 0
+    with pytest.raises(ValueError, match="page_size"):
         pages_for(5, 0)
-    with pytest.raises(ConfigError, match="page_size"):
+    with pytest.raises(ValueError, match="page_size"):
         pool_pages(GIB, arch, "bfloat16", 0)
 
 
@@ -136,28 +137,25 @@ def test_json_lengths_file(tmp_path, capsys):
     assert row["mean_response"] == pytest.approx(np.mean(([100, 2000, 8192] * 11)[:32]), abs=0.1)
 
 
-class _FakePaged:
-    """Stands in for the paged engine (plumbing only): the dense engine's tokens (at the dense
-    run's 2 slots: nothing new to compile), and the figures a paged engine sized as asked
-    would report."""
+class _Factory:
+    """Stands in for the paged engine's factory (plumbing only): records what it was asked
+    for and returns the dense engine at 2 slots (compiled already by the dense run)."""
 
-    def __init__(self, model, *, page_size, pool_pages, decode_slots, decode_chunk):
-        self.eng = SamplingEngine(model, decode_slots=2, decode_chunk=decode_chunk,
-                                  prefill_buckets=(16,), verbose=False)
-        self.kw = dict(page_size=page_size, pool_pages=pool_pages, slots=decode_slots)
+    def __init__(self):
+        self.asked = {}
 
-    def generate(self, params, prompts, sampling):
-        return self.eng.generate(params, prompts, sampling)
-
-    def memory_stats(self):
-        return {"pool_bytes": self.kw["pool_pages"], "peak_running": self.kw["slots"]}
+    def __call__(self, model, **kw):
+        self.asked = kw
+        return SamplingEngine(model, decode_slots=2, decode_chunk=kw["decode_chunk"],
+                              prefill_buckets=kw["prefill_buckets"], verbose=False)
 
 
 def test_measured_pair_agrees_with_computed():
     small = dict(prompts=4, group=2, prompt_len=16, max_new=32, page_size=8, chunk=8,
                  dense_slots=2.5, buckets=(16,))
+    factory = _Factory()
     computed, measured = rollout_memory.measured_pair(tiny_arch(4096), "tiny", small,
-                                                      paged_factory=_FakePaged)
+                                                      paged_factory=factory)
     assert (computed["measured"], measured["measured"]) == (False, True)
     assert computed["dense_concurrent"] == 2
     for key in ("dense_concurrent", "dense_bytes_per_sample"):
@@ -165,6 +163,9 @@ def test_measured_pair_agrees_with_computed():
     assert measured["dense_cache_bytes"] <= computed["kv_budget_gib"] * GIB
     assert measured["dense_cache_bytes"] == 2 * computed["dense_bytes_per_sample"]
     assert computed["mean_response"] < 32  # the forced stops made lengths below the cap
-    # the paged figures come from the factory's engine, sized by the computed row
-    assert measured["paged_concurrent"] == computed["paged_concurrent"]
-    assert measured["paged_pool_bytes"] == computed["paged_pool_pages"]
+    # the paged engine is asked for the computed pool and slots; its figures are measured
+    assert factory.asked["pool_pages"] == computed["paged_pool_pages"]
+    assert factory.asked["decode_slots"] == computed["paged_concurrent"]
+    assert factory.asked["page_size"] == 8 and factory.asked["decode_chunk"] == 8
+    assert measured["paged_concurrent"] == 2  # the stand-in's slots
+    assert measured["paged_pool_bytes"] == measured["dense_cache_bytes"]

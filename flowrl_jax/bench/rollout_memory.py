@@ -196,7 +196,9 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
     free = SamplingParams(temperature=1.0, max_new_tokens=s["max_new"], n=s["group"],
                           seed=seed, ignore_eos=True,
                           stop_token_ids=forced_stops.padded((), n, arch.vocab_size))
-    streams = memory_probe.measure_dense(model, prompts, free, slots, s["chunk"], s["buckets"]).tokens
+    eng = memory_probe.dense_engine(model, slots=slots, decode_chunk=s["chunk"],
+                                    prefill_buckets=s["buckets"])
+    streams = memory_probe.measure(eng, model, prompts, free).tokens
     targets = draw_lengths(n, 1500 * s["max_new"] / 8192, 1.0, s["max_new"], seed)
     stops, lens = forced_stops.forced_stops(streams, targets)
     sampling = dataclasses.replace(free, stop_token_ids=forced_stops.padded(stops, n, arch.vocab_size))
@@ -204,9 +206,8 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
                             s["prompt_len"], lens.reshape(s["prompts"], s["group"]), s["max_new"],
                             s["buckets"], f"forced stops at log-normal draws (seed {seed})")
     row["case"] = "cpu-small"
-    dense = memory_probe.measure_dense(model, prompts, sampling, row["dense_concurrent"],
-                                       s["chunk"], s["buckets"])
-    if not np.array_equal(np.asarray(dense.lengths), lens):
+    dense = memory_probe.measure(eng, model, prompts, sampling)
+    if not np.array_equal(dense.lengths, lens):
         raise RuntimeError("the forced stops did not give the predicted lengths")
     meas = {**row, "measured": True, "dense_concurrent": dense.peak_running,
             "dense_bytes_per_sample": dense.cache_bytes // max(dense.slots, 1),
@@ -216,8 +217,10 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
             "prompt_sharing_saved_gib": None}
     factory = paged_factory or memory_probe.PAGED_FACTORY
     if factory is not None:
-        paged = memory_probe.measure_paged(factory, model, prompts, sampling, s["page_size"],
-                                           row["paged_pool_pages"], sim.slots, s["chunk"])
+        paged_eng = factory(model, page_size=s["page_size"], pool_pages=row["paged_pool_pages"],
+                            decode_slots=sim.slots, decode_chunk=s["chunk"],
+                            prefill_buckets=s["buckets"])
+        paged = memory_probe.measure(paged_eng, model, prompts, sampling)
         meas.update(paged_concurrent=paged.peak_running, ours=paged.peak_running,
                     paged_pool_bytes=paged.cache_bytes,
                     ratio=round(paged.peak_running / max(dense.peak_running, 1), 2))

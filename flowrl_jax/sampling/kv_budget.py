@@ -1,5 +1,6 @@
 """KV-cache memory arithmetic shared by the paged engine's pool sizing and `bench
-rollout-memory`: bytes per cached token, pages per sequence, pages a byte budget buys."""
+rollout-memory`: bytes per cached token, pages per sequence, pages a byte budget buys (no
+device work: usable for estimates at any shape)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.errors import ConfigError
 
 
 def kv_bytes_per_token(arch: ModelArch, dtype: Any) -> int:
@@ -21,17 +21,12 @@ def kv_bytes_per_token(arch: ModelArch, dtype: Any) -> int:
 def pages_for(n_positions: int, page_size: int) -> int:
     """Pages holding `n_positions` positions: ceil(n_positions / page_size) (0 for none)."""
     if page_size <= 0:
-        raise ConfigError(f"page_size={page_size}: must be > 0")
-    if n_positions < 0:
-        raise ConfigError(f"n_positions={n_positions}: must be >= 0")
-    return -(-int(n_positions) // int(page_size))
+        raise ValueError(f"page_size must be > 0, got {page_size}")
+    return -(-max(0, int(n_positions)) // int(page_size))
 
 
 def pool_pages(budget_bytes: int, arch: ModelArch, dtype: Any, page_size: int) -> int:
-    """Whole pages of `page_size` positions (all layers, keys + values) that fit in
-    `budget_bytes`."""
+    """Whole pages of `page_size` positions (all layers, keys + values) in `budget_bytes`."""
     if page_size <= 0:
-        raise ConfigError(f"page_size={page_size}: must be > 0")
-    if budget_bytes < 0:
-        raise ConfigError(f"budget_bytes={budget_bytes}: must be >= 0")
-    return int(budget_bytes) // (int(page_size) * kv_bytes_per_token(arch, dtype))
+        raise ValueError(f"page_size must be > 0, got {page_size}")
+    return max(0, int(budget_bytes)) // (int(page_size) * kv_bytes_per_token(arch, dtype))
