@@ -1,9 +1,10 @@
 """KV-cache memory an engine actually allocates, and the most samples it runs at once, measured
 by running it (`bench rollout-memory`'s measured row).
 
-`measure` wraps an engine's `init_state` and `_admit_batch` on the instance: the first records
-the bytes of the state's cache arrays (`cache`: the dense per-slot cache; `pool`: a paged
-engine's page pool), the second the active slots after each admission. Any engine with those
+`measure` wraps an engine's `init_state` and `_admit_batch` on the instance: both record the
+bytes of the state's cache arrays (`cache`: the dense per-slot cache; `pool`: a paged
+engine's page pool, whose state may come from its kernels' own initialiser), the second also
+the active slots after each admission. Any engine with those
 two methods can be measured: the dense engine now, the paged one through `PAGED_FACTORY`.
 """
 
@@ -44,6 +45,7 @@ def measure(engine: Any, model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int
     states alive at once: decode groups each hold one) and its peak active slots."""
     cache_bytes: list[int] = []
     state_slots: list[int] = []
+    admitted_bytes = [0]
     peak = [0]
     init_state, admit = engine.init_state, engine._admit_batch
 
@@ -56,6 +58,7 @@ def measure(engine: Any, model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int
     def recording_admit(*a: Any, **kw: Any):
         st = admit(*a, **kw)
         peak[0] = max(peak[0], int(np.asarray(st.active).sum()))
+        admitted_bytes[0] = max(admitted_bytes[0], _cache_bytes(st))
         return st
 
     engine.init_state, engine._admit_batch = recording_init, recording_admit
@@ -63,7 +66,10 @@ def measure(engine: Any, model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int
         out = engine.generate(nnx.state(model), prompts, sampling)
     finally:
         del engine.init_state, engine._admit_batch  # the class's methods again
-    return Measured(sum(cache_bytes), sum(state_slots), peak[0], np.asarray(out.tokens),
+    # states made by `init_state` (summed: decode groups hold one each at once), else the
+    # largest state seen at an admission
+    nbytes = sum(cache_bytes) if cache_bytes else admitted_bytes[0]
+    return Measured(nbytes, sum(state_slots), peak[0], np.asarray(out.tokens),
                     np.asarray(out.lengths))
 
 

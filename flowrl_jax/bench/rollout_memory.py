@@ -10,10 +10,11 @@ from kv_budget.py. The budget defaults to what an 80 GiB device holds beside the
 (90 % of the rest). `ours` = paged_concurrent, `reference` = dense_concurrent.
 
 The measured pair (`case` cpu-small; `--no-measure` skips it): the 0.5B shape cut to 2 layers,
-8 prompts of 64 tokens × G = 4, 64 new tokens, float32, a budget of 8.5 dense slots. It
-is computed like the recipe rows, then the engines run it on this machine: the dense engine's
-cache arrays and peak active slots (memory_probe.py); the paged engine's once
-`memory_probe.PAGED_FACTORY` names it (null figures until then).
+8 prompts of 64 tokens × G = 4, 64 new tokens, float32, a budget of 8.5 dense slots. It is
+computed like the recipe rows, then run on this machine (memory_probe.py): the dense engine's
+cache arrays and peak active slots; the paged engine's pool arrays and peak active slots, run
+with the computed pool and slot count, once `memory_probe.PAGED_FACTORY` names it (null
+figures until then).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def computed_row(shape: str, arch: ModelArch, dtype: Any, budget: int, page_size
            "mean_response": round(float(lens.mean()), 1), "page_size": page_size, "chunk": chunk,
            "kv_bytes_per_token": per_token, "dense_positions_per_sample": slot_positions,
            "dense_bytes_per_sample": slot_bytes, "dense_concurrent": int(dense),
-           "paged_pool_pages": pages,
+           "paged_pool_pages": pages, "paged_pool_bytes": pages * page_bytes,
            "paged_bytes_per_sample": int(sim.steady_pages_mean * page_bytes / sim.steady_running_mean),
            "paged_concurrent": int(paged),
            "paged_limited_by": "memory" if paged < lens.size else "batch",
