@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-budget-gib", type=float, default=None,
                         help="KV-cache budget for every shape (default: 90%% of what an 80 GiB "
                              "device leaves beside the shape's bf16 weights)")
-    parser.add_argument("--page-size", type=int, default=16, help="positions per page")
+    parser.add_argument("--page-size", type=int, default=64,
+                        help="positions per page (the paged engine's rollout.page_size default)")
     parser.add_argument("--lengths", default=None, metavar="FILE",
                         help="response lengths, one int per line or a JSON list (instead of "
                              "the log-normal draw); taken in order, repeated to fill the batch")
