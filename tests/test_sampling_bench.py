@@ -81,3 +81,17 @@ def test_best_time_runs_at_least_repeats_and_until_min_seconds():
     took.clear()
     best_time(run, repeats=1, min_seconds=10.0, max_runs=5)
     assert len(took) == 5
+
+
+def test_long_rows_stop_at_mixed_lengths_and_leave_standard_rows_alone():
+    args = argparse.Namespace(shapes="tiny", batches="2", new_tokens=4, prompt_len=8,
+                              no_reference=True, rows="long", long_shape="tiny",
+                              long_prompt_len=8, long_new_tokens=48, long_batch=6)
+    rows = bench.run(args)
+    assert len(rows) == 1  # no standard rows
+    r = rows[0]
+    assert (r["rows"], r["shape"], r["batch"], r["new_tokens"]) == ("long", "tiny", 6, 48)
+    assert r["ours"] > 0 and r["reference"] is None
+    # the forced stops end samples at different steps (the run asserts the exact lengths)
+    assert 1 <= r["length_min"] < r["length_max"] <= 48
+    assert r["generated_tokens"] < 6 * 48

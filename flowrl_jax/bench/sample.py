@@ -5,6 +5,12 @@ of at least `--repeats` timed runs after a warm-up, timing on for `--min-seconds
 on a shared machine are noisy); HF is timed with torch's default thread count and with 1
 thread, and the faster one is reported.
 
+`--rows long` (or `all`) adds the long-generation row set: the 0.5B shape, prompt 512, 1,024
+new tokens, batch 32, samples stopping at different steps (stop tokens forced at lengths
+drawn uniformly in [new/8, new], bench/forced_stops.py; an untimed run first finds them), the
+engine's default decode chunk. Tokens/s counts the tokens generated; there is no HF side (its
+samples would differ, hence its lengths). On CPU one long row takes several minutes.
+
 Also reported: on CPU, the fraction of the measured matmul peak (big jnp matmul, same run)
 that decoding reaches (2 × matmul params per token); on GPU/TPU, the fraction of the HBM
 bandwidth roofline (params + KV cache bytes read per decode step ÷ step time ÷ peak).
@@ -13,6 +19,7 @@ bandwidth roofline (params + KV cache bytes read per decode step ÷ step time ÷
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -20,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from flowrl_jax.bench import add_dtype_argument, best_time, resolve_dtype
+from flowrl_jax.bench import add_dtype_argument, best_time, forced_stops, resolve_dtype
+from flowrl_jax.config import RolloutConfig
 from flowrl_jax.hardware import measured_matmul_flops, peak_hbm_bandwidth
 
 #: the default shapes (any preset of configs/models can be named)
@@ -39,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0,
                         help="each side keeps timing a case until this much time has passed "
                              "(at most 200 runs): short cases get more than --repeats samples")
+    parser.add_argument("--rows", choices=("standard", "long", "all"), default="standard",
+                        help="standard: --shapes × --batches; long: the long-generation rows "
+                             "(mixed stop lengths); all: both")
+    parser.add_argument("--long-shape", default="qwen2.5-0.5b", help="shape of the long rows")
+    parser.add_argument("--long-prompt-len", type=int, default=512, help="prompt tokens of the long rows")
+    parser.add_argument("--long-new-tokens", type=int, default=1024, help="token cap of the long rows")
+    parser.add_argument("--long-batch", type=int, default=32, help="samples of the long rows")
 
 
 def _arch(shape: str):
@@ -126,6 +141,43 @@ def _reference(hf, arch, batch: int, prompt_len: int, new: int, repeats: int = 1
     return batch * new / dt
 
 
+def _long(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
+          progress=None, min_seconds: float = 0.0) -> dict[str, Any]:
+    """Tokens/s of a warm engine whose `batch` samples stop at different steps (forced stops
+    at lengths drawn uniformly in [new/8, new]); the row's figures besides the shape."""
+    from flax import nnx
+
+    from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+
+    chunk = RolloutConfig().decode_chunk
+    eng = SamplingEngine(model, decode_slots=batch, decode_chunk=chunk,
+                         prefill_buckets=(prompt_len,), prefill_batch=batch, verbose=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, arch.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    # stop arrays of one width for the probe and the timed runs: one compiled decode
+    free = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True,
+                          stop_token_ids=forced_stops.padded((), batch, arch.vocab_size))
+    params = nnx.state(model)
+    t = time.perf_counter()
+    streams = eng.generate(params, prompts, free).tokens  # compiles; the full streams
+    first = time.perf_counter() - t
+    if progress is not None:
+        progress(f"long batch {batch}: compiled and ran once in {first:.1f}s")
+    targets = rng.integers(max(1, new // 8), new + 1, batch)
+    stops, lens = forced_stops.forced_stops(streams, targets)
+    sp = dataclasses.replace(free, stop_token_ids=forced_stops.padded(stops, batch, arch.vocab_size))
+
+    def run():
+        out = eng.generate(params, prompts, sp)
+        assert np.array_equal(out.lengths, lens), "forced stops gave other lengths"
+
+    dt = best_time(run, repeats, min_seconds)
+    return {"ours": round(float(lens.sum()) / dt, 1), "ours_compile_s": round(first, 2),
+            "generated_tokens": int(lens.sum()), "length_min": int(lens.min()),
+            "length_median": int(np.median(lens)), "length_max": int(lens.max()),
+            "decode_chunk": chunk}
+
+
 def _progress(t0: float, what: str) -> None:
     """Where a long case spends its time (stderr; the JSON rows stay on stdout)."""
     print(f"[bench sample {time.perf_counter() - t0:7.1f}s] {what}", file=sys.stderr, flush=True)
@@ -139,8 +191,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     from flowrl_jax.models.decode import cache_bytes
     from flowrl_jax.testing import tiny_model, to_hf
 
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    which = getattr(args, "rows", "standard")
+    shapes = ([s.strip() for s in args.shapes.split(",") if s.strip()]
+              if which in ("standard", "all") else [])
     archs = {s: _arch(s) for s in shapes}  # unknown names fail here, before any compute
+    long_arch = _arch(args.long_shape) if which in ("long", "all") else None
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
@@ -196,4 +251,17 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "shape", "batch", "ours", "reference", "ratio", "frac_hbm_roofline") if k in row))
         del model, hf
         gc.collect()
+    if long_arch is not None:
+        model = tiny_model(long_arch, seed=0, scale=1.0 if args.long_shape != "tiny" else 10.0,
+                           num=num)
+        b, plen, new = args.long_batch, args.long_prompt_len, args.long_new_tokens
+        figures = _long(model, long_arch, b, plen, new, getattr(args, "repeats", 1),
+                        lambda what: _progress(t0, f"{args.long_shape} {what}"),
+                        getattr(args, "min_seconds", 0.0))
+        row = {"shape": args.long_shape, "rows": "long", "batch": b, "prompt_len": plen,
+               "new_tokens": new, "unit": "tokens/s", **figures, "reference": None,
+               "ratio": None, "dtype": dtype, "device": dev.device_kind}
+        rows.append(row)
+        _progress(t0, f"long row: {row['ours']} tokens/s, lengths {row['length_min']}.."
+                      f"{row['length_max']}")
     return rows

@@ -8,11 +8,12 @@ import platform
 import sys
 from types import ModuleType
 
-from flowrl_jax.bench import attention, convert, rewards, rollout, sample, train
+from flowrl_jax.bench import attention, convert, rewards, rollout, rollout_memory, sample, train
 
 # name → module exposing `add_arguments(parser)` (optional) and `run(args) -> list[dict]`
 MODULES: dict[str, ModuleType] = {"convert": convert, "train": train, "sample": sample,
-                                  "rollout": rollout, "rewards": rewards, "attention": attention}
+                                  "rollout": rollout, "rewards": rewards, "attention": attention,
+                                  "rollout-memory": rollout_memory}
 BENCHES = tuple(MODULES)
 
 
