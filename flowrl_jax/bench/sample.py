@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0,
                         help="each side keeps timing a case until this much time has passed "
                              "(at most 200 runs): short cases get more than --repeats samples")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="sample from a model with its decoder layers scanned "
+                             "(model.scan_layers=true) instead of unrolled")
 
 
 def _arch(shape: str):
@@ -145,7 +148,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), dev.platform)
-    num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
+    scan_layers = bool(getattr(args, "scan_layers", False))
+    num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype),
+                   scan_layers=scan_layers)
     peak = measured_matmul_flops() if on_cpu else None
     bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)
     rows: list[dict] = []
@@ -179,7 +184,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "ratio": None if ref is None else round(ours / ref, 2),
                                    "reference_threads": ref_threads, "dtype": dtype,
                                    "ours_compile_s": round(first_s, 2),
-                                   "ours_decode_groups": groups,
+                                   "ours_decode_groups": groups, "scan_layers": scan_layers,
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
