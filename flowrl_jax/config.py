@@ -151,11 +151,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 #: attention kernels of the no-cache (train / scoring) passes (models/attention.py,
-#: `no_cache_kernel`): "auto" = the "cudnn" path on NVIDIA GPUs in 16-bit, else our blocked
-#: flash attention; "cudnn" = the fused kernel on rows that are one contiguous run of real
-#: tokens (cuDNN in 16-bit on GPU, XLA otherwise); "plain" = our flash attention (the full
-#: softmax for sequences of ≤ 64 tokens); "xla" = XLA's full masked softmax
-ATTENTION = ("auto", "xla", "plain", "cudnn")
+#: `no_cache_kernel`): "auto" = "splash" on TPU, the "cudnn" path on NVIDIA GPUs in 16-bit,
+#: else our blocked flash attention; "cudnn" = the fused kernel on rows that are one
+#: contiguous run of real tokens (cuDNN in 16-bit on GPU, XLA otherwise); "plain" = our flash
+#: attention (the full softmax for sequences of ≤ 64 tokens); "xla" = XLA's full masked
+#: softmax; "splash" = JAX's
+#: Pallas splash-attention kernel (what "auto" picks on TPU; elsewhere Pallas' interpret
+#: mode: exact but slow, for tests)
+ATTENTION = ("auto", "xla", "plain", "cudnn", "splash")
 #: `model.remat`: what the backward pass recomputes of each decoder layer. "none" keeps every
 #: activation, "full" recomputes them all (jax.checkpoint saving nothing), the others are
 #: jax.checkpoint_policies that keep the matmul outputs; true/false mean full/none
@@ -182,12 +185,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: Union[bool, str] = "none"  # REMAT policy of each decoder layer (true = full)
-    attention: Literal["auto", "xla", "plain", "cudnn"] = "auto"
+    attention: Literal["auto", "xla", "plain", "cudnn", "splash"] = "auto"
     seed: int = 0  # random-init seed
     # decoder parameters stacked along a `layers` axis and run by one lax.scan: the compiled
-    # programs hold one layer whatever the depth (compile time flat in depth). Off by default
-    # until the sampler's decode of the stacked form is measured on GPU/TPU (it slices each
-    # layer's weights inside the step loop there; XLA:CPU copied such slices every step)
+    # programs hold one layer whatever the depth (compile time flat in depth). Off by default:
+    # without remat the scanned train step is slower on CPU at small widths (tiny model 6-29 %
+    # per step, same-run A/B; likely the scan writing each layer's saved activations into stacked
+    # buffers and slicing them back); with remat it is within noise, and the sampler's decode
+    # is not slower (CPU A/B; no per-step weight copy in the TPU-compiled decode chunk)
     scan_layers: bool = False
 
     def __post_init__(self):

@@ -50,6 +50,8 @@ _ACTIVATION_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVa
     "flowrl_activation_mesh", default=None)
 _PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "flowrl_compute_platform", default=None)
+_KERNEL_MESH: contextvars.ContextVar[Optional[Mesh]] = contextvars.ContextVar(
+    "flowrl_kernel_mesh", default=None)
 
 
 def rules_for(mesh: Mesh | None) -> dict[str, Any]:
@@ -204,9 +206,11 @@ def compute_platform(mesh: Mesh | None) -> Iterator[None]:
         yield
         return
     token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    mesh_token = _KERNEL_MESH.set(mesh)
     try:
         yield
     finally:
+        _KERNEL_MESH.reset(mesh_token)
         _PLATFORM.reset(token)
 
 
@@ -214,6 +218,12 @@ def current_platform() -> str:
     """The platform the program being traced will run on: the mesh's inside
     `compute_platform` / `activation_sharding`, else JAX's default backend."""
     return _PLATFORM.get() or jax.default_backend()
+
+
+def current_mesh() -> Optional[Mesh]:
+    """The mesh of the program being traced (set by `compute_platform` /
+    `activation_sharding`), else None: per-device kernels (splash attention) map over it."""
+    return _KERNEL_MESH.get()
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:

@@ -39,6 +39,10 @@ def tiny_config(*extra):
 @pytest.fixture(autouse=True)
 def _quiet_libtpu():
     cpu_runtime.quiet_tpu_compiler_environment()
+    # the TPU programs use splash attention, whose 16-bit kernels need the default matmul
+    # precision, not the "highest" the test session sets for CPU parity (conftest)
+    with jax.default_matmul_precision("default"):
+        yield
 
 
 def test_slices_and_bad_input():

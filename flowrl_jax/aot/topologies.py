@@ -40,8 +40,9 @@ class Slice:
 V5E = int(15.75 * GiB)
 V5P = int(95.74 * GiB)
 _ONE_HOST_8 = (2, 4, 1)
+_ONE_CHIP = (1, 1, 1)  # libtpu's default 2×2 host does not divide a 1×1 slice
 SLICES: dict[str, Slice] = {s.name: s for s in (
-    Slice("v5e-1", "v5e:1x1", V5E),
+    Slice("v5e-1", "v5e:1x1", V5E, _ONE_CHIP),
     Slice("v5e-4", "v5e:2x2", V5E),
     Slice("v5e-8", "v5e:2x4", V5E, _ONE_HOST_8),
     Slice("v5e-16", "v5e:4x4", V5E),
@@ -56,7 +57,7 @@ SLICES: dict[str, Slice] = {s.name: s for s in (
     Slice("v5p-128", "v5p:4x4x4", V5P),
     Slice("v5p-256", "v5p:4x4x8", V5P),
     Slice("v5p-512", "v5p:4x8x8", V5P),
-    Slice("v6e-1", "v6e:1x1", 32 * GiB),
+    Slice("v6e-1", "v6e:1x1", 32 * GiB, _ONE_CHIP),
     Slice("v6e-4", "v6e:2x2", 32 * GiB),
     Slice("v6e-8", "v6e:2x4", 32 * GiB, _ONE_HOST_8),
     Slice("v6e-16", "v6e:4x4", 32 * GiB),

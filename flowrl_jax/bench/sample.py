@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt-len", type=int, default=512, help="prompt tokens of the long rows")
     parser.add_argument("--long-new-tokens", type=int, default=1024, help="token cap of the long rows")
     parser.add_argument("--long-batch", type=int, default=32, help="samples of the long rows")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="sample from a model with its decoder layers scanned "
+                             "(model.scan_layers=true) instead of unrolled")
 
 
 def _arch(shape: str):
@@ -200,7 +203,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), dev.platform)
-    num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
+    scan_layers = bool(getattr(args, "scan_layers", False))
+    num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype),
+                   scan_layers=scan_layers)
     peak = measured_matmul_flops() if on_cpu else None
     bw = None if on_cpu else peak_hbm_bandwidth(dev.device_kind)
     rows: list[dict] = []
@@ -234,7 +239,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                    "ratio": None if ref is None else round(ours / ref, 2),
                                    "reference_threads": ref_threads, "dtype": dtype,
                                    "ours_compile_s": round(first_s, 2),
-                                   "ours_decode_groups": groups,
+                                   "ours_decode_groups": groups, "scan_layers": scan_layers,
                                    "device": dev.device_kind}
             if on_cpu:
                 row["matmul_peak_gflops"] = round(peak / 1e9, 1)
@@ -260,7 +265,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                         getattr(args, "min_seconds", 0.0))
         row = {"shape": args.long_shape, "rows": "long", "batch": b, "prompt_len": plen,
                "new_tokens": new, "unit": "tokens/s", **figures, "reference": None,
-               "ratio": None, "dtype": dtype, "device": dev.device_kind}
+               "ratio": None, "dtype": dtype, "scan_layers": scan_layers,
+               "device": dev.device_kind}
         rows.append(row)
         _progress(t0, f"long row: {row['ours']} tokens/s, lengths {row['length_min']}.."
                       f"{row['length_max']}")

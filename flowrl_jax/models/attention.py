@@ -180,15 +180,21 @@ def _half(dtype) -> bool:
 def no_cache_kernel(impl: str, dtype) -> str:
     """The attention of a no-cache (train / scoring) pass for `model.attention = impl` and
     compute `dtype`: "fused" (`contiguous_causal_attention`), "flash" (`flash_attention`,
-    exact for any mask, memory O(T)) or "softmax" (the full masked [T, T] softmax).
+    exact for any mask, memory O(T)), "splash" (JAX's Pallas TPU kernel, models/splash.py)
+    or "softmax" (the full masked [T, T] softmax).
 
-    "auto": fused on NVIDIA GPUs in 16-bit (cuDNN; 4.9× XLA's softmax at the Qwen2.5-1.5B
+    "auto": splash when the program runs on TPU (the mesh's platform), fused on NVIDIA GPUs
+    in 16-bit (cuDNN; 4.9× XLA's softmax at the Qwen2.5-1.5B
     train shape on an H200, same error; BUILD_NOTES.md), else flash: on CPU it is the fastest
     (2.96× XLA at T 1024), and elsewhere a materialised [T, T] softmax does not fit at long
     context (12 heads × 8k² float32 = 3 GiB per layer and sequence)."""
     if impl == "cudnn":
         return "fused"
+    if impl == "splash":
+        return "splash"
     if impl == "auto":
+        if current_platform() == "tpu":
+            return "splash"
         return "fused" if _on_nvidia_gpu() and _half(dtype) else "flash"
     return "flash" if impl == "plain" else "softmax"
 

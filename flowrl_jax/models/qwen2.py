@@ -22,6 +22,7 @@ from flowrl_jax.config import ModelArch, ModelConfig, remat_policy_name
 from flowrl_jax.mesh import constrain
 from flowrl_jax.models.attention import (FLASH_BLOCK, contiguous_causal_attention, flash_attention,
                                          no_cache_kernel)
+from flowrl_jax.models.splash import splash_attention
 
 Array = jax.Array
 
@@ -48,7 +49,7 @@ class Numerics:
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     remat: Any = "none"
-    attention: str = "auto"  # auto | xla | plain | cudnn
+    attention: str = "auto"  # auto | xla | plain | cudnn | splash
     scan_layers: bool = False  # see config.ModelConfig.scan_layers
 
     def __post_init__(self):
@@ -212,6 +213,8 @@ class Attention(nnx.Module):
         kernel = no_cache_kernel(self.impl, q.dtype)
         if kernel == "fused":  # rows are one run each (checked where batches are placed)
             out = contiguous_causal_attention(q, k, v, k_valid)
+        elif kernel == "splash":  # JAX's TPU kernel, per device under the mesh
+            out = splash_attention(q, k, v, k_valid)
         elif kernel == "flash" and t > FLASH_BLOCK:  # blocked, recomputing backward
             out = flash_attention(q, k, v, k_valid)
         else:
