@@ -461,6 +461,10 @@ class TrainerConfig:
     ref_offload: bool = False  # keep reference params on host memory
     logprob_chunk: int = 1024  # sequence chunk for the chunked log-prob computation
     device_memory_gb: Optional[float] = None  # per-device budget for the memory check; None → detect
+    # "grain": the Grain rollout pipeline (rl/rollout_pipeline.py); "numpy": the pre-pipeline
+    # path (a thread scores, NumPy cuts mini-batches), kept to check the two stay bit-identical
+    rollout_pipeline: Literal["grain", "numpy"] = "grain"
+    reward_threads: int = 8  # samples scored at once by the pipeline's reward stage
 
     def validate(self, key: str = "trainer") -> None:
         _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
@@ -478,6 +482,9 @@ class TrainerConfig:
         _check(self.logprob_chunk > 0, f"{key}.logprob_chunk", "must be > 0")
         _check(self.device_memory_gb is None or self.device_memory_gb > 0,
                f"{key}.device_memory_gb", "must be > 0")
+        _check(self.rollout_pipeline in ("grain", "numpy"), f"{key}.rollout_pipeline",
+               f"must be 'grain' or 'numpy', got {self.rollout_pipeline!r}")
+        _check(self.reward_threads > 0, f"{key}.reward_threads", "must be > 0")
 
 
 # --------------------------------------------------------------------------- eval

@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -67,6 +67,7 @@ from flowrl_jax.rl.metrics import step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
 from flowrl_jax.rl.rollout_batch import minibatches
+from flowrl_jax.rl.rollout_pipeline import RolloutPipeline
 from flowrl_jax.rl.step_fns import StepFns
 from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
 from flowrl_jax.rl.train_state import FrozenReference, create_train_state, with_rollout_step
@@ -176,6 +177,8 @@ class Trainer:
         self.step_fns = StepFns(cfg, self.algo, self.state, self.mesh)
         self.pi, self.pc = jax.process_index(), jax.process_count()
         self.source = self.task.prompt_source(cfg, self.pi, self.pc)
+        self.pipeline = (RolloutPipeline(cfg, self.task, cfg.trainer.reward_threads)
+                         if cfg.trainer.rollout_pipeline == "grain" else None)
         self.ckpt = RunCheckpoint(self.out, cfg)
         self.start_step, history = self._restore()
         self._write_run_files()
@@ -192,6 +195,9 @@ class Trainer:
         self.state = with_rollout_step(got.state, got.step)  # rollout steps done = saved step
         if got.data_state is not None:
             self.source.set_state(got.data_state)
+        if self.pipeline is not None:
+            # checkpoints written before the pipeline existed: it was between steps
+            self.pipeline.set_state(got.rollout_state or {"steps": got.step, "minibatches": 0})
         self._info(f"resumed from {self.ckpt.dir} step {got.step}")
         return got.step, got.history
 
@@ -209,7 +215,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after rollout step `step` (async)."""
-        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history)
+        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history,
+                       self.pipeline.get_state() if self.pipeline is not None else None)
 
     # ================================================================== one rollout step
 
@@ -239,6 +246,25 @@ class Trainer:
                              f"({len(responses)},)")
         return rewards, time.perf_counter() - t0
 
+    def _score_local(self, batch: PromptBatch, ro: Any, step: int) -> tuple[np.ndarray, float]:
+        """This host's rewards and scoring seconds: through the rollout pipeline's reward and
+        regroup stages (samples of step `step` carry policy version `step`), or `score`."""
+        if self.pipeline is None:
+            return self.score(batch, ro)
+        scored = self.pipeline.score(batch, ro, policy_version=step)
+        return scored.rewards, scored.seconds
+
+    def _minibatches(self, data: Any, step: int, max_response: int) -> Iterator[Any]:
+        """The step's mini-batches: `trainer.epochs` seeded shuffles of the batch, cut."""
+        if self.pipeline is not None:
+            yield from self.pipeline.minibatches(data, step, max_response)
+            return
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step, 2])
+        for _ in range(cfg.trainer.epochs):
+            yield from minibatches(data, cfg.trainer.mini_batch_size, rng,
+                                   cfg.data.length_buckets, max_response)
+
     def rollout_step(self, step: int) -> dict:
         """Run rollout step `step` (0-based) and return its metrics."""
         cfg = self.cfg
@@ -251,7 +277,7 @@ class Trainer:
 
         # Rewards are scored (reward workers) while the device computes old/ref log-probs.
         with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
-            fut = pool.submit(self.score, local_batch, local_ro)
+            fut = pool.submit(self._score_local, local_batch, local_ro, step)
             t0 = time.perf_counter()
             ref = self.ref.on_device() if self.ref is not None else None
             data = self.step_fns.logprobs(self.state, ref, data)
@@ -264,12 +290,9 @@ class Trainer:
 
         t0 = time.perf_counter()
         train_metrics = []
-        rng = np.random.default_rng([cfg.seed, step, 2])
-        for _ in range(cfg.trainer.epochs):
-            for mb in minibatches(data, cfg.trainer.mini_batch_size, rng,
-                                  cfg.data.length_buckets, response_bucket(cfg, ro)):
-                self.state, m = self.step_fns.update(self.state, mb)
-                train_metrics.append(m)
+        for mb in self._minibatches(data, step, response_bucket(cfg, ro)):
+            self.state, m = self.step_fns.update(self.state, mb)
+            train_metrics.append(m)
         self.state = with_rollout_step(self.state, step + 1)  # the warm-up's rollout-step clock
         train_metrics = to_host(train_metrics)
         t["update"] = time.perf_counter() - t0
