@@ -304,6 +304,10 @@ class RolloutConfig:
     prefill_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # "engine": the trainer calls the sampling engine; "jetstream": every sample is a request
+    # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
+    backend: Literal["engine", "jetstream"] = "engine"
+    timeout_s: float = 600.0  # jetstream: a rollout not complete by then is an error
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -316,6 +320,9 @@ class RolloutConfig:
         _check(0 <= self.min_p < 1, f"{key}.min_p", "must be in [0, 1)")
         _check(self.decode_slots > 0, f"{key}.decode_slots", "must be > 0")
         _check(self.decode_chunk > 0, f"{key}.decode_chunk", "must be > 0")
+        _check(self.backend in ("engine", "jetstream"), f"{key}.backend",
+               f"must be 'engine' or 'jetstream', got {self.backend!r}")
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
 
 
 # --------------------------------------------------------------------------- algorithm

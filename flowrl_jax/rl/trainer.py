@@ -19,14 +19,17 @@ checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
 
 Per step (`rollout_step`), with the file that does each part:
   1. this host's prompts (task prompt source: rl/task.py, data/pipeline.py);
-  2. the sampler generates G samples per prompt (sampling/engine.py) from the trainer's own
-     param arrays, or on several processes from a per-host replica (distributed.py), and
+  2. the sampler generates G samples per prompt (sampling/engine.py; with `rollout.backend:
+     jetstream`, one JetStream request per sample: sampling/jetstream_rollout.py) from the
+     trainer's own param arrays, or on several processes from a per-host replica (distributed.py), and
      the rollouts are gathered so every host holds the global batch (rl/rollout.py);
   3. padded into a `RolloutBatch` in length buckets (rl/rollout_batch.py);
-  4. rewards scored by the task (reward workers) while the device computes old (current
+  4. rewards scored by the task in the Grain rollout pipeline's reward stage, samples
+     regrouped by prompt (rl/rollout_pipeline.py), while the device computes old (current
      params) and reference (frozen initial params) log-probs (rl/step_fns.py, rl/logprobs.py);
   5. the algorithm's batch preprocessing: r̂, advantages (algos/);
-  6. `trainer.epochs` × shuffled mini-batches through the jitted train step (rl/train_step.py);
+  6. `trainer.epochs` × shuffled mini-batches (the pipeline's mini-batch stage) through the
+     jitted train step (rl/train_step.py);
   7. metrics (rl/metrics.py) to JSONL / TensorBoard / the console (rl/metrics_log.py), and an
      async checkpoint every `trainer.checkpoint_every` steps (checkpoint/run.py).
 
@@ -171,6 +174,11 @@ class Trainer:
         self.sampler_replica = HostReplica(self.sample_mesh)
         self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
                                                          mesh=self.sample_mesh, verbose=False)
+        self.sampler = self.engine  # what generates: the engine or JetStream drivers over it
+        if cfg.rollout.backend == "jetstream":
+            # JetStream: an optional dependency (the serve extra), imported only when used
+            from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
+            self.sampler = JetStreamRollouts(self.engine, timeout_s=cfg.rollout.timeout_s)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
         self.ref = (FrozenReference(self.state.params["policy"], cfg.trainer.ref_offload)
                     if self.uses_ref else None)
@@ -233,7 +241,7 @@ class Trainer:
         salt = 1 if self.pc == 1 else 1000 + self.pi
         sp = SamplingParams.from_rollout_config(self.cfg.rollout,
                                                 seed=step_seed(self.cfg.seed, step, salt))
-        ro = self.engine.generate(self.sampler_params(), batch.prompts, sp)
+        ro = self.sampler.generate(self.sampler_params(), batch.prompts, sp)
         return (ro,) + gather_rollout(batch, ro, self.pc)
 
     def score(self, batch: PromptBatch, ro: Any) -> tuple[np.ndarray, float]:
@@ -321,7 +329,7 @@ class Trainer:
         out: dict[str, Any] = {}
         t0 = time.perf_counter()
         for i, vb in enumerate(fn(self.cfg)):
-            ro = self.engine.generate(self.sampler_params(), vb.prompts, sp)
+            ro = self.sampler.generate(self.sampler_params(), vb.prompts, sp)
             r = np.asarray(self.task.score(vb, ro.prompt_index, ro.token_lists()), np.float32)
             name = (vb.extra[0].get("set") if vb.extra and vb.extra[0] else None) or f"set{i}"
             out[f"val/{name}/reward"] = float(np.mean(r))
@@ -420,6 +428,7 @@ class Trainer:
         for obj, meth in ((getattr(self, "ckpt", None), "close"),
                           (getattr(self, "logger", None), "close"),
                           (getattr(self, "source", None), "close"),
+                          (getattr(self, "sampler", None), "close"),
                           (self._task, "close")):
             fn = getattr(obj, meth, None) if obj is not None else None
             if fn is not None:
