@@ -471,7 +471,7 @@ class TrainerConfig:
     # "grain": the Grain rollout pipeline (rl/rollout_pipeline.py); "numpy": the pre-pipeline
     # path (a thread scores, NumPy cuts mini-batches), kept to check the two stay bit-identical
     rollout_pipeline: Literal["grain", "numpy"] = "grain"
-    reward_threads: int = 8  # samples scored at once by the pipeline's reward stage
+    reward_threads: Optional[int] = None  # samples scored at once by the pipeline; None → CPUs
 
     def validate(self, key: str = "trainer") -> None:
         _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
@@ -491,7 +491,8 @@ class TrainerConfig:
                f"{key}.device_memory_gb", "must be > 0")
         _check(self.rollout_pipeline in ("grain", "numpy"), f"{key}.rollout_pipeline",
                f"must be 'grain' or 'numpy', got {self.rollout_pipeline!r}")
-        _check(self.reward_threads > 0, f"{key}.reward_threads", "must be > 0")
+        _check(self.reward_threads is None or self.reward_threads > 0, f"{key}.reward_threads",
+               "must be > 0")
 
 
 # --------------------------------------------------------------------------- eval

@@ -21,6 +21,7 @@ the shuffle) goes into the run checkpoint's meta next to the prompt iterator's.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
@@ -181,10 +182,11 @@ class RolloutPipeline:
     """The rollout pipeline of a run (see module docstring); one `score`/`minibatches` pair
     per rollout step, its position saved with the run checkpoint."""
 
-    def __init__(self, cfg: Config, task: Task, reward_threads: int = 8):
+    def __init__(self, cfg: Config, task: Task, reward_threads: Optional[int] = None):
         self.cfg = cfg
         self.task = task
-        self.threads = max(1, int(reward_threads))
+        # as many samples in flight as today's RewardPool default (one per CPU)
+        self.threads = max(1, int(reward_threads or os.cpu_count() or 1))
         self.steps = 0  # rollout steps whose mini-batches were all consumed
         self.position = 0  # mini-batches consumed in the current step
 

@@ -90,7 +90,12 @@ class HFTokenizer(js.tokenizer_api.Tokenizer):
 
 
 class FlowRLEngine(engine_api.Engine):
-    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate."""
+    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
+
+    A request that carries a `rollout` key (sampling/jetstream_rollout.py) is sampled with
+    its own (seed, prompt index, sample index) key and max tokens, as `SamplingEngine.generate`
+    samples it; `set_params` swaps the weights served, `start_trace`/`stop_trace` record each
+    generate step (tokens with log-probs and finish flags) for the rollout to read back."""
 
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
                  sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
@@ -192,8 +197,9 @@ class FlowRLEngine(engine_api.Engine):
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
         st, data, logp, finish = self._generate(self._params_for(params), decode_state)
-        if self._trace is not None:
-            self._trace.append((list(self._owner), (data, logp, finish)))
+        trace = self._trace  # read once: stop_trace() may clear it from another thread
+        if trace is not None:
+            trace.append((list(self._owner), (data, logp, finish)))
         return st, engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2),
                                            length_idx=(2, 3), samples_per_slot=1)
 
