@@ -97,25 +97,15 @@ def test_a_stalled_rollout_is_an_error_not_a_hang(backends):
 def test_trainer_through_jetstream_trains_exactly_like_through_the_engine(tmp_path):
     """Same tokens → same rewards, log-probs, updates: every metric but the sampler/trainer
     log-prob gap (the sampler's log-probs differ by rounding) and the final params equal."""
-    import jax
-    from trainer_toy import VOLATILE, ToyTask, toy_overrides
+    from trainer_toy import checkpoint_arrays, stable_records, start_train, toy_overrides
 
-    from flowrl_jax.config import load_config
-    from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.rl.trainer import Trainer
-
-    def run(backend: str):
-        cfg = load_config(None, toy_overrides("flowrl", 2, **{
-            "rollout.backend": backend, "trainer.checkpoint_every": 100}))
-        res = Trainer(cfg, tmp_path / backend, task=ToyTask(), console=False,
-                      mesh=single_device_mesh()).run()
-        hist = [{k: v for k, v in r.items()
-                 if not k.startswith(VOLATILE) and k != "rollout/logp_abs_diff"}
-                for r in res.history]
-        return hist, jax.tree.leaves(jax.device_get(res.state.params))
-
-    (h_js, p_js), (h_eng, p_eng) = run("jetstream"), run("engine")
-    assert h_js == h_eng and len(h_eng) == 2
-    assert len(p_js) == len(p_eng) > 10
-    for a, b in zip(p_js, p_eng):
-        np.testing.assert_array_equal(a, b)
+    runs = {b: start_train(tmp_path / b, toy_overrides("flowrl", 2, **{
+        "rollout.backend": b, "trainer.checkpoint_every": 2})) for b in ("jetstream", "engine")}
+    for b, p in runs.items():
+        assert p.wait(600) == 0, (tmp_path / f"{b}.log").read_text()[-3000:]
+    recs = {b: [{k: v for k, v in r.items() if k != "rollout/logp_abs_diff"}
+                for r in stable_records(tmp_path / b)] for b in runs}
+    assert recs["jetstream"] == recs["engine"] and len(recs["engine"]) == 2
+    a, e = checkpoint_arrays(tmp_path / "jetstream", 2), checkpoint_arrays(tmp_path / "engine", 2)
+    assert a.keys() == e.keys() and len(a) > 20
+    assert not [k for k in a if not np.array_equal(a[k], e[k])]

@@ -1,9 +1,11 @@
 """The Grain rollout pipeline: its stages against plain references, and the trainer through
 it bit-identical to the NumPy path (`trainer.rollout_pipeline: numpy`) on CPU."""
 
+import json
+
 import numpy as np
 import pytest
-from trainer_toy import VOLATILE, ToyTask, toy_overrides
+from trainer_toy import ToyTask, checkpoint_arrays, stable_records, start_train, toy_overrides
 
 from flowrl_jax.config import ConfigError, load_config
 from flowrl_jax.rl.rollout_batch import build_rollout_batch, minibatches
@@ -94,23 +96,17 @@ def test_bad_pipeline_name_is_a_config_error():
 
 @pytest.mark.slow
 def test_trainer_through_the_pipeline_equals_the_numpy_path(tmp_path):
-    """FlowRL (reference, Z-network, r̂) for 2 steps of 2 epochs each, both paths in turn."""
-    import jax
-
-    from flowrl_jax.mesh import single_device_mesh
-    from flowrl_jax.rl.trainer import Trainer
-
-    def run(kind: str):
-        cfg = load_config(None, toy_overrides("flowrl", 2, **{
-            "trainer.rollout_pipeline": kind, "trainer.epochs": 2,
-            "trainer.checkpoint_every": 100}))
-        res = Trainer(cfg, tmp_path / kind, task=ToyTask(), console=False,
-                      mesh=single_device_mesh()).run()
-        hist = [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in res.history]
-        return hist, jax.tree.leaves(jax.device_get(res.state.params))
-
-    (h_grain, p_grain), (h_np, p_np) = run("grain"), run("numpy")
-    assert h_grain == h_np and len(h_np) == 2 and h_np[-1]["optimizer/updates"] == 4
-    assert len(p_grain) == len(p_np) > 10
-    for a, b in zip(p_grain, p_np):
-        np.testing.assert_array_equal(a, b)
+    """FlowRL (reference, Z-network, r̂), 2 steps of 2 epochs each, both paths at once."""
+    runs = {kind: start_train(tmp_path / kind, toy_overrides("flowrl", 2, **{
+        "trainer.rollout_pipeline": kind, "trainer.epochs": 2, "trainer.checkpoint_every": 2}))
+        for kind in ("grain", "numpy")}
+    for kind, p in runs.items():
+        assert p.wait(600) == 0, (tmp_path / f"{kind}.log").read_text()[-3000:]
+    recs = stable_records(tmp_path / "grain")
+    assert recs == stable_records(tmp_path / "numpy")
+    assert len(recs) == 2 and recs[-1]["optimizer/updates"] == 4
+    a, b = checkpoint_arrays(tmp_path / "grain", 2), checkpoint_arrays(tmp_path / "numpy", 2)
+    assert a.keys() == b.keys() and len(a) > 20
+    assert not [k for k in a if not np.array_equal(a[k], b[k])]
+    meta = json.loads((tmp_path / "grain" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["rollout_state"] == {"steps": 2, "minibatches": 0}
