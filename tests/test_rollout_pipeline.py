@@ -89,9 +89,12 @@ def test_pipeline_state_counts_steps_and_refuses_a_mid_step_state():
         pipe.set_state({"steps": 6, "minibatches": 1})
 
 
-def test_bad_pipeline_name_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"trainer\.rollout_pipeline"):
-        load_config(None, toy_overrides("flowrl", 1, **{"trainer.rollout_pipeline": "pandas"}))
+@pytest.mark.parametrize("key,value", [("trainer.rollout_pipeline", "pandas"),
+                                       ("trainer.reward_threads", 0),
+                                       ("rollout.backend", "vllm"), ("rollout.timeout_s", 0)])
+def test_bad_pipeline_and_backend_settings_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, toy_overrides("flowrl", 1, **{key: value}))
 
 
 @pytest.mark.slow
