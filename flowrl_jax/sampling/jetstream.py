@@ -100,7 +100,7 @@ class FlowRLEngine(engine_api.Engine):
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
                  sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
                  cache_len: Optional[int] = None,
-                 prefill_buckets: Optional[tuple[int, ...]] = None):
+                 prefill_buckets: Optional[tuple[int, ...]] = None, tokens_per_generate: int = 1):
         sampling.validate()
         self.core = core
         self._params = core.params_of(params)
@@ -112,6 +112,8 @@ class FlowRLEngine(engine_api.Engine):
         self._max_prefill = bucket(max_prefill_length, _JETSTREAM_LENGTHS)
         self._buckets = tuple(b for b in _JETSTREAM_LENGTHS if b <= self._max_prefill)
         self._slots = int(slots)
+        # decode steps per `generate` call: JetStream reads them as speculations of one step
+        self._steps = int(tokens_per_generate)
         # prompt-body buckets of the prefill: the sampling engine's for rollouts (same shapes)
         self._body_buckets = tuple(prefill_buckets or self._buckets)
         # Cache: the longest prompt + max_new_tokens; a slot stops itself when it is full.
@@ -141,9 +143,12 @@ class FlowRLEngine(engine_api.Engine):
 
     def _generate_impl(self, params: Any, st: DecodeState
                        ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
-        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec, 1)
-        data = jnp.stack([outs.tokens[0], outs.emitted[0].astype(jnp.int32), st.generated], axis=1)
-        return st, data, outs.logprobs[0], outs.finish[0]
+        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec,
+                                                  self._steps)
+        # [slots, steps] tokens, [slots, steps] valid flags, [slots, 1] generated so far
+        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
+                                st.generated[:, None]], axis=1)
+        return st, data, outs.logprobs, outs.finish
 
     # ----------------------------------------------------------------- Engine API
 
@@ -191,7 +196,8 @@ class FlowRLEngine(engine_api.Engine):
         self._trace = []
 
     def stop_trace(self) -> list[tuple[list[int], Any]]:
-        """The recorded steps: (the row each slot held, (tokens, emitted, logprobs, finish))."""
+        """The recorded calls: (the row each slot held, (data, logprobs, finish)); data is
+        [slots, 2·steps + 1] (tokens, emitted, generated), logprobs/finish [steps, slots]."""
         trace, self._trace = self._trace or [], None
         return trace
 
@@ -200,8 +206,9 @@ class FlowRLEngine(engine_api.Engine):
         trace = self._trace  # read once: stop_trace() may clear it from another thread
         if trace is not None:
             trace.append((list(self._owner), (data, logp, finish)))
-        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2),
-                                           length_idx=(2, 3), samples_per_slot=1)
+        k = self._steps
+        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
+                                           length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
 
     def load_params(self, *args: Any, **kwargs: Any) -> Any:
         return self._params

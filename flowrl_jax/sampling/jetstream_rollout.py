@@ -10,6 +10,8 @@ built on first use and kept (training and evaluation settings each get theirs). 
 are pushed to the driver's engine before each call (`set_params`), so the driver always
 serves the trainer's current weights.
 
+Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
+returned to JetStream as that many speculative tokens per slot.
 JetStream's detokenizer returns token ids without the stop token and without log-probs, so
 the samples are read from the adapter's trace of its generate steps (which slot held which
 sample at each step); the driver's return channel only says when a sample is complete. A
@@ -92,7 +94,8 @@ class JetStreamRollouts:
             engine = FlowRLEngine(self.core, params, None, "", sampling,
                                   max_prefill_length=max_prefill,
                                   slots=slots, cache_len=length,
-                                  prefill_buckets=tuple(self.core.prefill_buckets))
+                                  prefill_buckets=tuple(self.core.prefill_buckets),
+                                  tokens_per_generate=self.core.decode_chunk)
             p = engine.load_params()
             driver = _Driver(prefill_engines=[engine], generate_engines=[engine],
                              prefill_params=[p], generate_params=[p], interleaved_mode=True,
@@ -161,17 +164,19 @@ def _assemble(trace: list, prompts: int, n: int, max_new: int) -> Rollout:
     logprobs = np.zeros((rows, max_new), np.float32)
     lengths = np.zeros((rows,), np.int32)
     reasons = ["length"] * rows
-    steps = jax.device_get([outs for _, outs in trace])
-    for (owner, _), (data, logp, finish) in zip(trace, steps):
-        for slot in np.flatnonzero(np.asarray(data)[:, 1]).tolist():
-            row = owner[slot]
-            if row < 0 or lengths[row] >= max_new:
-                continue  # a slot of an earlier request decoding on until it is reused
-            k = lengths[row]
-            tokens[row, k], logprobs[row, k] = data[slot, 0], logp[slot]
-            lengths[row] = k + 1
-            if int(finish[slot]) != FINISH_NONE:
-                reasons[row] = FINISH_NAMES[int(finish[slot])]
+    calls = jax.device_get([outs for _, outs in trace])
+    for (owner, _), (data, logp, finish) in zip(trace, calls):
+        steps = logp.shape[0]
+        for t in range(steps):  # the decode steps of one generate call, in order
+            for slot in np.flatnonzero(data[:, steps + t]).tolist():
+                row = owner[slot]
+                if row < 0 or lengths[row] >= max_new:
+                    continue  # a slot of an earlier request decoding on until it is reused
+                k = lengths[row]
+                tokens[row, k], logprobs[row, k] = data[slot, t], logp[t, slot]
+                lengths[row] = k + 1
+                if int(finish[t, slot]) != FINISH_NONE:
+                    reasons[row] = FINISH_NAMES[int(finish[t, slot])]
     return Rollout(np.repeat(np.arange(prompts, dtype=np.int32), n),
                    np.tile(np.arange(n, dtype=np.int32), prompts), tokens, logprobs, lengths,
                    reasons)
