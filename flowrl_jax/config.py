@@ -310,6 +310,10 @@ class RolloutConfig:
     prefill_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # "engine": the trainer calls the sampling engine; "jetstream": every sample is a request
+    # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
+    backend: Literal["engine", "jetstream"] = "engine"
+    timeout_s: float = 600.0  # jetstream: a rollout not complete by then is an error
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -322,6 +326,9 @@ class RolloutConfig:
         _check(0 <= self.min_p < 1, f"{key}.min_p", "must be in [0, 1)")
         _check(self.decode_slots > 0, f"{key}.decode_slots", "must be > 0")
         _check(self.decode_chunk > 0, f"{key}.decode_chunk", "must be > 0")
+        _check(self.backend in ("engine", "jetstream"), f"{key}.backend",
+               f"must be 'engine' or 'jetstream', got {self.backend!r}")
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -471,6 +478,10 @@ class TrainerConfig:
     ref_offload: bool = False  # keep reference params on host memory
     logprob_chunk: int = 1024  # sequence chunk for the chunked log-prob computation
     device_memory_gb: Optional[float] = None  # per-device budget for the memory check; None → detect
+    # "grain": the Grain rollout pipeline (rl/rollout_pipeline.py); "numpy": the pre-pipeline
+    # path (a thread scores, NumPy cuts mini-batches), kept to check the two stay bit-identical
+    rollout_pipeline: Literal["grain", "numpy"] = "grain"
+    reward_threads: Optional[int] = None  # samples scored at once by the pipeline; None → CPUs
 
     def validate(self, key: str = "trainer") -> None:
         _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
@@ -496,6 +507,10 @@ class TrainerConfig:
         _check(self.logprob_chunk > 0, f"{key}.logprob_chunk", "must be > 0")
         _check(self.device_memory_gb is None or self.device_memory_gb > 0,
                f"{key}.device_memory_gb", "must be > 0")
+        _check(self.rollout_pipeline in ("grain", "numpy"), f"{key}.rollout_pipeline",
+               f"must be 'grain' or 'numpy', got {self.rollout_pipeline!r}")
+        _check(self.reward_threads is None or self.reward_threads > 0, f"{key}.reward_threads",
+               "must be > 0")
 
 
 # --------------------------------------------------------------------------- eval

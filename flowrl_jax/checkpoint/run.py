@@ -5,7 +5,8 @@ read the run), and per saved step (checkpoint/manager.py writes them atomically,
   policy — the policy params as a pure dict (the layout of checkpoint/orbax.py);
   train  — the rest of the train state: step, skipped, rng, opt_state and the params of
            every other role (Z-network, critic);
-  meta   — step, data-iterator state, metric history, the run's fingerprint and the time.
+  meta   — step, data-iterator state, the rollout pipeline's state, metric history, the
+           run's fingerprint and the time.
 The fingerprint is the part of the config a resumed run must not change (algorithm, seed,
 batch geometry, dtypes); with model.json's architecture it is compared with the config before
 anything is restored, and a mismatch is a ConfigError naming every differing key that touches
@@ -50,6 +51,7 @@ class Resumed:
     state: Any
     data_state: Optional[Any]
     history: list[dict]
+    rollout_state: Optional[Any] = None  # the rollout pipeline's (None before it existed)
 
 
 def fingerprint(cfg: Config) -> dict:
@@ -115,10 +117,13 @@ class RunCheckpoint:
         """model.json makes the run readable by `load_model` and `convert orbax-to-hf`."""
         write_model_json(self.dir, arch, self.cfg.model.param_dtype)
 
-    def save(self, step: int, state: Any, data_state: Any, history: list[dict]) -> None:
+    def save(self, step: int, state: Any, data_state: Any, history: list[dict],
+             rollout_state: Any = None) -> None:
         """Checkpoint after rollout step `step` (async)."""
         meta = {"step": step, "data_state": data_state, "history": history,
                 "fingerprint": fingerprint(self.cfg), "time": time.time()}
+        if rollout_state is not None:
+            meta["rollout_state"] = rollout_state
         self.manager.save(step, policy_tree(state), train_tree(state), meta)
 
     def restore(self, state: Any, allow_resume: bool = True,
@@ -157,7 +162,7 @@ class RunCheckpoint:
         state = state.replace(step=train["step"], skipped=train["skipped"], rng=train["rng"],
                               opt_state=train["opt_state"], params=dict(train["params"], policy=pol))
         return Resumed(int(meta["step"]), state, meta.get("data_state"),
-                       list(meta.get("history", [])))
+                       list(meta.get("history", [])), meta.get("rollout_state"))
 
     def _check_fingerprint(self, meta: dict) -> None:
         saved = meta.get("fingerprint", {})

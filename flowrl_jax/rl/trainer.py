@@ -20,14 +20,17 @@ checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
 
 Per step (`rollout_step`), with the file that does each part:
   1. this host's prompts (task prompt source: rl/task.py, data/pipeline.py);
-  2. the sampler generates G samples per prompt (sampling/engine.py) from the trainer's own
-     param arrays, or on several processes from a per-host replica (distributed.py), and
+  2. the sampler generates G samples per prompt (sampling/engine.py; with `rollout.backend:
+     jetstream`, one JetStream request per sample: sampling/jetstream_rollout.py) from the
+     trainer's own param arrays, or on several processes from a per-host replica (distributed.py), and
      the rollouts are gathered so every host holds the global batch (rl/rollout.py);
   3. padded into a `RolloutBatch` in length buckets (rl/rollout_batch.py);
-  4. rewards scored by the task (reward workers) while the device computes old (current
+  4. rewards scored by the task in the Grain rollout pipeline's reward stage, samples
+     regrouped by prompt (rl/rollout_pipeline.py), while the device computes old (current
      params) and reference (frozen initial params) log-probs (rl/step_fns.py, rl/logprobs.py);
   5. the algorithm's batch preprocessing: r̂, advantages (algos/);
-  6. `trainer.epochs` × shuffled mini-batches through the jitted train step (rl/train_step.py);
+  6. `trainer.epochs` × shuffled mini-batches (the pipeline's mini-batch stage) through the
+     jitted train step (rl/train_step.py);
   7. metrics (rl/metrics.py) to JSONL / TensorBoard / the console (rl/metrics_log.py), and an
      async checkpoint every `trainer.checkpoint_every` steps (checkpoint/run.py).
 
@@ -49,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -69,6 +72,7 @@ from flowrl_jax.rl.metrics import step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
 from flowrl_jax.rl.rollout_batch import minibatches
+from flowrl_jax.rl.rollout_pipeline import RolloutPipeline
 from flowrl_jax.rl.step_fns import StepFns
 from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
 from flowrl_jax.rl.train_state import FrozenReference, create_train_state, with_rollout_step
@@ -172,12 +176,19 @@ class Trainer:
         self.sampler_replica = HostReplica(self.sample_mesh)
         self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
                                                          mesh=self.sample_mesh, verbose=False)
+        self.sampler = self.engine  # what generates: the engine or JetStream drivers over it
+        if cfg.rollout.backend == "jetstream":
+            # JetStream: an optional dependency (the serve extra), imported only when used
+            from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
+            self.sampler = JetStreamRollouts(self.engine, timeout_s=cfg.rollout.timeout_s)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
         self.ref = (FrozenReference(self.state.params["policy"], cfg.trainer.ref_offload)
                     if self.uses_ref else None)
         self.step_fns = StepFns(cfg, self.algo, self.state, self.mesh)
         self.pi, self.pc = jax.process_index(), jax.process_count()
         self.source = self.task.prompt_source(cfg, self.pi, self.pc)
+        self.pipeline = (RolloutPipeline(cfg, self.task, cfg.trainer.reward_threads)
+                         if cfg.trainer.rollout_pipeline == "grain" else None)
         self.ckpt = RunCheckpoint(self.out, cfg)
         self.start_step, history = self._restore()
         self._write_run_files()
@@ -199,6 +210,9 @@ class Trainer:
         self.state = with_rollout_step(got.state, got.step)  # rollout steps done = saved step
         if got.data_state is not None:
             self.source.set_state(got.data_state)
+        if self.pipeline is not None:
+            # checkpoints written before the pipeline existed: it was between steps
+            self.pipeline.set_state(got.rollout_state or {"steps": got.step, "minibatches": 0})
         self._info(f"resumed from {self.ckpt.dir} step {got.step}")
         return got.step, got.history
 
@@ -219,7 +233,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after rollout step `step` (async)."""
-        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history)
+        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history,
+                       self.pipeline.get_state() if self.pipeline is not None else None)
 
     # ================================================================== one rollout step
 
@@ -236,7 +251,7 @@ class Trainer:
         salt = 1 if self.pc == 1 else 1000 + self.pi
         sp = SamplingParams.from_rollout_config(self.cfg.rollout,
                                                 seed=step_seed(self.cfg.seed, step, salt))
-        ro = self.engine.generate(self.sampler_params(), batch.prompts, sp)
+        ro = self.sampler.generate(self.sampler_params(), batch.prompts, sp)
         return (ro,) + gather_rollout(batch, ro, self.pc)
 
     def score(self, batch: PromptBatch, ro: Any) -> tuple[np.ndarray, float]:
@@ -248,6 +263,25 @@ class Trainer:
             raise ValueError(f"task.score returned shape {rewards.shape}, expected "
                              f"({len(responses)},)")
         return rewards, time.perf_counter() - t0
+
+    def _score_local(self, batch: PromptBatch, ro: Any, step: int) -> tuple[np.ndarray, float]:
+        """This host's rewards and scoring seconds: through the rollout pipeline's reward and
+        regroup stages (samples of step `step` carry policy version `step`), or `score`."""
+        if self.pipeline is None:
+            return self.score(batch, ro)
+        scored = self.pipeline.score(batch, ro, policy_version=step)
+        return scored.rewards, scored.seconds
+
+    def _minibatches(self, data: Any, step: int, max_response: int) -> Iterator[Any]:
+        """The step's mini-batches: `trainer.epochs` seeded shuffles of the batch, cut."""
+        if self.pipeline is not None:
+            yield from self.pipeline.minibatches(data, step, max_response)
+            return
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, step, 2])
+        for _ in range(cfg.trainer.epochs):
+            yield from minibatches(data, cfg.trainer.mini_batch_size, rng,
+                                   cfg.data.length_buckets, max_response)
 
     def rollout_step(self, step: int) -> dict:
         """Run rollout step `step` (0-based) and return its metrics."""
@@ -261,7 +295,7 @@ class Trainer:
 
         # Rewards are scored (reward workers) while the device computes old/ref log-probs.
         with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
-            fut = pool.submit(self.score, local_batch, local_ro)
+            fut = pool.submit(self._score_local, local_batch, local_ro, step)
             t0 = time.perf_counter()
             ref = self.ref.on_device() if self.ref is not None else None
             data = self.step_fns.logprobs(self.state, ref, data)
@@ -274,12 +308,9 @@ class Trainer:
 
         t0 = time.perf_counter()
         train_metrics = []
-        rng = np.random.default_rng([cfg.seed, step, 2])
-        for _ in range(cfg.trainer.epochs):
-            for mb in minibatches(data, cfg.trainer.mini_batch_size, rng,
-                                  cfg.data.length_buckets, response_bucket(cfg, ro)):
-                self.state, m = self.step_fns.update(self.state, mb)
-                train_metrics.append(m)
+        for mb in self._minibatches(data, step, response_bucket(cfg, ro)):
+            self.state, m = self.step_fns.update(self.state, mb)
+            train_metrics.append(m)
         self.state = with_rollout_step(self.state, step + 1)  # the warm-up's rollout-step clock
         train_metrics = to_host(train_metrics)
         t["update"] = time.perf_counter() - t0
@@ -308,7 +339,7 @@ class Trainer:
         out: dict[str, Any] = {}
         t0 = time.perf_counter()
         for i, vb in enumerate(fn(self.cfg)):
-            ro = self.engine.generate(self.sampler_params(), vb.prompts, sp)
+            ro = self.sampler.generate(self.sampler_params(), vb.prompts, sp)
             r = np.asarray(self.task.score(vb, ro.prompt_index, ro.token_lists()), np.float32)
             name = (vb.extra[0].get("set") if vb.extra and vb.extra[0] else None) or f"set{i}"
             out[f"val/{name}/reward"] = float(np.mean(r))
@@ -407,6 +438,7 @@ class Trainer:
         for obj, meth in ((getattr(self, "ckpt", None), "close"),
                           (getattr(self, "logger", None), "close"),
                           (getattr(self, "source", None), "close"),
+                          (getattr(self, "sampler", None), "close"),
                           (self._task, "close")):
             fn = getattr(obj, meth, None) if obj is not None else None
             if fn is not None:

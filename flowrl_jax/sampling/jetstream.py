@@ -90,10 +90,17 @@ class HFTokenizer(js.tokenizer_api.Tokenizer):
 
 
 class FlowRLEngine(engine_api.Engine):
-    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate."""
+    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
+
+    A request that carries a `rollout` key (sampling/jetstream_rollout.py) is sampled with
+    its own (seed, prompt index, sample index) key and max tokens, as `SamplingEngine.generate`
+    samples it; `set_params` swaps the weights served, `start_trace`/`stop_trace` record each
+    generate step (tokens with log-probs and finish flags) for the rollout to read back."""
 
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
-                 sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8):
+                 sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
+                 cache_len: Optional[int] = None,
+                 prefill_buckets: Optional[tuple[int, ...]] = None, tokens_per_generate: int = 1):
         sampling.validate()
         self.core = core
         self._params = core.params_of(params)
@@ -105,29 +112,43 @@ class FlowRLEngine(engine_api.Engine):
         self._max_prefill = bucket(max_prefill_length, _JETSTREAM_LENGTHS)
         self._buckets = tuple(b for b in _JETSTREAM_LENGTHS if b <= self._max_prefill)
         self._slots = int(slots)
+        # decode steps per `generate` call: JetStream reads them as speculations of one step
+        self._steps = int(tokens_per_generate)
+        # prompt-body buckets of the prefill: the sampling engine's for rollouts (same shapes)
+        self._body_buckets = tuple(prefill_buckets or self._buckets)
         # Cache: the longest prompt + max_new_tokens; a slot stops itself when it is full.
-        self.cache_len = self._max_prefill + sampling.max_new_tokens
+        self.cache_len = int(cache_len or self._max_prefill + sampling.max_new_tokens)
         core.check_fits([1], sampling.max_new_tokens, self._slots, self.cache_len)
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._prefill = core.kernels.prefill_jit
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        # Rollouts (sampling/jetstream_rollout.py): the params pushed for the next requests,
+        # the request a prefill serves (set on the prefill thread by `_Driver`), which
+        # request each slot holds, and a trace of every generate step's outputs.
+        self._live_params: Any = None
+        self.pending = threading.local()
+        self._owner: list[int] = [-1] * self._slots
+        self._trace: Optional[list] = None
 
     # ----------------------------------------------------------------- kernels
 
-    def _insert_impl(self, prefix: dict, st: DecodeState, slot: Array, seed: Array, request: Array
-                     ) -> DecodeState:
-        keys = sample_keys(seed, request[None], jnp.zeros((1,), jnp.int32))
-        budget = jnp.full((1,), self.cache_len, jnp.int32)
+    def _insert_impl(self, prefix: dict, st: DecodeState, slot: Array, seed: Array,
+                     prompt_index: Array, sample_index: Array, budget: Array) -> DecodeState:
+        keys = sample_keys(seed, prompt_index[None], sample_index[None])
         return self.core.kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
-                                        prefix["last_token"][None], prefix["length"][None], budget,
-                                        keys)
+                                        prefix["last_token"][None], prefix["length"][None],
+                                        budget[None], keys)
 
-    def _generate_impl(self, params: Any, st: DecodeState) -> tuple[DecodeState, jax.Array]:
-        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec, 1)
-        data = jnp.stack([outs.tokens[0], outs.emitted[0].astype(jnp.int32), st.generated], axis=1)
-        return st, data
+    def _generate_impl(self, params: Any, st: DecodeState
+                       ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
+        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec,
+                                                  self._steps)
+        # [slots, steps] tokens, [slots, steps] valid flags, [slots, 1] generated so far
+        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
+                                st.generated[:, None]], axis=1)
+        return st, data, outs.logprobs, outs.finish
 
     # ----------------------------------------------------------------- Engine API
 
@@ -139,21 +160,55 @@ class FlowRLEngine(engine_api.Engine):
         vocab = self.core.arch.vocab_size
         n = int(min(max(int(true_length), 1), tokens.shape[0]))
         tokens = np.clip(tokens, 0, vocab - 1)
-        body = np.zeros((1, bucket(max(n - 1, 1), self._buckets)), np.int32)
+        body = np.zeros((1, bucket(max(n - 1, 1), self._body_buckets)), np.int32)
         body[0, :n - 1] = tokens[:n - 1]
-        cache = self._prefill(params, body, np.array([n - 1], np.int32))
-        return {"cache": cache, "length": jnp.int32(n - 1), "last_token": jnp.int32(tokens[n - 1])}
+        cache = self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
+        prefix = {"cache": cache, "length": jnp.int32(n - 1),
+                  "last_token": jnp.int32(tokens[n - 1])}
+        rollout = getattr(self.pending, "rollout", None)  # a rollout request's keys and budget
+        self.pending.rollout = None
+        if rollout is not None:
+            prefix["rollout"] = rollout
+        return prefix
 
     def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
-        with self._lock:
-            request = next(self._counter)
-        return self._insert(prefix, decode_state, np.int32(slot),
-                            np.uint32(self.sampling.seed % 2**32), np.int32(request % 2**31))
+        ro = prefix.get("rollout")
+        if ro is not None:  # per-sample key (seed, prompt, sample), as SamplingEngine.generate
+            seed, p, s, budget = ro.seed, ro.prompt_index, ro.sample_index, ro.max_tokens
+            self._owner[slot] = ro.row
+        else:
+            with self._lock:
+                request = next(self._counter)
+            seed, p, s, budget = self.sampling.seed, request % 2**31, 0, self.cache_len
+        arrays = {k: v for k, v in prefix.items() if k != "rollout"}
+        return self._insert(arrays, decode_state, np.int32(slot), np.uint32(seed % 2**32),
+                            np.int32(p), np.int32(s), np.int32(budget))
+
+    def _params_for(self, params: Any) -> Any:
+        return params if self._live_params is None else self._live_params
+
+    def set_params(self, params: Any) -> None:
+        """Serve the next requests with `params` (the trainer's weights after an update)."""
+        self._live_params = self.core.params_of(params)
+
+    def start_trace(self) -> None:
+        """Record every generate step's tokens, log-probs and finish flags from now on."""
+        self._trace = []
+
+    def stop_trace(self) -> list[tuple[list[int], Any]]:
+        """The recorded calls: (the row each slot held, (data, logprobs, finish)); data is
+        [slots, 2·steps + 1] (tokens, emitted, generated), logprobs/finish [steps, slots]."""
+        trace, self._trace = self._trace or [], None
+        return trace
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
-        st, data = self._generate(params, decode_state)
-        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2),
-                                           length_idx=(2, 3), samples_per_slot=1)
+        st, data, logp, finish = self._generate(self._params_for(params), decode_state)
+        trace = self._trace  # read once: stop_trace() may clear it from another thread
+        if trace is not None:
+            trace.append((list(self._owner), (data, logp, finish)))
+        k = self._steps
+        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
+                                           length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
 
     def load_params(self, *args: Any, **kwargs: Any) -> Any:
         return self._params
@@ -301,6 +356,13 @@ class _Driver(js.orchestrator.Driver):
     Qwen, which has no BOS, a stray pad token) and crashes on a list when it does not."""
 
     def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
+        rollout = getattr(request, "rollout", None)
+        if rollout is not None:  # token ids as given (no BOS), for the engine's next prefill
+            self._prefill_engines[0].pending.rollout = rollout
+            ids = np.asarray(request.prefill_content, np.int32)
+            padded = np.zeros((bucket(len(ids), _JETSTREAM_LENGTHS),), np.int32)
+            padded[:len(ids)] = ids
+            return padded, len(ids)
         content = request.prefill_content
         if isinstance(content, str):
             return super()._process_prefill_content(request, tokenizer, is_bos, max_prefill_length)
