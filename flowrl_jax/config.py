@@ -304,6 +304,12 @@ class RolloutConfig:
     prefill_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # KV cache: "paged" (pages of page_size positions from one pool, shared prompt pages) or
+    # "dense" (a full-length row per slot: the tested reference)
+    kv_cache: Literal["paged", "dense"] = "paged"
+    page_size: int = 64
+    kv_cache_gib: Optional[float] = None  # pool budget; None: 80 % of free device memory (CPU: 4)
+    paged_attention: Literal["auto", "xla"] = "auto"  # auto: xla on every platform for now
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -316,6 +322,12 @@ class RolloutConfig:
         _check(0 <= self.min_p < 1, f"{key}.min_p", "must be in [0, 1)")
         _check(self.decode_slots > 0, f"{key}.decode_slots", "must be > 0")
         _check(self.decode_chunk > 0, f"{key}.decode_chunk", "must be > 0")
+        _check(self.kv_cache in ("paged", "dense"), f"{key}.kv_cache", "must be paged or dense")
+        _check(self.page_size > 0, f"{key}.page_size", "must be > 0")
+        _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"{key}.kv_cache_gib",
+               "must be > 0 (or null: a share of free device memory)")
+        _check(self.paged_attention in ("auto", "xla"), f"{key}.paged_attention",
+               "must be auto or xla")
 
 
 # --------------------------------------------------------------------------- algorithm
