@@ -15,6 +15,7 @@ import functools
 import math
 import sys
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -49,6 +50,16 @@ def _device_free_bytes(device: jax.Device) -> Optional[int]:
     if not stats or "bytes_limit" not in stats:
         return None
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+@dataclass
+class PagedStats:
+    """What the last paged `generate` did with its pool (summed over decode groups)."""
+
+    pool_pages: int = 0  # allocatable pages (the null pages not counted)
+    peak_pages: int = 0  # most pages in use at once (at chunk starts)
+    waits: int = 0  # chunks a running sample sat out for want of pages
+    preemptions: int = 0  # samples sent back to the queue to free pages
 
 
 class _RolloutBuffers:
@@ -104,6 +115,8 @@ class SamplingEngine:
         self.verbose = verbose
         self._printed: set = set()
         self._pool_sizes: dict[tuple[int, int], int] = {}
+        self._group_stats: list[PagedStats] = []
+        self.paged_stats: Optional[PagedStats] = None  # of the last paged generate
         if (self.decode_slots <= 0 or self.decode_chunk <= 0 or self.prefill_batch <= 0
                 or not self.prefill_buckets):
             raise SamplingError("decode_slots, decode_chunk, prefill_batch must be > 0 and "
@@ -303,6 +316,7 @@ class SamplingEngine:
         # (and over decode groups).
         queue = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
         out = _RolloutBuffers(n_total, sampling.max_new_tokens)
+        self._group_stats = []
         decode = self._decode_items
         if num_pages is not None:  # paged: each group its share of the pool (+ a null page)
             decode = functools.partial(self._decode_items_paged,
@@ -326,6 +340,12 @@ class SamplingEngine:
             for e in errors:
                 if e is not None:
                     raise e
+        if num_pages is not None:
+            parts = self._group_stats
+            self.paged_stats = PagedStats(sum(p.pool_pages for p in parts),
+                                          sum(p.peak_pages for p in parts),
+                                          sum(p.waits for p in parts),
+                                          sum(p.preemptions for p in parts))
         n_prompts = len(prompts)
         return Rollout(np.repeat(np.arange(n_prompts, dtype=np.int32), sampling.n),
                        np.tile(np.arange(sampling.n, dtype=np.int32), n_prompts),
@@ -404,6 +424,8 @@ class SamplingEngine:
         age = [0] * slots  # admission order
         pending = deque(queue)
         admitted = done = 0
+        stats = PagedStats(pool_pages=num_pages - 1)
+        self._group_stats.append(stats)
 
         def release(slot: int) -> None:
             alloc.release(table[slot, :n_pages[slot]].tolist())
@@ -426,7 +448,9 @@ class SamplingEngine:
         while done < len(queue):
             running = sorted((s for s in range(slots) if owner[s] >= 0), key=age.__getitem__)
             granted = [grow(s) for s in running]
+            stats.waits += granted.count(False)
             if not any(granted) and running:
+                stats.preemptions += 1
                 youngest = running[-1]
                 item = item_of[youngest]
                 out.lengths[owner[youngest]] = 0
@@ -467,6 +491,7 @@ class SamplingEngine:
                 raise SamplingError(  # unreachable while _check_pool_fits holds; never spin
                     f"KV page pool of {num_pages - 1} pages cannot run the next sample; raise "
                     "rollout.kv_cache_gib")
+            stats.peak_pages = max(stats.peak_pages, alloc.capacity - alloc.free)
             st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
             st, outs = kern.decode_chunk_jit(params, st, stop_ids, spec, chunk)
             for slot, emitted, finished in _collect(outs, owner, out):
