@@ -18,7 +18,7 @@ from flowrl_jax.sampling.pages import NULL_PAGE, PageAllocator
 from flowrl_jax.testing import tiny_arch, tiny_model
 
 NEW = 40
-KW = dict(decode_slots=8, decode_chunk=8, prefill_buckets=(8, 16, 32), verbose=False)
+KW = dict(decode_slots=8, decode_chunk=8, prefill_buckets=(32,), verbose=False)
 SAMPLED = SamplingParams(n=3, max_new_tokens=NEW, temperature=0.9, top_k=10, seed=3,
                          stop_token_ids=(5, 7, 9, 11))
 
