@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--kv-cache", default="paged", choices=("paged", "dense"))
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--decode-only", action="store_true", help="skip the admit programs")
     args = ap.parse_args()
     dt = jnp.dtype(args.dtype)
     model = abstract_model(preset_arch(args.preset), Numerics(dt, dt))
@@ -50,8 +51,8 @@ def main() -> None:
     programs = [("decode_chunk", lambda: kern.decode_chunk_jit.lower(params, st, stops, spec,
                                                                       args.chunk))]
     # one admit (prefill + insert) program per prefill bucket a prompt up to --prompt can use
-    for pb in sorted({bucket(n, eng.prefill_buckets) for n in eng.prefill_buckets
-                      if n <= bucket(args.prompt - 1, eng.prefill_buckets)}):
+    top = bucket(args.prompt - 1, eng.prefill_buckets)
+    for pb in [] if args.decode_only else [b for b in eng.prefill_buckets if b <= top]:
         tok = jax.ShapeDtypeStruct((bb, pb), jnp.int32)
         programs.append((f"admit[{pb}]", lambda tok=tok: kern.admit_jit.lower(
             params, st, tok, jax.ShapeDtypeStruct((bb,), jnp.int32), i32, i32, i32, i32,

@@ -1,5 +1,7 @@
 """The sampler's host side: `SamplingEngine`, continuous batching over a fixed number of
-decode slots on the compiled kernels (kernels.py).
+decode slots on the compiled kernels: by default the paged ones (paged_kernels.py: a pool of
+KV pages shared by all slots, allocated by the host as samples grow, pages.py), or the dense
+reference (kernels.py: a full-length cache row per slot), `kv_cache="paged" | "dense"`.
 
 A `generate` call validates lengths and memory, queues its (prompt, sample) work items
 prompt-major, and loops: admit waiting items into free slots (one prefill per distinct
