@@ -18,7 +18,6 @@ from flowrl_jax.config import preset_arch
 from flowrl_jax.models.qwen2 import Numerics, abstract_model
 from flowrl_jax.sampling.engine import MAX_STOP_IDS, SamplingEngine, SamplingParams
 from flowrl_jax.sampling.kernels import bucket, pow2
-from flowrl_jax.sampling.random import key_width
 
 
 def main() -> None:
