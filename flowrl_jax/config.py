@@ -314,6 +314,12 @@ class RolloutConfig:
     # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
     backend: Literal["engine", "jetstream"] = "engine"
     timeout_s: float = 600.0  # jetstream: a rollout not complete by then is an error
+    # KV cache: "paged" (pages of page_size positions from one pool, shared prompt pages) or
+    # "dense" (a full-length row per slot: the tested reference)
+    kv_cache: Literal["paged", "dense"] = "paged"
+    page_size: int = 64
+    kv_cache_gib: Optional[float] = None  # pool budget; None: 80 % of free device memory (CPU: 4)
+    paged_attention: Literal["auto", "xla"] = "auto"  # auto: xla on every platform for now
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -329,6 +335,12 @@ class RolloutConfig:
         _check(self.backend in ("engine", "jetstream"), f"{key}.backend",
                f"must be 'engine' or 'jetstream', got {self.backend!r}")
         _check(self.timeout_s > 0, f"{key}.timeout_s", "must be > 0")
+        _check(self.kv_cache in ("paged", "dense"), f"{key}.kv_cache", "must be paged or dense")
+        _check(self.page_size > 0, f"{key}.page_size", "must be > 0")
+        _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"{key}.kv_cache_gib",
+               "must be > 0 (or null: a share of free device memory)")
+        _check(self.paged_attention in ("auto", "xla"), f"{key}.paged_attention",
+               "must be auto or xla")
 
 
 # --------------------------------------------------------------------------- algorithm

@@ -5,7 +5,8 @@ The estimate is deliberately simple and slightly pessimistic:
   ref         same again unless `trainer.ref_offload` or the algorithm needs no reference
   grads       N·bytes(param_dtype) / (fsdp·tensor)          (accumulated gradients)
   optimizer   2·N·4 / (fsdp·tensor)                          (AdamW μ, ν in float32)
-  kv_cache    2·L·kv·hd·(prompt+response)·slots·bytes(compute) / (data·fsdp · tensor split)
+  kv_cache    2·L·kv·hd·(prompt+response)·slots·bytes(compute) / (data·fsdp · tensor split),
+              at most rollout.kv_cache_gib / (tensor split) with the paged cache
   activations per micro-batch row: L·S·H·bytes·k (k = 34 without remat, 2 with, plus one
               layer's worth), plus the chunked logits (chunk·V·4) of the log-prob pass
   A separate critic model (`algo.critic: model`, PPO) adds its own params, grads, AdamW
@@ -108,6 +109,9 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
                 cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
     kv = (2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.resolved_head_dim * seq *
           max(1, slots // batch_shard) * cb / kv_heads_split)
+    if cfg.rollout.kv_cache == "paged" and cfg.rollout.kv_cache_gib is not None:
+        # the page pool: the configured budget (at most the dense cache), split by kv heads
+        kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_heads_split)
     if sampler_local_devices:
         kv += n * pb / sampler_local_devices
     rows = max(1, cfg.trainer.micro_batch_size // batch_shard)

@@ -249,10 +249,10 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     params = eng.params_of(model)  # resharded: the model lives on one device
     assert params is not nnx.state(model)
     assert eng.params_of(params) is params  # already on the engine's mesh: used as is
-    st = eng.init_state(8, 48)
-    assert st.cache[0].k.sharding.spec[0] == ("data", "fsdp")
-    assert st.cache[0].k.sharding.spec[1] == "tensor"  # keys [slots, kv_heads, head_dim, S]
-    assert st.cache[0].v.sharding.spec[:2] == (("data", "fsdp"), "tensor")
+    st = eng.init_state(8, 48)  # the paged engine: pools [pages, kv_heads, head_dim, page]
+    assert st.pool[0].k.sharding.spec[:2] == (None, "tensor")
+    assert st.pool[0].v.sharding.spec[:2] == (None, "tensor")
+    assert st.page_table.sharding.spec[0] == ("data", "fsdp")  # per slot, as the dense rows
     out = eng.generate(params, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy
 
@@ -294,14 +294,15 @@ def test_windowed_decode_matches_hf(setup, monkeypatch):
     ref = hf_greedy_tokens(hf, prompts, new)
     sp = SamplingParams(temperature=0.0, max_new_tokens=new)
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=40, prefill_buckets=(8, 16),
-                         verbose=False)
+                         verbose=False, kv_cache="dense")
     assert eng.generate(model, prompts, sp).token_lists() == ref
     few = SamplingEngine(model, decode_slots=2, decode_chunk=9, prefill_buckets=(8, 16),
-                         verbose=False)
+                         verbose=False, kv_cache="dense")
     assert few.generate(model, prompts, sp).token_lists() == ref
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     sharded = SamplingEngine(model, mesh=mesh, decode_slots=8, decode_chunk=40,
-                             prefill_buckets=(8, 16), verbose=False)
+                             prefill_buckets=(8, 16), verbose=False,
+                             kv_cache="dense")
     assert sharded.generate(sharded.params_of(model), prompts, sp).token_lists() == ref
 
 
@@ -464,7 +465,8 @@ def test_decode_groups_give_the_samples_of_one_loop(setup, engine, monkeypatch, 
     monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS, group_min_slots=2,
                                                           group_min_steps=1))
     eng = SamplingEngine(model, decode_slots=8 if cores == 2 else 6, decode_chunk=5,
-                         prefill_buckets=(8, 16), verbose=False)
+                         prefill_buckets=(8, 16), verbose=False,
+                         kv_cache="dense")
     calls = []
     real = eng._decode_items
     monkeypatch.setattr(eng, "_decode_items", lambda *a: calls.append((len(a[2]), a[4])) or real(*a))
@@ -482,7 +484,7 @@ def test_a_failing_decode_group_raises_after_every_group_stops(setup, monkeypatc
     monkeypatch.setattr(cpu_fast_paths, "LIMITS", replace(cpu_fast_paths.LIMITS, group_min_slots=2,
                                                           group_min_steps=1))
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=5, prefill_buckets=(8, 16),
-                         verbose=False)
+                         verbose=False, kv_cache="dense")
     finished = []
     real = eng._decode_items
 
@@ -505,7 +507,7 @@ def test_chunk_noise_made_before_the_loop_gives_the_tokens_drawn_step_by_step(se
     _, model, _, prompts = setup
     sp = SamplingParams(**SPEC, n=3, max_new_tokens=12, seed=11)
     eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
-                         verbose=False)
+                         verbose=False, kv_cache="dense")
     st = eng.init_state(4, 32)
 
     def noise(spec):
@@ -519,7 +521,7 @@ def test_chunk_noise_made_before_the_loop_gives_the_tokens_drawn_step_by_step(se
     assert noise(eng.spec_for(sp)) is None
     monkeypatch.setattr(kernels_module, "_KERNELS", {})  # recompile with per-step draws
     eng = SamplingEngine(model, decode_slots=4, decode_chunk=5, prefill_buckets=(8, 16),
-                         verbose=False)
+                         verbose=False, kv_cache="dense")
     per_step = eng.generate(model, prompts[:3], sp)
     assert before.token_lists() == per_step.token_lists()
     np.testing.assert_array_equal(before.logprobs, per_step.logprobs)

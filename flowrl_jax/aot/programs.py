@@ -166,7 +166,10 @@ def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[s
     requests = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt // hosts
     slots = engine.num_slots(max(1, requests))
     length = engine.cache_length(cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
-    st = kernels.abstract_state(slots, length)
+    if engine.kv_cache == "paged":  # the pool the engine would size for this call
+        st = kernels.abstract_state(slots, length, engine.pool_pages(slots, length))
+    else:
+        st = kernels.abstract_state(slots, length)
     rep = replicated(smesh)
     pb = bucket(max(1, cfg.data.max_prompt_length - 1), engine.prefill_buckets)
     bb = min(engine.prefill_batch, pow2(slots))

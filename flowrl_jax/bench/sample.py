@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     parser.add_argument("--no-reference", action="store_true", help="skip HF PyTorch")
     add_dtype_argument(parser, "weights, activations and KV cache (both sides)")
+    parser.add_argument("--kv-cache", default="paged", choices=("paged", "dense"),
+                        help="our engine's KV cache (dense: the reference engine)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs per case and side at least; the best is reported (load noise)")
     parser.add_argument("--min-seconds", type=float, default=1.0,
@@ -73,7 +75,8 @@ def _arch(shape: str):
 
 
 def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
-          progress=None, min_seconds: float = 0.0) -> tuple[float, float, float, int]:
+          progress=None, min_seconds: float = 0.0,
+          kv_cache: str = "paged") -> tuple[float, float, float, int]:
     """(tokens/s, seconds per decode step, seconds of the first call: compile + one run,
     parallel decode groups the engine ran) of a warm engine, best of `repeats` runs or more
     (`best_time`)."""
@@ -82,7 +85,7 @@ def _ours(model, arch, batch: int, prompt_len: int, new: int, repeats: int = 1,
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 
     eng = SamplingEngine(model, decode_slots=batch, decode_chunk=new, prefill_buckets=(prompt_len,),
-                         prefill_batch=batch, verbose=False)
+                         prefill_batch=batch, verbose=False, kv_cache=kv_cache)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, arch.vocab_size, prompt_len).tolist() for _ in range(batch)]
     sp = SamplingParams(temperature=1.0, max_new_tokens=new, ignore_eos=True)
@@ -227,7 +230,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             reps = getattr(args, "repeats", 1)
             min_s = getattr(args, "min_seconds", 0.0)
             ours, step_s, first_s, groups = _ours(model, arch, b, args.prompt_len, args.new_tokens, reps,
-                                          lambda what: _progress(t0, f"{shape} {what}"), min_s)
+                                          lambda what: _progress(t0, f"{shape} {what}"), min_s,
+                                          getattr(args, "kv_cache", "paged"))
             _progress(t0, f"{shape} batch {b}: ours {ours:.1f} tokens/s")
             ref, ref_threads = (_reference_best(hf, arch, b, args.prompt_len, args.new_tokens, reps,
                                                 min_s)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 # `flowrl-jax --help` does not import JAX)
 DEVICE_CHOICES = ("auto", "1", "all")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+KV_CACHE_CHOICES = ("paged", "dense")
 
 # flag dest → (type, help). type None = an on/off switch (store_true, default False).
 SAMPLING_FLAGS: dict[str, tuple[type | None, str | None]] = {
@@ -51,6 +52,23 @@ def add_sampling_arguments(parser: argparse.ArgumentParser,
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The SamplingParams fields among the parsed flags (those the command registered)."""
     return {k: getattr(args, k) for k in PARAM_FLAGS if hasattr(args, k)}
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache, --page-size and --kv-cache-gib (the engine's KV cache; rollout.* in configs)."""
+    parser.add_argument("--kv-cache", default="paged", choices=KV_CACHE_CHOICES,
+                        help="paged: a pool of pages shared by all samples (default); dense: "
+                             "a full-length cache per slot (the reference)")
+    parser.add_argument("--page-size", type=int, default=64, help="positions per KV page")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="KV page pool budget in GiB (default: 80%% of free device memory; "
+                             "CPU: 4)")
+
+
+def kv_cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingEngine KV-cache arguments among the parsed flags."""
+    return {"kv_cache": args.kv_cache, "page_size": args.page_size,
+            "kv_cache_gib": args.kv_cache_gib}
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

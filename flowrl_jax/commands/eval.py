@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowrl_jax.commands.common_args import add_device_arguments, add_sampling_arguments
+from flowrl_jax.commands.common_args import (add_device_arguments, add_kv_cache_arguments,
+                                             add_sampling_arguments)
 from flowrl_jax.eval.judge import config_from_env
 from flowrl_jax.eval.records import EvalError
 from flowrl_jax.eval.suites import DIVERSITY_DEFAULT, KNOWN, parse_diversity, parse_suite
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              '[{"points", "penalty"}], "old_ratings": [...]}} (rated users only)')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arguments(parser)
+    add_kv_cache_arguments(parser)
     add_sampling_arguments(parser, decode_slots=256, decode_chunk=64)
     parser.add_argument("--prefill-buckets", default=None,
                         help="comma-separated prompt-length buckets (fewer buckets = fewer "
@@ -123,6 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         show_progress=not args.no_progress, dtype=args.dtype, devices=args.devices,
         decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
         prefill_buckets=parse_buckets(args.prefill_buckets), overwrite=args.overwrite,
+        kv_cache=args.kv_cache, page_size=args.page_size, kv_cache_gib=args.kv_cache_gib,
         self_bleu=args.self_bleu, sandbox_isolation=args.sandbox_isolation)
 
 

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from flowrl_jax.commands.common_args import (add_device_arguments, add_sampling_arguments,
+from flowrl_jax.commands.common_args import (add_device_arguments, add_kv_cache_arguments,
+                                             kv_cache_kwargs, add_sampling_arguments,
                                              sampling_kwargs)
 
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     add_sampling_arguments(parser, decode_slots=64, decode_chunk=32)
     add_device_arguments(parser)
+    add_kv_cache_arguments(parser)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     eos = {t for t in (arch.eos_token_id, tokenizer.eos_token_id) if t is not None}
     engine = SamplingEngine(model, mesh=mesh, decode_slots=args.decode_slots, decode_chunk=args.decode_chunk,
                             prefill_buckets=(32, 128, 512, 2048), eos_token_ids=sorted(eos),
-                            pad_token_id=tokenizer.pad_token_id or 0)
+                            pad_token_id=tokenizer.pad_token_id or 0, **kv_cache_kwargs(args))
     try:
         out = engine.generate(model, ids, sampling)
     except SamplingError as e:

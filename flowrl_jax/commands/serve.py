@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from flowrl_jax.commands.common_args import (add_device_arguments, add_sampling_arguments,
+from flowrl_jax.commands.common_args import (add_device_arguments, add_kv_cache_arguments,
+                                             kv_cache_kwargs, add_sampling_arguments,
                                              sampling_kwargs)
 
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            max_new_tokens=512, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
                            seed=0, ignore_eos=False)
     add_device_arguments(parser)
+    add_kv_cache_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         eos = {t for t in (arch.eos_token_id, tokenizer.eos_token_id) if t is not None}
         core = SamplingEngine(model, mesh=mesh, decode_slots=args.slots,
                               eos_token_ids=sorted(eos), prefill_buckets=(16, 64, 256, 1024),
-                              pad_token_id=tokenizer.pad_token_id or 0, verbose=False)
+                              pad_token_id=tokenizer.pad_token_id or 0, verbose=False,
+                              **kv_cache_kwargs(args))
         engine = FlowRLEngine(core, model, tokenizer, tok_dir or "packaged", sampling,
                               max_prefill_length=args.max_prefill_length, slots=args.slots)
         service = CompletionService(core, model, tokenizer, sampling,

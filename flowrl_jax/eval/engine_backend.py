@@ -23,7 +23,8 @@ class EngineBackend:
     def __init__(self, model_dir: str, *, temperature: float, top_p: float, top_k: int,
                  max_new_tokens: int, dtype: str = "float32", decode_slots: int = 256,
                  decode_chunk: int = 64, devices: str = "auto",
-                 prefill_buckets: Sequence[int] | None = None):
+                 prefill_buckets: Sequence[int] | None = None, kv_cache: str = "paged",
+                 page_size: int = 64, kv_cache_gib: float | None = None):
         self.mesh = eval_mesh(devices)
         self.model, self.arch, tok_dir = load_for_sampling(
             model_dir, self.mesh, ModelConfig(path=model_dir, compute_dtype=dtype))
@@ -43,7 +44,9 @@ class EngineBackend:
         self.engine = SamplingEngine(self.model, mesh=self.mesh, decode_slots=decode_slots,
                                      decode_chunk=decode_chunk, prefill_buckets=buckets,
                                      eos_token_ids=sorted(eos),
-                                     pad_token_id=self.tokenizer.pad_token_id or 0, verbose=False)
+                                     pad_token_id=self.tokenizer.pad_token_id or 0, verbose=False,
+                                     kv_cache=kv_cache, page_size=page_size,
+                                     kv_cache_gib=kv_cache_gib)
         self.max_new_tokens = max_new_tokens
         self.settings = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                              max_new_tokens=max_new_tokens)

@@ -70,6 +70,9 @@ class EvalSettings:
     overwrite: bool = False  # remove an earlier eval's files in `out` instead of resuming
     self_bleu: str = "add1"  # self-BLEU convention (eval/diversity.py SELF_BLEU_VARIANTS)
     sandbox_isolation: str = "required"  # code rewards: required | best_effort
+    kv_cache: str = "paged"  # the engine's KV cache: paged | dense
+    page_size: int = 64
+    kv_cache_gib: float | None = None  # page pool budget (None: the engine's default)
 
 
 def run_eval(problems: Sequence[Problem], backend: Backend, out: Path, *, n: int, seed: int,
@@ -126,7 +129,9 @@ def evaluate_model(s: EvalSettings) -> dict[str, Any]:
         backend = EngineBackend(s.model, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k, max_new_tokens=s.max_new_tokens, dtype=dtype,
                                 decode_slots=s.decode_slots, decode_chunk=s.decode_chunk,
-                                devices=s.devices, prefill_buckets=s.prefill_buckets)
+                                devices=s.devices, prefill_buckets=s.prefill_buckets,
+                                kv_cache=s.kv_cache, page_size=s.page_size,
+                                kv_cache_gib=s.kv_cache_gib)
         problems = build_problems(s.benchmarks, s.data_dir, s.limit, backend.encode)
         backend.check_lengths(problems)
     except (OSError, ValueError, KeyError) as e:  # unreadable model/tokenizer/data: one line

@@ -1,5 +1,7 @@
 """The sampler's host side: `SamplingEngine`, continuous batching over a fixed number of
-decode slots on the compiled kernels (kernels.py).
+decode slots on the compiled kernels: by default the paged ones (paged_kernels.py: a pool of
+KV pages shared by all slots, allocated by the host as samples grow, pages.py), or the dense
+reference (kernels.py: a full-length cache row per slot), `kv_cache="paged" | "dense"`.
 
 A `generate` call validates lengths and memory, queues its (prompt, sample) work items
 prompt-major, and loops: admit waiting items into free slots (one prefill per distinct
@@ -11,9 +13,12 @@ the same seed gives the same rollout at any slot count, chunk size or number of 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-from typing import Any, Optional, Sequence
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +29,13 @@ from jax.sharding import Mesh, NamedSharding
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import named_sharding, state_shardings
 from flowrl_jax.models.decode import CACHE_AXES, cache_bytes
+from flowrl_jax.models.paged_decode import POOL_AXES, pool_shape
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling import cpu_fast_paths
-from flowrl_jax.sampling.kernels import DecodeState, bucket, kernels_for, pow2
+from flowrl_jax.sampling.kernels import DecodeState, Kernels, bucket, kernels_for, pow2
+from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pages_for, pool_pages
+from flowrl_jax.sampling.paged_kernels import PagedKernels, PagedState, paged_kernels_for
+from flowrl_jax.sampling.pages import PageAllocator
 from flowrl_jax.sampling.params import SamplingError, SamplingParams, SamplingSpec
 from flowrl_jax.sampling.results import FINISH_NAMES, FINISH_NONE, Rollout
 
@@ -45,6 +54,16 @@ def _device_free_bytes(device: jax.Device) -> Optional[int]:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
+@dataclass
+class PagedStats:
+    """What the last paged `generate` did with its pool (summed over decode groups)."""
+
+    pool_pages: int = 0  # allocatable pages (the null pages not counted)
+    peak_pages: int = 0  # most pages in use at once (at chunk starts)
+    waits: int = 0  # chunks a running sample sat out for want of pages
+    preemptions: int = 0  # samples sent back to the queue to free pages
+
+
 class _RolloutBuffers:
     """Host arrays a `generate` call fills row by row (row = prompt × n + sample)."""
 
@@ -55,6 +74,15 @@ class _RolloutBuffers:
         self.lengths = np.zeros((rows,), np.int32)
         self.reasons = [""] * rows
 
+
+#: KV cache forms (rollout.kv_cache): "paged" (the default), "dense" (the tested reference)
+KV_CACHES = ("paged", "dense")
+#: paged decode attention implementations (rollout.paged_attention); auto = xla everywhere
+PAGED_ATTENTION = ("auto", "xla")
+#: without rollout.kv_cache_gib the page pool takes this share of the device's free memory...
+KV_FREE_FRACTION = 0.8
+#: ...or, on a backend that reports no free memory (CPU), this many bytes
+KV_DEFAULT_BYTES = 4 << 30
 
 MAX_STOP_IDS = 8  # stop ids travel as a padded array so that changing them never recompiles
 
@@ -70,7 +98,9 @@ class SamplingEngine:
                  decode_slots: int = 256, decode_chunk: int = 64,
                  prefill_buckets: Sequence[int] = (128, 256, 512, 1024, 2048),
                  prefill_batch: int = 8, eos_token_ids: Optional[Sequence[int]] = None,
-                 pad_token_id: int = 0, cache_dtype: Any = None, verbose: bool = True):
+                 pad_token_id: int = 0, cache_dtype: Any = None, verbose: bool = True,
+                 kv_cache: str = "paged", page_size: int = 64,
+                 kv_cache_gib: Optional[float] = None, paged_attention: str = "auto"):
         self.graphdef = nnx.graphdef(model)
         self.arch: ModelArch = model.arch
         self.weight_bytes = cpu_fast_paths.matmul_weight_bytes(model)
@@ -86,18 +116,41 @@ class SamplingEngine:
         self.pad_token_id = int(pad_token_id)
         self.verbose = verbose
         self._printed: set = set()
+        self._pool_sizes: dict[tuple[int, int], int] = {}
+        self._group_stats: list[PagedStats] = []
+        self.paged_stats: Optional[PagedStats] = None  # of the last paged generate
         if (self.decode_slots <= 0 or self.decode_chunk <= 0 or self.prefill_batch <= 0
                 or not self.prefill_buckets):
             raise SamplingError("decode_slots, decode_chunk, prefill_batch must be > 0 and "
                                 "prefill_buckets non-empty")
-        self.kernels = kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype)
+        if kv_cache not in KV_CACHES:
+            raise SamplingError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        if int(page_size) <= 0:
+            raise SamplingError(f"page_size must be > 0, got {page_size}")
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise SamplingError(f"kv_cache_gib must be > 0 (or None), got {kv_cache_gib}")
+        if paged_attention not in PAGED_ATTENTION:
+            raise SamplingError(f"paged_attention must be one of {PAGED_ATTENTION}, "
+                                f"got {paged_attention!r}")
+        self.kv_cache = kv_cache
+        self.page_size = int(page_size)
+        self.kv_cache_gib = kv_cache_gib
+        self.kernels: Union[Kernels, PagedKernels]
+        if kv_cache == "paged":
+            self.kernels = paged_kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype,
+                                             self.page_size, "xla")  # auto: xla everywhere
+        else:
+            self.kernels = kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype)
 
     @classmethod
     def from_rollout_config(cls, model: Qwen2ForCausalLM, cfg: RolloutConfig,
                             mesh: Optional[Mesh] = None, **kw: Any) -> "SamplingEngine":
-        """An engine sized by `cfg.rollout` (decode_slots, decode_chunk, prefill_buckets)."""
+        """An engine sized by `cfg.rollout` (decode_slots, decode_chunk, prefill_buckets, and
+        the KV cache: kv_cache, page_size, kv_cache_gib, paged_attention)."""
         return cls(model, mesh=mesh, decode_slots=cfg.decode_slots, decode_chunk=cfg.decode_chunk,
-                   prefill_buckets=cfg.prefill_buckets, **kw)
+                   prefill_buckets=cfg.prefill_buckets, kv_cache=cfg.kv_cache,
+                   page_size=cfg.page_size, kv_cache_gib=cfg.kv_cache_gib,
+                   paged_attention=cfg.paged_attention, **kw)
 
     # ----------------------------------------------------------------- params / memory
 
@@ -116,13 +169,43 @@ class SamplingEngine:
         abstract = nnx.state(nnx.merge(self.graphdef, params))
         return jax.device_put(params, state_shardings(abstract, self.mesh))
 
-    def init_state(self, slots: int, length: int) -> DecodeState:
-        """An empty decode state (all slots idle) placed in its shardings."""
+    def init_state(self, slots: int, length: int) -> Union[DecodeState, PagedState]:
+        """An empty decode state (all slots idle) placed in its shardings; paged: static page
+        tables (each slot owns the pages of `length` positions, as a dense cache row)."""
         return self.kernels.init_state(slots, length)
 
+    def _shards(self, axes: tuple, shape: tuple) -> int:
+        """Devices one array of logical `axes` and `shape` is split over on the engine's mesh."""
+        if self.mesh is None:
+            return 1
+        shards = 1
+        for names in named_sharding(self.mesh, axes, shape).spec:
+            for a in ((names,) if isinstance(names, str) else (names or ())):
+                shards *= self.mesh.shape[a]
+        return shards
+
+    def pool_pages(self, slots: int, length: int) -> int:
+        """Pages of the paged pool for calls of `slots` slots over `length` positions: what
+        `kv_cache_gib` (else KV_FREE_FRACTION of the device's free memory, else
+        KV_DEFAULT_BYTES) buys, at most what every slot's full length needs (+ the null
+        page). Decided once per shape, so later calls reuse the compiled programs."""
+        key = (slots, length)
+        if key not in self._pool_sizes:
+            full = slots * pages_for(length, self.page_size) + 1
+            if self.kv_cache_gib is not None:
+                budget = int(self.kv_cache_gib * 2**30)
+            else:
+                free = _device_free_bytes(self.device)
+                shards = self._shards(POOL_AXES, pool_shape(self.arch, full, self.page_size))
+                budget = KV_DEFAULT_BYTES if free is None else int(KV_FREE_FRACTION * free * shards)
+            self._pool_sizes[key] = max(2, min(full, pool_pages(budget, self.arch, self.cache_dtype,
+                                                                self.page_size)))
+        return self._pool_sizes[key]
+
     def check_fits(self, prompt_lengths: Sequence[int], max_new_tokens: int, slots: int,
-                   length: int) -> int:
-        """Validate lengths and memory before any compute; print and return the cache bytes."""
+                   length: int, num_pages: Optional[int] = None) -> int:
+        """Validate lengths and memory before any compute; print and return the cache bytes
+        (paged: a pool of `num_pages` pages, or the static pool of `init_state`)."""
         limit = self.arch.max_position_embeddings
         for i, n in enumerate(prompt_lengths):
             if n <= 0:
@@ -134,25 +217,28 @@ class SamplingEngine:
             if n - 1 + max_new_tokens > length:  # the last generated token is never cached
                 raise SamplingError(f"prompt {i}: {n} + {max_new_tokens} tokens exceed the KV cache "
                                     f"length {length}")
-        nbytes = cache_bytes(self.arch, slots, length, self.cache_dtype)
-        shards = 1
-        if self.mesh is not None:
-            spec = named_sharding(self.mesh, CACHE_AXES,
-                                  self.kernels.cache_shape(slots, length)).spec
-            for axes in spec:
-                for a in ((axes,) if isinstance(axes, str) else (axes or ())):
-                    shards *= self.mesh.shape[a]
+        if self.kv_cache == "paged":
+            pages = num_pages if num_pages is not None else (
+                slots * pages_for(length, self.page_size) + 1)
+            nbytes = pages * self.page_size * kv_bytes_per_token(self.arch, self.cache_dtype)
+            shards = self._shards(POOL_AXES, pool_shape(self.arch, pages, self.page_size))
+            what = f"{pages} pages × {self.page_size} tokens"
+            hint = "set rollout.kv_cache_gib lower"
+        else:
+            nbytes = cache_bytes(self.arch, slots, length, self.cache_dtype)
+            shards = self._shards(CACHE_AXES, self.kernels.cache_shape(slots, length))
+            what = f"{slots} slots × {length} tokens"
+            hint = "lower rollout.decode_slots or max_new_tokens"
         dev = self.device
         free = _device_free_bytes(dev)
         if free is not None and nbytes / shards > free:
             raise SamplingError(
-                f"KV cache needs {nbytes / shards / 2**30:.2f} GiB per device ({slots} slots × "
-                f"{length} tokens) but only {free / 2**30:.2f} GiB is free on {dev}; lower "
-                "rollout.decode_slots or max_new_tokens")
-        key = (slots, length)
+                f"KV cache needs {nbytes / shards / 2**30:.2f} GiB per device ({what}) but only "
+                f"{free / 2**30:.2f} GiB is free on {dev}; {hint}")
+        key = (slots, length, num_pages)
         if self.verbose and key not in self._printed:
             self._printed.add(key)
-            print(f"[sampler] KV cache: {slots} slots × {length} tokens × "
+            print(f"[sampler] KV cache ({self.kv_cache}): {what} × "
                   f"{self.arch.num_hidden_layers} layers × 2 × {self.arch.num_key_value_heads} kv "
                   f"heads × {self.arch.resolved_head_dim} × {self.cache_dtype.itemsize} B = "
                   f"{nbytes / 2**20:.1f} MiB", file=sys.stderr)
@@ -216,15 +302,29 @@ class SamplingEngine:
         n_total = len(prompts) * sampling.n
         slots = self.num_slots(n_total)
         length = self.cache_length(max(len(p) for p in prompts), sampling.max_new_tokens)
-        self.check_fits([len(p) for p in prompts], sampling.max_new_tokens, slots, length)
+        groups = min(self.decode_groups(slots, sampling.max_new_tokens), n_total)
+        num_pages = None
+        if self.kv_cache == "paged":
+            num_pages = self.pool_pages(slots, length)
+            need = max(pages_for(len(p) - 1 + sampling.max_new_tokens, self.page_size)
+                       for p in prompts)
+            self._check_pool_fits(need, num_pages - 1, prompts, sampling)
+            while groups > 1 and (num_pages - 1) // groups < need:
+                groups -= 1  # each group's pool must hold the longest sample
+        self.check_fits([len(p) for p in prompts], sampling.max_new_tokens, slots, length,
+                        num_pages)
         params = self.params_of(params)
         # Work items in prompt-major order; a prompt's samples may be split over admissions
         # (and over decode groups).
         queue = [(p, s) for p in range(len(prompts)) for s in range(sampling.n)]
         out = _RolloutBuffers(n_total, sampling.max_new_tokens)
-        groups = min(self.decode_groups(slots, sampling.max_new_tokens), n_total)
+        self._group_stats = []
+        decode = self._decode_items
+        if num_pages is not None:  # paged: each group its share of the pool (+ a null page)
+            decode = functools.partial(self._decode_items_paged,
+                                       num_pages=(num_pages - 1) // groups + 1)
         if groups == 1:
-            self._decode_items(params, prompts, queue, sampling, slots, length, out)
+            decode(params, prompts, queue, sampling, slots, length, out)
         else:
             # Contiguous runs of the queue keep most of a prompt's samples in one group (one
             # prefill); each group has its share of the slots, so the caches take the same
@@ -233,15 +333,21 @@ class SamplingEngine:
             parts = [queue[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             g_slots = slots // groups
             pool = cpu_fast_paths.group_pool()
-            futures = [pool.submit(self._decode_items, params, prompts, part, sampling,
+            futures = [pool.submit(decode, params, prompts, part, sampling,
                                    g_slots, length, out) for part in parts[1:]]
             try:
-                self._decode_items(params, prompts, parts[0], sampling, g_slots, length, out)
+                decode(params, prompts, parts[0], sampling, g_slots, length, out)
             finally:
                 errors = [f.exception() for f in futures]  # waits for every group
             for e in errors:
                 if e is not None:
                     raise e
+        if num_pages is not None:
+            parts = self._group_stats
+            self.paged_stats = PagedStats(sum(p.pool_pages for p in parts),
+                                          sum(p.peak_pages for p in parts),
+                                          sum(p.waits for p in parts),
+                                          sum(p.preemptions for p in parts))
         n_prompts = len(prompts)
         return Rollout(np.repeat(np.arange(n_prompts, dtype=np.int32), sampling.n),
                        np.tile(np.arange(sampling.n, dtype=np.int32), n_prompts),
@@ -269,21 +375,132 @@ class SamplingEngine:
                     owner[slot] = item[0] * sampling.n + item[1]
                 free = free[len(take):]
             st, outs = self.kernels.decode_chunk_jit(params, st, stop_ids, spec, self.decode_chunk)
-            o_tok, o_lp, o_em, o_fin = (np.asarray(x) for x in jax.device_get(tuple(outs)))
-            for slot in np.nonzero(o_em.any(axis=0))[0].tolist():
-                row = owner[slot]
-                m = o_em[:, slot]
-                n0, n1 = int(out.lengths[row]), int(out.lengths[row]) + int(m.sum())
-                out.tokens[row, n0:n1] = o_tok[m, slot]
-                out.logprobs[row, n0:n1] = o_lp[m, slot]
-                out.lengths[row] = n1
-                fin = int(o_fin[m, slot][-1])
-                if fin != FINISH_NONE:
-                    out.reasons[row] = FINISH_NAMES[fin]
+            for slot, _, finished in _collect(outs, owner, out):
+                if finished:
                     owner[slot] = -1
                     free.append(slot)
                     done += 1
             free.sort()
+
+    def _check_pool_fits(self, need: int, capacity: int, prompts: list[list[int]],
+                         sampling: SamplingParams) -> None:
+        """A SamplingError naming the budget when one sample alone needs more pages than the
+        pool holds (it could never run)."""
+        if need <= capacity:
+            return
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        budget = (f"rollout.kv_cache_gib {self.kv_cache_gib}" if self.kv_cache_gib is not None
+                  else "the default KV budget")
+        raise SamplingError(
+            f"KV page pool too small: {budget} buys {capacity} pages of {self.page_size} tokens, "
+            f"but prompt {longest} ({len(prompts[longest])} tokens) + max_new_tokens "
+            f"{sampling.max_new_tokens} needs {need} pages; raise rollout.kv_cache_gib or "
+            "lower max_new_tokens")
+
+    def _decode_items_paged(self, params: Any, prompts: list[list[int]],
+                            queue: list[tuple[int, int]], sampling: SamplingParams, slots: int,
+                            length: int, out: "_RolloutBuffers", *, num_pages: int) -> None:
+        """`_decode_items` on a page pool of `num_pages` pages (paged_kernels.py).
+
+        Between chunks the host gives every running sample, oldest first, the pages its next
+        chunk writes (all of them or none: a sample without them waits, keeping its slot and
+        pages). New samples are admitted (FIFO) only when every running one got its pages,
+        while a slot and the pages of their prompt + first chunk are free; the samples of a
+        prompt admitted together share its full pages. When no running sample can get its
+        pages, the youngest is preempted (pages returned, requeued at the front, its tokens
+        dropped: it restarts from its prompt with the same keys) until one can; one sample
+        alone always fits (`_check_pool_fits`), so this never deadlocks."""
+        kern: PagedKernels = self.kernels  # type: ignore[assignment]
+        spec = self.spec_for(sampling)
+        stop_ids = self.stop_ids_for(sampling)
+        p_size, chunk, max_new = self.page_size, self.decode_chunk, sampling.max_new_tokens
+        st = kern.init_state(slots, length, num_pages)
+        alloc = PageAllocator(num_pages)
+        table = np.zeros((slots, kern.pages_per_slot(length)), np.int32)
+        n_pages = np.zeros((slots,), np.int64)  # pages in each slot's table
+        limit = np.zeros((slots,), np.int32)  # a slot steps while its position is below
+        next_pos = np.zeros((slots,), np.int64)  # host mirror of the state's positions
+        last_pos = np.zeros((slots,), np.int64)  # the last position a sample writes
+        owner = [-1] * slots  # slot → row in the output
+        item_of: list[Optional[tuple[int, int]]] = [None] * slots
+        age = [0] * slots  # admission order
+        pending = deque(queue)
+        admitted = done = 0
+        stats = PagedStats(pool_pages=num_pages - 1)
+        self._group_stats.append(stats)
+
+        def release(slot: int) -> None:
+            alloc.release(table[slot, :n_pages[slot]].tolist())
+            table[slot] = 0
+            n_pages[slot] = limit[slot] = 0
+            owner[slot] = -1
+
+        def grow(slot: int) -> bool:
+            end = min(next_pos[slot] + chunk, last_pos[slot] + 1)
+            need = pages_for(int(end), p_size) - int(n_pages[slot])
+            if need > alloc.free:
+                limit[slot] = next_pos[slot]  # waits this chunk
+                return False
+            if need > 0:
+                table[slot, n_pages[slot]:n_pages[slot] + need] = alloc.allocate(need)
+                n_pages[slot] += need
+            limit[slot] = n_pages[slot] * p_size
+            return True
+
+        while done < len(queue):
+            running = sorted((s for s in range(slots) if owner[s] >= 0), key=age.__getitem__)
+            granted = [grow(s) for s in running]
+            stats.waits += granted.count(False)
+            if not any(granted) and running:
+                stats.preemptions += 1
+                youngest = running[-1]
+                item = item_of[youngest]
+                out.lengths[owner[youngest]] = 0
+                release(youngest)
+                pending.appendleft(item)  # type: ignore[arg-type]
+                continue
+            if all(granted):
+                take, slots_for = [], []
+                shared: dict[int, list[int]] = {}
+                free = [s for s in range(slots) if owner[s] < 0]
+                while pending and len(take) < len(free):
+                    p, smp = pending[0]
+                    if p not in shared and len(shared) == self.prefill_batch:
+                        break
+                    n = len(prompts[p]) - 1
+                    full = n // p_size
+                    private = pages_for(min(n + chunk, n + max_new), p_size) - full
+                    if private + (0 if p in shared else full) > alloc.free:
+                        break
+                    if p in shared:
+                        alloc.share(shared[p])
+                    else:
+                        shared[p] = alloc.allocate(full)
+                    slot = free[len(take)]
+                    table[slot, :full] = shared[p]
+                    table[slot, full:full + private] = alloc.allocate(private)
+                    n_pages[slot] = full + private
+                    limit[slot] = n_pages[slot] * p_size
+                    next_pos[slot], last_pos[slot] = n, n + max_new - 1
+                    owner[slot], item_of[slot], age[slot] = p * sampling.n + smp, (p, smp), admitted
+                    admitted += 1
+                    take.append(pending.popleft())
+                    slots_for.append(slot)
+                if take:
+                    st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
+                    st = self._admit_batch(params, st, prompts, take, slots_for, sampling)
+            if not any(owner[s] >= 0 and limit[s] > next_pos[s] for s in range(slots)):
+                raise SamplingError(  # unreachable while _check_pool_fits holds; never spin
+                    f"KV page pool of {num_pages - 1} pages cannot run the next sample; raise "
+                    "rollout.kv_cache_gib")
+            stats.peak_pages = max(stats.peak_pages, alloc.capacity - alloc.free)
+            st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
+            st, outs = kern.decode_chunk_jit(params, st, stop_ids, spec, chunk)
+            for slot, emitted, finished in _collect(outs, owner, out):
+                next_pos[slot] += emitted
+                if finished:
+                    release(slot)
+                    done += 1
 
     def _next_admission(self, queue: list[tuple[int, int]], qi: int, n_free: int,
                         prompts: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
@@ -325,6 +542,25 @@ class SamplingEngine:
         budget = np.full((slots,), sampling.max_new_tokens, np.int32)
         return self.kernels.admit_jit(params, st, tokens, lengths, src, dst, last, budget,
                                   np.uint32(sampling.seed % 2**32), pidx, sidx)
+
+
+def _collect(outs: Any, owner: list[int], out: _RolloutBuffers) -> list[tuple[int, int, bool]]:
+    """Copy a decode chunk's emitted tokens into `out` (slot → row `owner[slot]`); per slot
+    that emitted: (slot, tokens emitted, whether its sample finished)."""
+    o_tok, o_lp, o_em, o_fin = (np.asarray(x) for x in jax.device_get(tuple(outs)))
+    result = []
+    for slot in np.nonzero(o_em.any(axis=0))[0].tolist():
+        row = owner[slot]
+        m = o_em[:, slot]
+        n0, n1 = int(out.lengths[row]), int(out.lengths[row]) + int(m.sum())
+        out.tokens[row, n0:n1] = o_tok[m, slot]
+        out.logprobs[row, n0:n1] = o_lp[m, slot]
+        out.lengths[row] = n1
+        fin = int(o_fin[m, slot][-1])
+        if fin != FINISH_NONE:
+            out.reasons[row] = FINISH_NAMES[fin]
+        result.append((slot, n1 - n0, fin != FINISH_NONE))
+    return result
 
 
 def generate(engine: SamplingEngine, params: Any, prompts: Sequence[Sequence[int]],

@@ -1,0 +1,125 @@
+"""The decode step over a paged KV cache: one pool of fixed-size pages per layer and a page
+table per sample (the sampler's paged engine, sampling/paged_kernels.py, runs it).
+
+Layout. A pool holds keys and values [pages, kv_heads, head_dim, page_size]: each page is a
+small heads-major, position-minor block of the dense decode layout (models/decode.py), so
+position t of a sample lives at page `table[t // page_size]`, column `t % page_size`.
+Gathering a sample's pages in table order gives exactly its dense cache row
+[kv_heads, head_dim, pages × page_size], and `decode_attention` runs on that unchanged: the
+paged step computes the same numbers as `decode_forward` (bit for bit when both attend over
+the same length), and entries past a sample's position are masked whatever page they read.
+
+`paged_attention` is the one place a paged-attention kernel would plug in (`ATTENTION_IMPLS`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from flowrl_jax.config import ModelArch
+from flowrl_jax.models.decode import DecodeMatrices, decode_attention
+from flowrl_jax.models.qwen2 import Qwen2ForCausalLM, apply_rope
+
+Array = jax.Array
+
+#: logical axes of a page pool's keys and values: pages replicated, heads over `tensor`
+POOL_AXES = (None, "kv_heads", "head_dim", None)
+
+#: implementations of `paged_attention`: "xla" gathers the pages and runs the dense decode
+#: attention (every platform). A Pallas kernel goes here as another name; JAX's TPU
+#: paged_attention wants pages [kv_heads, pages, page_size, head_dim] (position-major), not
+#: this position-minor layout, so it needs a pool layout of its own.
+ATTENTION_IMPLS = ("xla",)
+
+
+class PagedCache(NamedTuple):
+    """One layer's page pool: keys k and values v, both [pages, kv_heads, head_dim, page_size]."""
+
+    k: Array
+    v: Array
+
+    @property
+    def page_size(self) -> int:
+        """Positions per page."""
+        return self.v.shape[3]
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the pool (page 0, the null page, included)."""
+        return self.v.shape[0]
+
+
+def pool_shape(arch: ModelArch, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's key (and value) pool: [pages, kv_heads, head_dim, page_size]."""
+    return (num_pages, arch.num_key_value_heads, arch.resolved_head_dim, page_size)
+
+
+def empty_pool(arch: ModelArch, num_pages: int, page_size: int, dtype: Any) -> list[PagedCache]:
+    """A zeroed page pool, one `PagedCache` per layer."""
+    shape = pool_shape(arch, num_pages, page_size)
+    return [PagedCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+            for _ in range(arch.num_hidden_layers)]
+
+
+def gather_rows(pool: Array, table: Array) -> Array:
+    """The dense rows [B, kv_heads, head_dim, pages × page_size] of page tables `table`
+    [B, pages] over one pool array [pages_in_pool, kv_heads, head_dim, page_size]."""
+    g = pool[table]  # [B, T, K, D, P]
+    b, t, k, d, p = g.shape
+    return g.transpose(0, 2, 3, 1, 4).reshape(b, k, d, t * p)
+
+
+def paged_attention(q: Array, pool: PagedCache, table: Array, visible: Array, products: str,
+                    impl: str = "xla") -> Array:
+    """One query token's attention over each sample's pages: q [B, K, G, D], page tables
+    `table` [B, T], visible [B, 1, 1, T × page_size] → [B, K, G, D] float32."""
+    if impl != "xla":
+        raise ValueError(f"paged_attention: unknown impl {impl!r}; use one of {ATTENTION_IMPLS}")
+    return decode_attention(q, gather_rows(pool.k, table), gather_rows(pool.v, table), visible,
+                            products)
+
+
+def write_token(pool: PagedCache, k: Array, v: Array, page: Array, col: Array) -> PagedCache:
+    """The pool with keys k and values v [B, kv_heads, head_dim] written at column `col` [B]
+    of page `page` [B] (in place when donated; idle rows aim at the null page)."""
+    return PagedCache(pool.k.at[page, :, :, col].set(k.astype(pool.k.dtype)),
+                      pool.v.at[page, :, :, col].set(v.astype(pool.v.dtype)))
+
+
+def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page: Array,
+                         pools: list[PagedCache], table: Array, rope: tuple[Array, Array],
+                         mats: Optional[DecodeMatrices], products: str,
+                         impl: str = "xla") -> tuple[Array, list[PagedCache]]:
+    """One decode step: logits [B, V] of `token` [B] at position `pos` [B], and the pools with
+    this token's keys and values written at column pos % page_size of page `page` [B].
+
+    `decode_forward` (models/decode.py) with the cache row read through the page table
+    `table` [B, T]; `rope`, `mats` and `products` as there.
+    """
+    b, p_size = token.shape[0], pools[0].page_size
+    s = table.shape[1] * p_size
+    col = pos % p_size
+    cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in rope)
+    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.num.compute_dtype)
+    visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    new_pools = []
+    for i, (layer, pool) in enumerate(zip(model.layers, pools)):
+        at = layer.self_attn
+        wq, wk, wv, wo, wg, wu, wd = (None,) * 7 if mats is None else mats.layers[i]
+        n, kh, d = at.n_heads, at.n_kv, at.head_dim
+        h = layer.input_layernorm(x)
+        q = apply_rope(at.q_proj(h, wq).reshape(b, 1, n, d), cos, sin)
+        k = apply_rope(at.k_proj(h, wk).reshape(b, 1, kh, d), cos, sin)
+        v = at.v_proj(h, wv).reshape(b, 1, kh, d)
+        pool = write_token(pool, k[:, 0], v[:, 0], page, col)
+        out = paged_attention(q.reshape(b, kh, n // kh, d), pool, table, visible, products, impl)
+        x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d), wo)
+        x = x + layer.mlp(layer.post_attention_layernorm(x), (wg, wu, wd))
+        new_pools.append(pool)
+    hidden = model.norm(x)
+    if mats is None:
+        return model.logits(hidden)[:, 0], new_pools
+    return jnp.dot(hidden.astype(model.num.compute_dtype), mats.head)[:, 0], new_pools

@@ -1,0 +1,279 @@
+"""The paged engine's compiled device functions (`PagedKernels`): the `Kernels` interface
+(kernels.py: prefill, insert, admit, decode_chunk and their jitted forms, init_state) over a
+decode state whose KV cache is a page pool per layer plus a page table per slot
+(models/paged_decode.py).
+
+The device never allocates: the host (engine.py with pages.py) owns the page tables and
+pushes them, with each slot's `limit`, into the state between chunks. A slot steps while
+it is active and its position is below its limit (the positions its pages cover); the host
+grants a slot pages for a whole chunk or none, so a slot that runs, runs every step of the
+chunk until it finishes (what `cpu_fast_paths.chunk_noise` relies on), and one that waits
+keeps its place. Idle and waiting slots write into the null page (pages.NULL_PAGE).
+
+`init_state(slots, length)` without `num_pages` gives every slot its own contiguous pages
+(a dense-sized pool behind static tables; the JetStream adapter runs so): the decode path is
+the same, only the host-side allocation is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from flowrl_jax.config import ModelArch
+from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
+from flowrl_jax.models.decode import DecodeCache, prefill, rope_table
+from flowrl_jax.models.paged_decode import (POOL_AXES, PagedCache, empty_pool,
+                                            paged_decode_forward, pool_shape)
+from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
+from flowrl_jax.sampling import cpu_fast_paths
+from flowrl_jax.sampling.kernels import ChunkOut
+from flowrl_jax.sampling.kv_budget import pages_for
+from flowrl_jax.sampling.logits import sample_logits
+from flowrl_jax.sampling.pages import NULL_PAGE
+from flowrl_jax.sampling.params import SamplingSpec
+from flowrl_jax.sampling.random import key_width, sample_keys, step_keys
+from flowrl_jax.sampling.results import FINISH_LENGTH, FINISH_NONE, FINISH_STOP
+
+Array = jax.Array
+
+#: `limit` of a slot that may always step (static page tables)
+NO_LIMIT = np.iinfo(np.int32).max
+
+
+class PagedState(NamedTuple):
+    """Everything the paged decode loop carries; per-slot fields as in kernels.DecodeState."""
+
+    pool: list[PagedCache]  # per layer
+    page_table: Array  # [slots, pages per slot] int32 pool pages, NULL_PAGE where unused
+    limit: Array  # [slots] int32 a slot steps while pos < limit
+    token: Array  # [slots] int32 token fed at the next step
+    pos: Array  # [slots] int32 its position
+    active: Array  # [slots] bool
+    generated: Array  # [slots] int32 tokens generated so far
+    budget: Array  # [slots] int32 max new tokens
+    keys: Array  # [slots, key_width()] uint32 per-sample base key
+
+
+class PagedKernels:
+    """The paged device functions for one (model graph, mesh, cache dtype, page size); shared
+    per key (`paged_kernels_for`) like `Kernels`."""
+
+    def __init__(self, graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any,
+                 page_size: int, attention: str = "xla"):
+        if page_size <= 0:
+            raise ValueError(f"page_size must be > 0, got {page_size}")
+        self.graphdef, self.arch, self.mesh = graphdef, arch, mesh
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.page_size = int(page_size)
+        self.attention = attention
+        self.admit_jit = jax.jit(self.admit, donate_argnums=(1,))
+        self.prefill_jit = jax.jit(self.prefill)
+        self.insert_jit = jax.jit(self.insert, donate_argnums=(0,))
+        self.decode_chunk_jit = jax.jit(self.decode_chunk, static_argnums=(3, 4),
+                                        donate_argnums=(1,))
+        self._init_fns: dict[tuple, Any] = {}
+
+    @property
+    def device(self) -> jax.Device:
+        """The (first) device the kernels run on."""
+        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
+    def pages_per_slot(self, length: int) -> int:
+        """Page-table width for a cache of `length` positions."""
+        return pages_for(length, self.page_size)
+
+    # ----------------------------------------------------------------- shardings
+
+    def state_shardings(self, slots: int, length: int, num_pages: int) -> Optional[PagedState]:
+        """NamedShardings of a paged state (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        ps = named_sharding(self.mesh, POOL_AXES, pool_shape(self.arch, num_pages, self.page_size))
+        b1 = batch_sharding(self.mesh, 1, (slots,))
+        tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
+        b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
+        return PagedState([PagedCache(ps, ps) for _ in range(self.arch.num_hidden_layers)],
+                          tab, b1, b1, b1, b1, b1, b1, b2)
+
+    def _dims(self, st: PagedState) -> tuple[int, int, int]:
+        return st.token.shape[0], st.page_table.shape[1] * self.page_size, st.pool[0].num_pages
+
+    def constrain(self, st: PagedState) -> PagedState:
+        """`st` constrained to its shardings (as it is without a mesh). Traced."""
+        sh = self.state_shardings(*self._dims(st))
+        return st if sh is None else jax.lax.with_sharding_constraint(st, sh)
+
+    def put_tables(self, st: PagedState, table: np.ndarray, limit: np.ndarray,
+                   active: np.ndarray) -> PagedState:
+        """`st` with the host's page tables, limits and active flags (copies of them)."""
+        sh = self.state_shardings(*self._dims(st))
+        arrays = (np.array(table, np.int32), np.array(limit, np.int32), np.array(active, bool))
+        if sh is None:
+            t, lim, act = (jax.device_put(a, self.device) for a in arrays)
+        else:
+            t, lim, act = (jax.device_put(a, s) for a, s in
+                           zip(arrays, (sh.page_table, sh.limit, sh.active)))
+        return st._replace(page_table=t, limit=lim, active=act)
+
+    def init_state(self, slots: int, length: int, num_pages: Optional[int] = None) -> PagedState:
+        """An empty paged state (all slots idle). With `num_pages`: a pool of that many pages
+        and empty tables (the host allocates); without: static tables, each slot owning
+        pages_per_slot(length) pages of a pool sized for all of them."""
+        key = (slots, length, num_pages)
+        if key not in self._init_fns:  # one compiled initialiser per shape
+            n = self._pool_pages(slots, length, num_pages)
+            self._init_fns[key] = jax.jit(lambda: self._empty_state(slots, length, num_pages),
+                                          out_shardings=self.state_shardings(slots, length, n))
+        return self._init_fns[key]()
+
+    def abstract_state(self, slots: int, length: int,
+                       num_pages: Optional[int] = None) -> PagedState:
+        """`init_state`'s result as ShapeDtypeStructs with their shardings (nothing allocated)."""
+        shapes = jax.eval_shape(lambda: self._empty_state(slots, length, num_pages))
+        shardings = self.state_shardings(slots, length, self._pool_pages(slots, length, num_pages))
+        if shardings is None:
+            return shapes
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, shardings)
+
+    def _pool_pages(self, slots: int, length: int, num_pages: Optional[int]) -> int:
+        return slots * self.pages_per_slot(length) + 1 if num_pages is None else num_pages
+
+    def _empty_state(self, slots: int, length: int, num_pages: Optional[int]) -> PagedState:
+        width = self.pages_per_slot(length)
+        n = self._pool_pages(slots, length, num_pages)
+        pool = empty_pool(self.arch, n, self.page_size, self.cache_dtype)
+        zi = jnp.zeros((slots,), jnp.int32)
+        if num_pages is None:  # static: slot s owns pages 1 + s·width ... (s + 1)·width
+            table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width)
+            limit = jnp.full((slots,), NO_LIMIT, jnp.int32)
+        else:
+            table = jnp.full((slots, width), NULL_PAGE, jnp.int32)
+            limit = zi
+        return PagedState(pool, table, limit, zi, zi, jnp.zeros((slots,), bool), zi, zi,
+                          jnp.zeros((slots, key_width()), jnp.uint32))
+
+    # ----------------------------------------------------------------- traced functions
+
+    def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
+        """Dense decode-layout cache (P positions) of right-padded prompts `tokens` [B, P]
+        with `lengths` [B] (models/decode.py `prefill`, as the dense engine's)."""
+        with compute_platform(self.mesh):
+            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
+
+    def insert(self, st: PagedState, prefix: list[DecodeCache], src: Array, dst: Array,
+               last_token: Array, pos: Array, budget: Array, keys: Array) -> PagedState:
+        """Copy prefix rows `src` [M] into the pages of slots `dst` [M] (out-of-range dst =
+        no-op), through the slots' page tables (set by the host before), and start them as
+        `Kernels.insert` does. Of a prefix of n positions the first ceil(n / page_size) pages
+        are written; samples of one prompt that share its full pages write the same values
+        there, and each writes its own copy of the partly filled last page."""
+        slots, length, n_pages = self._dims(st)
+        p_size = self.page_size
+        plen = prefix[0].length
+        width = min(pages_for(plen, p_size), st.page_table.shape[1])
+        rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]  # [M, W]
+        needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
+        dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB: dropped
+        pad = width * p_size - plen
+        pool = []
+        for c, pc in zip(st.pool, prefix):
+            def pages(a):  # [B, K, D, plen] → the rows src as pages [M·W, K, D, P]
+                if pad > 0:
+                    a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
+                a = a[..., :width * p_size]
+                b, k, d, _ = a.shape
+                a = a.reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)[src]
+                return a.reshape(-1, k, d, p_size)
+            pool.append(PagedCache(c.k.at[dest].set(pages(pc.k).astype(c.k.dtype), mode="drop"),
+                                   c.v.at[dest].set(pages(pc.v).astype(c.v.dtype), mode="drop")))
+
+        def put(a, x):
+            return a.at[dst].set(x.astype(a.dtype), mode="drop")
+
+        st = st._replace(pool=pool, token=put(st.token, last_token), pos=put(st.pos, pos),
+                         active=put(st.active, jnp.ones_like(dst, bool)),
+                         generated=put(st.generated, jnp.zeros_like(dst)),
+                         budget=put(st.budget, budget), keys=put(st.keys, keys))
+        return self.constrain(st)
+
+    def admit(self, params: Any, st: PagedState, tokens: Array, lengths: Array, src: Array,
+              dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
+              sample_index: Array) -> PagedState:
+        """Prefill a batch of prompts once and insert each into its slots (`Kernels.admit`)."""
+        prefix = self.prefill(params, tokens, lengths)
+        keys = sample_keys(seed, prompt_index, sample_index)
+        return self.insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
+
+    def _step(self, model: Qwen2ForCausalLM, st: PagedState, stop_ids: Array,
+              spec: SamplingSpec, rope: tuple[Array, Array], mats: Any, products: str,
+              noise: Optional[Array] = None):
+        """One decode step of the slots that may step (`Kernels._step` over pages)."""
+        length = st.page_table.shape[1] * self.page_size
+        act = st.active & (st.pos < st.limit)
+        pos = jnp.minimum(st.pos, length - 1)
+        page = jnp.take_along_axis(st.page_table, (pos // self.page_size)[:, None], axis=1)[:, 0]
+        page = jnp.where(act, page, NULL_PAGE)
+        logits, pool = paged_decode_forward(model, st.token, pos, page, st.pool, st.page_table,
+                                            rope, mats, products, self.attention)
+        logits = logits.astype(jnp.float32)
+        keys = None if noise is not None else step_keys(st.keys, st.generated)
+        tok, logp = sample_logits(logits, keys, spec, noise)
+        gen = st.generated + 1
+        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
+        at_length = (gen >= st.budget) | (pos + 1 >= length)
+        finish = jnp.where(act & stop, FINISH_STOP,
+                           jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
+        new = st._replace(pool=pool, token=jnp.where(act, tok, st.token),
+                          pos=st.pos + act.astype(jnp.int32),
+                          active=st.active & (finish == FINISH_NONE),
+                          generated=jnp.where(act, gen, st.generated))
+        return self.constrain(new), (tok, logp, act, finish.astype(jnp.int32))
+
+    def decode_chunk(self, params: Any, st: PagedState, stop_ids: Array, spec: SamplingSpec,
+                     chunk: int) -> tuple[PagedState, ChunkOut]:
+        """Up to `chunk` decode steps on device; stops early when no slot can step. One loop
+        over the whole page table (no attention windows: one program per shape)."""
+        model = nnx.merge(self.graphdef, params)
+        slots, length, _ = self._dims(st)
+        rope = rope_table(self.arch, length)
+        mats, noise, products = None, None, "matmul"
+        if cpu_fast_paths.enabled(self.device):
+            products = "elementwise"
+            model = cpu_fast_paths.per_layer_weights(model)
+            mats = cpu_fast_paths.decode_matrices(model, slots, chunk)
+            noise = cpu_fast_paths.chunk_noise(st.keys, st.generated, spec, chunk,
+                                               self.arch.vocab_size)
+        outs = ChunkOut(jnp.zeros((chunk, slots), jnp.int32), jnp.zeros((chunk, slots), jnp.float32),
+                        jnp.zeros((chunk, slots), bool), jnp.zeros((chunk, slots), jnp.int32))
+
+        def cond(c):
+            i, s, _ = c
+            return (i < chunk) & jnp.any(s.active & (s.pos < s.limit))
+
+        def body(c):
+            i, s, outs = c
+            s, row = self._step(model, s, stop_ids, spec, rope, mats, products,
+                                None if noise is None else noise[i])
+            return i + 1, s, ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
+
+        _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
+        return st, outs
+
+
+_PAGED_KERNELS: dict[tuple, PagedKernels] = {}
+
+
+def paged_kernels_for(graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any,
+                      page_size: int, attention: str = "xla") -> PagedKernels:
+    """The shared `PagedKernels` of a model graph on a mesh."""
+    key = (graphdef, arch, mesh, jnp.dtype(cache_dtype).name, int(page_size), attention)
+    if key not in _PAGED_KERNELS:
+        _PAGED_KERNELS[key] = PagedKernels(graphdef, arch, mesh, cache_dtype, page_size, attention)
+    return _PAGED_KERNELS[key]
