@@ -5,14 +5,13 @@ by running it (`bench rollout-memory`'s measured row).
 bytes of the state's cache arrays (`cache`: the dense per-slot cache; `pool`: a paged
 engine's page pool, whose state may come from its kernels' own initialiser), the second also
 the active slots after each admission. Any engine with those
-two methods can be measured: the dense engine now, the paged one through `PAGED_FACTORY`.
+two methods can be measured: `dense_engine` and `paged_engine` build the two kinds.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -20,6 +19,7 @@ from flax import nnx
 
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling.engine import SamplingEngine
+from flowrl_jax.sampling.kv_budget import kv_bytes_per_token
 from flowrl_jax.sampling.params import SamplingParams
 
 
@@ -76,16 +76,16 @@ def measure(engine: Any, model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int
 def dense_engine(model: Qwen2ForCausalLM, *, slots: int, decode_chunk: int,
                  prefill_buckets: Sequence[int]) -> SamplingEngine:
     """The dense engine (slots × full-length cache), whatever the engine's default cache."""
-    kw = {}
-    if "kv_cache" in inspect.signature(SamplingEngine).parameters:  # an engine with a paged mode
-        kw["kv_cache"] = "dense"
-    return SamplingEngine(model, decode_slots=slots, decode_chunk=decode_chunk,
-                          prefill_buckets=tuple(prefill_buckets), verbose=False, **kw)
+    return SamplingEngine(model, kv_cache="dense", decode_slots=slots, decode_chunk=decode_chunk,
+                          prefill_buckets=tuple(prefill_buckets), verbose=False)
 
 
-#: builds a paged engine: factory(model, page_size=, pool_pages=, decode_slots=, decode_chunk=,
-#: prefill_buckets=) -> an engine `measure` can run, with a pool of `pool_pages` usable pages
-PagedFactory = Callable[..., Any]
-
-#: set at merge to the paged engine's factory; None: the measured row has no paged figures
-PAGED_FACTORY: Optional[PagedFactory] = None
+def paged_engine(model: Qwen2ForCausalLM, *, page_size: int, pool_pages: int,
+                 decode_slots: int, decode_chunk: int,
+                 prefill_buckets: Sequence[int]) -> SamplingEngine:
+    """The paged engine with a pool of `pool_pages` usable pages (plus its null page)."""
+    page_bytes = page_size * kv_bytes_per_token(model.arch, model.num.compute_dtype)
+    return SamplingEngine(model, kv_cache="paged", page_size=page_size,
+                          kv_cache_gib=(pool_pages + 1) * page_bytes / 2**30,
+                          decode_slots=decode_slots, decode_chunk=decode_chunk,
+                          prefill_buckets=tuple(prefill_buckets), verbose=False)

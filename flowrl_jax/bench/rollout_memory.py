@@ -13,8 +13,7 @@ The measured pair (`case` cpu-small; `--no-measure` skips it): the 0.5B shape cu
 8 prompts of 64 tokens × G = 4, 64 new tokens, float32, a budget of 8.5 dense slots. It is
 computed like the recipe rows, then run on this machine (memory_probe.py): the dense engine's
 cache arrays and peak active slots; the paged engine's pool arrays and peak active slots, run
-with the computed pool and slot count, once `memory_probe.PAGED_FACTORY` names it (null
-figures until then).
+with the computed pool and slot count.
 """
 
 from __future__ import annotations
@@ -178,7 +177,6 @@ SMALL = dict(layers=2, prompts=8, group=4, prompt_len=64, max_new=64, page_size=
 
 
 def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
-                  paged_factory: Optional[memory_probe.PagedFactory] = None,
                   seed: int = 0) -> list[dict]:
     """[computed, measured] rows of `shape` cut to `small`'s settings: response lengths
     log-normal at the recipe's median scaled to the cap, forced by stop tokens
@@ -214,18 +212,18 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
     meas = {**row, "measured": True, "dense_concurrent": dense.peak_running,
             "dense_bytes_per_sample": dense.cache_bytes // max(dense.slots, 1),
             "dense_cache_bytes": dense.cache_bytes, "reference": dense.peak_running,
-            "paged_concurrent": None, "paged_pool_bytes": None, "ours": None, "ratio": None,
             "paged_bytes_per_sample": None, "prompt_sharing_saving": None,
             "prompt_sharing_saved_gib": None}
-    factory = paged_factory or memory_probe.PAGED_FACTORY
-    if factory is not None:
-        paged_eng = factory(model, page_size=s["page_size"], pool_pages=row["paged_pool_pages"],
-                            decode_slots=sim.slots, decode_chunk=s["chunk"],
-                            prefill_buckets=s["buckets"])
-        paged = memory_probe.measure(paged_eng, model, prompts, sampling)
-        meas.update(paged_concurrent=paged.peak_running, ours=paged.peak_running,
-                    paged_pool_bytes=paged.cache_bytes,
-                    ratio=round(paged.peak_running / max(dense.peak_running, 1), 2))
+    paged_eng = memory_probe.paged_engine(model, page_size=s["page_size"],
+                                          pool_pages=row["paged_pool_pages"],
+                                          decode_slots=sim.slots, decode_chunk=s["chunk"],
+                                          prefill_buckets=s["buckets"])
+    paged = memory_probe.measure(paged_eng, model, prompts, sampling)
+    if not np.array_equal(paged.lengths, lens):
+        raise RuntimeError("the paged engine's samples differ from the dense engine's")
+    meas.update(paged_concurrent=paged.peak_running, ours=paged.peak_running,
+                paged_pool_bytes=paged.cache_bytes,
+                ratio=round(paged.peak_running / max(dense.peak_running, 1), 2))
     return [row, meas]
 
 
