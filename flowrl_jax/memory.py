@@ -48,6 +48,9 @@ ATTN_FORWARD_TILES = 0.95
 DECODE_WINDOW_COPIES = 1.2
 #: float32 [slots, vocab] buffers of a decode step (logits, sampling)
 DECODE_LOGIT_COPIES = 3
+#: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
+#: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
+DECODE_GATHERED_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -246,8 +249,10 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
           / (s_shards * kv_split))
     sampler_params = n * pb / local if hosts > 1 else 0.0
     window = decode_window_fraction(length, cfg.rollout.decode_chunk)
+    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
     decode = (DECODE_WINDOW_COPIES * window * kv
-              + DECODE_LOGIT_COPIES * slots / s_shards * v * 4)
+              + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
+              + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
     b, src = budget if budget is not None else device_budget(cfg)
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
