@@ -1,22 +1,24 @@
-"""Up-front memory estimate per device, so a config that cannot fit fails before any compute.
+"""Up-front memory estimate per chip, so a config that cannot fit fails before any compute.
 
-The estimate is deliberately simple and slightly pessimistic:
-  params      N·bytes(param_dtype) / (fsdp·tensor)          (policy weights, sharded)
-  ref         same again unless `trainer.ref_offload` or the algorithm needs no reference
-  grads       N·bytes(param_dtype) / (fsdp·tensor)          (accumulated gradients)
-  optimizer   2·N·4 / (fsdp·tensor)                          (AdamW μ, ν in float32)
-  kv_cache    2·L·kv·hd·(prompt+response)·slots·bytes(compute) / (data·fsdp · tensor split),
-              at most rollout.kv_cache_gib / (tensor split) with the paged cache
-  activations per micro-batch row: L·S·H·bytes·k (k = 34 without remat, 2 with, plus one
-              layer's worth), plus the chunked logits (chunk·V·4) of the log-prob pass
-  A separate critic model (`algo.critic: model`, PPO) adds its own params, grads, AdamW
-  moments and layer activations (the same sizes as the policy's; no logits).
+One RL step runs three kinds of program, one after another, each beside the train state
+(policy (+ critic) weights, Z_φ, AdamW moments) and the reference copy:
+  train step    + gradients (accumulator and one micro-batch's) + activations of a
+                  micro-batch + the mini-batch
+  log-prob pass + one micro-batch's forward temporaries + the rollout batch and its outputs
+  sampling      + the sampler's own copy of the policy (multi-host: each host samples on its
+                  own chips) + the KV cache + the decode chunk's temporaries
+The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch over
+data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs). The
+activation and temporary terms are calibrated against the TPU compiler's own figures
+(`flowrl-jax check`, BUILD_NOTES.md): for the train step, log-prob pass and decode chunk of
+the shipped configs they agree within 15 %.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,37 +29,96 @@ from flowrl_jax.models.arch import param_count
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+# Calibration against the TPU compiler (BUILD_NOTES.md, `flowrl-jax check`):
+#: bytes a remat'd layer keeps per token and hidden unit for the backward pass (its input
+#: and what the attention's custom backward saves; 7B train step: 4.3)
+REMAT_KEEP = 4
+#: bytes per token and hidden unit a layer keeps without remat (attention and MLP inputs,
+#: norms, activations; the MLP's intermediate counted through MLP_KEEP)
+PLAIN_KEEP = 16
+#: bytes per token and MLP unit a layer keeps without remat (gate, up, their product)
+MLP_KEEP = 6
+#: the blocked attention's float32 score tiles alive at once in the backward pass, in units
+#: of one causal half [heads, T, T/2] per row (0.5B, 2 layers: 1.35; 7B: 1.3; BUILD_NOTES)
+ATTN_BACKWARD_TILES = 1.3
+#: the same in a forward-only pass (0.5B: 0.96, 7B: 1.0)
+ATTN_FORWARD_TILES = 0.95
+#: a decode chunk copies the largest attention window of the cache out and back (0.9 of
+#: the cache with windows of 3/4 of it: 0.5B and 7B)
+DECODE_WINDOW_COPIES = 1.2
+#: float32 [slots, vocab] buffers of a decode step (logits, sampling)
+DECODE_LOGIT_COPIES = 3
+#: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
+#: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
+DECODE_GATHERED_LAYERS = 4
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device of each component, the total and the budget."""
+    """Bytes per chip of each component, each program kind's peak, and the budget."""
 
-    params: float
-    ref: float
-    grads: float
-    optimizer: float
-    kv_cache: float
-    activations: float
+    params: float  # trained weights: policy (+ critic model) sharded, Z_φ / value head whole
+    ref: float  # the reference copy (0 when offloaded or unused)
+    grads: float  # the train step's gradients: the accumulator and one micro-batch's
+    optimizer: float  # AdamW μ, ν in float32
+    kv_cache: float  # the sampler's KV cache (sharded over the sampler's chips)
+    activations: float  # the train step's activations and temporaries, and its mini-batch
     budget: float
     budget_source: str
     n_params: int
+    sampler_params: float = 0.0  # multi-host: each host's own copy of the policy
+    decode_temps: float = 0.0  # a decode chunk's temporaries (window copy, logits)
+    logprob_activations: float = 0.0  # a log-prob pass's temporaries, its batch and outputs
+
+    @property
+    def static(self) -> float:
+        """What stays on the chip through the whole step: train state and reference."""
+        return self.params + self.ref + self.optimizer
+
+    @property
+    def train(self) -> float:
+        """Peak of the train step."""
+        return self.static + self.grads + self.activations
+
+    @property
+    def logprobs(self) -> float:
+        """Peak of the old / reference log-prob pass."""
+        return self.static + self.logprob_activations
+
+    @property
+    def sampling(self) -> float:
+        """Peak of the sampler's decode chunk."""
+        return self.static + self.sampler_params + self.kv_cache + self.decode_temps
 
     @property
     def total(self) -> float:
-        return (self.params + self.ref + self.grads + self.optimizer +
-                max(self.kv_cache, self.activations))  # sampling and training alternate
+        """The step's peak: sampling, log-prob pass and training alternate."""
+        return max(self.train, self.logprobs, self.sampling)
+
+    def program_bytes(self, program: str) -> float:
+        """The peak of one of `flowrl-jax check`'s programs (train_step, logprobs_*,
+        sampler_*)."""
+        if program == "train_step":
+            return self.train
+        if program.startswith("logprobs"):
+            return self.logprobs
+        return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
-        """Whether the total stays under `headroom` of the budget."""
+        """Whether the peak stays under `headroom` of the budget."""
         return self.total <= headroom * self.budget
 
     def table(self) -> str:
-        """A human-readable summary (GiB per device)."""
-        rows = [("params", self.params), ("reference", self.ref), ("grads", self.grads),
-                ("optimizer", self.optimizer), ("kv cache (sampling)", self.kv_cache),
-                ("activations (train)", self.activations)]
+        """A human-readable summary (GiB per chip)."""
+        rows = [("params", self.params), ("reference", self.ref), ("optimizer", self.optimizer),
+                ("grads (train)", self.grads), ("activations (train)", self.activations),
+                ("log-prob pass", self.logprob_activations),
+                ("sampler copy", self.sampler_params), ("kv cache (sampling)", self.kv_cache),
+                ("decode temporaries", self.decode_temps)]
         lines = [f"memory estimate per device ({self.n_params / 1e6:.1f}M params):"]
-        lines += [f"  {k:<22}{v / GiB:9.2f} GiB" for k, v in rows]
+        lines += [f"  {k:<22}{v / GiB:9.2f} GiB" for k, v in rows if v or k == "params"]
+        lines.append(f"  {'peaks':<22}train {self.train / GiB:.2f}, log-probs "
+                     f"{self.logprobs / GiB:.2f}, sampling {self.sampling / GiB:.2f} GiB")
         lines.append(f"  {'total':<22}{self.total / GiB:9.2f} GiB of {self.budget / GiB:.2f} GiB "
                      f"({self.budget_source})")
         return "\n".join(lines)
@@ -83,44 +144,37 @@ def device_budget(cfg: Config) -> tuple[float, str]:
         "host RAM / local devices"
 
 
-def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
-             budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
-             sampler_local_devices: Optional[int] = None) -> MemoryEstimate:
-    """Per-device memory of a run with this config on a mesh of `mesh_shape` axis sizes.
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
 
-    `sampler_local_devices`: on multi-process runs each host samples with its own copy of
-    the policy sharded over its local devices; that copy counts with the KV cache.
-    """
-    n = param_count(arch)
-    pb = _BYTES[cfg.model.param_dtype]
-    cb = _BYTES[cfg.model.compute_dtype]
-    shard = mesh_shape.get("fsdp", 1) * mesh_shape.get("tensor", 1)
-    batch_shard = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    tensor = mesh_shape.get("tensor", 1)
-    # models trained: the policy, and a separate critic model when the algorithm has one
-    trained = 2 if critic_model(cfg) else 1
-    params = trained * n * pb / shard
-    ref = 0.0 if (cfg.trainer.ref_offload or not uses_ref) else n * pb / shard
-    grads = trained * n * pb / shard
-    optimizer = trained * 2 * n * 4 / shard
-    seq = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    kv_heads_split = max(1, min(tensor, arch.num_key_value_heads))
-    slots = min(cfg.rollout.decode_slots,
-                cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
-    kv = (2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.resolved_head_dim * seq *
-          max(1, slots // batch_shard) * cb / kv_heads_split)
-    if cfg.rollout.kv_cache == "paged" and cfg.rollout.kv_cache_gib is not None:
-        # the page pool: the configured budget (at most the dense cache), split by kv heads
-        kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_heads_split)
-    if sampler_local_devices:
-        kv += n * pb / sampler_local_devices
-    rows = max(1, cfg.trainer.micro_batch_size // batch_shard)
-    k = 2 if cfg.model.remat != "none" else 34
-    act = (trained * rows * seq * arch.hidden_size * cb *
-           (k * arch.num_hidden_layers + (34 if k == 2 else 0)))
-    act += rows * min(seq, cfg.trainer.logprob_chunk) * arch.vocab_size * 4 / tensor
-    b, src = budget if budget is not None else device_budget(cfg)
-    return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n)
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    """Smallest bucket ≥ n; beyond the largest, the next multiple of it (the sampler's rule)."""
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    top = max(buckets)
+    return int(math.ceil(n / top) * top)
+
+
+def sampler_geometry(cfg: Config, chips: int, batch_shards: int,
+                     hosts: int) -> tuple[int, int]:
+    """(slots, cache length) of one sampler: the engine's rule for the requests one host
+    runs per rollout step (`prompts_per_step × samples_per_prompt / hosts`)."""
+    requests = max(1, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt // hosts)
+    slots = min(cfg.rollout.decode_slots, max(_pow2(requests), batch_shards))
+    slots = int(math.ceil(slots / batch_shards) * batch_shards)
+    prompt = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
+    return slots, prompt + int(math.ceil(cfg.rollout.max_new_tokens / 32) * 32)
+
+
+def z_param_count(cfg: Config, hidden: int) -> int:
+    """Z_φ's parameters (replicated): `z_depth` × (Linear H→H, LayerNorm) + Linear H→1."""
+    if not get_algorithm(cfg.algo.name).needs_z or cfg.algo.log_z == "zero":
+        return 0
+    if cfg.algo.log_z == "scalar":
+        return 1
+    return cfg.algo.z_depth * (hidden * hidden + 3 * hidden) + hidden + 1
 
 
 def critic_model(cfg: Config) -> bool:
@@ -129,24 +183,127 @@ def critic_model(cfg: Config) -> bool:
             getattr(cfg.algo, "critic", "head") == "model")
 
 
+def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: float) -> float:
+    """Bytes of the blocked attention's float32 score tiles: `tiles` causal halves of
+    [heads, T, T] per row (the heads split by the tensor axis)."""
+    heads = arch.num_attention_heads / max(1, min(tensor, arch.num_attention_heads))
+    return rows * tiles * heads * seq * seq / 2 * 4
+
+
+def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
+             budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
+             sampler_local_devices: Optional[int] = None) -> MemoryEstimate:
+    """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
+
+    `sampler_local_devices`: on multi-process runs each host samples with its own copy of
+    the policy sharded over its local devices, and its KV cache over the same devices.
+    """
+    n = param_count(arch)
+    pb = _BYTES[cfg.model.param_dtype]
+    cb = _BYTES[cfg.model.compute_dtype]
+    data, fsdp = mesh_shape.get("data", 1), mesh_shape.get("fsdp", 1)
+    tensor = mesh_shape.get("tensor", 1)
+    chips = data * fsdp * tensor
+    shard, batch_shard = fsdp * tensor, data * fsdp
+    h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
+    seq = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    resp = cfg.rollout.max_new_tokens
+
+    # the train state: models trained (policy, and a separate critic model), Z_φ / value head
+    trained = 2 if critic_model(cfg) else 1
+    small = z_param_count(cfg, h) + ((h + 1) if get_algorithm(cfg.algo.name).needs_critic else 0)
+    params = trained * n * pb / shard + small * 4
+    ref = 0.0 if (cfg.trainer.ref_offload or not uses_ref) else n * pb / shard
+    optimizer = 2 * 4 * (trained * n / shard + small)
+    micro = max(1, cfg.trainer.mini_batch_size // max(1, cfg.trainer.micro_batch_size))
+    grads = (2 if micro > 1 else 1) * 4 * (trained * n / shard + small)
+
+    # train step: one micro-batch's activations (per chip) + the mini-batch
+    rows = max(1.0, cfg.trainer.micro_batch_size / batch_shard)
+    remat = cfg.model.remat != "none"
+    keep = (REMAT_KEEP * h) if remat else (PLAIN_KEEP * h + MLP_KEEP * i / tensor)
+    layer_work = (attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES)
+                  + rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
+    act = trained * (rows * seq * L * keep + layer_work)
+    act += logits_block(cfg, arch, cfg.trainer.micro_batch_size, resp, tensor) / batch_shard * 3
+    act += max(1.0, cfg.trainer.mini_batch_size / batch_shard) * (2 * seq + 6 * resp) * 4
+
+    # log-prob pass: one micro-batch's forward + the rollout batch in and its outputs out
+    lp_total = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    lp_mb = min(lp_total, cfg.trainer.logprob_micro_batch_size)
+    lp_rows = max(1.0, lp_mb / batch_shard)
+    # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
+    # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
+    lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
+          + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h)
+          + logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2)
+    lp += max(1.0, lp_total / batch_shard) * (2 * seq + 3 * resp) * 4
+
+    # sampling: one host's chips (all of them on a single host) hold the slots
+    local = sampler_local_devices or chips
+    hosts = max(1, chips // local)
+    s_shards, s_tensor = (batch_shard, tensor) if hosts == 1 else (local, 1)
+    slots, length = sampler_geometry(cfg, local, s_shards, hosts)
+    kv_split = max(1, min(s_tensor, arch.num_key_value_heads))
+    kv = (2 * L * arch.num_key_value_heads * arch.resolved_head_dim * length * slots * cb
+          / (s_shards * kv_split))
+    paged = cfg.rollout.kv_cache == "paged"
+    if paged and cfg.rollout.kv_cache_gib is not None:
+        # the page pool: the configured budget, at most the dense cache, split by kv heads
+        kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_split)
+    sampler_params = n * pb / local if hosts > 1 else 0.0
+    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
+    # dense: the attention windows copied out of the cache; paged: one layer's pages gathered
+    # into rows (uncalibrated: the constants below were fitted on the dense engine)
+    copies = (1.0 / max(1, L) if paged else
+              DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
+    decode = (copies * kv
+              + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
+              + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
+
+    b, src = budget if budget is not None else device_budget(cfg)
+    return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
+                          sampler_params, decode, lp)
+
+
+def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:
+    """Bytes of one float32 [batch, chunk, vocab] logits block of the chunked log-probs
+    (the chunk rule of `rl.forward.logprob_chunk`: ≤ trainer.logprob_chunk, ≤ 2²⁷ elements)."""
+    cmax = max(1, min(cfg.trainer.logprob_chunk, 2 ** 27 // max(1, batch * arch.vocab_size), resp))
+    chunk = -(-resp // -(-resp // cmax))
+    return batch * chunk * arch.vocab_size * 4 / max(1, tensor)
+
+
+def decode_window_fraction(length: int, chunk: int) -> float:
+    """The largest attention window a decode chunk copies out of the cache, as a fraction
+    of its length (the sampler's `decode_windows`: quarters of long caches; 0 for one)."""
+    if chunk < 8 or length < 512:
+        return 0.0
+    step = max(16, -(-length // 4 // 16) * 16)
+    windows = list(range(step, length, step))
+    return windows[-1] / length if windows else 0.0
+
+
 def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list[str]:
     """Concrete config changes that reduce the estimate, biggest lever first."""
     tips = []
-    static = est.params + est.ref + est.grads + est.optimizer
-    if static > 0.5 * est.budget:
+    if est.static > 0.5 * est.budget:
         tips.append(f"shard the weights further: raise mesh.fsdp (now {mesh_shape.get('fsdp')}) "
                     "or use more devices")
         if cfg.model.param_dtype == "float32":
             tips.append("model.param_dtype=bfloat16 halves params and grads")
         if est.ref and not cfg.trainer.ref_offload:
             tips.append("trainer.ref_offload=true keeps the reference weights on the host")
-    if est.activations >= est.kv_cache:
+    if est.train >= max(est.sampling, est.logprobs):
         if cfg.trainer.micro_batch_size > 1:
             tips.append(f"trainer.micro_batch_size (now {cfg.trainer.micro_batch_size}) smaller")
         if cfg.model.remat == "none":
             tips.append("model.remat=true recomputes layer activations in the backward pass")
         if cfg.model.compute_dtype == "float32":
             tips.append("model.compute_dtype=bfloat16 halves activations")
+    elif est.logprobs >= est.sampling:
+        tips.append(f"trainer.logprob_micro_batch_size (now "
+                    f"{cfg.trainer.logprob_micro_batch_size}) smaller")
     else:
         tips.append(f"rollout.decode_slots (now {cfg.rollout.decode_slots}) smaller, or "
                     "rollout.max_new_tokens / data.max_prompt_length shorter (KV cache)")

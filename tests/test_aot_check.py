@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from flowrl_jax import cli, cpu_runtime
-from flowrl_jax.aot.report import Row, format_row, oom_bytes, run_check, summary
+from flowrl_jax.aot.report import Row, check_arch, format_row, oom_bytes, run_check, summary
 from flowrl_jax.aot.topologies import SLICES, get_slice, libtpu_available
 from flowrl_jax.commands import check as check_cmd
-from flowrl_jax.config import load_config, preset_arch
+from flowrl_jax.config import ConfigError, load_config, preset_arch
 from flowrl_jax.mesh import make_mesh
 from flowrl_jax.models.qwen2 import Numerics, Qwen2ForCausalLM
 from flowrl_jax.rl.train_state import abstract_train_state, create_train_state
@@ -131,6 +131,32 @@ def test_too_large_is_reported_with_exit_1(capsys):
     assert "does not fit: sampler_decode needs" in out and "over by" in out
     row_line = [x for x in out.splitlines() if x.startswith("sampler_decode")][0]
     assert " NO " in row_line
+
+
+@needs_libtpu
+def test_too_large_model_fails_without_compiling(capsys):
+    """The 0.5B config with Qwen2.5-72B's architecture on a v5e-8: every program's
+    arguments alone exceed a chip's HBM, so it is reported as not fitting, program and
+    overflow named, exit 1, without compiling anything (seconds, not the 72B compile)."""
+    code = cli.main(["check", "--config", "configs/qwen2.5-0.5b-math.yaml", "--topology",
+                     "v5e-8", "--programs", "train_step,sampler_decode", "model.path=null",
+                     "model.preset=qwen2.5-72b"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "does not fit: train_step needs" in out and "sampler_decode needs" in out
+    assert "over by" in out and "not compiled" in out
+    step = [x for x in out.splitlines() if x.startswith("train_step")][0]
+    assert " NO " in step and float(step.split()[2]) > 100  # GiB per chip: 72B f32 state / 8
+
+
+def test_architecture_from_the_path_name_when_the_path_is_absent():
+    """The shipped configs name a local HF folder (`models/Qwen2.5-7B`); without it, `check`
+    compiles the preset of that name; an unknown name without a preset is bad input."""
+    cfg = load_config("configs/qwen2.5-7b-math.yaml")
+    assert check_arch(cfg) == preset_arch("qwen2.5-7b")
+    bad = load_config("configs/qwen2.5-7b-math.yaml", ["model.path=models/NoSuchModel"])
+    with pytest.raises(ConfigError, match="model.preset"):
+        check_arch(bad)
 
 
 def test_summary_and_rows_without_compiling():

@@ -14,6 +14,7 @@ from flowrl_jax.checkpoint.load import random_model
 from flowrl_jax.config import (AlgoConfig, Config, ModelArch, ModelConfig, OptimizerConfig,
                                TrainerConfig, preset_arch)
 from flowrl_jax.memory import estimate
+from flowrl_jax.models.arch import param_count
 from flowrl_jax.mesh import single_device_mesh
 from flowrl_jax.models.qwen2 import Numerics
 from flowrl_jax.rl.forward import forward
@@ -123,10 +124,13 @@ def test_memory_estimate_counts_the_critic_model():
     head = estimate(cfg, arch, shape, (1e15, "x"))
     model = estimate(Config(model=cfg.model, algo=AlgoConfig(name="ppo", critic="model")), arch,
                      shape, (1e15, "x"))
-    assert model.params == 2 * head.params and model.grads == 2 * head.grads
-    assert model.optimizer == 2 * head.optimizer and model.ref == head.ref
+    copy = param_count(arch) * 4 / 8  # the critic model: one more float32 policy, sharded
+    assert model.params - head.params == copy  # (both have the replicated value head)
+    assert model.grads - head.grads == 2 * copy  # accumulator + one micro-batch's
+    assert model.optimizer - head.optimizer == 2 * copy and model.ref == head.ref
     assert model.activations > head.activations
     # the setting means nothing for an algorithm without a critic
     flow = AlgoConfig(name="flowrl", critic="model")
     assert estimate(Config(model=cfg.model, algo=flow), arch, shape, (1e15, "x")).params == \
-        head.params
+        estimate(Config(model=cfg.model, algo=AlgoConfig(name="flowrl")), arch, shape,
+                 (1e15, "x")).params

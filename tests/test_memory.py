@@ -8,7 +8,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from flowrl_jax.memory import GiB, check_fits, estimate
+from flowrl_jax.memory import GiB, check_fits, estimate, z_param_count
 from flowrl_jax.models.arch import param_count
 from flowrl_jax.models.qwen2 import build_model
 
@@ -33,8 +33,10 @@ def test_sharding_divides_static_memory():
     one = estimate(cfg, cfg.model.arch, {"data": 1, "fsdp": 1, "tensor": 1})
     eight = estimate(cfg, cfg.model.arch, {"data": 1, "fsdp": 8, "tensor": 1})
     n = 7_615_616_512
-    assert one.params == n * 4 and one.optimizer == 2 * n * 4
-    assert eight.params * 8 == one.params and eight.optimizer * 8 == one.optimizer
+    z = z_param_count(cfg, 3584)  # FlowRL's Z_φ: 2 × (3584² + 3·3584) + 3585, replicated
+    assert z == 2 * (3584 ** 2 + 3 * 3584) + 3585
+    assert one.params == (n + z) * 4 and one.optimizer == 2 * (n + z) * 4
+    assert eight.params == n * 4 / 8 + z * 4 and eight.optimizer == 2 * 4 * (n / 8 + z)
     offload = load_config(None, ["model.preset=qwen2.5-7b", "trainer.ref_offload=true"])
     assert estimate(offload, offload.model.arch, {"fsdp": 8}, (1e12, "x")).ref == 0
 
@@ -49,14 +51,42 @@ def test_refuses_a_config_that_cannot_fit_with_advice():
 
 
 def test_tiny_model_fits():
-    cfg = load_config(None, ["model.preset=tiny", "trainer.device_memory_gb=4"])
+    # at the code default lengths (2,048 + 8,192) eight rows of attention scores alone are
+    # GiBs whatever the model; the tiny model trains at short lengths
+    cfg = load_config(None, ["model.preset=tiny", "trainer.device_memory_gb=4",
+                             "data.max_prompt_length=256", "rollout.max_new_tokens=512"])
     est = check_fits(cfg, cfg.model.arch, {"data": 1, "fsdp": 1, "tensor": 1})
     assert 0 < est.total < 4 * GiB and "total" in est.table()
 
 
-def test_multi_host_sampler_copy_is_counted():
+def test_multi_host_sampler_copy_and_cache_on_one_host():
+    """Multi-host: each host samples its share of the requests with its own copy of the
+    policy, its KV cache sharded over that host's chips only (not the whole slice)."""
     cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000"])
     shape = {"data": 1, "fsdp": 32, "tensor": 1}
     single = estimate(cfg, cfg.model.arch, shape)
     pod = estimate(cfg, cfg.model.arch, shape, sampler_local_devices=4)
-    assert pod.kv_cache - single.kv_cache == param_count(cfg.model.arch) * 4 / 4
+    assert single.sampler_params == 0
+    assert pod.sampler_params == param_count(cfg.model.arch) * 4 / 4
+    # 256 slots (decode_slots) × 10240 positions × 64 layers × K, V × 8 heads × 128, float32
+    per_slot = 10240 * 64 * 2 * 8 * 128 * 4
+    assert single.kv_cache == 256 * per_slot / 32  # one host: slots over all 32 chips
+    assert pod.kv_cache == 256 * per_slot / 4  # 8 hosts: each host's 256 slots over its 4
+    assert pod.decode_temps > 0 and pod.sampling == pytest.approx(
+        pod.static + pod.sampler_params + pod.kv_cache + pod.decode_temps)
+    assert pod.total == max(pod.train, pod.logprobs, pod.sampling) == pod.sampling
+
+
+def test_program_peaks():
+    """Each `flowrl-jax check` program maps to its phase's peak; the train step's
+    activations grow with the micro-batch, the sampling peak with the decode slots."""
+    base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16"]
+    shape = {"data": 1, "fsdp": 8, "tensor": 1}
+    small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8"])
+    big = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=16",
+                                                         "rollout.decode_slots=512"])
+    a, b = (estimate(c, c.model.arch, shape) for c in (small, big))
+    assert a.program_bytes("train_step") == a.train < b.train
+    assert a.program_bytes("logprobs_ref") == a.logprobs == b.logprobs
+    assert a.program_bytes("sampler_decode") == a.sampling < b.sampling
+    assert b.kv_cache == 2 * a.kv_cache

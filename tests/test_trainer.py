@@ -202,11 +202,12 @@ def test_config_file_is_saved_with_the_run(runs):
 
 
 @pytest.mark.parametrize("name,preset,devices,gb", [
-    ("qwen2.5-0.5b-math", "qwen2.5-0.5b", 8, 16),      # TPU v5e-8
-    ("qwen2.5-1.5b-math", "qwen2.5-1.5b", 8, 16),
-    ("qwen2.5-7b-math", "qwen2.5-7b", 32, 95),         # TPU v5p-64
-    ("qwen2.5-32b-math", "qwen2.5-32b", 32, 95),
-    ("r1-distill-qwen-7b-code", "deepseek-r1-distill-qwen-7b", 32, 95),
+    ("qwen2.5-0.5b-math", "qwen2.5-0.5b", 8, 15.75),   # TPU v5e-8 (the compiler's HBM figure)
+    ("qwen2.5-1.5b-math", "qwen2.5-1.5b", 8, 15.75),
+    ("qwen2.5-7b-math", "qwen2.5-7b", 32, 95.74),      # TPU v5p-64
+    ("qwen2.5-32b-math", "qwen2.5-32b", 32, 95.74),
+    ("r1-distill-qwen-7b-code", "deepseek-r1-distill-qwen-7b", 32, 95.74),
+    ("baselines/qwen2.5-7b-math-ppo", "qwen2.5-7b", 32, 95.74),  # + critic model
 ])
 def test_shipped_configs_load_and_fit_their_hardware(name, preset, devices, gb):
     from flowrl_jax.memory import GiB, estimate

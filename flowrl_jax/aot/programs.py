@@ -36,7 +36,7 @@ from flowrl_jax.sampling.params import SamplingParams, SamplingSpec
 from flowrl_jax.sampling.random import key_width
 
 PROGRAMS = ("train_step", "logprobs_old", "logprobs_ref", "sampler_prefill", "sampler_insert",
-            "sampler_decode")
+            "sampler_admit", "sampler_decode")
 
 
 @dataclass
@@ -47,12 +47,15 @@ class Program:
     lower: Callable[[], Any]
     resident_bytes: int  # per chip, live in HBM beside the program, not among its arguments
     shapes: str  # the shapes it is compiled for, for the report
+    argument_bytes: int = 0  # per chip, its arguments (exact, from their shardings)
 
 
 def bytes_per_chip(tree: Any) -> int:
     """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the first device's shard)."""
     total = 0
     for x in jax.tree.leaves(tree):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            continue  # a static argument
         sh = getattr(x, "sharding", None)
         shape = sh.shard_shape(x.shape) if sh is not None else x.shape
         total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
@@ -128,7 +131,8 @@ def step_programs(cfg: Config, arch: ModelArch, mesh: Mesh,
         mb = rows // step.num_micro(rows)
         programs.append(Program(
             "train_step", lambda: step.compiled(batch).lower(state, batch), ref_bytes,
-            f"{rows} rows ({mb} per micro-batch) × {prompt}+{response} tokens"))
+            f"{rows} rows ({mb} per micro-batch) × {prompt}+{response} tokens",
+            bytes_per_chip((state, batch))))
 
     rollout_rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     lp_mb = min(rollout_rows, cfg.trainer.logprob_micro_batch_size)
@@ -140,13 +144,15 @@ def step_programs(cfg: Config, arch: ModelArch, mesh: Mesh,
         params = dict(state.params)
         programs.append(Program(
             "logprobs_old", lambda: old.compiled(params, lp_batch).lower(params, lp_batch),
-            state_bytes - bytes_per_chip(params) + ref_bytes, lp_shapes))
+            state_bytes - bytes_per_chip(params) + ref_bytes, lp_shapes,
+            bytes_per_chip((params, lp_batch))))
     if want("logprobs_ref") and uses_ref:
         ref = LogProbs(cfg, state, mesh)
         ref_params = {"policy": state.params["policy"]}
         programs.append(Program(
             "logprobs_ref", lambda: ref.compiled(ref_params, lp_batch).lower(ref_params, lp_batch),
-            state_bytes, lp_shapes))  # the reference copy is the argument; the state stays
+            state_bytes, lp_shapes,  # the reference copy is the argument; the state stays
+            bytes_per_chip((ref_params, lp_batch))))
 
     if any(want(n) for n in PROGRAMS if n.startswith("sampler_")):
         programs += sampler_programs(cfg, arch, mesh, want, hosts,
@@ -156,8 +162,9 @@ def step_programs(cfg: Config, arch: ModelArch, mesh: Mesh,
 
 def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[str], bool],
                      hosts: int, resident: int) -> list[Program]:
-    """The sampler's prefill, insert and decode-chunk programs on one host's mesh, for the
-    slots and cache length the engine picks for this config's rollout."""
+    """The sampler's prefill, insert, admit (prefill + insert, the one the engine runs) and
+    decode-chunk programs on one host's mesh, for the slots and cache length the engine
+    picks for this config's rollout."""
     smesh = sampler_mesh(mesh)
     model = abstract_model(arch, Numerics.from_config(cfg.model))
     engine = SamplingEngine.from_rollout_config(model, cfg.rollout, mesh=smesh, verbose=False)
@@ -180,7 +187,8 @@ def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[s
     if want("sampler_prefill"):
         out.append(Program("sampler_prefill",
                            lambda: kernels.prefill_jit.lower(params, tokens, lengths),
-                           resident + bytes_per_chip(st), where))  # the decode state waits
+                           resident + bytes_per_chip(st), where,  # the decode state waits
+                           bytes_per_chip((params, tokens, lengths))))
     if want("sampler_insert"):
         prefix = jax.eval_shape(kernels.prefill, params, tokens, lengths)
         prefix = jax.tree.map(  # laid out as the cache it is copied into
@@ -188,11 +196,19 @@ def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[s
         vec = _sds((slots,), jnp.int32, rep)
         keys = _sds((slots, key_width()), jnp.uint32, rep)
         out.append(Program("sampler_insert", lambda: kernels.insert_jit.lower(
-            st, prefix, vec, vec, vec, vec, vec, keys), resident + bytes_per_chip(params), where))
+            st, prefix, vec, vec, vec, vec, vec, keys), resident + bytes_per_chip(params), where,
+            bytes_per_chip((st, prefix, keys)) + 5 * bytes_per_chip(vec)))
+    if want("sampler_admit"):  # what the engine runs: prefill and insert in one program
+        vec = _sds((slots,), jnp.int32, rep)
+        seed = _sds((), jnp.uint32, rep)
+        out.append(Program("sampler_admit", lambda: kernels.admit_jit.lower(
+            params, st, tokens, lengths, vec, vec, vec, vec, seed, vec, vec), resident, where,
+            bytes_per_chip((params, st, tokens, lengths)) + 6 * bytes_per_chip(vec)))
     if want("sampler_decode"):
         spec = SamplingSpec.of(SamplingParams.from_rollout_config(cfg.rollout, seed=0))
         stop_ids = _sds((MAX_STOP_IDS,), jnp.int32, rep)
         chunk = engine.decode_chunk
         out.append(Program("sampler_decode", lambda: kernels.decode_chunk_jit.lower(
-            params, st, stop_ids, spec, chunk), resident, where + f"; chunk {chunk}"))
+            params, st, stop_ids, spec, chunk), resident, where + f"; chunk {chunk}",
+            bytes_per_chip((params, st, stop_ids))))
     return out

@@ -3,7 +3,9 @@
 HBM per chip = the compiled program's arguments + outputs + temporaries − aliases
 (`compiled.memory_analysis()`) + what stays resident beside it (programs.py), compared with
 the chip's HBM capacity. A program the TPU compiler refuses for lack of HBM is reported as
-not fitting with the figures from its error message. The memory estimator's figure
+not fitting with the figures from its error message; one whose arguments and resident
+buffers alone (exact, from their shardings) exceed the capacity is reported as not fitting
+without compiling it (that sum is then its figure, a lower bound). The memory estimator's figure
 (memory.py, the trainer's up-front check) is printed beside the compiled one.
 """
 
@@ -23,7 +25,7 @@ from flowrl_jax.aot.programs import Program, step_programs
 from flowrl_jax.aot.topologies import Slice, slice_devices
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.checkpoint.load import arch_from_config
-from flowrl_jax.config import Config, ConfigError, ModelArch
+from flowrl_jax.config import CONFIG_DIR, Config, ConfigError, ModelArch, preset_arch
 from flowrl_jax.memory import MemoryEstimate, estimate
 from flowrl_jax.mesh import make_mesh
 from flowrl_jax.paths import is_url
@@ -87,13 +89,8 @@ def oom_bytes(message: str) -> Optional[int]:
 
 
 def estimator_bytes(program: str, est: MemoryEstimate) -> int:
-    """The estimator's per-chip figure for what is live while `program` runs."""
-    weights = est.params + est.ref + est.optimizer
-    if program == "train_step":
-        return int(weights + est.grads + est.activations)
-    if program.startswith("sampler_"):
-        return int(weights + est.kv_cache)
-    return int(weights)
+    """The estimator's per-chip figure for the peak while `program` runs."""
+    return int(est.program_bytes(program))
 
 
 def measure(prog: Program, topology: str, capacity: int,
@@ -101,6 +98,12 @@ def measure(prog: Program, topology: str, capacity: int,
     """Lower and compile one program; its row."""
     t0 = time.perf_counter()
     figure = estimator_bytes(prog.name, est) if est is not None else None
+    floor = prog.argument_bytes + prog.resident_bytes
+    if floor > capacity:  # cannot fit whatever the compiler does: no need to compile it
+        return Row(prog.name, topology, 0.0, prog.argument_bytes, 0, 0, 0, prog.resident_bytes,
+                   floor, capacity, False, floor - capacity, None, figure, prog.shapes,
+                   f"not compiled: its arguments and the resident buffers alone need "
+                   f"{floor / GiB:.2f} GiB per chip")
     try:
         compiled = prog.lower().compile()
     except Exception as e:  # noqa: BLE001 - a program the compiler refuses is a result
@@ -120,9 +123,14 @@ def measure(prog: Program, topology: str, capacity: int,
 
 def check_arch(cfg: Config) -> ModelArch:
     """The architecture to compile: `model.path`'s config when the path exists, else
-    `model.preset`/`model.arch` (no weights are read)."""
+    `model.preset`/`model.arch`, else the preset named like the path's folder (the shipped
+    configs' `models/Qwen2.5-7B` is preset `qwen2.5-7b`); no weights are read."""
     if cfg.model.path and (is_url(cfg.model.path) or Path(cfg.model.path).exists()):
         return arch_from_config(cfg.model)
+    if cfg.model.arch is None and cfg.model.path:
+        name = Path(cfg.model.path.rstrip("/")).name.lower()
+        if (CONFIG_DIR / "models" / f"{name}.yaml").exists():
+            return preset_arch(name, "model.path")
     if cfg.model.arch is None:
         where = f"model.path {cfg.model.path!r} does not exist and " if cfg.model.path else ""
         raise ConfigError(f"model: {where}no model.preset is set; give model.preset=NAME "

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--programs", default=None, metavar="NAME,...",
                         help="compile only these programs (default: all of train_step, "
                              "logprobs_old, logprobs_ref, sampler_prefill, sampler_insert, "
-                             "sampler_decode)")
+                             "sampler_admit, sampler_decode)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. model.path=null model.preset=qwen2.5-7b")
 
