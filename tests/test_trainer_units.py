@@ -86,7 +86,7 @@ def test_step_seeds_depend_only_on_seed_step_salt():
 def test_mean_metrics_renames_and_averages():
     out = mean_over_updates([{"loss": 1.0, "kl_ref": 0.1, "step": 1, "num_seqs": 8},
                          {"loss": 3.0, "kl_ref": 0.3, "step": 2, "num_seqs": 8}])
-    assert out == pytest.approx({"loss": 2.0, "kl/ref": 0.2, "optimizer/step": 1.5})
+    assert out == pytest.approx({"loss/total": 2.0, "kl/ref": 0.2, "optimizer/step": 1.5})
 
 
 def test_metrics_logger_resume_drops_records_after_the_checkpoint(tmp_path):
