@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/flowrl-jax demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=30 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=30 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
