@@ -16,7 +16,7 @@ through `decode_forward` against it.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -185,12 +185,29 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
     `transposed_weights` (None: the model's weights as they are); `products` picks the form
     of `decode_attention` ("elementwise" or "matmul").
     """
-    b, s = token.shape[0], cache[0].length
+    visible = (jnp.arange(cache[0].length)[None, :] <= pos[:, None])[:, None, None, :]  # [B,1,1,S]
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, DecodeCache]:
+        c = DecodeCache(_write_cols(cache[i].k, k, pos), _write_cols(cache[i].v, v, pos))
+        return decode_attention(q, c.k, c.v, visible, products), c
+
+    return decode_layers(model, token, pos, rope, mats, attend)
+
+
+#: attend(layer index, q [B, kv_heads, group, D], k and v [B, kv_heads, D] of this token)
+#: → (attention output [B, kv_heads, group, D], the layer's updated cache)
+Attend = Callable[[int, Array, Array, Array], tuple[Array, Any]]
+
+
+def decode_layers(model: Qwen2ForCausalLM, token: Array, pos: Array, rope: tuple[Array, Array],
+                  mats: Optional[DecodeMatrices], attend: Attend) -> tuple[Array, list[Any]]:
+    """The decoder stack for one query token per row: logits [B, V] and each layer's updated
+    cache, the cache's layout (dense rows or pages) left to `attend`."""
+    b = token.shape[0]
     cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in rope)
     x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.num.compute_dtype)
-    visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
     new_cache = []
-    for i, (layer, c) in enumerate(zip(model.layers, cache)):
+    for i, layer in enumerate(model.layers):
         at = layer.self_attn
         wq, wk, wv, wo, wg, wu, wd = (None,) * 7 if mats is None else mats.layers[i]
         n, kh, d = at.n_heads, at.n_kv, at.head_dim
@@ -198,12 +215,10 @@ def decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array,
         q = apply_rope(at.q_proj(h, wq).reshape(b, 1, n, d), cos, sin)
         k = apply_rope(at.k_proj(h, wk).reshape(b, 1, kh, d), cos, sin)
         v = at.v_proj(h, wv).reshape(b, 1, kh, d)
-        k_all = _write_cols(c.k, k[:, 0], pos)
-        v_all = _write_cols(c.v, v[:, 0], pos)
-        out = decode_attention(q.reshape(b, kh, n // kh, d), k_all, v_all, visible, products)
+        out, c = attend(i, q.reshape(b, kh, n // kh, d), k[:, 0], v[:, 0])
         x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d), wo)
         x = x + layer.mlp(layer.post_attention_layernorm(x), (wg, wu, wd))
-        new_cache.append(DecodeCache(k_all, v_all))
+        new_cache.append(c)
     hidden = model.norm(x)
     if mats is None:
         return model.logits(hidden)[:, 0], new_cache

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.models.decode import DecodeMatrices, decode_attention
-from flowrl_jax.models.qwen2 import Qwen2ForCausalLM, apply_rope
+from flowrl_jax.models.decode import DecodeMatrices, decode_attention, decode_layers
+from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 
 Array = jax.Array
 
@@ -99,27 +99,12 @@ def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page
     `decode_forward` (models/decode.py) with the cache row read through the page table
     `table` [B, T]; `rope`, `mats` and `products` as there.
     """
-    b, p_size = token.shape[0], pools[0].page_size
-    s = table.shape[1] * p_size
-    col = pos % p_size
-    cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in rope)
-    x = jnp.take(model.embed_tokens[...], token[:, None], axis=0).astype(model.num.compute_dtype)
+    col = pos % pools[0].page_size
+    s = table.shape[1] * pools[0].page_size
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    new_pools = []
-    for i, (layer, pool) in enumerate(zip(model.layers, pools)):
-        at = layer.self_attn
-        wq, wk, wv, wo, wg, wu, wd = (None,) * 7 if mats is None else mats.layers[i]
-        n, kh, d = at.n_heads, at.n_kv, at.head_dim
-        h = layer.input_layernorm(x)
-        q = apply_rope(at.q_proj(h, wq).reshape(b, 1, n, d), cos, sin)
-        k = apply_rope(at.k_proj(h, wk).reshape(b, 1, kh, d), cos, sin)
-        v = at.v_proj(h, wv).reshape(b, 1, kh, d)
-        pool = write_token(pool, k[:, 0], v[:, 0], page, col)
-        out = paged_attention(q.reshape(b, kh, n // kh, d), pool, table, visible, products, impl)
-        x = x + at.o_proj(out.astype(q.dtype).reshape(b, 1, n * d), wo)
-        x = x + layer.mlp(layer.post_attention_layernorm(x), (wg, wu, wd))
-        new_pools.append(pool)
-    hidden = model.norm(x)
-    if mats is None:
-        return model.logits(hidden)[:, 0], new_pools
-    return jnp.dot(hidden.astype(model.num.compute_dtype), mats.head)[:, 0], new_pools
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, PagedCache]:
+        pool = write_token(pools[i], k, v, page, col)
+        return paged_attention(q, pool, table, visible, products, impl), pool
+
+    return decode_layers(model, token, pos, rope, mats, attend)

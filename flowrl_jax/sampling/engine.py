@@ -287,10 +287,8 @@ class SamplingEngine:
             return 1
         return cpu_fast_paths.decode_groups(slots, max_new_tokens, self.weight_bytes)
 
-    def generate(self, params: Any, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams) -> Rollout:
-        """Sample `sampling.n` responses for each prompt (token-id lists) with `params`."""
-        sampling.validate()
+    def checked_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The prompts as int lists; none, or a token id outside the vocabulary, is an error."""
         prompts = [list(map(int, p)) for p in prompts]
         if not prompts:
             raise SamplingError("no prompts given")
@@ -299,6 +297,13 @@ class SamplingEngine:
             if p and (min(p) < 0 or max(p) >= vocab):
                 raise SamplingError(f"prompt {i}: token id {max(p) if max(p) >= vocab else min(p)} "
                                     f"is outside the vocabulary [0, {vocab})")
+        return prompts
+
+    def generate(self, params: Any, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams) -> Rollout:
+        """Sample `sampling.n` responses for each prompt (token-id lists) with `params`."""
+        sampling.validate()
+        prompts = self.checked_prompts(prompts)
         n_total = len(prompts) * sampling.n
         slots = self.num_slots(n_total)
         length = self.cache_length(max(len(p) for p in prompts), sampling.max_new_tokens)

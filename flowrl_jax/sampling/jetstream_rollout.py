@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -107,14 +107,7 @@ class JetStreamRollouts:
                  sampling: SamplingParams) -> Rollout:
         """Sample `sampling.n` responses per prompt, one JetStream request per sample."""
         sampling.validate()
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            raise SamplingError("no prompts given")
-        vocab = self.core.arch.vocab_size
-        for i, p in enumerate(prompts):
-            if p and (min(p) < 0 or max(p) >= vocab):
-                raise SamplingError(f"prompt {i}: token id {max(p) if max(p) >= vocab else min(p)} "
-                                    f"is outside the vocabulary [0, {vocab})")
+        prompts = self.core.checked_prompts(prompts)
         n = sampling.n
         slots = self.core.num_slots(len(prompts) * n)
         longest = max(len(p) for p in prompts)

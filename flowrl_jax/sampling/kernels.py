@@ -95,6 +95,16 @@ def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
     return tuple(range(step, length, step)) + (length,)
 
 
+def finish_reasons(act: Array, tok: Array, gen: Array, budget: Array, pos: Array, length: int,
+                   stop_ids: Array) -> Array:
+    """[slots] int32 after a step that sampled `tok` at `pos` (the `gen`-th token): FINISH_STOP
+    on a stop id (`stop_ids` padded with -1), FINISH_LENGTH at the budget or the cache's end,
+    else FINISH_NONE; slots not stepping (`act` false) never finish."""
+    stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    at_length = (gen >= budget) | (pos + 1 >= length)
+    return jnp.where(act & stop, FINISH_STOP, jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
+
+
 class Kernels:
     """The device functions for one (model graph, mesh, cache dtype).
 
@@ -210,11 +220,8 @@ class Kernels:
         keys = None if noise is not None else step_keys(st.keys, st.generated)
         tok, logp = sample_logits(logits, keys, spec, noise)
         gen = st.generated + 1
-        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
-        at_length = (gen >= st.budget) | (pos + 1 >= length)
         act = st.active
-        finish = jnp.where(act & stop, FINISH_STOP,
-                           jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
+        finish = finish_reasons(act, tok, gen, st.budget, pos, length, stop_ids)
         new = DecodeState(new_cache, jnp.where(act, tok, st.token), st.pos + act.astype(jnp.int32),
                           act & (finish == FINISH_NONE), jnp.where(act, gen, st.generated),
                           st.budget, st.keys)

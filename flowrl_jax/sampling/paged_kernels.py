@@ -32,13 +32,13 @@ from flowrl_jax.models.paged_decode import (POOL_AXES, PagedCache, empty_pool,
                                             paged_decode_forward, pool_shape)
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling import cpu_fast_paths
-from flowrl_jax.sampling.kernels import ChunkOut
+from flowrl_jax.sampling.kernels import ChunkOut, finish_reasons
 from flowrl_jax.sampling.kv_budget import pages_for
 from flowrl_jax.sampling.logits import sample_logits
 from flowrl_jax.sampling.pages import NULL_PAGE
 from flowrl_jax.sampling.params import SamplingSpec
 from flowrl_jax.sampling.random import key_width, sample_keys, step_keys
-from flowrl_jax.sampling.results import FINISH_LENGTH, FINISH_NONE, FINISH_STOP
+from flowrl_jax.sampling.results import FINISH_NONE
 
 Array = jax.Array
 
@@ -226,10 +226,7 @@ class PagedKernels:
         keys = None if noise is not None else step_keys(st.keys, st.generated)
         tok, logp = sample_logits(logits, keys, spec, noise)
         gen = st.generated + 1
-        stop = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)  # stop_ids padded with -1
-        at_length = (gen >= st.budget) | (pos + 1 >= length)
-        finish = jnp.where(act & stop, FINISH_STOP,
-                           jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
+        finish = finish_reasons(act, tok, gen, st.budget, pos, length, stop_ids)
         new = st._replace(pool=pool, token=jnp.where(act, tok, st.token),
                           pos=st.pos + act.astype(jnp.int32),
                           active=st.active & (finish == FINISH_NONE),
