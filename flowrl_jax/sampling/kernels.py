@@ -105,13 +105,10 @@ def finish_reasons(act: Array, tok: Array, gen: Array, budget: Array, pos: Array
     return jnp.where(act & stop, FINISH_STOP, jnp.where(act & at_length, FINISH_LENGTH, FINISH_NONE))
 
 
-class Kernels:
-    """The device functions for one (model graph, mesh, cache dtype).
-
-    Shared per key (`kernels_for`), so every engine over the same architecture shares
-    compilations (the trainer's engine, eval engines, tests). Only array shapes and the
-    `SamplingSpec` trigger recompiles.
-    """
+class KernelsBase:
+    """What the dense and paged kernels share: the jitted forms of the traced functions, the
+    prefill (dense decode layout in both) and admission (prefill, then the subclass's insert).
+    Subclasses define `insert`, `decode_chunk`, `state_shardings`, `init_state` and friends."""
 
     def __init__(self, graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any):
         self.graphdef, self.arch, self.mesh = graphdef, arch, mesh
@@ -121,12 +118,43 @@ class Kernels:
         self.insert_jit = jax.jit(self.insert, donate_argnums=(0,))
         self.decode_chunk_jit = jax.jit(self.decode_chunk, static_argnums=(3, 4),
                                         donate_argnums=(1,))
-        self._init_fns: dict[tuple[int, int], Any] = {}
+        self._init_fns: dict[tuple, Any] = {}
 
     @property
     def device(self) -> jax.Device:
         """The (first) device the kernels run on."""
         return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
+    def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
+        """Decode-layout cache (P slots) of right-padded prompts `tokens` [B, P] with
+        `lengths` [B] (models/decode.py `prefill`)."""
+        with compute_platform(self.mesh):  # code paths for the mesh's devices
+            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
+
+    def admit(self, params: Any, st: Any, tokens: Array, lengths: Array, src: Array,
+              dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
+              sample_index: Array) -> Any:
+        """Prefill a batch of prompts once and insert each into its slots (G copies)."""
+        prefix = self.prefill(params, tokens, lengths)
+        keys = sample_keys(seed, prompt_index, sample_index)
+        return self.insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs `shapes` carrying `shardings` (a matching tree; None: as they are)."""
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+class Kernels(KernelsBase):
+    """The device functions for one (model graph, mesh, cache dtype).
+
+    Shared per key (`kernels_for`), so every engine over the same architecture shares
+    compilations (the trainer's engine, eval engines, tests). Only array shapes and the
+    `SamplingSpec` trigger recompiles.
+    """
 
     # ----------------------------------------------------------------- shardings
 
@@ -160,12 +188,8 @@ class Kernels:
     def abstract_state(self, slots: int, length: int) -> DecodeState:
         """`init_state`'s result as ShapeDtypeStructs with their shardings (nothing allocated;
         for lowering the kernels ahead of time)."""
-        shapes = jax.eval_shape(lambda: self._empty_state(slots, length))
-        shardings = self.state_shardings(slots, length)
-        if shardings is None:
-            return shapes
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shardings)
+        return with_shardings(jax.eval_shape(lambda: self._empty_state(slots, length)),
+                              self.state_shardings(slots, length))
 
     def _empty_state(self, slots: int, length: int) -> DecodeState:
         cache = empty_cache(self.arch, slots, length, self.cache_dtype)
@@ -174,12 +198,6 @@ class Kernels:
                            jnp.zeros((slots, key_width()), jnp.uint32))
 
     # ----------------------------------------------------------------- traced functions
-
-    def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
-        """Decode-layout cache (P slots) of right-padded prompts `tokens` [B, P] with
-        `lengths` [B] (models/decode.py `prefill`)."""
-        with compute_platform(self.mesh):  # code paths for the mesh's devices
-            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
 
     def insert(self, st: DecodeState, prefix: list[DecodeCache], src: Array, dst: Array,
                last_token: Array, pos: Array, budget: Array, keys: Array) -> DecodeState:
@@ -199,14 +217,6 @@ class Kernels:
                          put(st.active, jnp.ones_like(dst, bool)), put(st.generated, jnp.zeros_like(dst)),
                          put(st.budget, budget), put(st.keys, keys))
         return self.constrain(st)
-
-    def admit(self, params: Any, st: DecodeState, tokens: Array, lengths: Array, src: Array,
-              dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
-              sample_index: Array) -> DecodeState:
-        """Prefill a batch of prompts once and insert each into its slots (G copies)."""
-        prefix = self.prefill(params, tokens, lengths)
-        keys = sample_keys(seed, prompt_index, sample_index)
-        return self.insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
     def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array,
               spec: SamplingSpec, length: int, rope: tuple[Array, Array],

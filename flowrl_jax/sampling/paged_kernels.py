@@ -26,18 +26,18 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
-from flowrl_jax.models.decode import DecodeCache, prefill, rope_table
+from flowrl_jax.mesh import batch_sharding, named_sharding
+from flowrl_jax.models.decode import DecodeCache, rope_table
 from flowrl_jax.models.paged_decode import (POOL_AXES, PagedCache, empty_pool,
                                             paged_decode_forward, pool_shape)
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling import cpu_fast_paths
-from flowrl_jax.sampling.kernels import ChunkOut, finish_reasons
+from flowrl_jax.sampling.kernels import ChunkOut, KernelsBase, finish_reasons, with_shardings
 from flowrl_jax.sampling.kv_budget import pages_for
 from flowrl_jax.sampling.logits import sample_logits
 from flowrl_jax.sampling.pages import NULL_PAGE
 from flowrl_jax.sampling.params import SamplingSpec
-from flowrl_jax.sampling.random import key_width, sample_keys, step_keys
+from flowrl_jax.sampling.random import key_width, step_keys
 from flowrl_jax.sampling.results import FINISH_NONE
 
 Array = jax.Array
@@ -60,29 +60,18 @@ class PagedState(NamedTuple):
     keys: Array  # [slots, key_width()] uint32 per-sample base key
 
 
-class PagedKernels:
+class PagedKernels(KernelsBase):
     """The paged device functions for one (model graph, mesh, cache dtype, page size); shared
-    per key (`paged_kernels_for`) like `Kernels`."""
+    per key (`paged_kernels_for`) like `Kernels`. The prefill and admission are the dense
+    kernels' (`KernelsBase`): the prefill's dense rows are cut into pages by `insert`."""
 
     def __init__(self, graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any,
                  page_size: int, attention: str = "xla"):
         if page_size <= 0:
             raise ValueError(f"page_size must be > 0, got {page_size}")
-        self.graphdef, self.arch, self.mesh = graphdef, arch, mesh
-        self.cache_dtype = jnp.dtype(cache_dtype)
         self.page_size = int(page_size)
         self.attention = attention
-        self.admit_jit = jax.jit(self.admit, donate_argnums=(1,))
-        self.prefill_jit = jax.jit(self.prefill)
-        self.insert_jit = jax.jit(self.insert, donate_argnums=(0,))
-        self.decode_chunk_jit = jax.jit(self.decode_chunk, static_argnums=(3, 4),
-                                        donate_argnums=(1,))
-        self._init_fns: dict[tuple, Any] = {}
-
-    @property
-    def device(self) -> jax.Device:
-        """The (first) device the kernels run on."""
-        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        super().__init__(graphdef, arch, mesh, cache_dtype)
 
     def pages_per_slot(self, length: int) -> int:
         """Page-table width for a cache of `length` positions."""
@@ -135,12 +124,9 @@ class PagedKernels:
     def abstract_state(self, slots: int, length: int,
                        num_pages: Optional[int] = None) -> PagedState:
         """`init_state`'s result as ShapeDtypeStructs with their shardings (nothing allocated)."""
-        shapes = jax.eval_shape(lambda: self._empty_state(slots, length, num_pages))
-        shardings = self.state_shardings(slots, length, self._pool_pages(slots, length, num_pages))
-        if shardings is None:
-            return shapes
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shardings)
+        return with_shardings(jax.eval_shape(lambda: self._empty_state(slots, length, num_pages)),
+                              self.state_shardings(slots, length,
+                                                   self._pool_pages(slots, length, num_pages)))
 
     def _pool_pages(self, slots: int, length: int, num_pages: Optional[int]) -> int:
         return slots * self.pages_per_slot(length) + 1 if num_pages is None else num_pages
@@ -160,12 +146,6 @@ class PagedKernels:
                           jnp.zeros((slots, key_width()), jnp.uint32))
 
     # ----------------------------------------------------------------- traced functions
-
-    def prefill(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
-        """Dense decode-layout cache (P positions) of right-padded prompts `tokens` [B, P]
-        with `lengths` [B] (models/decode.py `prefill`, as the dense engine's)."""
-        with compute_platform(self.mesh):
-            return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
 
     def insert(self, st: PagedState, prefix: list[DecodeCache], src: Array, dst: Array,
                last_token: Array, pos: Array, budget: Array, keys: Array) -> PagedState:
@@ -202,14 +182,6 @@ class PagedKernels:
                          generated=put(st.generated, jnp.zeros_like(dst)),
                          budget=put(st.budget, budget), keys=put(st.keys, keys))
         return self.constrain(st)
-
-    def admit(self, params: Any, st: PagedState, tokens: Array, lengths: Array, src: Array,
-              dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
-              sample_index: Array) -> PagedState:
-        """Prefill a batch of prompts once and insert each into its slots (`Kernels.admit`)."""
-        prefix = self.prefill(params, tokens, lengths)
-        keys = sample_keys(seed, prompt_index, sample_index)
-        return self.insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
     def _step(self, model: Qwen2ForCausalLM, st: PagedState, stop_ids: Array,
               spec: SamplingSpec, rope: tuple[Array, Array], mats: Any, products: str,
