@@ -93,6 +93,30 @@ def test_a_stalled_rollout_is_an_error_not_a_hang(backends):
         rollouts.close()
 
 
+def test_a_failing_driver_is_an_error_naming_the_thread(backends, monkeypatch):
+    import time
+
+    from flowrl_jax.sampling.jetstream import FlowRLEngine
+    from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
+
+    def broken_generate(self, params, decode_state):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(FlowRLEngine, "generate", broken_generate)
+    core, model, _ = backends
+    rollouts = JetStreamRollouts(core, timeout_s=300)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SamplingError, match=r"the driver failed \(its generate-0 thread failed: "
+                                                r"RuntimeError: device lost\)"):
+            rollouts.generate(model, _prompts(2), SamplingParams(temperature=1.0, max_new_tokens=4,
+                                                                 n=2, seed=1))
+        assert time.monotonic() - t0 < 120  # found by the driver check, not the 300 s timeout
+        assert not rollouts._drivers
+    finally:
+        rollouts.close()
+
+
 @pytest.mark.slow
 def test_trainer_through_jetstream_trains_exactly_like_through_the_engine(tmp_path):
     """Same tokens → same rewards, log-probs, updates: every metric but the sampler/trainer

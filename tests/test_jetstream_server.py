@@ -4,6 +4,7 @@ tokens, malformed requests get a clear INVALID_ARGUMENT and the server keeps ser
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 
 import numpy as np
@@ -13,6 +14,7 @@ pytest.importorskip("jetstream", reason="google-jetstream is installed by `make 
 grpc = pytest.importorskip("grpc")
 
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams  # noqa: E402
+from flowrl_jax.sampling.params import SamplingError  # noqa: E402
 from flowrl_jax.testing import tiny_arch, tiny_model, word_tokenizer  # noqa: E402
 
 EOS = 1
@@ -65,6 +67,61 @@ def test_compat_fixes_applied():
     assert hasattr(jax, "tree_map")
     assert "seqio.vocabularies" in sys.modules
     assert issubclass(js.engine_api.Engine, object) and hasattr(js.engine_api, "ResultTokens")
+
+
+def test_a_failing_driver_thread_is_reported_not_a_sigkill():
+    # JetStream's own thread class SIGKILLs the process (a trainer, a pytest worker) on any error
+    import threading
+
+    from flowrl_jax.sampling.jetstream_compat import DriverThread, driver_failure, import_jetstream
+
+    assert import_jetstream().orchestrator.JetThread is DriverThread
+
+    class FakeDriver:
+        live = True
+
+        def _generate_thread(self, idx):
+            raise RuntimeError(f"boom {idx}")
+
+    for live, expected in ((True, "its generate-0 thread failed: RuntimeError: boom 0"),
+                           (False, None)):
+        driver = FakeDriver()
+        driver.live = live  # False: the error is JetStream's stop() racing its own threads
+        t = DriverThread(target=functools.partial(driver._generate_thread, 0), name="generate-0")
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and driver_failure(driver) == expected
+    assert threading.current_thread().is_alive()  # still here: no SIGKILL
+
+
+def test_server_wait_raises_when_the_driver_fails():
+    import asyncio
+    import threading
+    import types
+
+    from flowrl_jax.sampling.jetstream import Server
+
+    class NeverEnding:  # a gRPC server that serves until stopped
+        def __init__(self):
+            self.stopped = asyncio.Event()
+
+        async def wait_for_termination(self):
+            await self.stopped.wait()
+
+        async def stop(self, grace):
+            self.stopped.set()
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stopped = []
+    driver = types.SimpleNamespace(flowrl_failure=None, stop=lambda: stopped.append(True))
+    server = Server(0, driver, NeverEnding(), loop, thread)
+    fail = "its detokenize-0 thread failed: X"
+    threading.Timer(0.3, lambda: setattr(driver, "flowrl_failure", fail)).start()
+    with pytest.raises(SamplingError, match="driver stopped serving: its detokenize-0 thread failed"):
+        server.wait()
+    assert stopped and not thread.is_alive()
 
 
 def test_concurrent_requests(served):

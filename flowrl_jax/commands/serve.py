@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         server.wait()
     except KeyboardInterrupt:
         server.stop()
+    except SamplingError as e:  # a driver thread failed: the server cannot serve any more
+        print(f"flowrl-jax serve: {e}", file=sys.stderr)
+        return 1
     finally:
         if http is not None:
             http.stop()

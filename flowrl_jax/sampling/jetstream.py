@@ -6,7 +6,8 @@ detokenises on its own threads. Prefill computes the cache of `prompt[:-1]`; the
 same decode kernel as `SamplingEngine.generate`). A slot stops by itself on EOS/stop ids or a
 full cache and then reports `valid = False`, which completes the request.
 
-JetStream's driver threads SIGKILL the process on any exception, so requests are validated in
+JetStream's driver threads would SIGKILL the process on any exception (jetstream_compat makes
+that a failure the server's `wait` raises), so requests are validated in
 the gRPC handler (`ValidatingOrchestrator`) and answered with INVALID_ARGUMENT before they
 reach the driver (a prompt longer than the model's context included); prefill/insert
 additionally clamp their inputs instead of raising.
@@ -40,7 +41,7 @@ from flowrl_jax.sampling.engine import SamplingEngine
 from flowrl_jax.sampling.kernels import DecodeState, bucket
 from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.random import sample_keys
-from flowrl_jax.sampling.jetstream_compat import import_jetstream
+from flowrl_jax.sampling.jetstream_compat import driver_failure, import_jetstream
 
 js = import_jetstream()
 engine_api = js.engine_api
@@ -390,10 +391,20 @@ class Server:
         self._thread.join(timeout=10)
 
     def wait(self) -> None:
-        """Block until the server terminates (Ctrl-C stops it)."""
+        """Block until the server terminates (Ctrl-C stops it); a driver thread that fails
+        stops the server with a SamplingError naming it."""
+        done = asyncio.run_coroutine_threadsafe(self._grpc_server.wait_for_termination(),
+                                                self._loop)
         try:
-            asyncio.run_coroutine_threadsafe(self._grpc_server.wait_for_termination(),
-                                             self._loop).result()
+            while True:
+                try:
+                    done.result(timeout=1.0)
+                    return
+                except futures.TimeoutError:
+                    failure = driver_failure(self.driver)
+                    if failure:
+                        raise SamplingError(f"JetStream server: the driver stopped serving: "
+                                            f"{failure}")
         finally:
             self.stop()
 

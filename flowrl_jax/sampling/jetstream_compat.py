@@ -8,15 +8,25 @@ All of them live here, applied once by `import_jetstream()`:
    (otherwise its generate thread raises and the orchestrator SIGKILLs its own process).
 3. Importing `jetstream.core.orchestrator` sets the root logger to DEBUG with a stdout
    handler: the root logger's level and handlers are restored afterwards.
+4. The orchestrator's `JetThread` SIGKILLs the whole process when a driver thread raises —
+   the trainer or the test runner it lives in, with no message that reaches a log. That
+   includes the errors `Driver.stop()` itself provokes: it clears the return channel of
+   requests it drains while other threads may still hold them. `DriverThread` replaces it:
+   an error while its driver is stopping is dropped, any other is logged and kept on the
+   driver (`driver_failure`) for the waiting caller to raise.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import sys
+import threading
 import types
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 def _install_seqio_shim() -> None:
     """Register a minimal `seqio.vocabularies` module unless the real seqio is installed."""
@@ -68,7 +78,34 @@ def import_jetstream() -> types.SimpleNamespace:
         for h in list(root.handlers):
             if h not in handlers:
                 root.removeHandler(h)
+    orchestrator.JetThread = DriverThread  # read when a Driver starts its threads
     return types.SimpleNamespace(
         engine_api=engine_api, token_utils=token_utils, tokenizer_api=tokenizer_api,
         tokenizer_pb2=tokenizer_pb2, orchestrator=orchestrator, server_lib=server_lib,
         config_lib=config_lib, jetstream_pb2=jetstream_pb2, jetstream_pb2_grpc=jetstream_pb2_grpc)
+
+
+class DriverThread(threading.Thread):
+    """A JetStream driver thread whose failure is reported to its driver, not a SIGKILL."""
+
+    def __init__(self, *args: Any, target: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, target=target, **kwargs)
+        bound = target.func if isinstance(target, functools.partial) else target
+        self.driver = getattr(bound, "__self__", None)  # the Driver whose loop this runs
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any error must end here, not in a SIGKILL
+            if self.driver is not None and not getattr(self.driver, "live", True):
+                log.debug("JetStream %s thread: %r while its driver stopped", self.name, exc)
+                return
+            log.error("JetStream %s thread failed", self.name, exc_info=True)
+            if self.driver is not None and getattr(self.driver, "flowrl_failure", None) is None:
+                self.driver.flowrl_failure = (f"its {self.name} thread failed: "
+                                              f"{type(exc).__name__}: {exc}")
+
+
+def driver_failure(driver: Any) -> str | None:
+    """Why `driver` can no longer serve (a thread of it failed), or None while it is healthy."""
+    return getattr(driver, "flowrl_failure", None)

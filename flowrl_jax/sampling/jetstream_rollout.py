@@ -15,7 +15,8 @@ returned to JetStream as that many speculative tokens per slot.
 JetStream's detokenizer returns token ids without the stop token and without log-probs, so
 the samples are read from the adapter's trace of its generate steps (which slot held which
 sample at each step); the driver's return channel only says when a sample is complete. A
-sample not complete within `timeout_s` is a SamplingError (never a hang).
+sample not complete within `timeout_s`, or a driver thread that fails, is a SamplingError
+(never a hang, never the SIGKILL JetStream itself would send).
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ import numpy as np
 
 from flowrl_jax.sampling.engine import SamplingEngine
 from flowrl_jax.sampling.jetstream import _JETSTREAM_LENGTHS, FlowRLEngine, _Driver, js
+from flowrl_jax.sampling.jetstream_compat import driver_failure
 from flowrl_jax.sampling.kernels import bucket
 from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.results import FINISH_NAMES, FINISH_NONE, Rollout
+
+
+_POLL_S = 0.2  # how often a waiting rollout checks its driver's threads
 
 
 @dataclass(frozen=True)
@@ -123,25 +128,29 @@ class JetStreamRollouts:
             try:
                 for r in requests:
                     driver.place_request_on_prefill_queue(r)
-                left = self._wait(requests)
+                left = self._wait(requests, driver)
+                failure = driver_failure(driver)  # before the trace stops under a live driver
             finally:
                 trace = engine.stop_trace()
-            if left:
+            if left or failure:
                 # Its requests may still land in slots later: this driver is not reused.
                 self._drivers.pop(next(k for k, v in self._drivers.items() if v[1] is driver))
                 driver.stop()
-                raise SamplingError(f"JetStream rollout: {left} of {len(requests)} samples not "
-                                    f"complete after {self.timeout_s:g} s (rollout.timeout_s); "
+                why = (f"the driver failed ({failure})" if failure else
+                       f"not complete after {self.timeout_s:g} s (rollout.timeout_s)")
+                raise SamplingError(f"JetStream rollout: {left} of {len(requests)} samples {why}; "
                                     "the driver was stopped")
         return _assemble(trace, len(prompts), n, sampling.max_new_tokens)
 
-    def _wait(self, requests: list[RolloutRequest]) -> int:
-        """Wait for every request until the deadline; the number still not complete."""
+    def _wait(self, requests: list[RolloutRequest], driver: Any) -> int:
+        """Wait for every request until the deadline or a driver failure; the number still not
+        complete."""
         deadline = time.monotonic() + self.timeout_s
         for r in requests:
-            if not r.return_channel.event.wait(max(0.0, deadline - time.monotonic())):
-                break
-        return sum(not q.return_channel.event.is_set() for q in requests)
+            while not r.return_channel.event.wait(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline or driver_failure(driver):
+                    return sum(not q.return_channel.event.is_set() for q in requests)
+        return 0
 
     def close(self) -> None:
         """Stop every driver's threads."""
