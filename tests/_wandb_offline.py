@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -38,11 +39,22 @@ def records(path: Path) -> list:
     return out
 
 
+def complete_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a run file once W&B has written its `exit` record: `run.finish()` can
+    return while the service is still writing (seen on a loaded machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = records(path) if Path(path).stat().st_size >= _HEADER else []
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.1)
+
+
 def history(wandb_dir: Path) -> list[dict]:
     """The logged rows of every offline run under `wandb_dir` (W&B's `_step` etc. included)."""
     rows = []
     for run_file in sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")):
-        for rec in records(run_file):
+        for rec in complete_records(run_file):
             if rec.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in rec.history.item})
