@@ -1,0 +1,188 @@
+"""Asynchronous rollouts with bounded staleness (`trainer.staleness`) and the sampler's own
+sub-mesh (`rollout.devices`): the fixed schedule, the checkpointed in-flight rollouts, and
+the trainer end to end on the 8 fake CPU devices (k = 0 equal to the default trainer bit for
+bit; k = 1 on a 4/4 split overlapping generation with updates)."""
+
+import math
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from trainer_toy import ToyTask, toy_overrides
+
+from flowrl_jax.config import ConfigError, load_config
+from flowrl_jax.rl.async_rollouts import (InFlight, RolloutProducer, behaviour_version,
+                                          in_flight_from_state, in_flight_state)
+from flowrl_jax.rl.metrics import KEY_STYLE, staleness_metrics
+from flowrl_jax.rl.role_meshes import role_meshes, sampler_device_count
+from flowrl_jax.rl.task import PromptBatch
+from flowrl_jax.rl.trainer import Trainer
+from flowrl_jax.sampling.results import Rollout
+
+VOLATILE = ("time/", "throughput/", "perf/")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("key,value", [("trainer.staleness", -1), ("trainer.staleness", 0.5),
+                                       ("rollout.devices", 0), ("rollout.devices", 1.5),
+                                       ("rollout.devices", -0.5)])
+def test_bad_staleness_and_devices_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, toy_overrides("flowrl", 1, **{key: value}))
+
+
+def test_device_split_by_count_and_fraction():
+    assert sampler_device_count(4, 8) == 4 and sampler_device_count(0.25, 8) == 2
+    for bad in (8, 0.01):  # the trainer or the sampler would be left without a device
+        with pytest.raises(ConfigError, match="rollout.devices"):
+            sampler_device_count(bad, 8)
+    cfg = load_config(None, toy_overrides("flowrl", 1, **{"rollout.devices": 0.25}))
+    trainer, sampler = role_meshes(cfg)
+    devs = jax.devices()
+    assert list(trainer.devices.flat) == devs[:6] and list(sampler.devices.flat) == devs[6:]
+    assert dict(trainer.shape) == {"data": 1, "fsdp": 6, "tensor": 1}
+
+
+# --------------------------------------------------------------------------- the schedule
+
+
+def _fake_rollout(step: int) -> Rollout:
+    rng = np.random.default_rng(step)
+    return Rollout(np.repeat(np.arange(2, dtype=np.int32), 2), np.tile(np.arange(2, dtype=np.int32), 2),
+                   rng.integers(0, 9, (4, 5)).astype(np.int32),
+                   rng.normal(size=(4, 5)).astype(np.float32), np.full(4, 5, np.int32),
+                   ["stop", "length", "stop", "stop"])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_producer_follows_the_fixed_schedule(k):
+    """Rollout t is made by version max(0, t − k), never earlier than that version exists,
+    while the 'trainer' consumes in order and pushes version s + 1 after step s."""
+    made, pushed_at = [], {0: time.perf_counter()}
+
+    def generate(step, version, params):
+        assert params == f"params-{version}"
+        made.append((step, version, time.perf_counter()))
+        return InFlight(step, version, PromptBatch([[1]], [0], ["toy"]), _fake_rollout(step),
+                        {"k": step + 1}, 0.0, 1.0)
+
+    steps = 6
+    prod = RolloutProducer(generate, k, 0, steps, 0, "params-0")
+    for s in range(steps):
+        assert prod.get(s).version == behaviour_version(s, k)
+        time.sleep(0.01)  # the "update"
+        if prod.needs(s + 1):
+            pushed_at[s + 1] = time.perf_counter()
+            prod.push(s + 1, f"params-{s + 1}")
+    prod.close()
+    assert [(t, v) for t, v, _ in made] == [(t, max(0, t - k)) for t in range(steps)]
+    assert all(at >= pushed_at[v] for _, v, at in made)
+    assert not prod.needs(steps - k)  # no rollout left for the last versions
+
+
+def test_producer_hands_a_sampling_error_to_the_trainer():
+    def generate(step, version, params):
+        raise RuntimeError(f"sampler died at step {step}")
+
+    prod = RolloutProducer(generate, 1, 0, 3, 0, None)
+    with pytest.raises(RuntimeError, match="step 0"):
+        prod.get(0)
+    prod.close()
+    assert not any(t.name == "rollout-producer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_in_flight_rollouts_survive_the_checkpoint_meta_bit_for_bit():
+    import json
+
+    items = [InFlight(s, s - 1, PromptBatch([[3, 4], [5]], [7, "x"], ["toy", "toy"],
+                                            [{"set": "a"}, {}]),
+                      _fake_rollout(s), {"k": s}, 0.0, 1.0) for s in (3, 4)]
+    back = in_flight_from_state(json.loads(json.dumps(in_flight_state(items))))
+    for a, b in zip(items, back):
+        assert (a.step, a.version, a.data_state) == (b.step, b.version, b.data_state)
+        assert a.batch == b.batch
+        for f in ("prompt_index", "sample_index", "tokens", "logprobs", "lengths"):
+            x, y = getattr(a.rollout, f), getattr(b.rollout, f)
+            assert x.dtype == y.dtype and np.array_equal(x, y), f
+        assert a.rollout.finish_reasons == b.rollout.finish_reasons
+
+
+def test_staleness_of_each_minibatch():
+    m = staleness_metrics(5, [np.asarray([5, 5, 4]), np.asarray([3, 3])])
+    assert m == {"rollout/staleness_mean": pytest.approx((1 / 3 + 2) / 2),
+                 "rollout/staleness_max": 2.0}
+    assert all(KEY_STYLE.fullmatch(k) for k in m)
+
+
+# --------------------------------------------------------------------------- end to end
+
+STEPS = 4
+BASE = {"trainer.checkpoint_every": 100, "rollout.decode_chunk": 1}  # one token per host trip:
+# generation long enough (against the tiny update) for the overlap to show
+
+
+def _run(tmp, name, **extra):
+    cfg = load_config(None, toy_overrides("flowrl", STEPS, **BASE, **extra))
+    tr = Trainer(cfg, tmp / name, task=ToyTask(cfg), console=False)
+    res = tr.run()
+    return tr, res
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The default trainer, the same with trainer.staleness=0, and k = 1 on a 4/4 split."""
+    tmp = tmp_path_factory.mktemp("staleness")
+    return {"default": _run(tmp, "default"), "k0": _run(tmp, "k0", **{"trainer.staleness": 0}),
+            "k1": _run(tmp, "k1", **{"trainer.staleness": 1, "rollout.devices": 4})}
+
+
+def _stable(history):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in history]
+
+
+def _leaves(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_staleness_zero_is_the_default_trainer_bit_for_bit(runs):
+    (_, a), (_, b) = runs["default"], runs["k0"]
+    assert _stable(a.history) == _stable(b.history) and len(a.history) == STEPS
+    la, lb = _leaves(a.state), _leaves(b.state)
+    assert len(la) > 20 and all(np.array_equal(x, y) for x, y in zip(la, lb))
+    assert [r["rollout/staleness_max"] for r in a.history] == [0.0] * STEPS
+
+
+def test_staleness_one_on_split_devices_overlaps_generation_with_updates(runs):
+    tr, res = runs["k1"]
+    assert len(tr.mesh.devices.flat) == 4 and len(tr.sample_mesh.devices.flat) == 4
+    assert not set(tr.mesh.devices.flat) & set(tr.sample_mesh.devices.flat)
+    gen = [(a, b) for p, _, a, b in tr.phases if p == "generate"]
+    upd = [(a, b) for p, _, a, b in tr.phases if p == "update"]
+    overlap = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in gen for a2, b2 in upd)
+    assert overlap > 0, tr.phases
+    hist = res.history
+    assert [r["rollout/staleness_mean"] for r in hist] == [0.0] + [1.0] * (STEPS - 1)
+    assert [r["rollout/staleness_max"] for r in hist] == [0.0] + [1.0] * (STEPS - 1)
+    for r in hist:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        assert r["time/weight_push"] >= 0 and r["time/generate"] > 0
+    # versions 1 .. STEPS-2 were pushed (the last update's params make no rollout)
+    assert [r["time/weight_push"] > 0 for r in hist] == [True] * (STEPS - 2) + [False] * 2
+
+
+def test_staleness_one_differs_from_on_policy_only_as_expected(runs):
+    """Step 1 samples the same rollout (version 0, same seeds) as the on-policy run; later
+    steps train on one-update-old samples, so metrics and params part ways, all finite."""
+    (_, on), (_, k1) = runs["default"], runs["k1"]
+    same = [k for k in on.history[0] if k.startswith(("reward/", "response_length/"))]
+    assert same and all(on.history[0][k] == k1.history[0][k] for k in same)
+    assert any(on.history[-1][k] != k1.history[-1][k] for k in ("loss/total", "kl/old"))
+    la, lb = _leaves(on.state), _leaves(k1.state)
+    assert all(np.isfinite(x).all() for x in lb)
+    assert any(not np.allclose(x, y) for x, y in zip(la, lb))
+    # stale samples: the importance weights are no longer 1 on the first mini-batch
+    assert any(abs(r["flowrl/w_mean"] - 1.0) > 1e-6 for r in k1.history[1:])
