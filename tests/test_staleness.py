@@ -186,3 +186,42 @@ def test_staleness_one_differs_from_on_policy_only_as_expected(runs):
     assert any(not np.allclose(x, y) for x, y in zip(la, lb))
     # stale samples: the importance weights are no longer 1 on the first mini-batch
     assert any(abs(r["flowrl/w_mean"] - 1.0) > 1e-6 for r in k1.history[1:])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_with_staleness_one_is_bit_exact(tmp_path):
+    """The in-flight rollout (made by params no checkpoint holds) is saved in the checkpoint
+    meta, so a run killed with SIGKILL and restarted ends bit-identical to an uninterrupted
+    one."""
+    import json
+    import random
+
+    from test_resume import _kill, _steps, _wait, _writing
+    from trainer_toy import checkpoint_arrays, stable_records, start_train
+
+    steps = 5
+    ov = toy_overrides("flowrl", steps, **{"trainer.staleness": 1})
+    ref = start_train(tmp_path / "ref", ov)
+    run = tmp_path / "killed"
+    rnd = random.Random(20261206)
+    p = start_train(run, ov)
+    _wait(lambda: len(_steps(run)) >= 2 and not _writing(run), p, 300)
+    time.sleep(rnd.uniform(0.0, 0.3))
+    _kill(p)
+    killed_at = _steps(run)
+    p = start_train(run, ov)
+    assert p.wait(300) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+    assert ref.wait(300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    assert killed_at and killed_at[-1] < steps, killed_at  # it did resume mid-run
+    a, b = checkpoint_arrays(tmp_path / "ref", steps), checkpoint_arrays(run, steps)
+    assert a.keys() == b.keys() and len(a) > 20
+    assert not [k for k in a if not np.array_equal(a[k], b[k])], killed_at
+    recs = stable_records(run)
+    assert recs == stable_records(tmp_path / "ref") and len(recs) == steps
+    assert [r["rollout/staleness_max"] for r in recs] == [0.0] + [1.0] * (steps - 1)
+    meta = json.loads((tmp_path / "ref" / "checkpoints" / str(steps - 1) / "meta" / "metadata")
+                      .read_text())
+    assert [r["step"] for r in meta["rollout_state"]["in_flight"]] == [steps - 1]
