@@ -225,3 +225,36 @@ def test_sigkill_and_restart_with_staleness_one_is_bit_exact(tmp_path):
     meta = json.loads((tmp_path / "ref" / "checkpoints" / str(steps - 1) / "meta" / "metadata")
                       .read_text())
     assert [r["step"] for r in meta["rollout_state"]["in_flight"]] == [steps - 1]
+
+
+def test_samples_carry_their_version_and_behaviour_logprobs():
+    from flowrl_jax.rl.rollout_pipeline import samples_of
+
+    ro = _fake_rollout(3)
+    ro.lengths[:] = [5, 2, 0, 3]
+    got = samples_of(ro, 2)
+    assert [s.policy_version for s in got] == [2] * 4
+    assert [list(s.logprobs) for s in got] == ro.logprob_lists()
+    assert [len(s.tokens) for s in got] == [5, 2, 0, 3]
+
+
+def test_weight_push_copies_device_to_device_onto_the_sampler_layout():
+    """A copy in the sampler mesh's shardings, equal values, never an alias of the trainer's
+    (donated) buffers, also when both roles share the devices."""
+    from flax import nnx
+
+    from flowrl_jax.checkpoint.load import model_from_config
+    from flowrl_jax.mesh import make_mesh
+    from flowrl_jax.rl.weight_push import WeightPush
+
+    cfg = load_config(None, toy_overrides("flowrl", 1, **{"rollout.devices": 4}))
+    trainer_mesh, sampler_mesh = role_meshes(cfg)
+    model, _, _ = model_from_config(cfg.model, trainer_mesh)
+    graphdef, policy = nnx.split(model)
+    for mesh in (sampler_mesh, trainer_mesh):
+        out, seconds = WeightPush(graphdef, mesh)(policy)
+        assert seconds > 0
+        for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(out)):
+            assert b.sharding.mesh == mesh and np.array_equal(np.asarray(a), np.asarray(b))
+            assert ({s.data.unsafe_buffer_pointer() for s in a.addressable_shards}
+                    .isdisjoint(s.data.unsafe_buffer_pointer() for s in b.addressable_shards))
