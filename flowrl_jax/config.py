@@ -313,7 +313,8 @@ class RolloutConfig:
     # "engine": the trainer calls the sampling engine; "jetstream": every sample is a request
     # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
     backend: Literal["engine", "jetstream"] = "engine"
-    timeout_s: float = 600.0  # jetstream: a rollout not complete by then is an error
+    # a rollout not complete by then is an error (jetstream; the background one of staleness ≥ 1)
+    timeout_s: float = 600.0
     # KV cache: "paged" (pages of page_size positions from one pool, shared prompt pages) or
     # "dense" (a full-length row per slot: the tested reference)
     kv_cache: Literal["paged", "dense"] = "paged"

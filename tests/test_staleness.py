@@ -52,7 +52,8 @@ def test_device_split_by_count_and_fraction():
 
 def _fake_rollout(step: int) -> Rollout:
     rng = np.random.default_rng(step)
-    return Rollout(np.repeat(np.arange(2, dtype=np.int32), 2), np.tile(np.arange(2, dtype=np.int32), 2),
+    pairs = np.arange(2, dtype=np.int32)
+    return Rollout(np.repeat(pairs, 2), np.tile(pairs, 2),
                    rng.integers(0, 9, (4, 5)).astype(np.int32),
                    rng.normal(size=(4, 5)).astype(np.float32), np.full(4, 5, np.int32),
                    ["stop", "length", "stop", "stop"])
@@ -93,6 +94,26 @@ def test_producer_hands_a_sampling_error_to_the_trainer():
         prod.get(0)
     prod.close()
     assert not any(t.name == "rollout-producer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_hung_sampler_is_named_within_the_timeout():
+    from flowrl_jax.errors import SamplingError
+
+    release = threading.Event()
+
+    def generate(step, version, params):
+        release.wait(30)
+        return InFlight(step, version, PromptBatch([[1]], [0], ["toy"]), _fake_rollout(step),
+                        {}, 0.0, 1.0)
+
+    prod = RolloutProducer(generate, 1, 0, 2, 0, None, timeout_s=0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(SamplingError, match=r"rollout\.timeout_s: the rollout of step 1 "):
+        prod.get(0)
+    assert time.perf_counter() - t0 < 5
+    release.set()
+    assert prod.get(0).step == 0
+    prod.close()
 
 
 def test_in_flight_rollouts_survive_the_checkpoint_meta_bit_for_bit():
@@ -244,7 +265,6 @@ def test_weight_push_copies_device_to_device_onto_the_sampler_layout():
     from flax import nnx
 
     from flowrl_jax.checkpoint.load import model_from_config
-    from flowrl_jax.mesh import make_mesh
     from flowrl_jax.rl.weight_push import WeightPush
 
     cfg = load_config(None, toy_overrides("flowrl", 1, **{"rollout.devices": 4}))

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from flowrl_jax.errors import SamplingError
 from flowrl_jax.rl.task import PromptBatch
 from flowrl_jax.sampling.results import Rollout
 
@@ -60,8 +61,10 @@ class RolloutProducer:
     above; `get(step)` hands them out in order, `push(version, params)` feeds new weights."""
 
     def __init__(self, generate: Generate, staleness: int, start: int, end: int,
-                 version: int, params: Any, preloaded: Optional[list[InFlight]] = None):
+                 version: int, params: Any, preloaded: Optional[list[InFlight]] = None,
+                 timeout_s: Optional[float] = None):
         self.generate, self.k, self.end = generate, staleness, end
+        self.timeout_s = timeout_s  # longest wait for one rollout (None: no limit)
         self.base = version  # older versions are gone (a resumed run restores their rollouts)
         self._cond = threading.Condition()
         self._params: dict[int, Any] = {version: params}
@@ -106,29 +109,38 @@ class RolloutProducer:
             self._params[version] = params
             self._cond.notify_all()
 
+    def _wait_for(self, steps: range) -> None:
+        """Wait (at most `timeout_s`) until the rollouts of `steps` are generated; a sampler
+        error is re-raised here, in the trainer's thread."""
+        ready = self._cond.wait_for(lambda: self._error is not None
+                                    or all(t in self._done for t in steps), self.timeout_s)
+        if self._error is not None:
+            raise self._error
+        if not ready:
+            missing = [t for t in steps if t not in self._done]
+            raise SamplingError(f"rollout.timeout_s: the rollout of step {missing[0] + 1} was "
+                                f"not generated within {self.timeout_s:g} s (the sampler "
+                                "thread hangs or is far too slow)")
+
     def get(self, step: int) -> InFlight:
         """The rollout of `step` (waits for it); steps are taken in order."""
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None or step in self._done)
-            if self._error is not None:
-                raise self._error
+            self._wait_for(range(step, step + 1))
             return self._done.pop(step)
 
     def completed(self, first: int, last: int) -> list[InFlight]:
         """The rollouts of steps `first` … `last` (waits until they are all generated)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._error is not None
-                                or all(t in self._done for t in range(first, last + 1)))
-            if self._error is not None:
-                raise self._error
+            self._wait_for(range(first, last + 1))
             return [self._done[t] for t in range(first, last + 1)]
 
     def close(self) -> None:
-        """Stop after the rollout being generated (if any)."""
+        """Stop after the rollout being generated (if any; a hung one is left behind: the
+        thread is a daemon)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(self.timeout_s)
 
 
 # --------------------------------------------------------------------------- checkpoint meta

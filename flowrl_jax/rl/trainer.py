@@ -38,6 +38,15 @@ Determinism: every random choice of step s derives from (cfg.seed, s): the sampl
 the mini-batch shuffles and the train step's dropout keys (from the TrainState's own
 counter). With the data position restored from the checkpoint, a resumed run repeats an
 uninterrupted one exactly.
+
+Asynchronous rollouts (`trainer.staleness: k` ≥ 1, rl/async_rollouts.py): a background thread
+draws the prompts and samples step t with policy version max(0, t − k) while the trainer works
+on earlier steps; after each update the new params are copied device to device onto the
+sampler's shardings (rl/weight_push.py, `time/weight_push`); the losses' importance weights use
+the sampler's log-probs (`old_logp` := `sampler_logp`); `time/sampling` is then the wait for
+the rollout and `time/generate` its own duration. A checkpoint holds the k rollouts in flight
+(their params are gone), so a resumed run still repeats an uninterrupted one. With
+`rollout.devices` the sampler has its own sub-mesh (rl/role_meshes.py).
 """
 
 from __future__ import annotations
@@ -318,7 +327,7 @@ class Trainer:
             params, _ = self.push(self.state.params["policy"])
             self.producer = RolloutProducer(self._generate, self.staleness, step,
                                             self.cfg.trainer.steps, step, params,
-                                            self._in_flight)
+                                            self._in_flight, timeout_s=self.cfg.rollout.timeout_s)
             self._in_flight = []
         return self.producer.get(step)
 
