@@ -142,13 +142,35 @@ def test_staleness_of_each_minibatch():
 # --------------------------------------------------------------------------- end to end
 
 STEPS = 4
-BASE = {"trainer.checkpoint_every": 100, "rollout.decode_chunk": 1}  # one token per host trip:
-# generation long enough (against the tiny update) for the overlap to show
+BASE = {"trainer.checkpoint_every": 100, "trainer.epochs": 2}
+UPDATES_PER_STEP = 4  # 16 rows / mini-batch 8 × 2 epochs
 
 
-def _run(tmp, name, **extra):
+def _run(tmp, name, paced=False, **extra):
+    """One in-process run; `paced`: the sampler thread starts the rollout of step t ≥ 2 only
+    once the update of step t − 1 has begun. The tiny sampler is otherwise done before the
+    trainer reaches its update (the log-prob pass comes first), so whether the intervals
+    meet would depend on the load; paced, they do exactly when the trainer really updates
+    while a rollout is generated (a synchronous trainer generates after its update: no
+    overlap, and the test fails)."""
     cfg = load_config(None, toy_overrides("flowrl", STEPS, **BASE, **extra))
     tr = Trainer(cfg, tmp / name, task=ToyTask(cfg), console=False)
+    if paced:
+        tr.setup()
+        update_began = [threading.Event() for _ in range(STEPS)]
+        real_update, real_generate, calls = tr.step_fns.update, tr._generate, [0]
+
+        def update(state, mb):
+            update_began[calls[0] // UPDATES_PER_STEP].set()
+            calls[0] += 1
+            return real_update(state, mb)
+
+        def generate(step, version, params):
+            if step >= 2:
+                assert update_began[step - 1].wait(120)
+            return real_generate(step, version, params)
+
+        tr.step_fns.update, tr._generate = update, generate
     res = tr.run()
     return tr, res
 
@@ -158,7 +180,8 @@ def runs(tmp_path_factory):
     """The default trainer, the same with trainer.staleness=0, and k = 1 on a 4/4 split."""
     tmp = tmp_path_factory.mktemp("staleness")
     return {"default": _run(tmp, "default"), "k0": _run(tmp, "k0", **{"trainer.staleness": 0}),
-            "k1": _run(tmp, "k1", **{"trainer.staleness": 1, "rollout.devices": 4})}
+            "k1": _run(tmp, "k1", paced=True,
+                       **{"trainer.staleness": 1, "rollout.devices": 4})}
 
 
 def _stable(history):
@@ -181,10 +204,12 @@ def test_staleness_one_on_split_devices_overlaps_generation_with_updates(runs):
     tr, res = runs["k1"]
     assert len(tr.mesh.devices.flat) == 4 and len(tr.sample_mesh.devices.flat) == 4
     assert not set(tr.mesh.devices.flat) & set(tr.sample_mesh.devices.flat)
-    gen = [(a, b) for p, _, a, b in tr.phases if p == "generate"]
-    upd = [(a, b) for p, _, a, b in tr.phases if p == "update"]
-    overlap = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in gen for a2, b2 in upd)
-    assert overlap > 0, tr.phases
+    gen = {s: (a, b) for p, s, a, b in tr.phases if p == "generate"}
+    upd = {s: (a, b) for p, s, a, b in tr.phases if p == "update"}
+    # the rollout of step s + 1 is generated (by the params after step s − 1) during update s
+    overlap = [min(gen[s + 1][1], upd[s][1]) - max(gen[s + 1][0], upd[s][0])
+               for s in range(1, STEPS - 1)]
+    assert max(overlap) > 0, tr.phases
     hist = res.history
     assert [r["rollout/staleness_mean"] for r in hist] == [0.0] + [1.0] * (STEPS - 1)
     assert [r["rollout/staleness_max"] for r in hist] == [0.0] + [1.0] * (STEPS - 1)
