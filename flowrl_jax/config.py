@@ -313,13 +313,17 @@ class RolloutConfig:
     # "engine": the trainer calls the sampling engine; "jetstream": every sample is a request
     # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
     backend: Literal["engine", "jetstream"] = "engine"
-    timeout_s: float = 600.0  # jetstream: a rollout not complete by then is an error
+    # a rollout not complete by then is an error (jetstream; the background one of staleness ≥ 1)
+    timeout_s: float = 600.0
     # KV cache: "paged" (pages of page_size positions from one pool, shared prompt pages) or
     # "dense" (a full-length row per slot: the tested reference)
     kv_cache: Literal["paged", "dense"] = "paged"
     page_size: int = 64
     kv_cache_gib: Optional[float] = None  # pool budget; None: 80 % of free device memory (CPU: 4)
     paged_attention: Literal["auto", "xla"] = "auto"  # auto: xla on every platform for now
+    # The sampler's own devices: a count (4) or a fraction (0.5) of the mesh's devices, the
+    # first ones; the trainer gets the rest. None: both roles time-share all devices.
+    devices: Optional[Union[int, float]] = None
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -341,6 +345,9 @@ class RolloutConfig:
                "must be > 0 (or null: a share of free device memory)")
         _check(self.paged_attention in ("auto", "xla"), f"{key}.paged_attention",
                "must be auto or xla")
+        d = self.devices
+        _check(d is None or (isinstance(d, int) and d >= 1) or (isinstance(d, float) and 0 < d < 1),
+               f"{key}.devices", f"must be a device count >= 1 or a fraction in (0, 1), got {d!r}")
 
 
 # --------------------------------------------------------------------------- algorithm
@@ -494,6 +501,9 @@ class TrainerConfig:
     # path (a thread scores, NumPy cuts mini-batches), kept to check the two stay bit-identical
     rollout_pipeline: Literal["grain", "numpy"] = "grain"
     reward_threads: Optional[int] = None  # samples scored at once by the pipeline; None → CPUs
+    # bounded staleness k: the rollouts of steps s+1..s+k are generated (by policy versions
+    # at most k updates old) while step s trains; 0 = on-policy, strictly in turn
+    staleness: int = 0
 
     def validate(self, key: str = "trainer") -> None:
         _check(self.steps >= 0, f"{key}.steps", "must be >= 0")
@@ -523,6 +533,8 @@ class TrainerConfig:
                f"must be 'grain' or 'numpy', got {self.rollout_pipeline!r}")
         _check(self.reward_threads is None or self.reward_threads > 0, f"{key}.reward_threads",
                "must be > 0")
+        _check(isinstance(self.staleness, int) and self.staleness >= 0, f"{key}.staleness",
+               f"must be an integer >= 0 (0 = on-policy), got {self.staleness!r}")
 
 
 # --------------------------------------------------------------------------- eval

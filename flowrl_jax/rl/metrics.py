@@ -52,6 +52,16 @@ def mean_over_updates(ms: list[dict]) -> dict[str, float]:
     return out
 
 
+def staleness_metrics(step: int, versions: list[np.ndarray]) -> dict[str, float]:
+    """How stale each mini-batch of rollout step `step` was (the step minus the policy version
+    that generated its rows): the mean over mini-batches of their mean, and the largest."""
+    per_batch = [np.asarray(step - v, np.float64) for v in versions if np.size(v)]
+    if not per_batch:
+        return {}
+    return {"rollout/staleness_mean": float(np.mean([b.mean() for b in per_batch])),
+            "rollout/staleness_max": float(max(b.max() for b in per_batch))}
+
+
 def _masked_mean(x: np.ndarray, mask: np.ndarray) -> float:
     return float(np.sum(x * mask) / max(mask.sum(), 1.0))
 

@@ -42,9 +42,13 @@ class RolloutBatch:
       group_ids      [N] int32       index of the row's prompt (its G samples share it)
       rewards        [N] float32     scalar outcome reward from the task
       seq_mask       [N] int32       0 marks padding rows added to fill a mini-batch
-      sampler_logp   [N, R] float32  the sampler's log-probs of its tokens (0 off the mask)
+      sampler_logp   [N, R] float32  the sampler's log-probs of its tokens (0 off the mask):
+                                     the behaviour log-probs of asynchronous rollouts
+      policy_version [N] int32       the policy version that generated the row (staleness =
+                                     the rollout step − it; 0 on padding rows)
     Set by the log-prob pass (rl/step_fns.py), zero off the response mask:
-      old_logp [N, R] float32        log π under the current params (the sampling policy)
+      old_logp [N, R] float32        log π under the current params (the sampling policy);
+                                     with staleness ≥ 1 the trainer sets it to sampler_logp
       entropy  [N, R] float32        policy entropy per token (logged only)
       old_values [N, R] float32      critic values (PPO)
       ref_logp [N, R] float32        log π_ref under the frozen initial params (when used)
@@ -61,6 +65,7 @@ class RolloutBatch:
     rewards: Array
     seq_mask: Array
     sampler_logp: Optional[Array] = None
+    policy_version: Optional[Array] = None
     old_logp: Optional[Array] = None
     entropy: Optional[Array] = None
     old_values: Optional[Array] = None

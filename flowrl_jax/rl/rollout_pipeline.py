@@ -1,7 +1,7 @@
 """The Grain pipeline of one rollout step's samples: score → regroup → advantages → mini-batches.
 
 Completed samples leave the sampler as `Sample`s (each records the policy version that
-generated it, for bounded staleness later) and flow through Grain stages:
+generated it and its behaviour log-probs, for bounded staleness) and flow through Grain stages:
 
   1. `scored_samples`: rewards scored by the task, one sample per call, on Grain's read
      threads (the task's own workers do the heavy part: Math-Verify processes, the code
@@ -45,13 +45,14 @@ class Sample:
     tokens: tuple[int, ...]
     policy_version: int  # rollout steps of training behind the params that generated it
     reward: Optional[float] = None
+    logprobs: tuple[float, ...] = ()  # the behaviour policy's log-probs of `tokens`
 
 
 def samples_of(ro: Rollout, policy_version: int) -> list[Sample]:
     """The samples of a sampler rollout, in its row order."""
-    return [Sample(i, int(p), int(s), tuple(t), policy_version)
-            for i, (p, s, t) in enumerate(zip(ro.prompt_index, ro.sample_index,
-                                               ro.token_lists()))]
+    return [Sample(i, int(p), int(s), tuple(t), policy_version, logprobs=tuple(lp))
+            for i, (p, s, t, lp) in enumerate(zip(ro.prompt_index, ro.sample_index,
+                                                   ro.token_lists(), ro.logprob_lists()))]
 
 
 class ScoreSample(grain.transforms.Map):

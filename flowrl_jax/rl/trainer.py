@@ -38,6 +38,15 @@ Determinism: every random choice of step s derives from (cfg.seed, s): the sampl
 the mini-batch shuffles and the train step's dropout keys (from the TrainState's own
 counter). With the data position restored from the checkpoint, a resumed run repeats an
 uninterrupted one exactly.
+
+Asynchronous rollouts (`trainer.staleness: k` ≥ 1, rl/async_rollouts.py): a background thread
+draws the prompts and samples step t with policy version max(0, t − k) while the trainer works
+on earlier steps; after each update the new params are copied device to device onto the
+sampler's shardings (rl/weight_push.py, `time/weight_push`); the losses' importance weights use
+the sampler's log-probs (`old_logp` := `sampler_logp`); `time/sampling` is then the wait for
+the rollout and `time/generate` its own duration. A checkpoint holds the k rollouts in flight
+(their params are gone), so a resumed run still repeats an uninterrupted one. With
+`rollout.devices` the sampler has its own sub-mesh (rl/role_meshes.py).
 """
 
 from __future__ import annotations
@@ -68,14 +77,18 @@ from flowrl_jax.hardware import peak_flops
 from flowrl_jax.memory import check_fits
 from flowrl_jax.mesh import make_mesh, resolve_axis_sizes
 from flowrl_jax.paths import as_path, check_output_dir
-from flowrl_jax.rl.metrics import step_metrics
+from flowrl_jax.rl.async_rollouts import (InFlight, RolloutProducer, in_flight_from_state,
+                                          in_flight_state)
+from flowrl_jax.rl.metrics import staleness_metrics, step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
 from flowrl_jax.rl.rollout_batch import minibatches
+from flowrl_jax.rl.role_meshes import role_meshes, sampler_device_count
 from flowrl_jax.rl.rollout_pipeline import RolloutPipeline
 from flowrl_jax.rl.step_fns import StepFns
 from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
 from flowrl_jax.rl.train_state import FrozenReference, create_train_state, with_rollout_step
+from flowrl_jax.rl.weight_push import WeightPush
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -151,10 +164,18 @@ class Trainer:
                 raise
             except (OSError, ValueError) as e:
                 raise ConfigError(f"data.train: cannot read the training data: {e}") from e
-        if self._mesh is not None:
+        if (cfg.trainer.staleness or cfg.rollout.devices is not None) and jax.process_count() > 1:
+            key = "trainer.staleness" if cfg.trainer.staleness else "rollout.devices"
+            raise ConfigError(f"{key}: asynchronous rollouts and a sampler sub-mesh run on one "
+                              f"process only (this run has {jax.process_count()})")
+        n_devices = self._mesh.devices.size if self._mesh is not None else jax.device_count()
+        if cfg.rollout.devices is not None:  # the trainer's share of the devices
+            n_train = n_devices - sampler_device_count(cfg.rollout.devices, n_devices)
+            shape = resolve_axis_sizes(cfg.mesh, n_train)
+        elif self._mesh is not None:
             shape = dict(self._mesh.shape)
         else:
-            shape = resolve_axis_sizes(cfg.mesh, jax.device_count())
+            shape = resolve_axis_sizes(cfg.mesh, n_devices)
         self.memory = check_fits(cfg, arch, shape, uses_ref=self.uses_ref,
                                  sampler_local_devices=(jax.local_device_count()
                                                         if jax.process_count() > 1 else None))
@@ -165,14 +186,18 @@ class Trainer:
         cfg = self.cfg
         self.preflight()  # before any compute
         self._info(self.memory.table())
-        self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
+        if cfg.rollout.devices is not None:  # the sampler on its own sub-mesh
+            self.mesh, self.sample_mesh = role_meshes(
+                cfg, list(self._mesh.devices.flat) if self._mesh is not None else None)
+        else:
+            self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
+            # Multi-process: every host samples its own prompts on its local devices (the
+            # sampler reads tokens back to the host each decode chunk: addressable arrays).
+            self.sample_mesh = self.mesh if jax.process_count() == 1 else make_mesh(
+                MeshConfig(data=1, fsdp=-1, tensor=1),
+                sorted(jax.local_devices(), key=lambda d: d.id))  # same rule on every host
         model, self.arch, tok = model_from_config(cfg.model, self.mesh)
         self.tokenizer_dir = str(tok) if tok is not None else None
-        # Multi-process: every host samples its own prompts on its local devices (the sampler
-        # reads tokens back to the host each decode chunk, which needs addressable arrays).
-        self.sample_mesh = self.mesh if jax.process_count() == 1 else make_mesh(
-            MeshConfig(data=1, fsdp=-1, tensor=1),
-            sorted(jax.local_devices(), key=lambda d: d.id))  # same rule on every host
         self.sampler_replica = HostReplica(self.sample_mesh)
         self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
                                                          mesh=self.sample_mesh, verbose=False)
@@ -182,6 +207,15 @@ class Trainer:
             from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
             self.sampler = JetStreamRollouts(self.engine, timeout_s=cfg.rollout.timeout_s)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
+        self.staleness = cfg.trainer.staleness
+        # the sampler's own copy of the weights: asynchronous rollouts or a sampler sub-mesh
+        self.push = (WeightPush(self.engine.graphdef, self.sample_mesh)
+                     if self.staleness or cfg.rollout.devices is not None else None)
+        self.producer: Optional[RolloutProducer] = None  # started by the first rollout step
+        self._in_flight: list[InFlight] = []  # restored rollouts generated before the restart
+        self._consumed_data_state: Any = None  # prompt position after the last rollout taken
+        self._sampler_lock = threading.Lock()  # the producer thread and validation share it
+        self.phases: list[tuple[str, int, float, float]] = []  # (phase, step, start, end)
         self.ref = (FrozenReference(self.state.params["policy"], cfg.trainer.ref_offload)
                     if self.uses_ref else None)
         self.step_fns = StepFns(cfg, self.algo, self.state, self.mesh)
@@ -213,6 +247,15 @@ class Trainer:
         if self.pipeline is not None:
             # checkpoints written before the pipeline existed: it was between steps
             self.pipeline.set_state(got.rollout_state or {"steps": got.step, "minibatches": 0})
+        self._in_flight = in_flight_from_state((got.rollout_state or {}).get("in_flight", []))
+        expected = min(self.staleness, self.cfg.trainer.steps - got.step)
+        if self._in_flight and len(self._in_flight) != expected:
+            raise ConfigError(f"trainer.staleness: the checkpoint of step {got.step} holds "
+                              f"{len(self._in_flight)} rollouts in flight, staleness "
+                              f"{self.staleness} expects {expected}; resume with the "
+                              "staleness the run was saved with")
+        if self._in_flight:
+            self._consumed_data_state = got.data_state
         self._info(f"resumed from {self.ckpt.dir} step {got.step}")
         return got.step, got.history
 
@@ -232,9 +275,19 @@ class Trainer:
             log.info(msg)
 
     def save(self, step: int) -> None:
-        """Checkpoint after rollout step `step` (async)."""
-        self.ckpt.save(step, self.state, self.source.get_state(), self.logger.history,
-                       self.pipeline.get_state() if self.pipeline is not None else None)
+        """Checkpoint after rollout step `step` (async). With staleness k the rollouts of the
+        next k steps (made by params no longer held) go into the meta, and the prompt
+        position is the one after them."""
+        rollout_state = self.pipeline.get_state() if self.pipeline is not None else None
+        if self.producer is None:
+            data_state = self.source.get_state()
+        else:
+            # the thread may be drawing later prompts already: use the recorded positions
+            items = self.producer.completed(step, min(step + self.staleness,
+                                                      self.cfg.trainer.steps) - 1)
+            data_state = items[-1].data_state if items else self._consumed_data_state
+            rollout_state = {**(rollout_state or {}), "in_flight": in_flight_state(items)}
+        self.ckpt.save(step, self.state, data_state, self.logger.history, rollout_state)
 
     # ================================================================== one rollout step
 
@@ -243,16 +296,40 @@ class Trainer:
         several, one copy per host (distributed.HostReplica)."""
         return self.sampler_replica(self.state.params["policy"])
 
-    def sample(self, batch: PromptBatch, step: int) -> tuple[Any, PromptBatch, Any]:
-        """Generate G responses per prompt: (this host's rollout, global batch, global rollout).
+    def sample(self, batch: PromptBatch, step: int, params: Any = None
+               ) -> tuple[Any, PromptBatch, Any]:
+        """Generate G responses per prompt: (this host's rollout, global batch, global rollout),
+        with `params` (default: `sampler_params()`).
 
         With several processes each samples its own prompts and the rollouts are gathered,
         so every host then holds the same global rollout (process order)."""
         salt = 1 if self.pc == 1 else 1000 + self.pi
         sp = SamplingParams.from_rollout_config(self.cfg.rollout,
                                                 seed=step_seed(self.cfg.seed, step, salt))
-        ro = self.sampler.generate(self.sampler_params(), batch.prompts, sp)
+        with self._sampler_lock:
+            ro = self.sampler.generate(self.sampler_params() if params is None else params,
+                                       batch.prompts, sp)
         return (ro,) + gather_rollout(batch, ro, self.pc)
+
+    def _generate(self, step: int, version: int, params: Any) -> InFlight:
+        """The producer's work for one step: draw its prompts, sample them with `params`
+        (policy `version`) on one process."""
+        t0 = time.perf_counter()
+        batch = next(self.source)
+        ro = self.sample(batch, step, params)[0]
+        return InFlight(step, version, batch, ro, self.source.get_state(), t0,
+                        time.perf_counter())
+
+    def _rollout_of(self, step: int) -> InFlight:
+        """The asynchronous rollout of `step` (the producer thread starts on first use, from
+        the restored in-flight rollouts and a copy of the current params)."""
+        if self.producer is None:
+            params, _ = self.push(self.state.params["policy"])
+            self.producer = RolloutProducer(self._generate, self.staleness, step,
+                                            self.cfg.trainer.steps, step, params,
+                                            self._in_flight, timeout_s=self.cfg.rollout.timeout_s)
+            self._in_flight = []
+        return self.producer.get(step)
 
     def score(self, batch: PromptBatch, ro: Any) -> tuple[np.ndarray, float]:
         """Rewards of this host's rollout by the task, and the seconds scoring took."""
@@ -287,15 +364,32 @@ class Trainer:
         """Run rollout step `step` (0-based) and return its metrics."""
         cfg = self.cfg
         t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        local_batch = next(self.source)
-        local_ro, batch, ro = self.sample(local_batch, step)
-        t["sampling"] = time.perf_counter() - t0
+        item: Optional[InFlight] = None
+        if self.staleness:  # generated in the background; the wait is what was not hidden
+            t0 = time.perf_counter()
+            item = self._rollout_of(step)
+            local_batch, local_ro, version = item.batch, item.rollout, item.version
+            batch, ro = gather_rollout(local_batch, local_ro, self.pc)
+            t["sampling"] = time.perf_counter() - t0
+            self._consumed_data_state = item.data_state
+            if item.ended > item.started:  # not restored from a checkpoint
+                self.phases.append(("generate", step, item.started, item.ended))
+        else:
+            params = None
+            if self.push is not None:  # on-policy with a sampler sub-mesh: push, then sample
+                params, t["weight_push"] = self.push(self.state.params["policy"])
+            t0 = time.perf_counter()
+            local_batch = next(self.source)
+            local_ro, batch, ro = self.sample(local_batch, step, params)
+            t["sampling"] = time.perf_counter() - t0
+            self.phases.append(("generate", step, t0, t0 + t["sampling"]))
+            version = step
         data = to_rollout_batch(cfg, batch, ro)
+        data = data.with_arrays({"policy_version": np.full((data.rows,), version, np.int32)})
 
         # Rewards are scored (reward workers) while the device computes old/ref log-probs.
         with ThreadPoolExecutor(1, thread_name_prefix="score") as pool:
-            fut = pool.submit(self._score_local, local_batch, local_ro, step)
+            fut = pool.submit(self._score_local, local_batch, local_ro, version)
             t0 = time.perf_counter()
             ref = self.ref.on_device() if self.ref is not None else None
             data = self.step_fns.logprobs(self.state, ref, data)
@@ -304,16 +398,31 @@ class Trainer:
             local_rewards, t_score = fut.result()
         rewards = gather_rewards(local_rewards, self.pc)
         t["reward"] = time.perf_counter() - t0  # the part not hidden behind the log-prob pass
+        sampler_vs_current = None
+        if self.staleness:
+            # importance weights against the behaviour policy (the sampler's own log-probs of
+            # its tokens), not the current params the log-prob pass used
+            mask = data.response_mask.astype(np.float32)
+            sampler_vs_current = float(np.sum(np.abs(data.sampler_logp - data.old_logp) * mask)
+                                       / max(mask.sum(), 1.0))
+            data = data.with_arrays({"old_logp": data.sampler_logp})
         data = self.step_fns.advantages(data.replace(rewards=rewards))
 
         t0 = time.perf_counter()
-        train_metrics = []
+        train_metrics, versions = [], []
         for mb in self._minibatches(data, step, response_bucket(cfg, ro)):
             self.state, m = self.step_fns.update(self.state, mb)
             train_metrics.append(m)
+            versions.append(np.asarray(mb.policy_version)[np.asarray(mb.seq_mask) > 0])
         self.state = with_rollout_step(self.state, step + 1)  # the warm-up's rollout-step clock
         train_metrics = to_host(train_metrics)
         t["update"] = time.perf_counter() - t0
+        self.phases.append(("update", step, t0, t0 + t["update"]))
+        if self.producer is not None:  # the new weights to the sampler, if a rollout needs them
+            t["weight_push"] = 0.0
+            if self.producer.needs(step + 1):
+                params, t["weight_push"] = self.push(self.state.params["policy"])
+                self.producer.push(step + 1, params)
 
         peak = peak_flops(getattr(jax.devices()[0], "device_kind", ""))
         n_params = (sum(int(x.size) for x in jax.tree.leaves(self.state.params["policy"]))
@@ -323,6 +432,10 @@ class Trainer:
                          n_params=n_params, uses_ref=self.uses_ref, peak_flops=peak,
                          device_count=jax.device_count())
         m["time/reward_scoring"] = t_score  # total scoring time (mostly overlapped)
+        m.update(staleness_metrics(step, versions))
+        if item is not None:
+            m["time/generate"] = item.seconds  # the generation itself, mostly overlapped
+            m["rollout/logp_abs_diff"] = sampler_vs_current  # behaviour vs current params
         return m
 
     # ================================================================== validation
@@ -339,7 +452,8 @@ class Trainer:
         out: dict[str, Any] = {}
         t0 = time.perf_counter()
         for i, vb in enumerate(fn(self.cfg)):
-            ro = self.sampler.generate(self.sampler_params(), vb.prompts, sp)
+            with self._sampler_lock:  # the rollout producer's thread may be sampling
+                ro = self.sampler.generate(self.sampler_params(), vb.prompts, sp)
             r = np.asarray(self.task.score(vb, ro.prompt_index, ro.token_lists()), np.float32)
             name = (vb.extra[0].get("set") if vb.extra and vb.extra[0] else None) or f"set{i}"
             out[f"val/{name}/reward"] = float(np.mean(r))
@@ -435,7 +549,8 @@ class Trainer:
 
     def close(self) -> None:
         """Finish checkpoints, close logs, data and reward workers."""
-        for obj, meth in ((getattr(self, "ckpt", None), "close"),
+        for obj, meth in ((getattr(self, "producer", None), "close"),
+                          (getattr(self, "ckpt", None), "close"),
                           (getattr(self, "logger", None), "close"),
                           (getattr(self, "source", None), "close"),
                           (getattr(self, "sampler", None), "close"),
