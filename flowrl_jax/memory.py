@@ -66,9 +66,13 @@ class MemoryEstimate:
     budget: float
     budget_source: str
     n_params: int
-    sampler_params: float = 0.0  # multi-host: each host's own copy of the policy
+    sampler_params: float = 0.0  # the sampler's own copies of the policy (multi-host, async)
     decode_temps: float = 0.0  # a decode chunk's temporaries (window copy, logits)
     logprob_activations: float = 0.0  # a log-prob pass's temporaries, its batch and outputs
+    # how sampling shares the chips: "alternate" (in turn with training, the on-policy
+    # trainer), "overlap" (at the same time on the same chips: trainer.staleness >= 1) or
+    # "split" (on chips of its own: rollout.devices; the figures are per chip of each role)
+    roles: str = "alternate"
 
     @property
     def static(self) -> float:
@@ -86,13 +90,21 @@ class MemoryEstimate:
         return self.static + self.logprob_activations
 
     @property
+    def sampler_own(self) -> float:
+        """What sampling adds to a chip: its policy copies, KV cache and decode temporaries."""
+        return self.sampler_params + self.kv_cache + self.decode_temps
+
+    @property
     def sampling(self) -> float:
-        """Peak of the sampler's decode chunk."""
-        return self.static + self.sampler_params + self.kv_cache + self.decode_temps
+        """Peak of the sampler's decode chunk (on a sampler chip of its own: no train state)."""
+        return self.sampler_own + (0.0 if self.roles == "split" else self.static)
 
     @property
     def total(self) -> float:
-        """The step's peak: sampling, log-prob pass and training alternate."""
+        """The step's peak: sampling, log-prob pass and training in turn, or sampling on top
+        of either when they overlap, or the larger role when each has its chips."""
+        if self.roles == "overlap":
+            return max(self.train, self.logprobs) + self.sampler_own
         return max(self.train, self.logprobs, self.sampling)
 
     def program_bytes(self, program: str) -> float:
@@ -118,7 +130,9 @@ class MemoryEstimate:
         lines = [f"memory estimate per device ({self.n_params / 1e6:.1f}M params):"]
         lines += [f"  {k:<22}{v / GiB:9.2f} GiB" for k, v in rows if v or k == "params"]
         lines.append(f"  {'peaks':<22}train {self.train / GiB:.2f}, log-probs "
-                     f"{self.logprobs / GiB:.2f}, sampling {self.sampling / GiB:.2f} GiB")
+                     f"{self.logprobs / GiB:.2f}, sampling {self.sampling / GiB:.2f} GiB"
+                     + {"alternate": "", "overlap": " (sampling overlaps the others)",
+                        "split": " (sampling on chips of its own)"}[self.roles])
         lines.append(f"  {'total':<22}{self.total / GiB:9.2f} GiB of {self.budget / GiB:.2f} GiB "
                      f"({self.budget_source})")
         return "\n".join(lines)
@@ -192,11 +206,14 @@ def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: 
 
 def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
              budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
-             sampler_local_devices: Optional[int] = None) -> MemoryEstimate:
+             sampler_local_devices: Optional[int] = None,
+             sampler_devices: Optional[int] = None) -> MemoryEstimate:
     """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
 
     `sampler_local_devices`: on multi-process runs each host samples with its own copy of
     the policy sharded over its local devices, and its KV cache over the same devices.
+    `sampler_devices`: the sampler's own chips (`rollout.devices`; `mesh_shape` is then the
+    trainer's share); it holds the policy copies and KV cache over them (fsdp only).
     """
     n = param_count(arch)
     pb = _BYTES[cfg.model.param_dtype]
@@ -240,9 +257,10 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp += max(1.0, lp_total / batch_shard) * (2 * seq + 3 * resp) * 4
 
     # sampling: one host's chips (all of them on a single host) hold the slots
-    local = sampler_local_devices or chips
-    hosts = max(1, chips // local)
-    s_shards, s_tensor = (batch_shard, tensor) if hosts == 1 else (local, 1)
+    local = sampler_devices or sampler_local_devices or chips
+    hosts = 1 if sampler_devices else max(1, chips // local)
+    s_shards, s_tensor = ((batch_shard, tensor) if hosts == 1 and not sampler_devices
+                          else (local, 1))
     slots, length = sampler_geometry(cfg, local, s_shards, hosts)
     kv_split = max(1, min(s_tensor, arch.num_key_value_heads))
     kv = (2 * L * arch.num_key_value_heads * arch.resolved_head_dim * length * slots * cb
@@ -251,7 +269,11 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     if paged and cfg.rollout.kv_cache_gib is not None:
         # the page pool: the configured budget, at most the dense cache, split by kv heads
         kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_split)
-    sampler_params = n * pb / local if hosts > 1 else 0.0
+    # the sampler's own policy copies: one per host on several hosts; one on chips of its
+    # own; two with asynchronous rollouts (the one sampling, the next pushed beside it)
+    copies = max(2 if cfg.trainer.staleness else 0,
+                 1 if (hosts > 1 or sampler_devices) else 0)
+    sampler_params = copies * n * pb / local
     layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
     # dense: the attention windows copied out of the cache; paged: one layer's pages gathered
     # into rows (uncalibrated: the constants below were fitted on the dense engine)
@@ -262,8 +284,9 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
     b, src = budget if budget is not None else device_budget(cfg)
+    roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
-                          sampler_params, decode, lp)
+                          sampler_params, decode, lp, roles)
 
 
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:
@@ -311,11 +334,11 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
 
 
 def check_fits(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
-               uses_ref: bool = True, sampler_local_devices: Optional[int] = None
-               ) -> MemoryEstimate:
+               uses_ref: bool = True, sampler_local_devices: Optional[int] = None,
+               sampler_devices: Optional[int] = None) -> MemoryEstimate:
     """Estimate and raise ConfigError with advice when the run cannot fit a device."""
     est = estimate(cfg, arch, mesh_shape, uses_ref=uses_ref,
-                   sampler_local_devices=sampler_local_devices)
+                   sampler_local_devices=sampler_local_devices, sampler_devices=sampler_devices)
     if not est.fits():
         tips = "\n  - ".join(advice(cfg, est, mesh_shape))
         raise ConfigError(

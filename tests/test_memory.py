@@ -90,3 +90,35 @@ def test_program_peaks():
     assert a.program_bytes("logprobs_ref") == a.logprobs == b.logprobs
     assert a.program_bytes("sampler_decode") == a.sampling < b.sampling
     assert b.kv_cache == 2 * a.kv_cache
+
+
+def test_asynchronous_rollouts_add_the_sampler_on_top_of_training():
+    """trainer.staleness >= 1 samples while the trainer works on the same chips: two policy
+    copies (the one sampling, the next pushed) and the KV cache come on top of the train
+    step's peak instead of alternating with it."""
+    base = ["model.preset=qwen2.5-7b", "trainer.device_memory_gb=1000", "rollout.kv_cache=dense"]
+    shape = {"data": 1, "fsdp": 8, "tensor": 1}
+    on, off = (load_config(None, [*base, f"trainer.staleness={k}"]) for k in (0, 1))
+    a, b = (estimate(c, c.model.arch, shape) for c in (on, off))
+    n = param_count(on.model.arch)
+    assert a.roles == "alternate" and a.sampler_params == 0
+    assert b.roles == "overlap" and b.sampler_params == 2 * n * 4 / 8
+    assert b.kv_cache == a.kv_cache and b.decode_temps == a.decode_temps
+    assert b.total == pytest.approx(max(b.train, b.logprobs) + b.sampler_params + b.kv_cache
+                                    + b.decode_temps)
+    assert b.total > a.total == max(a.train, a.logprobs, a.sampling)
+    assert "sampling overlaps" in b.table() and "sampler copy" in b.table()
+
+
+def test_a_sampler_sub_mesh_holds_its_copy_and_cache_not_the_train_state():
+    """rollout.devices: the sampler's chips hold one policy copy and the KV cache split over
+    them (fsdp only); the trainer's chips hold the train state; the peak is the larger."""
+    cfg = load_config(None, ["model.preset=qwen2.5-7b", "trainer.device_memory_gb=1000",
+                             "rollout.kv_cache=dense", "rollout.devices=2"])
+    shared = estimate(cfg, cfg.model.arch, {"data": 1, "fsdp": 8, "tensor": 1})
+    split = estimate(cfg, cfg.model.arch, {"data": 1, "fsdp": 6, "tensor": 1}, sampler_devices=2)
+    assert split.roles == "split" and split.sampler_params == param_count(cfg.model.arch) * 4 / 2
+    assert split.kv_cache == pytest.approx(shared.kv_cache * 8 / 2)  # the same slots on 2 chips
+    assert split.sampling == pytest.approx(split.sampler_params + split.kv_cache
+                                           + split.decode_temps)  # no train state there
+    assert split.total == max(split.train, split.logprobs, split.sampling)

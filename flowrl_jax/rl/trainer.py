@@ -169,16 +169,18 @@ class Trainer:
             raise ConfigError(f"{key}: asynchronous rollouts and a sampler sub-mesh run on one "
                               f"process only (this run has {jax.process_count()})")
         n_devices = self._mesh.devices.size if self._mesh is not None else jax.device_count()
+        n_sampler = None
         if cfg.rollout.devices is not None:  # the trainer's share of the devices
-            n_train = n_devices - sampler_device_count(cfg.rollout.devices, n_devices)
-            shape = resolve_axis_sizes(cfg.mesh, n_train)
+            n_sampler = sampler_device_count(cfg.rollout.devices, n_devices)
+            shape = resolve_axis_sizes(cfg.mesh, n_devices - n_sampler)
         elif self._mesh is not None:
             shape = dict(self._mesh.shape)
         else:
             shape = resolve_axis_sizes(cfg.mesh, n_devices)
         self.memory = check_fits(cfg, arch, shape, uses_ref=self.uses_ref,
                                  sampler_local_devices=(jax.local_device_count()
-                                                        if jax.process_count() > 1 else None))
+                                                        if jax.process_count() > 1 else None),
+                                 sampler_devices=n_sampler)
         return arch
 
     def setup(self) -> None:
