@@ -324,6 +324,9 @@ class RolloutConfig:
     # The sampler's own devices: a count (4) or a fraction (0.5) of the mesh's devices, the
     # first ones; the trainer gets the rest. None: both roles time-share all devices.
     devices: Optional[Union[int, float]] = None
+    # Remote `flowrl-jax serve` processes ("host:port") that generate the rollouts instead of
+    # the in-process sampler (the weights go through OUT/rollout_weights on shared storage)
+    servers: tuple[str, ...] = ()
 
     def validate(self, key: str = "rollout") -> None:
         _check(self.prompts_per_step > 0, f"{key}.prompts_per_step", "must be > 0")
@@ -348,6 +351,17 @@ class RolloutConfig:
         d = self.devices
         _check(d is None or (isinstance(d, int) and d >= 1) or (isinstance(d, float) and 0 < d < 1),
                f"{key}.devices", f"must be a device count >= 1 or a fraction in (0, 1), got {d!r}")
+        for i, server in enumerate(self.servers):
+            host, sep, port = server.rpartition(":")
+            _check(bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536),
+                   f"{key}.servers[{i}]", f"must be host:port, got {server!r}")
+        _check(len(set(self.servers)) == len(self.servers), f"{key}.servers",
+               f"lists a server twice: {list(self.servers)}")
+        if self.servers:
+            _check(self.backend == "engine", f"{key}.servers",
+                   "remote servers replace the in-process sampler; leave rollout.backend at engine")
+            _check(self.devices is None, f"{key}.servers",
+                   "remote servers replace the sampler's own devices; unset rollout.devices")
 
 
 # --------------------------------------------------------------------------- algorithm

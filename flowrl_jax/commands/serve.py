@@ -33,13 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flowrl_jax.checkpoint.hf import load_hf_state, read_arch
     from flowrl_jax.checkpoint.load import load_for_sampling
     from flowrl_jax.config import ModelConfig
+    from flowrl_jax.models.qwen2 import Numerics
     from flowrl_jax.data.tokenizer import load_tokenizer_for
     from flowrl_jax.sampling.completions import CompletionService
     from flowrl_jax.sampling.devices import resolve_dtype, sampling_mesh
     from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
     from flowrl_jax.sampling.openai_http import OpenAIApp, start_http_server
+    from flowrl_jax.sampling.rollout_server import RolloutService
 
     try:
         from flowrl_jax.sampling.jetstream import FlowRLEngine, start_server
@@ -52,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         sampling.validate()
         dtype = resolve_dtype(args.dtype)
         mesh = sampling_mesh(args.devices)
-        model, arch, tok_dir = load_for_sampling(
-            args.model, mesh, ModelConfig(path=args.model, compute_dtype=dtype))
+        model_cfg = ModelConfig(path=args.model, compute_dtype=dtype)
+        model, arch, tok_dir = load_for_sampling(args.model, mesh, model_cfg)
         tokenizer = load_tokenizer_for(tok_dir)
         eos = {t for t in (arch.eos_token_id, tokenizer.eos_token_id) if t is not None}
         core = SamplingEngine(model, mesh=mesh, decode_slots=args.slots,
@@ -64,11 +67,18 @@ def run(args: argparse.Namespace) -> int:
                               max_prefill_length=args.max_prefill_length, slots=args.slots)
         service = CompletionService(core, model, tokenizer, sampling,
                                     max_new_tokens_limit=args.max_new_tokens)
+        # a trainer's pushed policy (rollout.servers): a HF directory on shared storage, read
+        # in this server's numerics and placement
+        numerics = Numerics.from_config(model_cfg)
+        rollouts = RolloutService(service, read_arch,
+                                  lambda path: load_hf_state(path, mesh, numerics)[1],
+                                  engine.set_params)
         if args.http_port is not None:  # bound first: a busy port fails before gRPC starts
             model_id = Path(args.model).resolve().name
             http = start_http_server(OpenAIApp(service, model_id), host=args.host,
                                      port=args.http_port)
-        server = start_server(engine, host=args.host, port=args.port, service=service)
+        server = start_server(engine, host=args.host, port=args.port, service=service,
+                              rollouts=rollouts)
     except (OSError, ValueError, KeyError, SamplingError) as e:
         if http is not None:
             http.stop()

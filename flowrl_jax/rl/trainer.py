@@ -47,6 +47,13 @@ the sampler's log-probs (`old_logp` := `sampler_logp`); `time/sampling` is then 
 the rollout and `time/generate` its own duration. A checkpoint holds the k rollouts in flight
 (their params are gone), so a resumed run still repeats an uninterrupted one. With
 `rollout.devices` the sampler has its own sub-mesh (rl/role_meshes.py).
+
+Remote rollout servers (`rollout.servers: [host:port, …]`, sampling/remote_rollouts.py): the
+rollouts come from `flowrl-jax serve` processes, the prompts split over them by index; before
+each rollout the policy is written to OUT/rollout_weights/v<version> and loaded by every server
+that does not hold that version yet (rl/server_weights.py, `time/weight_push`). A server that
+fails mid-step is dropped and its prompts retried once on the others, else a SamplingError
+stops the run (its checkpoints untouched).
 """
 
 from __future__ import annotations
@@ -164,6 +171,11 @@ class Trainer:
                 raise
             except (OSError, ValueError) as e:
                 raise ConfigError(f"data.train: cannot read the training data: {e}") from e
+        if cfg.rollout.servers and (jax.process_count() > 1 or not isinstance(self.out, Path)):
+            raise ConfigError("rollout.servers: remote rollout servers need one trainer process "
+                              "and a run directory on a file system the servers share (the "
+                              f"weights go through it); this run has {jax.process_count()} "
+                              f"process(es) and --out {self.out}")
         if (cfg.trainer.staleness or cfg.rollout.devices is not None) and jax.process_count() > 1:
             key = "trainer.staleness" if cfg.trainer.staleness else "rollout.devices"
             raise ConfigError(f"{key}: asynchronous rollouts and a sampler sub-mesh run on one "
@@ -208,6 +220,16 @@ class Trainer:
             # JetStream: an optional dependency (the serve extra), imported only when used
             from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
             self.sampler = JetStreamRollouts(self.engine, timeout_s=cfg.rollout.timeout_s)
+        self.server_push: Optional[Any] = None  # the weight push to remote rollout servers
+        if cfg.rollout.servers:
+            # gRPC: an optional dependency (the serve extra), imported only when used
+            from flowrl_jax.rl.server_weights import ServerWeights
+            from flowrl_jax.sampling.remote_rollouts import RemoteRollouts
+            self.sampler = RemoteRollouts(self.engine, cfg.rollout.servers,
+                                          timeout_s=cfg.rollout.timeout_s)
+            self.sampler.check(self.arch, cfg.rollout.max_new_tokens)
+            self.server_push = ServerWeights(self.sampler, self.out, self.arch,
+                                             self.tokenizer_dir)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
         self.staleness = cfg.trainer.staleness
         # the sampler's own copy of the weights: asynchronous rollouts or a sampler sub-mesh
@@ -298,19 +320,21 @@ class Trainer:
         several, one copy per host (distributed.HostReplica)."""
         return self.sampler_replica(self.state.params["policy"])
 
-    def sample(self, batch: PromptBatch, step: int, params: Any = None
-               ) -> tuple[Any, PromptBatch, Any]:
+    def sample(self, batch: PromptBatch, step: int, params: Any = None,
+               version: Optional[int] = None) -> tuple[Any, PromptBatch, Any]:
         """Generate G responses per prompt: (this host's rollout, global batch, global rollout),
-        with `params` (default: `sampler_params()`).
+        with `params` (default: `sampler_params()`), policy `version` (default: `step`).
 
         With several processes each samples its own prompts and the rollouts are gathered,
         so every host then holds the same global rollout (process order)."""
         salt = 1 if self.pc == 1 else 1000 + self.pi
         sp = SamplingParams.from_rollout_config(self.cfg.rollout,
                                                 seed=step_seed(self.cfg.seed, step, salt))
+        params = self.sampler_params() if params is None else params
         with self._sampler_lock:
-            ro = self.sampler.generate(self.sampler_params() if params is None else params,
-                                       batch.prompts, sp)
+            if self.server_push is not None:  # the servers serve `params` (skipped if they do)
+                self.server_push(params, step if version is None else version)
+            ro = self.sampler.generate(params, batch.prompts, sp)
         return (ro,) + gather_rollout(batch, ro, self.pc)
 
     def _generate(self, step: int, version: int, params: Any) -> InFlight:
@@ -318,7 +342,7 @@ class Trainer:
         (policy `version`) on one process."""
         t0 = time.perf_counter()
         batch = next(self.source)
-        ro = self.sample(batch, step, params)[0]
+        ro = self.sample(batch, step, params, version)[0]
         return InFlight(step, version, batch, ro, self.source.get_state(), t0,
                         time.perf_counter())
 
@@ -380,6 +404,9 @@ class Trainer:
             params = None
             if self.push is not None:  # on-policy with a sampler sub-mesh: push, then sample
                 params, t["weight_push"] = self.push(self.state.params["policy"])
+            if self.server_push is not None:  # remote servers: write the policy, servers load it
+                with self._sampler_lock:
+                    t["weight_push"] = self.server_push(self.state.params["policy"], step)
             t0 = time.perf_counter()
             local_batch = next(self.source)
             local_ro, batch, ro = self.sample(local_batch, step, params)
@@ -455,6 +482,8 @@ class Trainer:
         t0 = time.perf_counter()
         for i, vb in enumerate(fn(self.cfg)):
             with self._sampler_lock:  # the rollout producer's thread may be sampling
+                if self.server_push is not None:
+                    self.server_push(self.sampler_params(), step)
                 ro = self.sampler.generate(self.sampler_params(), vb.prompts, sp)
             r = np.asarray(self.task.score(vb, ro.prompt_index, ro.token_lists()), np.float32)
             name = (vb.extra[0].get("set") if vb.extra and vb.extra[0] else None) or f"set{i}"

@@ -300,10 +300,22 @@ class SamplingEngine:
         return prompts
 
     def generate(self, params: Any, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams) -> Rollout:
-        """Sample `sampling.n` responses for each prompt (token-id lists) with `params`."""
+                 sampling: SamplingParams, *,
+                 prompt_indices: Optional[Sequence[int]] = None) -> Rollout:
+        """Sample `sampling.n` responses for each prompt (token-id lists) with `params`.
+
+        `prompt_indices` are the prompts' indices in their sample keys (default 0, 1, …): a
+        part of a batch sampled elsewhere (a rollout server) gets the samples the whole batch
+        would get here."""
         sampling.validate()
         prompts = self.checked_prompts(prompts)
+        keys = np.arange(len(prompts), dtype=np.int32)
+        if prompt_indices is not None:
+            keys = np.asarray(prompt_indices, np.int64)
+            if keys.shape != (len(prompts),) or (keys < 0).any() or (keys >= 2**31).any():
+                raise SamplingError(f"prompt_indices: expected {len(prompts)} indices in "
+                                    f"[0, 2**31), got {list(prompt_indices)[:8]}")
+            keys = keys.astype(np.int32)
         n_total = len(prompts) * sampling.n
         slots = self.num_slots(n_total)
         length = self.cache_length(max(len(p) for p in prompts), sampling.max_new_tokens)
@@ -329,7 +341,7 @@ class SamplingEngine:
             decode = functools.partial(self._decode_items_paged,
                                        num_pages=(num_pages - 1) // groups + 1)
         if groups == 1:
-            decode(params, prompts, queue, sampling, slots, length, out)
+            decode(params, prompts, queue, sampling, slots, length, out, keys)
         else:
             # Contiguous runs of the queue keep most of a prompt's samples in one group (one
             # prefill); each group has its share of the slots, so the caches take the same
@@ -339,9 +351,9 @@ class SamplingEngine:
             g_slots = slots // groups
             pool = cpu_fast_paths.group_pool()
             futures = [pool.submit(decode, params, prompts, part, sampling,
-                                   g_slots, length, out) for part in parts[1:]]
+                                   g_slots, length, out, keys) for part in parts[1:]]
             try:
-                decode(params, prompts, parts[0], sampling, g_slots, length, out)
+                decode(params, prompts, parts[0], sampling, g_slots, length, out, keys)
             finally:
                 errors = [f.exception() for f in futures]  # waits for every group
             for e in errors:
@@ -360,10 +372,10 @@ class SamplingEngine:
 
     def _decode_items(self, params: Any, prompts: list[list[int]], queue: list[tuple[int, int]],
                       sampling: SamplingParams, slots: int, length: int,
-                      out: "_RolloutBuffers") -> None:
+                      out: "_RolloutBuffers", keys: np.ndarray) -> None:
         """Run the work items `queue` ((prompt, sample) pairs) to completion on one decode
         state of `slots` slots (continuous batching), writing each into row
-        prompt × n + sample of `out`."""
+        prompt × n + sample of `out`; `keys`: each prompt's index in its sample keys."""
         spec = self.spec_for(sampling)
         stop_ids = self.stop_ids_for(sampling)
         st = self.init_state(slots, length)
@@ -375,7 +387,8 @@ class SamplingEngine:
             while free and qi < len(queue):
                 take, used = self._next_admission(queue, qi, len(free), prompts)
                 qi += len(take)
-                st = self._admit_batch(params, st, prompts, take, free[:len(take)], sampling)
+                st = self._admit_batch(params, st, prompts, take, free[:len(take)], sampling,
+                                       keys)
                 for item, slot in zip(take, free[:len(take)]):
                     owner[slot] = item[0] * sampling.n + item[1]
                 free = free[len(take):]
@@ -404,7 +417,8 @@ class SamplingEngine:
 
     def _decode_items_paged(self, params: Any, prompts: list[list[int]],
                             queue: list[tuple[int, int]], sampling: SamplingParams, slots: int,
-                            length: int, out: "_RolloutBuffers", *, num_pages: int) -> None:
+                            length: int, out: "_RolloutBuffers", keys: np.ndarray, *,
+                            num_pages: int) -> None:
         """`_decode_items` on a page pool of `num_pages` pages (paged_kernels.py).
 
         Between chunks the host gives every running sample, oldest first, the pages its next
@@ -493,7 +507,7 @@ class SamplingEngine:
                     slots_for.append(slot)
                 if take:
                     st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
-                    st = self._admit_batch(params, st, prompts, take, slots_for, sampling)
+                    st = self._admit_batch(params, st, prompts, take, slots_for, sampling, keys)
             if not any(owner[s] >= 0 and limit[s] > next_pos[s] for s in range(slots)):
                 raise SamplingError(  # unreachable while _check_pool_fits holds; never spin
                     f"KV page pool of {num_pages - 1} pages cannot run the next sample; raise "
@@ -523,8 +537,9 @@ class SamplingEngine:
 
     def _admit_batch(self, params: Any, st: DecodeState, prompts: list[list[int]],
                      take: list[tuple[int, int]], slots_for: list[int],
-                     sampling: SamplingParams) -> DecodeState:
-        """Prefill the distinct prompts of `take` once and insert each sample into its slot."""
+                     sampling: SamplingParams, keys: np.ndarray) -> DecodeState:
+        """Prefill the distinct prompts of `take` once and insert each sample into its slot
+        (the sample keys of prompt p use index keys[p])."""
         slots = st.token.shape[0]
         uniq = sorted({p for p, _ in take})
         row_of = {p: i for i, p in enumerate(uniq)}
@@ -543,7 +558,7 @@ class SamplingEngine:
         pidx = np.zeros((slots,), np.int32)
         sidx = np.zeros((slots,), np.int32)
         for j, ((p, s), slot) in enumerate(zip(take, slots_for)):
-            src[j], dst[j], last[j], pidx[j], sidx[j] = row_of[p], slot, prompts[p][-1], p, s
+            src[j], dst[j], last[j], pidx[j], sidx[j] = row_of[p], slot, prompts[p][-1], keys[p], s
         budget = np.full((slots,), sampling.max_new_tokens, np.int32)
         return self.kernels.admit_jit(params, st, tokens, lengths, src, dst, last, budget,
                                   np.uint32(sampling.seed % 2**32), pidx, sidx)

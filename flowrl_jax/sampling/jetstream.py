@@ -41,6 +41,8 @@ from flowrl_jax.sampling.engine import SamplingEngine
 from flowrl_jax.sampling.kernels import DecodeState, bucket
 from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.random import sample_keys
+from flowrl_jax.sampling.rollout_server import RolloutService, add_rollout_methods
+from flowrl_jax.sampling.rollout_wire import MAX_MESSAGE_BYTES
 from flowrl_jax.sampling.jetstream_compat import driver_failure, import_jetstream
 
 js = import_jetstream()
@@ -410,9 +412,11 @@ class Server:
 
 
 def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9000,
-                 threads: int = 64, service: Optional[CompletionService] = None) -> Server:
+                 threads: int = 64, service: Optional[CompletionService] = None,
+                 rollouts: Optional[RolloutService] = None) -> Server:
     """Start JetStream's driver (interleaved mode) and a gRPC server; port 0 picks a free one.
-    With `service`, requests carrying `x-flowrl-sampling` metadata get their own settings."""
+    With `service`, requests carrying `x-flowrl-sampling` metadata get their own settings;
+    with `rollouts`, the server also answers the rollout methods (rollout_server.py)."""
     import grpc
 
     params = engine.load_params()
@@ -426,9 +430,13 @@ def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9
 
     async def make():
         # no SO_REUSEPORT: a second server on a busy port must fail, not share the port
-        server = grpc.aio.server(executor, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(executor, options=[
+            ("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         js.jetstream_pb2_grpc.add_OrchestratorServicer_to_server(
             ValidatingOrchestrator(driver, engine, service), server)
+        if rollouts is not None:
+            add_rollout_methods(server, rollouts)
         bound = server.add_insecure_port(f"{host}:{port}")
         await server.start()
         return server, bound
