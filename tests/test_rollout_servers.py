@@ -144,6 +144,8 @@ def test_engine_prompt_indices_give_the_whole_batch_samples(local):
     rows = [p * SP.n + s for p in (1, 3) for s in range(SP.n)]
     np.testing.assert_array_equal(part.tokens, whole.tokens[rows])
     np.testing.assert_allclose(part.logprobs, whole.logprobs[rows], atol=1e-5)
+    alone = engine.generate(p0, PROMPTS[1::2], SP)  # indices 0, 1: other keys, other samples
+    assert not np.array_equal(alone.tokens, whole.tokens[rows])
     with pytest.raises(SamplingError, match="prompt_indices"):
         engine.generate(p0, PROMPTS[:2], SP, prompt_indices=[0])
 
@@ -249,6 +251,7 @@ def _stable(history):
     return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in history]
 
 
+@pytest.mark.slow  # two 2-step trainer runs: ≈ 60 s on 2 loaded cores
 def test_trainer_on_two_servers_equals_in_process_even_when_one_dies(servers, tmp_path,
                                                                      caplog):
     """2 steps on servers A and B equal the in-process run (params bit for bit: the samples
