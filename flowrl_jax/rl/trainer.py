@@ -230,6 +230,7 @@ class Trainer:
             self.sampler.check(self.arch, cfg.rollout.max_new_tokens)
             self.server_push = ServerWeights(self.sampler, self.out, self.arch,
                                              self.tokenizer_dir)
+        self._server_push_s: dict[int, float] = {}  # step → its servers' push (staleness ≥ 1)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
         self.staleness = cfg.trainer.staleness
         # the sampler's own copy of the weights: asynchronous rollouts or a sampler sub-mesh
@@ -333,7 +334,9 @@ class Trainer:
         params = self.sampler_params() if params is None else params
         with self._sampler_lock:
             if self.server_push is not None:  # the servers serve `params` (skipped if they do)
-                self.server_push(params, step if version is None else version)
+                seconds = self.server_push(params, step if version is None else version)
+                if self.staleness:  # logged with its step (in the background otherwise lost)
+                    self._server_push_s[step] = seconds
             ro = self.sampler.generate(params, batch.prompts, sp)
         return (ro,) + gather_rollout(batch, ro, self.pc)
 
@@ -465,6 +468,8 @@ class Trainer:
         if item is not None:
             m["time/generate"] = item.seconds  # the generation itself, mostly overlapped
             m["rollout/logp_abs_diff"] = sampler_vs_current  # behaviour vs current params
+            if self.server_push is not None:  # the servers' push before generating this step
+                m["time/server_weight_push"] = self._server_push_s.pop(step, 0.0)
         return m
 
     # ================================================================== validation
