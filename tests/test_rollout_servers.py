@@ -309,3 +309,15 @@ def test_run_stops_with_a_sampling_error_and_its_checkpoint_when_no_server_is_le
                    if p.name.isdigit())
     assert ckpts == ["1"]
     assert checkpoint_arrays(tmp_path / "stop", 1)  # complete and restorable
+
+
+def test_unreachable_server_is_named_before_training(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    addr = f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()  # nobody listens there now
+    t0 = time.monotonic()
+    with pytest.raises(SamplingError, match=rf"rollout\.servers: rollout server {addr}: Info "
+                                            "failed: UNAVAILABLE"):
+        _run(tmp_path, "unreachable", servers=[addr], steps=1)
+    assert time.monotonic() - t0 < 60
