@@ -24,7 +24,10 @@ from typing import Optional
 
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, ModelArch
+from flowrl_jax.mesh import current_platform
 from flowrl_jax.models.arch import param_count
+from flowrl_jax.sampling.engine import KV_DEFAULT_BYTES, KV_FREE_FRACTION
+from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pages_for
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -51,6 +54,9 @@ DECODE_LOGIT_COPIES = 3
 #: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
 #: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
 DECODE_GATHERED_LAYERS = 4
+#: the paged decode chunk's (and admit's) temporaries, in page pools: the TPU compiler keeps
+#: about two copies of the (replicated) pool (0.5B, 2 layers, v5e-8: 2.02)
+PAGED_POOL_COPIES = 2.0
 
 
 @dataclass(frozen=True)
@@ -207,14 +213,20 @@ def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: 
 def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
              budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
              sampler_local_devices: Optional[int] = None,
-             sampler_devices: Optional[int] = None) -> MemoryEstimate:
+             sampler_devices: Optional[int] = None, *, platform: Optional[str] = None,
+             devices_report_memory: Optional[bool] = None) -> MemoryEstimate:
     """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
 
     `sampler_local_devices`: on multi-process runs each host samples with its own copy of
     the policy sharded over its local devices, and its KV cache over the same devices.
     `sampler_devices`: the sampler's own chips (`rollout.devices`; `mesh_shape` is then the
     trainer's share); it holds the policy copies and KV cache over them (fsdp only).
+    `platform`: where the programs run (None: the current one): it picks the attention
+    kernel (splash on TPU) whose temporaries are counted. `devices_report_memory`: whether
+    the paged engine sees the chips' free memory when it sizes its pool (None: off CPU;
+    `flowrl-jax check`'s abstract TPU devices do not, so it compiles the default pool).
     """
+    platform = platform or current_platform()
     n = param_count(arch)
     pb = _BYTES[cfg.model.param_dtype]
     cb = _BYTES[cfg.model.compute_dtype]
@@ -265,25 +277,27 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     kv_split = max(1, min(s_tensor, arch.num_key_value_heads))
     kv = (2 * L * arch.num_key_value_heads * arch.resolved_head_dim * length * slots * cb
           / (s_shards * kv_split))
-    paged = cfg.rollout.kv_cache == "paged"
-    if paged and cfg.rollout.kv_cache_gib is not None:
-        # the page pool: the configured budget, at most the dense cache, split by kv heads
-        kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_split)
     # the sampler's own policy copies: one per host on several hosts; one on chips of its
     # own; two with asynchronous rollouts (the one sampling, the next pushed beside it)
     copies = max(2 if cfg.trainer.staleness else 0,
                  1 if (hosts > 1 or sampler_devices) else 0)
     sampler_params = copies * n * pb / local
+    b, src = budget if budget is not None else device_budget(cfg)
+    paged = cfg.rollout.kv_cache == "paged"
+    if paged:  # the pool replaces the dense cache: replicated over the batch axes
+        if devices_report_memory is None:
+            devices_report_memory = platform != "cpu"
+        resident = sampler_params + (0.0 if sampler_devices else params + ref + optimizer)
+        kv = paged_pool_bytes(cfg, arch, slots, length, kv_split,
+                              free=max(0.0, b - resident) if devices_report_memory else None)
     layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
-    # dense: the attention windows copied out of the cache; paged: one layer's pages gathered
-    # into rows (uncalibrated: the constants below were fitted on the dense engine)
-    copies = (1.0 / max(1, L) if paged else
+    # dense: the attention windows copied out of the cache; paged: copies of the whole pool
+    copies = (PAGED_POOL_COPIES if paged else
               DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
     decode = (copies * kv
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
-    b, src = budget if budget is not None else device_budget(cfg)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
                           sampler_params, decode, lp, roles)
@@ -305,6 +319,25 @@ def decode_window_fraction(length: int, chunk: int) -> float:
     step = max(16, -(-length // 4 // 16) * 16)
     windows = list(range(step, length, step))
     return windows[-1] / length if windows else 0.0
+
+
+def paged_pool_bytes(cfg: Config, arch: ModelArch, slots: int, length: int, kv_split: int,
+                     free: Optional[float]) -> float:
+    """Bytes per chip of the paged engine's page pool (`SamplingEngine.pool_pages`' rule):
+    `rollout.kv_cache_gib`, else KV_FREE_FRACTION of the chip's `free` bytes (devices that
+    report it), else KV_DEFAULT_BYTES; at most every slot's full length plus the null page.
+    The pages are replicated over the batch axes; the kv heads split over `kv_split` chips."""
+    page = cfg.rollout.page_size
+    page_bytes = page * kv_bytes_per_token(arch, cfg.model.compute_dtype)
+    full = slots * pages_for(length, page) + 1
+    if cfg.rollout.kv_cache_gib is not None:
+        pool_budget = cfg.rollout.kv_cache_gib * GiB
+    elif free is not None:
+        pool_budget = KV_FREE_FRACTION * free * kv_split
+    else:
+        pool_budget = KV_DEFAULT_BYTES
+    pages = max(2, min(full, int(pool_budget // page_bytes)))
+    return pages * page_bytes / kv_split
 
 
 def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list[str]:

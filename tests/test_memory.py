@@ -62,7 +62,8 @@ def test_tiny_model_fits():
 def test_multi_host_sampler_copy_and_cache_on_one_host():
     """Multi-host: each host samples its share of the requests with its own copy of the
     policy, its KV cache sharded over that host's chips only (not the whole slice)."""
-    cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000"])
+    cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000",
+                             "rollout.kv_cache=dense"])
     shape = {"data": 1, "fsdp": 32, "tensor": 1}
     single = estimate(cfg, cfg.model.arch, shape)
     pod = estimate(cfg, cfg.model.arch, shape, sampler_local_devices=4)
@@ -80,7 +81,7 @@ def test_multi_host_sampler_copy_and_cache_on_one_host():
 def test_program_peaks():
     """Each `flowrl-jax check` program maps to its phase's peak; the train step's
     activations grow with the micro-batch, the sampling peak with the decode slots."""
-    base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16"]
+    base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16", "rollout.kv_cache=dense"]
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8"])
     big = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=16",

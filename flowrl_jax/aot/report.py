@@ -158,7 +158,10 @@ def run_check(cfg: Config, arch: ModelArch, sl: Slice, *, only: Optional[set[str
     local = sum(1 for d in mesh.devices.flat if d.process_index == hosts[0])
     est = estimate(cfg, arch, dict(mesh.shape), budget=(capacity, sl.name),
                    uses_ref=bool(get_algorithm(cfg.algo.name).uses_ref(cfg.algo)),
-                   sampler_local_devices=local if len(hosts) > 1 else None)
+                   sampler_local_devices=local if len(hosts) > 1 else None,
+                   # the programs run on TPU; the abstract devices report no free memory,
+                   # so the paged engine compiles its default pool (as the estimate counts)
+                   platform="tpu", devices_report_memory=False)
     programs = step_programs(cfg, arch, mesh, only)
     if not as_json:
         print(f"{sl.name}: {sl.chips} chips on {len(hosts)} host(s), mesh "
