@@ -46,6 +46,14 @@ MLP_KEEP = 6
 ATTN_BACKWARD_TILES = 1.3
 #: the same in a forward-only pass (0.5B: 0.96, 7B: 1.0)
 ATTN_FORWARD_TILES = 0.95
+#: with splash attention (TPU) no score tiles exist; what the compiler allocates instead,
+#: fitted on the TPU compiles of session 9 (BUILD_NOTES): bytes per token and hidden unit
+#: a remat'd layer keeps for the backward pass (Qwen2.5-0.5B, v5e-8, 2 → 4 layers: 26.9),
+SPLASH_REMAT_KEEP = 27
+#: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 56),
+SPLASH_BACKWARD_WORK = 56
+#: ... and what a log-prob pass keeps per layer (0.5B at full depth, micro-batch 32: 15)
+SPLASH_FORWARD_KEEP = 15
 #: a decode chunk copies the largest attention window of the cache out and back (0.9 of
 #: the cache with windows of 3/4 of it: 0.5B and 7B)
 DECODE_WINDOW_COPIES = 1.2
@@ -203,6 +211,18 @@ def critic_model(cfg: Config) -> bool:
             getattr(cfg.algo, "critic", "head") == "model")
 
 
+def attention_kernel(cfg: Config, platform: str) -> str:
+    """The no-cache attention the train step and log-prob pass run on `platform`
+    (`models.attention.no_cache_kernel`'s rule): "splash" on TPU, "fused" (cuDNN), "flash"
+    (blocked, with the score tiles counted) or "softmax"."""
+    impl = cfg.model.attention
+    if impl == "splash" or (impl == "auto" and platform == "tpu"):
+        return "splash"
+    if impl == "cudnn":
+        return "fused"
+    return "softmax" if impl == "xla" else "flash"
+
+
 def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: float) -> float:
     """Bytes of the blocked attention's float32 score tiles: `tiles` causal halves of
     [heads, T, T] per row (the heads split by the tensor axis)."""
@@ -250,8 +270,11 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     # train step: one micro-batch's activations (per chip) + the mini-batch
     rows = max(1.0, cfg.trainer.micro_batch_size / batch_shard)
     remat = cfg.model.remat != "none"
-    keep = (REMAT_KEEP * h) if remat else (PLAIN_KEEP * h + MLP_KEEP * i / tensor)
-    layer_work = (attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES)
+    splash = attention_kernel(cfg, platform) == "splash"
+    keep = (((SPLASH_REMAT_KEEP if splash else REMAT_KEEP) * h) if remat
+            else (PLAIN_KEEP * h + MLP_KEEP * i / tensor))
+    layer_work = ((rows * seq * SPLASH_BACKWARD_WORK * h if splash else
+                   attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES))
                   + rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
     act = trained * (rows * seq * L * keep + layer_work)
     act += logits_block(cfg, arch, cfg.trainer.micro_batch_size, resp, tensor) / batch_shard * 3
@@ -263,7 +286,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp_rows = max(1.0, lp_mb / batch_shard)
     # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
-    lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
+    lp = ((lp_rows * seq * L * SPLASH_FORWARD_KEEP * h if splash else
+           attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES))
           + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h)
           + logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2)
     lp += max(1.0, lp_total / batch_shard) * (2 * seq + 3 * resp) * 4
