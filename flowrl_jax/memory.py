@@ -52,8 +52,14 @@ ATTN_FORWARD_TILES = 0.95
 SPLASH_REMAT_KEEP = 27
 #: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 56),
 SPLASH_BACKWARD_WORK = 56
-#: ... and what a log-prob pass keeps per layer (0.5B at full depth, micro-batch 32: 15)
-SPLASH_FORWARD_KEEP = 15
+#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: with
+#: heads of 128 (7B, v5p-64, 2 layers: 6.0) no per-layer growth; with heads narrower than
+#: the TPU's 128 lanes (0.5B, v5e-8, 2 / 4 / 24 layers, micro-batch 32) a fixed part and a
+#: per-layer part (fitted on 2 and 24 layers: 42 and 15.85)
+SPLASH_LANES = 128
+SPLASH_FORWARD_WORK = 6
+SPLASH_NARROW_FORWARD_WORK = 42
+SPLASH_NARROW_FORWARD_KEEP = 15.85
 #: a decode chunk copies the largest attention window of the cache out and back (0.9 of
 #: the cache with windows of 3/4 of it: 0.5B and 7B)
 DECODE_WINDOW_COPIES = 1.2
@@ -286,10 +292,14 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp_rows = max(1.0, lp_mb / batch_shard)
     # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
-    lp = ((lp_rows * seq * L * SPLASH_FORWARD_KEEP * h if splash else
-           attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES))
-          + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h)
-          + logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2)
+    if splash:  # fitted per head width (BUILD_NOTES): 64-wide heads fill TPU lanes by half
+        narrow = arch.resolved_head_dim < SPLASH_LANES
+        lp = lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + L * SPLASH_NARROW_FORWARD_KEEP
+                                  if narrow else SPLASH_FORWARD_WORK)
+    else:
+        lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
+              + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
+    lp += logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2
     lp += max(1.0, lp_total / batch_shard) * (2 * seq + 3 * resp) * 4
 
     # sampling: one host's chips (all of them on a single host) hold the slots
@@ -384,6 +394,9 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
     elif est.logprobs >= est.sampling:
         tips.append(f"trainer.logprob_micro_batch_size (now "
                     f"{cfg.trainer.logprob_micro_batch_size}) smaller")
+    elif cfg.rollout.kv_cache == "paged":
+        tips.append(f"rollout.kv_cache_gib (now {cfg.rollout.kv_cache_gib}) smaller: the page "
+                    "pool, replicated on every sampler chip; decoding adds about two copies")
     else:
         tips.append(f"rollout.decode_slots (now {cfg.rollout.decode_slots}) smaller, or "
                     "rollout.max_new_tokens / data.max_prompt_length shorter (KV cache)")

@@ -164,8 +164,10 @@ def test_splash_attention_on_tpu_replaces_the_score_tiles():
     assert cpu.activations - tpu.activations == pytest.approx(
         rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
         + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h)
-    lp_rows = 32 / 8
+    lp_rows = cfg.trainer.logprob_micro_batch_size / 8
+    assert arch.resolved_head_dim == 64 < m.SPLASH_LANES  # narrow heads: the per-layer term
     assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(
         m.attention_tiles(arch, lp_rows, seq, 1, m.ATTN_FORWARD_TILES)
-        - lp_rows * seq * L * m.SPLASH_FORWARD_KEEP * h)
+        + lp_rows * seq * (m.MLP_KEEP * i + m.PLAIN_KEEP * h)
+        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + L * m.SPLASH_NARROW_FORWARD_KEEP))
     assert i == arch.intermediate_size and L == arch.num_hidden_layers
