@@ -48,17 +48,22 @@ ATTN_BACKWARD_TILES = 1.3
 ATTN_FORWARD_TILES = 0.95
 #: with splash attention (TPU) no score tiles exist; what the compiler allocates instead,
 #: fitted on the TPU compiles of session 9 (BUILD_NOTES): bytes per token and hidden unit
-#: a remat'd layer keeps for the backward pass (Qwen2.5-0.5B, v5e-8, 2 → 4 layers: 26.9),
+#: an unrolled remat'd layer keeps for the backward pass (Qwen2.5-0.5B, v5e-8, 2 → 4
+#: layers: 26.9; scanned layers keep REMAT_KEEP: 0.5B, 24 scanned layers, within 1 %),
 SPLASH_REMAT_KEEP = 27
-#: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 56),
-SPLASH_BACKWARD_WORK = 56
+#: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 45.5),
+SPLASH_BACKWARD_WORK = 45.5
+#: ... layers of whole (gathered) weights alive in the train step (7B width, 2 layers: 1.6)
+SPLASH_GATHERED_LAYERS = 1.6
 #: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: with
-#: heads of 128 (7B, v5p-64, 2 layers: 6.0) no per-layer growth; with heads narrower than
+#: heads of 128 (7B, v5p-64, 28 layers: 6, with the gathered layers below) no per-layer growth; with heads narrower than
 #: the TPU's 128 lanes (0.5B, v5e-8, 2 / 4 / 24 layers, micro-batch 32) a fixed part and a
 #: per-layer part (fitted on 2 and 24 layers: 42 and 15.85)
 SPLASH_LANES = 128
 SPLASH_FORWARD_WORK = 6
-SPLASH_NARROW_FORWARD_WORK = 42
+SPLASH_NARROW_FORWARD_WORK = 38
+#: layers of whole weights alive in a log-prob pass (7B, v5p-64, full depth: 2.3)
+SPLASH_FORWARD_GATHERED_LAYERS = 2.3
 SPLASH_NARROW_FORWARD_KEEP = 15.85
 #: a decode chunk copies the largest attention window of the cache out and back (0.9 of
 #: the cache with windows of 3/4 of it: 0.5B and 7B)
@@ -71,6 +76,13 @@ DECODE_GATHERED_LAYERS = 4
 #: the paged decode chunk's (and admit's) temporaries, in page pools: the TPU compiler keeps
 #: about two copies of the (replicated) pool (0.5B, 2 layers, v5e-8: 2.02)
 PAGED_POOL_COPIES = 2.0
+#: the admit program (prefill + insert) of the paged engine: its temporaries are at least
+#: the decode chunk's pool copies, or bytes per prompt token and hidden unit per layer that
+#: the prefill keeps (0.5B, 24 layers, 8 × 2,048 prompt tokens: 11.8 / 12.0 GiB with a 4 / 3
+#: GiB pool, 9.9 with 1 GiB: 33; not measured at other widths)
+PREFILL_LAYER_KEEP = 33
+#: prompts one admit program prefills (the engine's `prefill_batch`)
+PREFILL_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,7 @@ class MemoryEstimate:
     # trainer), "overlap" (at the same time on the same chips: trainer.staleness >= 1) or
     # "split" (on chips of its own: rollout.devices; the figures are per chip of each role)
     roles: str = "alternate"
+    admit_temps: float = 0.0  # the admit program's (prefill + insert) temporaries, if larger
 
     @property
     def static(self) -> float:
@@ -112,7 +125,7 @@ class MemoryEstimate:
     @property
     def sampler_own(self) -> float:
         """What sampling adds to a chip: its policy copies, KV cache and decode temporaries."""
-        return self.sampler_params + self.kv_cache + self.decode_temps
+        return self.sampler_params + self.kv_cache + max(self.decode_temps, self.admit_temps)
 
     @property
     def sampling(self) -> float:
@@ -134,6 +147,8 @@ class MemoryEstimate:
             return self.train
         if program.startswith("logprobs"):
             return self.logprobs
+        if program == "sampler_decode" and self.admit_temps > self.decode_temps:
+            return self.sampling - self.admit_temps + self.decode_temps
         return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
@@ -146,7 +161,7 @@ class MemoryEstimate:
                 ("grads (train)", self.grads), ("activations (train)", self.activations),
                 ("log-prob pass", self.logprob_activations),
                 ("sampler copy", self.sampler_params), ("kv cache (sampling)", self.kv_cache),
-                ("decode temporaries", self.decode_temps)]
+                ("decode temporaries", self.decode_temps), ("admit temporaries", self.admit_temps)]
         lines = [f"memory estimate per device ({self.n_params / 1e6:.1f}M params):"]
         lines += [f"  {k:<22}{v / GiB:9.2f} GiB" for k, v in rows if v or k == "params"]
         lines.append(f"  {'peaks':<22}train {self.train / GiB:.2f}, log-probs "
@@ -273,13 +288,19 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     micro = max(1, cfg.trainer.mini_batch_size // max(1, cfg.trainer.micro_batch_size))
     grads = (2 if micro > 1 else 1) * 4 * (trained * n / shard + small)
 
+    # one decoder layer's weights, whole (the fsdp all-gather of a layer: the compiler keeps
+    # a few alive around the one computing)
+    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
+
     # train step: one micro-batch's activations (per chip) + the mini-batch
     rows = max(1.0, cfg.trainer.micro_batch_size / batch_shard)
     remat = cfg.model.remat != "none"
     splash = attention_kernel(cfg, platform) == "splash"
-    keep = (((SPLASH_REMAT_KEEP if splash else REMAT_KEEP) * h) if remat
+    keep = (((SPLASH_REMAT_KEEP if splash and not cfg.model.scan_layers else REMAT_KEEP) * h)
+            if remat
             else (PLAIN_KEEP * h + MLP_KEEP * i / tensor))
-    layer_work = ((rows * seq * SPLASH_BACKWARD_WORK * h if splash else
+    layer_work = ((rows * seq * SPLASH_BACKWARD_WORK * h
+                   + SPLASH_GATHERED_LAYERS * layer_params * pb * trained if splash else
                    attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES))
                   + rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
     act = trained * (rows * seq * L * keep + layer_work)
@@ -294,8 +315,9 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
     if splash:  # fitted per head width (BUILD_NOTES): 64-wide heads fill TPU lanes by half
         narrow = arch.resolved_head_dim < SPLASH_LANES
-        lp = lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + L * SPLASH_NARROW_FORWARD_KEEP
-                                  if narrow else SPLASH_FORWARD_WORK)
+        lp = (lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + L * SPLASH_NARROW_FORWARD_KEEP
+                                   if narrow else SPLASH_FORWARD_WORK)
+              + SPLASH_FORWARD_GATHERED_LAYERS * layer_params * pb)
     else:
         lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
               + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
@@ -324,17 +346,24 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
         resident = sampler_params + (0.0 if sampler_devices else params + ref + optimizer)
         kv = paged_pool_bytes(cfg, arch, slots, length, kv_split,
                               free=max(0.0, b - resident) if devices_report_memory else None)
-    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
     # dense: the attention windows copied out of the cache; paged: copies of the whole pool
-    copies = (PAGED_POOL_COPIES if paged else
+    # (the pool copies are the TPU compiler's; elsewhere one layer's gathered pages, unmeasured)
+    copies = ((PAGED_POOL_COPIES if platform == "tpu" else 1.0 / max(1, L)) if paged else
               DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
     decode = (copies * kv
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
+    # admitting (prefill of a batch of prompts + insert into the pool): the pool's copies, or
+    # what the unrolled prefill keeps per layer, whichever is larger
+    prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
+    prefill_rows = min(PREFILL_BATCH, _pow2(slots))
+    admit = (max(PAGED_POOL_COPIES * kv,
+                 prefill_rows * prompt_bucket * h * L * PREFILL_LAYER_KEEP / max(1, tensor))
+             if paged and platform == "tpu" else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
-                          sampler_params, decode, lp, roles)
+                          sampler_params, decode, lp, roles, admit)
 
 
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:

@@ -146,6 +146,16 @@ def test_paged_pool_as_the_engine_sizes_it():
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     est = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="tpu")
     assert est.kv_cache == (GiB // page) * page
+    # on TPU decoding adds two pool copies; admitting, what the prefill of 8 prompts of the
+    # 2,048 bucket keeps per layer when that is more
+    assert est.decode_temps == pytest.approx(m.PAGED_POOL_COPIES * est.kv_cache
+                                             + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4)
+    assert est.admit_temps == pytest.approx(8 * 2048 * 896 * 24 * m.PREFILL_LAYER_KEEP)
+    assert est.program_bytes("sampler_admit") == est.sampling > est.program_bytes("sampler_decode")
+    assert est.program_bytes("sampler_decode") == pytest.approx(
+        est.static + est.kv_cache + est.decode_temps)
+    cpu = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="cpu")
+    assert cpu.admit_temps == 0 and cpu.decode_temps < est.decode_temps
 
 
 def test_splash_attention_on_tpu_replaces_the_score_tiles():
@@ -160,14 +170,16 @@ def test_splash_attention_on_tpu_replaces_the_score_tiles():
     tpu, cpu = (estimate(cfg, arch, shape, platform=p) for p in ("tpu", "cpu"))
     h, i, L, seq = 896, 4864, 24, 2048 + 8192
     rows = 8 / 8  # micro-batch 8 over 8 chips, remat on
+    layer = (param_count(arch) - 151936 * h) / L * 4  # one layer's float32 weights (tied)
     tiles = m.attention_tiles(arch, rows, seq, 1, m.ATTN_BACKWARD_TILES)
     assert cpu.activations - tpu.activations == pytest.approx(
         rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
-        + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h)
+        + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - m.SPLASH_GATHERED_LAYERS * layer)
     lp_rows = cfg.trainer.logprob_micro_batch_size / 8
     assert arch.resolved_head_dim == 64 < m.SPLASH_LANES  # narrow heads: the per-layer term
     assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(
         m.attention_tiles(arch, lp_rows, seq, 1, m.ATTN_FORWARD_TILES)
         + lp_rows * seq * (m.MLP_KEEP * i + m.PLAIN_KEEP * h)
-        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + L * m.SPLASH_NARROW_FORWARD_KEEP))
+        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + L * m.SPLASH_NARROW_FORWARD_KEEP)
+        - m.SPLASH_FORWARD_GATHERED_LAYERS * layer)
     assert i == arch.intermediate_size and L == arch.num_hidden_layers
