@@ -8,10 +8,10 @@ One RL step runs three kinds of program, one after another, each beside the trai
   sampling      + the sampler's own copy of the policy (multi-host: each host samples on its
                   own chips) + the KV cache + the decode chunk's temporaries
 The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch over
-data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs). The
-activation and temporary terms are calibrated against the TPU compiler's own figures
-(`flowrl-jax check`, BUILD_NOTES.md): for the train step, log-prob pass and decode chunk of
-the shipped configs they agree within 15 %.
+data·fsdp, the dense KV cache over the sampler's chips (one host's on multi-host runs), the
+paged pool replicated on each of them. The activation and temporary terms are fitted on the
+TPU compiler's own figures (`flowrl-jax check`, session 9 in BUILD_NOTES.md, which lists
+where they agree within 15 % and where not); off TPU the attention kernel's own terms apply.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
@@ -76,11 +76,10 @@ DECODE_GATHERED_LAYERS = 4
 #: the paged decode chunk's (and admit's) temporaries, in page pools: the TPU compiler keeps
 #: about two copies of the (replicated) pool (0.5B, 2 layers, v5e-8: 2.02)
 PAGED_POOL_COPIES = 2.0
-#: the admit program (prefill + insert) of the paged engine: its temporaries are at least
-#: the decode chunk's pool copies, or bytes per prompt token and hidden unit per layer that
-#: the prefill keeps (0.5B, 24 layers, 8 × 2,048 prompt tokens: 11.8 / 12.0 GiB with a 4 / 3
-#: GiB pool, 9.9 with 1 GiB: 33; not measured at other widths)
-PREFILL_LAYER_KEEP = 33
+#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits,
+#: copies of the pool (0.5B with a 1 / 3 / 4 GiB pool: 0.6 / 0.9 / 0.6; 32B, 4 GiB: 0.6;
+#: 7B, 16 GiB: 2.8 — the decode's 2 where the decode needs more)
+ADMIT_POOL_COPIES = 1.0
 #: prompts one admit program prefills (the engine's `prefill_batch`)
 PREFILL_BATCH = 8
 
@@ -354,12 +353,11 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
-    # admitting (prefill of a batch of prompts + insert into the pool): the pool's copies, or
-    # what the unrolled prefill keeps per layer, whichever is larger
+    # admitting (prefill of a batch of prompts + insert into the pool): the prefill's float32
+    # logits over every prompt position (its tokens are replicated) and copies of the pool
     prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
     prefill_rows = min(PREFILL_BATCH, _pow2(slots))
-    admit = (max(PAGED_POOL_COPIES * kv,
-                 prefill_rows * prompt_bucket * h * L * PREFILL_LAYER_KEEP / max(1, tensor))
+    admit = ((prefill_rows * prompt_bucket * v * 4 + ADMIT_POOL_COPIES * kv)
              if paged and platform == "tpu" else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,

@@ -146,11 +146,12 @@ def test_paged_pool_as_the_engine_sizes_it():
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     est = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="tpu")
     assert est.kv_cache == (GiB // page) * page
-    # on TPU decoding adds two pool copies; admitting, what the prefill of 8 prompts of the
-    # 2,048 bucket keeps per layer when that is more
+    # on TPU decoding adds two pool copies; admitting, the float32 logits of 8 prompts of the
+    # 2,048 bucket and a pool copy
     assert est.decode_temps == pytest.approx(m.PAGED_POOL_COPIES * est.kv_cache
                                              + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4)
-    assert est.admit_temps == pytest.approx(8 * 2048 * 896 * 24 * m.PREFILL_LAYER_KEEP)
+    assert est.admit_temps == pytest.approx(8 * 2048 * 151936 * 4
+                                            + m.ADMIT_POOL_COPIES * est.kv_cache)
     assert est.program_bytes("sampler_admit") == est.sampling > est.program_bytes("sampler_decode")
     assert est.program_bytes("sampler_decode") == pytest.approx(
         est.static + est.kv_cache + est.decode_temps)
