@@ -8,10 +8,10 @@ One RL step runs three kinds of program, one after another, each beside the trai
   sampling      + the sampler's own copy of the policy (multi-host: each host samples on its
                   own chips) + the KV cache + the decode chunk's temporaries
 The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch over
-data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs). The
-activation and temporary terms are calibrated against the TPU compiler's own figures
-(`flowrl-jax check`, BUILD_NOTES.md): for the train step, log-prob pass and decode chunk of
-the shipped configs they agree within 15 %.
+data·fsdp, the dense KV cache over the sampler's chips (one host's on multi-host runs), the
+paged pool replicated on each of them. The activation and temporary terms are fitted on the
+TPU compiler's own figures (`flowrl-jax check`, session 9 in BUILD_NOTES.md, which lists
+where they agree within 15 % and where not); off TPU the attention kernel's own terms apply.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
@@ -24,7 +24,10 @@ from typing import Optional
 
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, ModelArch
+from flowrl_jax.mesh import current_platform
 from flowrl_jax.models.arch import param_count
+from flowrl_jax.sampling.engine import KV_DEFAULT_BYTES, KV_FREE_FRACTION
+from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pages_for
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -43,6 +46,25 @@ MLP_KEEP = 6
 ATTN_BACKWARD_TILES = 1.3
 #: the same in a forward-only pass (0.5B: 0.96, 7B: 1.0)
 ATTN_FORWARD_TILES = 0.95
+#: with splash attention (TPU) no score tiles exist; what the compiler allocates instead,
+#: fitted on the TPU compiles of session 9 (BUILD_NOTES): bytes per token and hidden unit
+#: an unrolled remat'd layer keeps for the backward pass (Qwen2.5-0.5B, v5e-8, 2 → 4
+#: layers: 26.9; scanned layers keep REMAT_KEEP: 0.5B, 24 scanned layers, within 1 %),
+SPLASH_REMAT_KEEP = 27
+#: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 45.5),
+SPLASH_BACKWARD_WORK = 45.5
+#: ... layers of whole (gathered) weights alive in the train step (7B width, 2 layers: 1.6)
+SPLASH_GATHERED_LAYERS = 1.6
+#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: with
+#: heads of 128 (7B, v5p-64, 28 layers: 6, with the gathered layers below) no per-layer growth; with heads narrower than
+#: the TPU's 128 lanes (0.5B, v5e-8, 2 / 4 / 24 layers, micro-batch 32) a fixed part and a
+#: per-layer part (fitted on 2 and 24 layers: 42 and 15.85)
+SPLASH_LANES = 128
+SPLASH_FORWARD_WORK = 6
+SPLASH_NARROW_FORWARD_WORK = 38
+#: layers of whole weights alive in a log-prob pass (7B, v5p-64, full depth: 2.3)
+SPLASH_FORWARD_GATHERED_LAYERS = 2.3
+SPLASH_NARROW_FORWARD_KEEP = 15.85
 #: a decode chunk copies the largest attention window of the cache out and back (0.9 of
 #: the cache with windows of 3/4 of it: 0.5B and 7B)
 DECODE_WINDOW_COPIES = 1.2
@@ -51,6 +73,15 @@ DECODE_LOGIT_COPIES = 3
 #: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
 #: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
 DECODE_GATHERED_LAYERS = 4
+#: the paged decode chunk's (and admit's) temporaries, in page pools: the TPU compiler keeps
+#: about two copies of the (replicated) pool (0.5B, 2 layers, v5e-8: 2.02)
+PAGED_POOL_COPIES = 2.0
+#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits,
+#: copies of the pool (0.5B with a 1 / 3 / 4 GiB pool: 0.6 / 0.9 / 0.6; 32B, 4 GiB: 0.6;
+#: 7B, 16 GiB: 2.8 — the decode's 2 where the decode needs more)
+ADMIT_POOL_COPIES = 1.0
+#: prompts one admit program prefills (the engine's `prefill_batch`)
+PREFILL_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,7 @@ class MemoryEstimate:
     # trainer), "overlap" (at the same time on the same chips: trainer.staleness >= 1) or
     # "split" (on chips of its own: rollout.devices; the figures are per chip of each role)
     roles: str = "alternate"
+    admit_temps: float = 0.0  # the admit program's (prefill + insert) temporaries, if larger
 
     @property
     def static(self) -> float:
@@ -92,7 +124,7 @@ class MemoryEstimate:
     @property
     def sampler_own(self) -> float:
         """What sampling adds to a chip: its policy copies, KV cache and decode temporaries."""
-        return self.sampler_params + self.kv_cache + self.decode_temps
+        return self.sampler_params + self.kv_cache + max(self.decode_temps, self.admit_temps)
 
     @property
     def sampling(self) -> float:
@@ -114,6 +146,8 @@ class MemoryEstimate:
             return self.train
         if program.startswith("logprobs"):
             return self.logprobs
+        if program == "sampler_decode" and self.admit_temps > self.decode_temps:
+            return self.sampling - self.admit_temps + self.decode_temps
         return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
@@ -126,7 +160,7 @@ class MemoryEstimate:
                 ("grads (train)", self.grads), ("activations (train)", self.activations),
                 ("log-prob pass", self.logprob_activations),
                 ("sampler copy", self.sampler_params), ("kv cache (sampling)", self.kv_cache),
-                ("decode temporaries", self.decode_temps)]
+                ("decode temporaries", self.decode_temps), ("admit temporaries", self.admit_temps)]
         lines = [f"memory estimate per device ({self.n_params / 1e6:.1f}M params):"]
         lines += [f"  {k:<22}{v / GiB:9.2f} GiB" for k, v in rows if v or k == "params"]
         lines.append(f"  {'peaks':<22}train {self.train / GiB:.2f}, log-probs "
@@ -197,6 +231,18 @@ def critic_model(cfg: Config) -> bool:
             getattr(cfg.algo, "critic", "head") == "model")
 
 
+def attention_kernel(cfg: Config, platform: str) -> str:
+    """The no-cache attention the train step and log-prob pass run on `platform`
+    (`models.attention.no_cache_kernel`'s rule): "splash" on TPU, "fused" (cuDNN), "flash"
+    (blocked, with the score tiles counted) or "softmax"."""
+    impl = cfg.model.attention
+    if impl == "splash" or (impl == "auto" and platform == "tpu"):
+        return "splash"
+    if impl == "cudnn":
+        return "fused"
+    return "softmax" if impl == "xla" else "flash"
+
+
 def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: float) -> float:
     """Bytes of the blocked attention's float32 score tiles: `tiles` causal halves of
     [heads, T, T] per row (the heads split by the tensor axis)."""
@@ -207,14 +253,20 @@ def attention_tiles(arch: ModelArch, rows: float, seq: int, tensor: int, tiles: 
 def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
              budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
              sampler_local_devices: Optional[int] = None,
-             sampler_devices: Optional[int] = None) -> MemoryEstimate:
+             sampler_devices: Optional[int] = None, *, platform: Optional[str] = None,
+             devices_report_memory: Optional[bool] = None) -> MemoryEstimate:
     """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
 
     `sampler_local_devices`: on multi-process runs each host samples with its own copy of
     the policy sharded over its local devices, and its KV cache over the same devices.
     `sampler_devices`: the sampler's own chips (`rollout.devices`; `mesh_shape` is then the
     trainer's share); it holds the policy copies and KV cache over them (fsdp only).
+    `platform`: where the programs run (None: the current one): it picks the attention
+    kernel (splash on TPU) whose temporaries are counted. `devices_report_memory`: whether
+    the paged engine sees the chips' free memory when it sizes its pool (None: off CPU;
+    `flowrl-jax check`'s abstract TPU devices do not, so it compiles the default pool).
     """
+    platform = platform or current_platform()
     n = param_count(arch)
     pb = _BYTES[cfg.model.param_dtype]
     cb = _BYTES[cfg.model.compute_dtype]
@@ -235,11 +287,20 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     micro = max(1, cfg.trainer.mini_batch_size // max(1, cfg.trainer.micro_batch_size))
     grads = (2 if micro > 1 else 1) * 4 * (trained * n / shard + small)
 
+    # one decoder layer's weights, whole (the fsdp all-gather of a layer: the compiler keeps
+    # a few alive around the one computing)
+    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
+
     # train step: one micro-batch's activations (per chip) + the mini-batch
     rows = max(1.0, cfg.trainer.micro_batch_size / batch_shard)
     remat = cfg.model.remat != "none"
-    keep = (REMAT_KEEP * h) if remat else (PLAIN_KEEP * h + MLP_KEEP * i / tensor)
-    layer_work = (attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES)
+    splash = attention_kernel(cfg, platform) == "splash"
+    keep = (((SPLASH_REMAT_KEEP if splash and not cfg.model.scan_layers else REMAT_KEEP) * h)
+            if remat
+            else (PLAIN_KEEP * h + MLP_KEEP * i / tensor))
+    layer_work = ((rows * seq * SPLASH_BACKWARD_WORK * h
+                   + SPLASH_GATHERED_LAYERS * layer_params * pb * trained if splash else
+                   attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES))
                   + rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
     act = trained * (rows * seq * L * keep + layer_work)
     act += logits_block(cfg, arch, cfg.trainer.micro_batch_size, resp, tensor) / batch_shard * 3
@@ -251,9 +312,15 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp_rows = max(1.0, lp_mb / batch_shard)
     # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
-    lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
-          + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h)
-          + logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2)
+    if splash:  # fitted per head width (BUILD_NOTES): 64-wide heads fill TPU lanes by half
+        narrow = arch.resolved_head_dim < SPLASH_LANES
+        lp = (lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + L * SPLASH_NARROW_FORWARD_KEEP
+                                   if narrow else SPLASH_FORWARD_WORK)
+              + SPLASH_FORWARD_GATHERED_LAYERS * layer_params * pb)
+    else:
+        lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
+              + lp_rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
+    lp += logits_block(cfg, arch, lp_mb, resp, tensor) / batch_shard * 2
     lp += max(1.0, lp_total / batch_shard) * (2 * seq + 3 * resp) * 4
 
     # sampling: one host's chips (all of them on a single host) hold the slots
@@ -265,28 +332,36 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     kv_split = max(1, min(s_tensor, arch.num_key_value_heads))
     kv = (2 * L * arch.num_key_value_heads * arch.resolved_head_dim * length * slots * cb
           / (s_shards * kv_split))
-    paged = cfg.rollout.kv_cache == "paged"
-    if paged and cfg.rollout.kv_cache_gib is not None:
-        # the page pool: the configured budget, at most the dense cache, split by kv heads
-        kv = min(kv, cfg.rollout.kv_cache_gib * GiB / kv_split)
     # the sampler's own policy copies: one per host on several hosts; one on chips of its
     # own; two with asynchronous rollouts (the one sampling, the next pushed beside it)
     copies = max(2 if cfg.trainer.staleness else 0,
                  1 if (hosts > 1 or sampler_devices) else 0)
     sampler_params = copies * n * pb / local
-    layer_params = (n - v * h * (1 if arch.tie_word_embeddings else 2)) / max(1, L)
-    # dense: the attention windows copied out of the cache; paged: one layer's pages gathered
-    # into rows (uncalibrated: the constants below were fitted on the dense engine)
-    copies = (1.0 / max(1, L) if paged else
+    b, src = budget if budget is not None else device_budget(cfg)
+    paged = cfg.rollout.kv_cache == "paged"
+    if paged:  # the pool replaces the dense cache: replicated over the batch axes
+        if devices_report_memory is None:
+            devices_report_memory = platform != "cpu"
+        resident = sampler_params + (0.0 if sampler_devices else params + ref + optimizer)
+        kv = paged_pool_bytes(cfg, arch, slots, length, kv_split,
+                              free=max(0.0, b - resident) if devices_report_memory else None)
+    # dense: the attention windows copied out of the cache; paged: copies of the whole pool
+    # (the pool copies are the TPU compiler's; elsewhere one layer's gathered pages, unmeasured)
+    copies = ((PAGED_POOL_COPIES if platform == "tpu" else 1.0 / max(1, L)) if paged else
               DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
     decode = (copies * kv
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
-    b, src = budget if budget is not None else device_budget(cfg)
+    # admitting (prefill of a batch of prompts + insert into the pool): the prefill's float32
+    # logits over every prompt position (its tokens are replicated) and copies of the pool
+    prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
+    prefill_rows = min(PREFILL_BATCH, _pow2(slots))
+    admit = ((prefill_rows * prompt_bucket * v * 4 + ADMIT_POOL_COPIES * kv)
+             if paged and platform == "tpu" else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
-                          sampler_params, decode, lp, roles)
+                          sampler_params, decode, lp, roles, admit)
 
 
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:
@@ -305,6 +380,25 @@ def decode_window_fraction(length: int, chunk: int) -> float:
     step = max(16, -(-length // 4 // 16) * 16)
     windows = list(range(step, length, step))
     return windows[-1] / length if windows else 0.0
+
+
+def paged_pool_bytes(cfg: Config, arch: ModelArch, slots: int, length: int, kv_split: int,
+                     free: Optional[float]) -> float:
+    """Bytes per chip of the paged engine's page pool (`SamplingEngine.pool_pages`' rule):
+    `rollout.kv_cache_gib`, else KV_FREE_FRACTION of the chip's `free` bytes (devices that
+    report it), else KV_DEFAULT_BYTES; at most every slot's full length plus the null page.
+    The pages are replicated over the batch axes; the kv heads split over `kv_split` chips."""
+    page = cfg.rollout.page_size
+    page_bytes = page * kv_bytes_per_token(arch, cfg.model.compute_dtype)
+    full = slots * pages_for(length, page) + 1
+    if cfg.rollout.kv_cache_gib is not None:
+        pool_budget = cfg.rollout.kv_cache_gib * GiB
+    elif free is not None:
+        pool_budget = KV_FREE_FRACTION * free * kv_split
+    else:
+        pool_budget = KV_DEFAULT_BYTES
+    pages = max(2, min(full, int(pool_budget // page_bytes)))
+    return pages * page_bytes / kv_split
 
 
 def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list[str]:
@@ -327,6 +421,9 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
     elif est.logprobs >= est.sampling:
         tips.append(f"trainer.logprob_micro_batch_size (now "
                     f"{cfg.trainer.logprob_micro_batch_size}) smaller")
+    elif cfg.rollout.kv_cache == "paged":
+        tips.append(f"rollout.kv_cache_gib (now {cfg.rollout.kv_cache_gib}) smaller: the page "
+                    "pool, replicated on every sampler chip; decoding adds about two copies")
     else:
         tips.append(f"rollout.decode_slots (now {cfg.rollout.decode_slots}) smaller, or "
                     "rollout.max_new_tokens / data.max_prompt_length shorter (KV cache)")

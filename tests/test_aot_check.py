@@ -189,3 +189,24 @@ def test_cpu_platform_chosen_when_libtpu_has_no_chips(monkeypatch):
     monkeypatch.setattr(cpu_runtime, "tpu_chips_present", lambda: False)
     monkeypatch.setattr(cpu_runtime, "libtpu_installed", lambda: False)
     assert cpu_runtime.select_platform() is None and len(chosen) == 1
+
+
+@pytest.mark.slow  # ~15-30 s on 2 shared cores: one decode chunk at Qwen2.5-0.5B width
+@needs_libtpu
+def test_estimator_within_15_percent_of_the_compiled_paged_decode(capsys):
+    """The estimator's sampling peak (train state + page pool + the decode chunk's
+    temporaries) is within 15 % of what the TPU compiler allocates for the paged decode
+    chunk: Qwen2.5-0.5B's width cut to 2 layers, 256 slots × 8,192 positions on a v5e 2×2,
+    a 2 GiB pool (replicated: every chip holds all of it)."""
+    cfg = tiny_config("model.preset=qwen2.5-0.5b", "model.arch.num_hidden_layers=2",
+                      "rollout.max_new_tokens=8160", "rollout.prompts_per_step=32",
+                      "rollout.decode_slots=256", "rollout.kv_cache=paged",
+                      "rollout.kv_cache_gib=2")
+    rows = run_check(cfg, cfg.model.arch, get_slice("v5e-4"), only={"sampler_decode"},
+                     as_json=True)
+    capsys.readouterr()
+    (row,) = rows
+    assert row.error is None, row.error
+    assert row.argument_bytes >= 2 * 1024 ** 3 * 0.99  # the whole pool on every chip
+    err = row.estimate_bytes_per_chip / row.hbm_bytes_per_chip - 1
+    assert abs(err) < 0.15, (row.estimate_bytes_per_chip, row.hbm_bytes_per_chip)

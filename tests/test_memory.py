@@ -8,7 +8,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from flowrl_jax.memory import GiB, check_fits, estimate, z_param_count
+from flowrl_jax import memory as m
+from flowrl_jax.memory import GiB, check_fits, estimate, paged_pool_bytes, z_param_count
 from flowrl_jax.models.arch import param_count
 from flowrl_jax.models.qwen2 import build_model
 
@@ -62,7 +63,8 @@ def test_tiny_model_fits():
 def test_multi_host_sampler_copy_and_cache_on_one_host():
     """Multi-host: each host samples its share of the requests with its own copy of the
     policy, its KV cache sharded over that host's chips only (not the whole slice)."""
-    cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000"])
+    cfg = load_config(None, ["model.preset=qwen2.5-32b", "trainer.device_memory_gb=1000",
+                             "rollout.kv_cache=dense"])
     shape = {"data": 1, "fsdp": 32, "tensor": 1}
     single = estimate(cfg, cfg.model.arch, shape)
     pod = estimate(cfg, cfg.model.arch, shape, sampler_local_devices=4)
@@ -80,7 +82,7 @@ def test_multi_host_sampler_copy_and_cache_on_one_host():
 def test_program_peaks():
     """Each `flowrl-jax check` program maps to its phase's peak; the train step's
     activations grow with the micro-batch, the sampling peak with the decode slots."""
-    base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16"]
+    base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16", "rollout.kv_cache=dense"]
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8"])
     big = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=16",
@@ -122,3 +124,63 @@ def test_a_sampler_sub_mesh_holds_its_copy_and_cache_not_the_train_state():
     assert split.sampling == pytest.approx(split.sampler_params + split.kv_cache
                                            + split.decode_temps)  # no train state there
     assert split.total == max(split.train, split.logprobs, split.sampling)
+
+
+def test_paged_pool_as_the_engine_sizes_it():
+    """The paged pool per chip: `rollout.kv_cache_gib` (whole pages), else a share of the free
+    memory the chips report, else the engine's default; at most every slot's full length
+    plus the null page; replicated over the batch axes, kv heads split over `tensor`."""
+    cfg = load_config(None, ["model.preset=qwen2.5-0.5b", "model.compute_dtype=bfloat16"])
+    arch = cfg.model.arch  # 24 layers, 2 kv heads × 64: 24 × 2 × 2 × 64 × 2 B per position
+    page = 64 * 24 * 2 * 2 * 64 * 2
+    full = (256 * (10240 // 64) + 1) * page
+    assert paged_pool_bytes(cfg, arch, 256, 10240, 1, free=None) == (4 * GiB // page) * page
+    assert paged_pool_bytes(cfg, arch, 256, 10240, 1, free=1e12) == full  # capped
+    assert paged_pool_bytes(cfg, arch, 256, 10240, 2, free=10 * GiB) == \
+        int(0.8 * 10 * GiB * 2 // page) * page / 2
+    gib1 = load_config(None, ["model.preset=qwen2.5-0.5b", "model.compute_dtype=bfloat16",
+                              "rollout.kv_cache_gib=1"])
+    assert paged_pool_bytes(gib1, arch, 256, 10240, 1, free=1e12) == (GiB // page) * page
+    assert paged_pool_bytes(gib1, arch, 1, 64, 1, free=None) == 2 * page  # 1 page + null
+    # the estimate's sampling peak counts the pool per chip, whatever the batch sharding
+    shape = {"data": 1, "fsdp": 8, "tensor": 1}
+    est = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="tpu")
+    assert est.kv_cache == (GiB // page) * page
+    # on TPU decoding adds two pool copies; admitting, the float32 logits of 8 prompts of the
+    # 2,048 bucket and a pool copy
+    assert est.decode_temps == pytest.approx(m.PAGED_POOL_COPIES * est.kv_cache
+                                             + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4)
+    assert est.admit_temps == pytest.approx(8 * 2048 * 151936 * 4
+                                            + m.ADMIT_POOL_COPIES * est.kv_cache)
+    assert est.program_bytes("sampler_admit") == est.sampling > est.program_bytes("sampler_decode")
+    assert est.program_bytes("sampler_decode") == pytest.approx(
+        est.static + est.kv_cache + est.decode_temps)
+    cpu = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="cpu")
+    assert cpu.admit_temps == 0 and cpu.decode_temps < est.decode_temps
+
+
+def test_splash_attention_on_tpu_replaces_the_score_tiles():
+    """On TPU (`model.attention: auto`) the train step and log-prob pass run splash
+    attention: no [heads, T, T] score tiles, the fitted per-layer terms instead; elsewhere
+    the blocked (flash) attention's tiles are counted as before."""
+    cfg = load_config("configs/qwen2.5-0.5b-math.yaml",
+                      ["model.path=null", "model.preset=qwen2.5-0.5b",
+                       "trainer.device_memory_gb=16"])
+    arch, shape = cfg.model.arch, {"data": 1, "fsdp": 8, "tensor": 1}
+    assert m.attention_kernel(cfg, "tpu") == "splash" and m.attention_kernel(cfg, "cpu") == "flash"
+    tpu, cpu = (estimate(cfg, arch, shape, platform=p) for p in ("tpu", "cpu"))
+    h, i, L, seq = 896, 4864, 24, 2048 + 8192
+    rows = 8 / 8  # micro-batch 8 over 8 chips, remat on
+    layer = (param_count(arch) - 151936 * h) / L * 4  # one layer's float32 weights (tied)
+    tiles = m.attention_tiles(arch, rows, seq, 1, m.ATTN_BACKWARD_TILES)
+    assert cpu.activations - tpu.activations == pytest.approx(
+        rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
+        + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - m.SPLASH_GATHERED_LAYERS * layer)
+    lp_rows = cfg.trainer.logprob_micro_batch_size / 8
+    assert arch.resolved_head_dim == 64 < m.SPLASH_LANES  # narrow heads: the per-layer term
+    assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(
+        m.attention_tiles(arch, lp_rows, seq, 1, m.ATTN_FORWARD_TILES)
+        + lp_rows * seq * (m.MLP_KEEP * i + m.PLAIN_KEEP * h)
+        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + L * m.SPLASH_NARROW_FORWARD_KEEP)
+        - m.SPLASH_FORWARD_GATHERED_LAYERS * layer)
+    assert i == arch.intermediate_size and L == arch.num_hidden_layers

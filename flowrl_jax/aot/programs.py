@@ -30,7 +30,9 @@ from flowrl_jax.rl.logprobs import LogProbs
 from flowrl_jax.rl.rollout_batch import ADVANTAGE_KEYS, MODEL_KEYS, UPDATE_KEYS
 from flowrl_jax.rl.train_state import TrainState, abstract_train_state, abstract_tree
 from flowrl_jax.rl.train_step import TrainStep
-from flowrl_jax.sampling.engine import MAX_STOP_IDS, SamplingEngine
+from flowrl_jax.models.paged_decode import POOL_AXES, pool_shape
+from flowrl_jax.sampling.engine import KV_FREE_FRACTION, MAX_STOP_IDS, SamplingEngine
+from flowrl_jax.sampling.kv_budget import pool_pages
 from flowrl_jax.sampling.kernels import bucket, pow2
 from flowrl_jax.sampling.params import SamplingParams, SamplingSpec
 from flowrl_jax.sampling.random import key_width
@@ -111,8 +113,10 @@ def sampler_mesh(mesh: Mesh) -> Mesh:
 
 
 def step_programs(cfg: Config, arch: ModelArch, mesh: Mesh,
-                  only: Optional[set[str]] = None) -> list[Program]:
-    """The programs one RL step of `cfg` runs on `mesh` (all of `PROGRAMS`, or those in `only`)."""
+                  only: Optional[set[str]] = None,
+                  hbm_bytes: Optional[int] = None) -> list[Program]:
+    """The programs one RL step of `cfg` runs on `mesh` (all of `PROGRAMS`, or those in `only`).
+    `hbm_bytes`: a chip's HBM, from which the paged engine sizes its pool as on the chips."""
     algo = get_algorithm(cfg.algo.name)
     uses_ref = bool(algo.uses_ref(cfg.algo))
     state: TrainState = abstract_train_state(cfg, arch, mesh)
@@ -156,12 +160,13 @@ def step_programs(cfg: Config, arch: ModelArch, mesh: Mesh,
 
     if any(want(n) for n in PROGRAMS if n.startswith("sampler_")):
         programs += sampler_programs(cfg, arch, mesh, want, hosts,
-                                     state_bytes + ref_bytes - (policy_bytes if hosts == 1 else 0))
+                                     state_bytes + ref_bytes - (policy_bytes if hosts == 1 else 0),
+                                     hbm_bytes)
     return programs
 
 
 def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[str], bool],
-                     hosts: int, resident: int) -> list[Program]:
+                     hosts: int, resident: int, hbm_bytes: Optional[int] = None) -> list[Program]:
     """The sampler's prefill, insert, admit (prefill + insert, the one the engine runs) and
     decode-chunk programs on one host's mesh, for the slots and cache length the engine
     picks for this config's rollout."""
@@ -174,7 +179,19 @@ def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[s
     slots = engine.num_slots(max(1, requests))
     length = engine.cache_length(cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
     if engine.kv_cache == "paged":  # the pool the engine would size for this call
-        st = kernels.abstract_state(slots, length, engine.pool_pages(slots, length))
+        pages = engine.pool_pages(slots, length)
+        if hbm_bytes is not None and cfg.rollout.kv_cache_gib is None:
+            # on the chips the engine takes a share of the memory left free beside the train
+            # state and its weights (the abstract devices report none: it would take 4 GiB)
+            free = hbm_bytes - resident - bytes_per_chip(params)
+            full = slots * kernels.pages_per_slot(length) + 1
+            shape = pool_shape(arch, full, engine.page_size)
+            shards = math.prod(shape) // math.prod(
+                named_sharding(smesh, POOL_AXES, shape).shard_shape(shape))
+            budget = int(KV_FREE_FRACTION * max(0, free) * shards)
+            pages = max(2, min(full, pool_pages(budget, arch, engine.cache_dtype,
+                                                engine.page_size)))
+        st = kernels.abstract_state(slots, length, pages)
     else:
         st = kernels.abstract_state(slots, length)
     rep = replicated(smesh)

@@ -158,8 +158,11 @@ def run_check(cfg: Config, arch: ModelArch, sl: Slice, *, only: Optional[set[str
     local = sum(1 for d in mesh.devices.flat if d.process_index == hosts[0])
     est = estimate(cfg, arch, dict(mesh.shape), budget=(capacity, sl.name),
                    uses_ref=bool(get_algorithm(cfg.algo.name).uses_ref(cfg.algo)),
-                   sampler_local_devices=local if len(hosts) > 1 else None)
-    programs = step_programs(cfg, arch, mesh, only)
+                   sampler_local_devices=local if len(hosts) > 1 else None,
+                   # the programs run on TPU, whose chips report their free memory: the
+                   # paged pool is sized from it (programs.py compiles that pool too)
+                   platform="tpu", devices_report_memory=True)
+    programs = step_programs(cfg, arch, mesh, only, hbm_bytes=capacity)
     if not as_json:
         print(f"{sl.name}: {sl.chips} chips on {len(hosts)} host(s), mesh "
               f"{dict(mesh.shape)}, {capacity / GiB:.2f} GiB HBM per chip; "
