@@ -32,7 +32,7 @@ from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.results import Rollout
 from flowrl_jax.sampling.rollout_server import arch_differences
 from flowrl_jax.sampling.rollout_wire import (GENERATE, INFO, LOAD_WEIGHTS, MAX_MESSAGE_BYTES,
-                                              method, pack, unpack)
+                                              method, pack, settings_fields, unpack)
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,8 @@ class RemoteRollouts:
             raise SamplingError("rollout servers: no weights pushed yet (load_weights first)")
         sampling.validate()
         prompts = self.core.checked_prompts(prompts)
-        stops = [int(t) for t in self.core.stop_ids_for(sampling) if t >= 0]
-        settings = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                    "top_k": sampling.top_k, "min_p": sampling.min_p,
-                    "max_new_tokens": sampling.max_new_tokens, "n": sampling.n,
-                    "seed": sampling.seed, "stop_token_ids": stops}
+        settings = settings_fields(sampling, [t for t in self.core.stop_ids_for(sampling)
+                                              if t >= 0])
         n, rows = sampling.n, len(prompts) * sampling.n
         out = Rollout(np.repeat(np.arange(len(prompts), dtype=np.int32), n),
                       np.tile(np.arange(n, dtype=np.int32), len(prompts)),

@@ -32,9 +32,9 @@ import numpy as np
 from flowrl_jax.config import ModelArch
 from flowrl_jax.errors import FlowRLError
 from flowrl_jax.sampling.completions import CompletionService
-from flowrl_jax.sampling.params import SamplingError, SamplingParams
-from flowrl_jax.sampling.rollout_wire import GENERATE, INFO, LOAD_WEIGHTS, SERVICE, pack, unpack
-
+from flowrl_jax.sampling.params import SamplingError
+from flowrl_jax.sampling.rollout_wire import (GENERATE, INFO, LOAD_WEIGHTS, SERVICE, pack,
+                                              sampling_of, unpack)
 
 
 class StaleWeights(SamplingError):
@@ -90,12 +90,7 @@ class RolloutService:
         try:
             flat, lengths = arrays["prompt_tokens"], arrays["prompt_lengths"]
             index = arrays["prompt_index"]
-            s = fields["settings"]
-            sp = SamplingParams(temperature=float(s["temperature"]), top_p=float(s["top_p"]),
-                                top_k=int(s["top_k"]), min_p=float(s["min_p"]),
-                                max_new_tokens=int(s["max_new_tokens"]), n=int(s["n"]),
-                                seed=int(s["seed"]), ignore_eos=True,  # the client's stops only
-                                stop_token_ids=tuple(int(t) for t in s["stop_token_ids"]))
+            sp = sampling_of(fields["settings"])
             expect = fields.get("expect")
         except (KeyError, TypeError, ValueError) as e:
             raise SamplingError(f"malformed rollout request ({type(e).__name__}: {e})") from e

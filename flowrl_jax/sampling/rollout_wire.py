@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from flowrl_jax.sampling.params import SamplingParams
 
 SERVICE = "flowrl.Rollouts"
 INFO, GENERATE, LOAD_WEIGHTS = "Info", "Generate", "LoadWeights"
@@ -47,3 +49,22 @@ def unpack(message: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not isinstance(fields, dict):
         raise ValueError("not a rollout message (fields are not a JSON object)")
     return fields, arrays
+
+
+def settings_fields(sampling: SamplingParams, stop_ids: Sequence[int]) -> dict[str, Any]:
+    """A Generate request's sampling settings, with the client's explicit stop ids."""
+    return {"temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "min_p": sampling.min_p,
+            "max_new_tokens": sampling.max_new_tokens, "n": sampling.n,
+            "seed": sampling.seed, "stop_token_ids": [int(t) for t in stop_ids]}
+
+
+def sampling_of(settings: Mapping[str, Any]) -> SamplingParams:
+    """The SamplingParams of `settings_fields`' dict: the client's stop ids only (the server's
+    own EOS set adds none); KeyError/TypeError/ValueError when malformed."""
+    return SamplingParams(temperature=float(settings["temperature"]),
+                          top_p=float(settings["top_p"]), top_k=int(settings["top_k"]),
+                          min_p=float(settings["min_p"]),
+                          max_new_tokens=int(settings["max_new_tokens"]), n=int(settings["n"]),
+                          seed=int(settings["seed"]), ignore_eos=True,
+                          stop_token_ids=tuple(int(t) for t in settings["stop_token_ids"]))
