@@ -146,8 +146,9 @@ def test_kernel_per_device_under_a_mesh():
 
 def test_sampler_greedy_tokens_equal_with_pallas_and_xla():
     """The whole paged sampler, greedy, G = 2, mixed prompt lengths (pages of 8, prompts of 1
-    to 2 pages and a partial one): the GPU kernel interpreted gives the XLA path's tokens and
-    lengths, log-probs to float rounding."""
+    to 2 pages and a partial one): the GPU kernel interpreted, per device on a 2 (data) × 2
+    (tensor) mesh, gives the single-device XLA path's tokens and lengths, log-probs to float
+    rounding."""
     arch = tiny_arch(128)
     model = tiny_model(arch, seed=0)
     rng = np.random.default_rng(1)
@@ -155,14 +156,39 @@ def test_sampler_greedy_tokens_equal_with_pallas_and_xla():
     sp = SamplingParams(n=2, max_new_tokens=12, temperature=0.0, seed=1)
     kw = dict(decode_slots=8, decode_chunk=6, prefill_buckets=(32,), verbose=False,
               kv_cache="paged", page_size=8)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
     xla = SamplingEngine(model, paged_attention="xla", **kw)
-    pallas = SamplingEngine(model, paged_attention="pallas", **kw)
+    pallas = SamplingEngine(model, mesh=mesh, paged_attention="pallas", **kw)
     assert pallas.kernels.attention == "pallas" and xla.kernels.attention == "xla"
     assert SamplingEngine(model, **kw).kernels.attention == "xla"  # auto on CPU
-    ref, got = xla.generate(model, prompts, sp), pallas.generate(model, prompts, sp)
+    st = pallas.init_state(8, 48)  # the kernels' layout [kv_heads, pages, page, head_dim]
+    assert st.pool[0].k.shape == (2, 8 * 6 + 1, 8, 16)
+    assert st.pool[0].k.sharding.spec[0] == "tensor"
+    ref = xla.generate(model, prompts, sp)
+    got = pallas.generate(pallas.params_of(model), prompts, sp)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_array_equal(got.lengths, ref.lengths)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+
+
+def test_gpu_kernel_lowers_for_cuda():
+    """The GPU kernel lowered (not run) for CUDA on this CPU host at Qwen2.5-0.5B's attention
+    shape (7 query heads per kv head, head_dim 64, pages of 64, a table of 10 pages): one
+    Triton call. A page size that is not a power of two fails there, as `unsupported` says."""
+    def lower(page_size):
+        def f(q, k, v, t, n):
+            return paged_pallas.paged_attention(q, paged_pallas.KernelPagedCache(k, v), t, n,
+                                                kernel="gpu", interpret=False)
+        sds = jax.ShapeDtypeStruct
+        pool = sds((2, 41, page_size, 64), jnp.bfloat16)
+        return jax.jit(f).trace(sds((4, 2, 7, 64), jnp.bfloat16), pool, pool,
+                                sds((4, 10), jnp.int32), sds((4,), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    assert lower(64).count("__gpu$xla.gpu.triton") == 1
+    assert paged_pallas.unsupported("gpu", 64, 48) is not None
+    with pytest.raises(ValueError, match="power of 2"):
+        lower(48)
 
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason=NO_LIBTPU)
