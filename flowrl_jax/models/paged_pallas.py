@@ -114,12 +114,24 @@ def empty_kernel_pool(arch: ModelArch, num_pages: int, page_size: int,
             for _ in range(arch.num_hidden_layers)]
 
 
+def _heads(pool: KernelPagedCache) -> Array:
+    """[kv_heads, 1] head indices. Writes index the heads explicitly so that each scatter
+    window is the trailing dims alone (a head_dim row, or a whole [page_size, head_dim] page):
+    with `pool[:, pages]` the TPU compiler lays the pool out heads-minor for the scatter and
+    copies all of it back to the kernel's row-major layout at every decode step."""
+    return jnp.arange(pool.k.shape[0], dtype=jnp.int32)[:, None]
+
+
 def write_token(pool: KernelPagedCache, k: Array, v: Array, page: Array,
                 col: Array) -> KernelPagedCache:
     """The pool with keys k and values v [B, kv_heads, head_dim] written at position `col` [B]
     of page `page` [B] (in place when donated; idle rows aim at the null page)."""
-    return KernelPagedCache(pool.k.at[:, page, col].set(k.transpose(1, 0, 2).astype(pool.k.dtype)),
-                            pool.v.at[:, page, col].set(v.transpose(1, 0, 2).astype(pool.v.dtype)))
+    h, page, col = _heads(pool), page[None, :], col[None, :]
+
+    def put(a: Array, x: Array) -> Array:
+        return a.at[h, page, col].set(x.transpose(1, 0, 2).astype(a.dtype))
+
+    return KernelPagedCache(put(pool.k, k), put(pool.v, v))
 
 
 def write_pages(pool: KernelPagedCache, dest: Array, k_pages: Array,
@@ -127,8 +139,10 @@ def write_pages(pool: KernelPagedCache, dest: Array, k_pages: Array,
     """The pool with whole pages written: k_pages, v_pages [N, kv_heads, head_dim, page_size]
     (the XLA layout's pages, as the prefill's rows cut) into pool pages `dest` [N]
     (out-of-range entries dropped)."""
+    h, dest = _heads(pool), dest[None, :]
+
     def put(a: Array, x: Array) -> Array:
-        return a.at[:, dest].set(x.transpose(1, 0, 3, 2).astype(a.dtype), mode="drop")
+        return a.at[h, dest].set(x.transpose(1, 0, 3, 2).astype(a.dtype), mode="drop")
 
     return KernelPagedCache(put(pool.k, k_pages), put(pool.v, v_pages))
 
