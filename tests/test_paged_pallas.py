@@ -7,6 +7,7 @@ the sampler's decode chunk compiled ahead of time for a TPU slice holding the TP
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,9 +118,12 @@ def test_gpu_kernel_interpreted_matches_float64_and_the_xla_path():
     np.testing.assert_allclose(got, np.asarray(xla), atol=2e-6, rtol=1e-5)
 
 
-def test_tpu_kernel_interpreted_matches_float64():
-    """JAX's TPU kernel (the one `auto` runs on TPU) in Pallas' TPU interpret mode; values
-    bfloat16-exact, since the kernel rounds keys and values to bfloat16."""
+@pytest.mark.parametrize("block_positions", [16, 512], ids=["2-pages-per-block", "one-block"])
+def test_tpu_kernel_interpreted_matches_float64(monkeypatch, block_positions):
+    """JAX's TPU kernel (the one `auto` runs on TPU) in Pallas' TPU interpret mode, with the
+    table read in compute blocks of 2 pages (blocks past a row's length skipped) or in one;
+    values bfloat16-exact, since the kernel rounds keys and values to bfloat16."""
+    monkeypatch.setattr(paged_pallas, "TPU_BLOCK_POSITIONS", block_positions)
     q, kp, vp = _case(bf16_values=True)
     got = _kernel_attention(q, kp, vp, kernel="tpu", interpret=True)
     np.testing.assert_allclose(got, _reference(q, kp, vp), atol=2e-6, rtol=1e-5)
@@ -193,8 +197,7 @@ def test_gpu_kernel_lowers_for_cuda():
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason=NO_LIBTPU)
 def test_decode_chunk_compiles_for_tpu_with_the_paged_kernel():
-    """The sampler's decode chunk of a small model (head_dim 64 as Qwen2.5-0.5B's, bf16, pages
-    of 16), with
+    """The sampler's decode chunk of a small model (head_dim 128, bf16, pages of 16), with
     `rollout.paged_attention: auto`, compiled ahead of time for a v5e 2×2 (data 2 × tensor
     2): auto picks the kernel there, and the HLO holds its `tpu_custom_call`."""
     cpu_runtime.quiet_tpu_compiler_environment()
@@ -206,9 +209,15 @@ def test_decode_chunk_compiles_for_tpu_with_the_paged_kernel():
         "trainer.mini_batch_size=8", "trainer.micro_batch_size=8",
         "rollout.kv_cache=paged", "rollout.page_size=16", "rollout.kv_cache_gib=0.01",
         "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2"])
-    arch = dataclasses.replace(cfg.model.arch, head_dim=128)
+    # 8 query / 4 kv heads: 2 kv heads per chip, the case where the pool's layout matters
+    arch = dataclasses.replace(cfg.model.arch, head_dim=128, num_attention_heads=8,
+                               num_key_value_heads=4)
     mesh = make_mesh(cfg.mesh, slice_devices(get_slice("v5e-4")), whole_slice=True)
     (prog,) = sampler_programs(cfg, arch, mesh, lambda n: n == "sampler_decode", 1, 0)
     with jax.default_matmul_precision("default"):
         text = prog.lower().compile().as_text()
     assert text.count('custom_call_target="tpu_custom_call"') >= arch.num_hidden_layers
+    # the pool (per chip: 2 kv heads × pages × 16 × 128) stays in the kernel's layout: never
+    # copied whole (the pool[:, pages] scatter form made the compiler copy it every step)
+    pool = r"bf16\[2,\d+,16,128\]"
+    assert re.search(pool, text) and not re.search(pool + r"\{[^}]*\} copy\(", text)
