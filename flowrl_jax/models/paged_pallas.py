@@ -20,7 +20,9 @@ Constraints found in the kernels' source and by compiling (JAX 0.10, libtpu 0.0.
 head_dim a multiple of 128 (the kernel's m/l outputs reuse q's block spec, whose last dim
 must then divide by 128: Qwen2.5-0.5B's 64 is refused, 1.5B/7B/32B's 128 compile); pages per
 sequence a multiple of pages_per_compute_block; keys and values are rounded to bfloat16
-inside the kernel (float32 pools lose precision there); megacore modes left off (they may
+inside the kernel (float32 pools lose precision there), so Mosaic refuses the kernel under
+`jax_default_matmul_precision` highest (a ConfigError says so, as splash attention's does);
+megacore modes left off (they may
 hang on chips without two cores). GPU (Triton): every load's size a power of two (page_size,
 head_dim, pages_per_compute_block); pages per sequence a multiple of k_splits; query heads
 per kv head padded to 16. "auto" falls back to xla where a kernel does not fit; "pallas"
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from flowrl_jax.config import ModelArch
+from flowrl_jax.errors import ConfigError
 from flowrl_jax.mesh import current_mesh, current_platform, logical_to_spec
 
 Array = jax.Array
@@ -195,6 +198,13 @@ def paged_attention(q: Array, pool: KernelPagedCache, table: Array, lengths: Arr
         kernel, default_interpret = kernel_for(current_platform())
         interpret = default_interpret if interpret is None else interpret
     interpret = bool(interpret)
+    precision = str(jax.config.jax_default_matmul_precision or "").lower()
+    if kernel == "tpu" and not interpret and precision in ("highest", "float32"):
+        # the kernel multiplies float32 queries by bfloat16 keys: Mosaic rejects fp32-pass
+        # products of those ("Bad rhs type")
+        raise ConfigError(f"rollout.paged_attention pallas: the TPU kernel needs the default "
+                          f"matmul precision, not jax_default_matmul_precision={precision!r}; "
+                          f"unset it or set rollout.paged_attention=xla")
     # neither kernel scales the scores; q in the pool's dtype, as the XLA path's products
     qs = (q.astype(jnp.float32) * d ** -0.5).astype(pool.k.dtype).reshape(b, kh * g, d)
     table = table.astype(jnp.int32)
