@@ -103,7 +103,8 @@ def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page
     pools, "pallas" over `paged_pallas.KernelPagedCache` pools.
     """
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"paged_decode_forward: unknown impl {impl!r}; use one of {ATTENTION_IMPLS}")
+        raise ValueError(f"paged_decode_forward: unknown impl {impl!r}; "
+                         f"use one of {ATTENTION_IMPLS}")
     col = pos % pools[0].page_size
     s = table.shape[1] * pools[0].page_size
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
