@@ -21,7 +21,8 @@ from flowrl_jax.config import ConfigError, MeshConfig, RolloutConfig, load_confi
 from flowrl_jax.mesh import compute_platform, make_mesh
 from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.paged_decode import PagedCache, paged_attention as xla_paged_attention
-from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+from flowrl_jax.models.qwen2 import Numerics, abstract_model
+from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
 from flowrl_jax.testing import tiny_arch, tiny_model
 
 HAVE_LIBTPU, NO_LIBTPU = libtpu_available()
@@ -225,3 +226,8 @@ def test_decode_chunk_compiles_for_tpu_with_the_paged_kernel():
     # copied whole (the pool[:, pages] scatter form made the compiler copy it every step)
     pool = r"bf16\[2,\d+,16,128\]"
     assert re.search(pool, text) and not re.search(pool + r"\{[^}]*\} copy\(", text)
+    # the tiny model's head_dim 16 does not fit the TPU kernel: auto keeps xla, pallas says why
+    model = abstract_model(cfg.model.arch, Numerics.from_config(cfg.model))
+    assert SamplingEngine(model, mesh=mesh, verbose=False).kernels.attention == "xla"
+    with pytest.raises(SamplingError, match="head_dim a multiple of 128, got 16"):
+        SamplingEngine(model, mesh=mesh, paged_attention="pallas", verbose=False)
