@@ -320,7 +320,9 @@ class RolloutConfig:
     kv_cache: Literal["paged", "dense"] = "paged"
     page_size: int = 64
     kv_cache_gib: Optional[float] = None  # pool budget; None: 80 % of free device memory (CPU: 4)
-    paged_attention: Literal["auto", "xla"] = "auto"  # auto: xla on every platform for now
+    # paged decode attention: "pallas" = JAX's Pallas paged-attention kernels (TPU / GPU; Pallas
+    # interpret mode elsewhere: tests), "xla" = page gather + XLA attention; auto: pallas on TPU/GPU
+    paged_attention: Literal["auto", "xla", "pallas"] = "auto"
     # The sampler's own devices: a count (4) or a fraction (0.5) of the mesh's devices, the
     # first ones; the trainer gets the rest. None: both roles time-share all devices.
     devices: Optional[Union[int, float]] = None
@@ -346,8 +348,8 @@ class RolloutConfig:
         _check(self.page_size > 0, f"{key}.page_size", "must be > 0")
         _check(self.kv_cache_gib is None or self.kv_cache_gib > 0, f"{key}.kv_cache_gib",
                "must be > 0 (or null: a share of free device memory)")
-        _check(self.paged_attention in ("auto", "xla"), f"{key}.paged_attention",
-               "must be auto or xla")
+        _check(self.paged_attention in ("auto", "xla", "pallas"), f"{key}.paged_attention",
+               "must be auto, xla or pallas")
         d = self.devices
         _check(d is None or (isinstance(d, int) and d >= 1) or (isinstance(d, float) and 0 < d < 1),
                f"{key}.devices", f"must be a device count >= 1 or a fraction in (0, 1), got {d!r}")

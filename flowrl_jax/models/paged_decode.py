@@ -9,7 +9,8 @@ Gathering a sample's pages in table order gives exactly its dense cache row
 paged step computes the same numbers as `decode_forward` (bit for bit when both attend over
 the same length), and entries past a sample's position are masked whatever page they read.
 
-`paged_attention` is the one place a paged-attention kernel would plug in (`ATTENTION_IMPLS`).
+`paged_decode_forward(impl=)` picks the attention: "xla" (this layout, every platform) or
+"pallas" (JAX's Pallas kernels over their own pool layout, models/paged_pallas.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flowrl_jax.config import ModelArch
+from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import DecodeMatrices, decode_attention, decode_layers
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 
@@ -28,11 +30,10 @@ Array = jax.Array
 #: logical axes of a page pool's keys and values: pages replicated, heads over `tensor`
 POOL_AXES = (None, "kv_heads", "head_dim", None)
 
-#: implementations of `paged_attention`: "xla" gathers the pages and runs the dense decode
-#: attention (every platform). A Pallas kernel goes here as another name; JAX's TPU
-#: paged_attention wants pages [kv_heads, pages, page_size, head_dim] (position-major), not
-#: this position-minor layout, so it needs a pool layout of its own.
-ATTENTION_IMPLS = ("xla",)
+#: implementations of `paged_decode_forward`: "xla" gathers this layout's pages and runs the
+#: dense decode attention (every platform); "pallas" runs JAX's paged-attention kernels over
+#: the kernel layout (models/paged_pallas.py: KernelPagedCache pools)
+ATTENTION_IMPLS = ("xla", "pallas")
 
 
 class PagedCache(NamedTuple):
@@ -77,7 +78,8 @@ def paged_attention(q: Array, pool: PagedCache, table: Array, visible: Array, pr
     """One query token's attention over each sample's pages: q [B, K, G, D], page tables
     `table` [B, T], visible [B, 1, 1, T × page_size] → [B, K, G, D] float32."""
     if impl != "xla":
-        raise ValueError(f"paged_attention: unknown impl {impl!r}; use one of {ATTENTION_IMPLS}")
+        raise ValueError(f"paged_attention: unknown impl {impl!r}; use 'xla' (the kernels: "
+                         f"paged_pallas.paged_attention)")
     return decode_attention(q, gather_rows(pool.k, table), gather_rows(pool.v, table), visible,
                             products)
 
@@ -90,20 +92,27 @@ def write_token(pool: PagedCache, k: Array, v: Array, page: Array, col: Array) -
 
 
 def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page: Array,
-                         pools: list[PagedCache], table: Array, rope: tuple[Array, Array],
+                         pools: list[Any], table: Array, rope: tuple[Array, Array],
                          mats: Optional[DecodeMatrices], products: str,
-                         impl: str = "xla") -> tuple[Array, list[PagedCache]]:
+                         impl: str = "xla") -> tuple[Array, list[Any]]:
     """One decode step: logits [B, V] of `token` [B] at position `pos` [B], and the pools with
     this token's keys and values written at column pos % page_size of page `page` [B].
 
     `decode_forward` (models/decode.py) with the cache row read through the page table
-    `table` [B, T]; `rope`, `mats` and `products` as there.
+    `table` [B, T]; `rope`, `mats` and `products` as there. `impl` "xla" over `PagedCache`
+    pools, "pallas" over `paged_pallas.KernelPagedCache` pools.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"paged_decode_forward: unknown impl {impl!r}; "
+                         f"use one of {ATTENTION_IMPLS}")
     col = pos % pools[0].page_size
     s = table.shape[1] * pools[0].page_size
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
 
-    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, PagedCache]:
+    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
+        if impl == "pallas":
+            pool = paged_pallas.write_token(pools[i], k, v, page, col)
+            return paged_pallas.paged_attention(q, pool, table, pos + 1), pool
         pool = write_token(pools[i], k, v, page, col)
         return paged_attention(q, pool, table, visible, products, impl), pool
 

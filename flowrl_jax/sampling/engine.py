@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import named_sharding, state_shardings
+from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import CACHE_AXES, cache_bytes
 from flowrl_jax.models.paged_decode import POOL_AXES, pool_shape
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
@@ -77,8 +78,9 @@ class _RolloutBuffers:
 
 #: KV cache forms (rollout.kv_cache): "paged" (the default), "dense" (the tested reference)
 KV_CACHES = ("paged", "dense")
-#: paged decode attention implementations (rollout.paged_attention); auto = xla everywhere
-PAGED_ATTENTION = ("auto", "xla")
+#: paged decode attention implementations (rollout.paged_attention); auto = the Pallas
+#: kernels on TPU and GPU, xla elsewhere (models/paged_pallas.py)
+PAGED_ATTENTION = paged_pallas.PAGED_ATTENTION
 #: without rollout.kv_cache_gib the page pool takes this share of the device's free memory...
 KV_FREE_FRACTION = 0.8
 #: ...or, on a backend that reports no free memory (CPU), this many bytes
@@ -137,8 +139,14 @@ class SamplingEngine:
         self.kv_cache_gib = kv_cache_gib
         self.kernels: Union[Kernels, PagedKernels]
         if kv_cache == "paged":
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            try:
+                attention = paged_pallas.resolve(paged_attention, platform,
+                                                 self.arch.resolved_head_dim, self.page_size)
+            except ValueError as e:  # a kernel that does not fit the model or page size
+                raise SamplingError(f"rollout.{e}") from e
             self.kernels = paged_kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype,
-                                             self.page_size, "xla")  # auto: xla everywhere
+                                             self.page_size, attention)
         else:
             self.kernels = kernels_for(self.graphdef, self.arch, mesh, self.cache_dtype)
 

@@ -10,6 +10,10 @@ grants a slot pages for a whole chunk or none, so a slot that runs, runs every s
 chunk until it finishes (what `cpu_fast_paths.chunk_noise` relies on), and one that waits
 keeps its place. Idle and waiting slots write into the null page (pages.NULL_PAGE).
 
+The pool's layout follows `attention`: "xla" keeps paged_decode.py's positions-minor pages,
+"pallas" the kernels' [kv_heads, pages, page_size, head_dim] (models/paged_pallas.py); only
+the pool's shape, its writes and the attention call differ.
+
 `init_state(slots, length)` without `num_pages` gives every slot its own contiguous pages
 (a dense-sized pool behind static tables; the JetStream adapter runs so): the decode path is
 the same, only the host-side allocation is missing.
@@ -26,9 +30,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, named_sharding
+from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
+from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import DecodeCache, rope_table
-from flowrl_jax.models.paged_decode import (POOL_AXES, PagedCache, empty_pool,
+from flowrl_jax.models.paged_decode import (ATTENTION_IMPLS, POOL_AXES, PagedCache, empty_pool,
                                             paged_decode_forward, pool_shape)
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling import cpu_fast_paths
@@ -49,7 +54,7 @@ NO_LIMIT = np.iinfo(np.int32).max
 class PagedState(NamedTuple):
     """Everything the paged decode loop carries; per-slot fields as in kernels.DecodeState."""
 
-    pool: list[PagedCache]  # per layer
+    pool: list[Any]  # per layer: PagedCache ("xla") or paged_pallas.KernelPagedCache
     page_table: Array  # [slots, pages per slot] int32 pool pages, NULL_PAGE where unused
     limit: Array  # [slots] int32 a slot steps while pos < limit
     token: Array  # [slots] int32 token fed at the next step
@@ -63,12 +68,15 @@ class PagedState(NamedTuple):
 class PagedKernels(KernelsBase):
     """The paged device functions for one (model graph, mesh, cache dtype, page size); shared
     per key (`paged_kernels_for`) like `Kernels`. The prefill and admission are the dense
-    kernels' (`KernelsBase`): the prefill's dense rows are cut into pages by `insert`."""
+    kernels' (`KernelsBase`): the prefill's dense rows are cut into pages by `insert`.
+    `attention`: "xla" or "pallas" (resolved: paged_pallas.resolve), which fixes the layout."""
 
     def __init__(self, graphdef: Any, arch: ModelArch, mesh: Optional[Mesh], cache_dtype: Any,
                  page_size: int, attention: str = "xla"):
         if page_size <= 0:
             raise ValueError(f"page_size must be > 0, got {page_size}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.page_size = int(page_size)
         self.attention = attention
         super().__init__(graphdef, arch, mesh, cache_dtype)
@@ -83,12 +91,20 @@ class PagedKernels(KernelsBase):
         """NamedShardings of a paged state (None without a mesh)."""
         if self.mesh is None:
             return None
-        ps = named_sharding(self.mesh, POOL_AXES, pool_shape(self.arch, num_pages, self.page_size))
+        ps = named_sharding(self.mesh, *self._pool_layout(num_pages))
         b1 = batch_sharding(self.mesh, 1, (slots,))
         tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
-        return PagedState([PagedCache(ps, ps) for _ in range(self.arch.num_hidden_layers)],
+        cache = paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
+        return PagedState([cache(ps, ps) for _ in range(self.arch.num_hidden_layers)],
                           tab, b1, b1, b1, b1, b1, b1, b2)
+
+    def _pool_layout(self, num_pages: int) -> tuple[tuple, tuple[int, ...]]:
+        """(logical axes, shape) of one layer's pool array in this attention's layout."""
+        if self.attention == "pallas":
+            return (paged_pallas.KERNEL_POOL_AXES,
+                    paged_pallas.kernel_pool_shape(self.arch, num_pages, self.page_size))
+        return POOL_AXES, pool_shape(self.arch, num_pages, self.page_size)
 
     def _dims(self, st: PagedState) -> tuple[int, int, int]:
         return st.token.shape[0], st.page_table.shape[1] * self.page_size, st.pool[0].num_pages
@@ -134,7 +150,8 @@ class PagedKernels(KernelsBase):
     def _empty_state(self, slots: int, length: int, num_pages: Optional[int]) -> PagedState:
         width = self.pages_per_slot(length)
         n = self._pool_pages(slots, length, num_pages)
-        pool = empty_pool(self.arch, n, self.page_size, self.cache_dtype)
+        make = paged_pallas.empty_kernel_pool if self.attention == "pallas" else empty_pool
+        pool = make(self.arch, n, self.page_size, self.cache_dtype)
         zi = jnp.zeros((slots,), jnp.int32)
         if num_pages is None:  # static: slot s owns pages 1 + s·width ... (s + 1)·width
             table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width)
@@ -171,6 +188,9 @@ class PagedKernels(KernelsBase):
                 b, k, d, _ = a.shape
                 a = a.reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)[src]
                 return a.reshape(-1, k, d, p_size)
+            if self.attention == "pallas":
+                pool.append(paged_pallas.write_pages(c, dest, pages(pc.k), pages(pc.v)))
+                continue
             pool.append(PagedCache(c.k.at[dest].set(pages(pc.k).astype(c.k.dtype), mode="drop"),
                                    c.v.at[dest].set(pages(pc.v).astype(c.v.dtype), mode="drop")))
 
@@ -232,7 +252,8 @@ class PagedKernels(KernelsBase):
                                 None if noise is None else noise[i])
             return i + 1, s, ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
 
-        _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
+        with compute_platform(self.mesh):  # the attention kernel for the mesh's devices
+            _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
         return st, outs
 
 
