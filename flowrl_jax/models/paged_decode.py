@@ -10,11 +10,18 @@ paged step computes the same numbers as `decode_forward` (bit for bit when both 
 the same length), and entries past a sample's position are masked whatever page they read.
 
 `paged_attention` is the one place a paged-attention kernel would plug in (`ATTENTION_IMPLS`).
+
+Sharding. On a mesh the pool's pages axis is split over the same mesh axes as the decode
+slots, in blocks: shard i holds pages [i·n, (i+1)·n) of the global pool and the slots of
+block i, and their page tables hold shard-LOCAL page numbers (each shard has its own null
+page, local 0). `paged_decode_forward` then runs each layer's write and gather inside
+`per_shard` (a `jax.shard_map` over the slot axes, sampling/paged_kernels.py), so no chip
+ever reads another chip's pages; with one shard `per_shard` is the identity.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +32,10 @@ from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 
 Array = jax.Array
 
-#: logical axes of a page pool's keys and values: pages replicated, heads over `tensor`
-POOL_AXES = (None, "kv_heads", "head_dim", None)
+#: logical axes of a page pool's keys and values: pages split over the slot (`batch`) axes,
+#: one block of pages per slot shard (the kernels take the exact axes from the slots'
+#: sharding), heads over `tensor`
+POOL_AXES = ("batch", "kv_heads", "head_dim", None)
 
 #: implementations of `paged_attention`: "xla" gathers the pages and runs the dense decode
 #: attention (every platform). A Pallas kernel goes here as another name; JAX's TPU
@@ -89,22 +98,36 @@ def write_token(pool: PagedCache, k: Array, v: Array, page: Array, col: Array) -
                       pool.v.at[page, :, :, col].set(v.astype(pool.v.dtype)))
 
 
+#: wraps a per-shard layer function (pool, q, k, v, page, col, table, visible) →
+#: (attention, pool) so that it runs on each shard's slots and pages
+PerShard = Callable[[Callable[..., tuple[Array, PagedCache]]], Callable[..., tuple[Array, PagedCache]]]
+
+
 def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page: Array,
                          pools: list[PagedCache], table: Array, rope: tuple[Array, Array],
                          mats: Optional[DecodeMatrices], products: str,
-                         impl: str = "xla") -> tuple[Array, list[PagedCache]]:
+                         impl: str = "xla", per_shard: Optional[PerShard] = None
+                         ) -> tuple[Array, list[PagedCache]]:
     """One decode step: logits [B, V] of `token` [B] at position `pos` [B], and the pools with
     this token's keys and values written at column pos % page_size of page `page` [B].
 
     `decode_forward` (models/decode.py) with the cache row read through the page table
-    `table` [B, T]; `rope`, `mats` and `products` as there.
+    `table` [B, T]; `rope`, `mats` and `products` as there. `per_shard` (None: one shard)
+    maps each layer's write + page gather over the slot shards of a sharded pool (`page`
+    and `table` then hold shard-local page numbers).
     """
     col = pos % pools[0].page_size
     s = table.shape[1] * pools[0].page_size
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
 
-    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, PagedCache]:
-        pool = write_token(pools[i], k, v, page, col)
+    def layer(pool: PagedCache, q: Array, k: Array, v: Array, page: Array, col: Array,
+              table: Array, visible: Array) -> tuple[Array, PagedCache]:
+        pool = write_token(pool, k, v, page, col)
         return paged_attention(q, pool, table, visible, products, impl), pool
+
+    run = layer if per_shard is None else per_shard(layer)
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, PagedCache]:
+        return run(pools[i], q, k, v, page, col, table, visible)
 
     return decode_layers(model, token, pos, rope, mats, attend)

@@ -13,6 +13,12 @@ keeps its place. Idle and waiting slots write into the null page (pages.NULL_PAG
 `init_state(slots, length)` without `num_pages` gives every slot its own contiguous pages
 (a dense-sized pool behind static tables; the JetStream adapter runs so): the decode path is
 the same, only the host-side allocation is missing.
+
+On a mesh the pool is split into one block of pages per slot shard (`shards`): slot s
+belongs to shard s // (slots / shards), gets pages of its shard only, and its table holds
+shard-local page numbers; decode writes and gathers run per shard (`jax.shard_map` over the
+slot axes), and `insert` scatters each shard's pages on that shard. The pool's size is the
+total over shards (`num_pages` = shards × pages per shard).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, named_sharding
+from flowrl_jax.mesh import batch_sharding, logical_to_spec
 from flowrl_jax.models.decode import DecodeCache, rope_table
 from flowrl_jax.models.paged_decode import (POOL_AXES, PagedCache, empty_pool,
                                             paged_decode_forward, pool_shape)
@@ -49,8 +55,8 @@ NO_LIMIT = np.iinfo(np.int32).max
 class PagedState(NamedTuple):
     """Everything the paged decode loop carries; per-slot fields as in kernels.DecodeState."""
 
-    pool: list[PagedCache]  # per layer
-    page_table: Array  # [slots, pages per slot] int32 pool pages, NULL_PAGE where unused
+    pool: list[PagedCache]  # per layer; pages in one block per slot shard
+    page_table: Array  # [slots, pages per slot] int32 shard-local pages, NULL_PAGE where unused
     limit: Array  # [slots] int32 a slot steps while pos < limit
     token: Array  # [slots] int32 token fed at the next step
     pos: Array  # [slots] int32 its position
@@ -79,11 +85,74 @@ class PagedKernels(KernelsBase):
 
     # ----------------------------------------------------------------- shardings
 
+    def slot_axes(self, slots: int) -> tuple[str, ...]:
+        """The mesh axes `slots` decode slots (and so the pool's pages) are split over."""
+        if self.mesh is None:
+            return ()
+        names = batch_sharding(self.mesh, 1, (slots,)).spec[0]
+        return (names,) if isinstance(names, str) else tuple(names or ())
+
+    def shards(self, slots: int) -> int:
+        """Slot shards of a state of `slots` slots: each has its own block of the pool."""
+        return int(np.prod([self.mesh.shape[a] for a in self.slot_axes(slots)], dtype=np.int64))
+
+    def pool_sharding(self, slots: int, num_pages: int) -> Optional[NamedSharding]:
+        """The pool arrays' sharding: pages over the slots' axes (POOL_AXES' `batch`, taken
+        from the slots so that the blocks line up), kv heads over `tensor`."""
+        if self.mesh is None:
+            return None
+        shape = pool_shape(self.arch, num_pages, self.page_size)
+        axes = self.slot_axes(slots)
+        rest = logical_to_spec(POOL_AXES[1:], self.mesh, shape[1:])
+        return NamedSharding(self.mesh, PartitionSpec(_spec_entry(axes), *rest))
+
+    def pool_split(self, slots: int, num_pages: int) -> int:
+        """Chips one pool array is split over (slot shards × kv-head shards)."""
+        sh = self.pool_sharding(slots, num_pages)
+        if sh is None:
+            return 1
+        shape = pool_shape(self.arch, num_pages, self.page_size)
+        return int(np.prod(shape, dtype=np.int64) // np.prod(sh.shard_shape(shape), dtype=np.int64))
+
+    def _per_shard(self, slots: int, num_pages: int) -> Optional[Any]:
+        """`paged_decode_forward`'s per_shard: the layer's write + gather mapped over the slot
+        shards (None with one shard: the plain, unmapped program)."""
+        axes = self.slot_axes(slots)
+        if self.shards(slots) == 1:
+            return None
+        a = _spec_entry(axes)
+        kv = self.pool_sharding(slots, num_pages).spec[1]
+        pool = PartitionSpec(a, kv, None, None)
+        in_specs = (PagedCache(pool, pool), PartitionSpec(a, kv, None, None),
+                    PartitionSpec(a, kv, None), PartitionSpec(a, kv, None), PartitionSpec(a),
+                    PartitionSpec(a), PartitionSpec(a, None), PartitionSpec(a, None, None, None))
+        out_specs = (PartitionSpec(a, kv, None, None), PagedCache(pool, pool))
+        return lambda f: jax.shard_map(f, mesh=self.mesh, in_specs=in_specs,
+                                       out_specs=out_specs)
+
+    def _scatter_pages(self, slots: int, pool: Array, dest: Array, pages: Array) -> Array:
+        """`pool` with `pages` [M, K, D, P] written at global pool pages `dest` [M] (out of
+        range: dropped); on a sharded pool each shard writes the pages of its block."""
+        if self.shards(slots) == 1:
+            return pool.at[dest].set(pages.astype(pool.dtype), mode="drop")
+        axes = self.slot_axes(slots)
+        spec = self.pool_sharding(slots, pool.shape[0]).spec
+
+        def local(block: Array, dest: Array, pages: Array) -> Array:
+            n = block.shape[0]
+            at = dest - jax.lax.axis_index(axes) * n
+            at = jnp.where((at >= 0) & (at < n), at, n)  # another shard's page: dropped
+            return block.at[at].set(pages.astype(block.dtype), mode="drop")
+
+        return jax.shard_map(local, mesh=self.mesh,
+                             in_specs=(spec, PartitionSpec(), PartitionSpec(None, *spec[1:])),
+                             out_specs=spec)(pool, dest, pages)
+
     def state_shardings(self, slots: int, length: int, num_pages: int) -> Optional[PagedState]:
         """NamedShardings of a paged state (None without a mesh)."""
         if self.mesh is None:
             return None
-        ps = named_sharding(self.mesh, POOL_AXES, pool_shape(self.arch, num_pages, self.page_size))
+        ps = self.pool_sharding(slots, num_pages)
         b1 = batch_sharding(self.mesh, 1, (slots,))
         tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
@@ -129,15 +198,25 @@ class PagedKernels(KernelsBase):
                                                    self._pool_pages(slots, length, num_pages)))
 
     def _pool_pages(self, slots: int, length: int, num_pages: Optional[int]) -> int:
-        return slots * self.pages_per_slot(length) + 1 if num_pages is None else num_pages
+        """The pool's pages: `num_pages`, or (static tables) each shard's slots' pages + its
+        null page, over all shards."""
+        if num_pages is not None:
+            return num_pages
+        shards = self.shards(slots)
+        return shards * (slots // shards * self.pages_per_slot(length) + 1)
 
     def _empty_state(self, slots: int, length: int, num_pages: Optional[int]) -> PagedState:
         width = self.pages_per_slot(length)
         n = self._pool_pages(slots, length, num_pages)
+        if n % self.shards(slots):
+            raise ValueError(f"a pool of {n} pages does not split into {self.shards(slots)} "
+                             "slot shards")
         pool = empty_pool(self.arch, n, self.page_size, self.cache_dtype)
         zi = jnp.zeros((slots,), jnp.int32)
-        if num_pages is None:  # static: slot s owns pages 1 + s·width ... (s + 1)·width
-            table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width)
+        if num_pages is None:  # static: local slot s of a shard owns its pages 1 + s·width ...
+            per_shard = slots // self.shards(slots)
+            table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width) % (
+                per_shard * width)
             limit = jnp.full((slots,), NO_LIMIT, jnp.int32)
         else:
             table = jnp.full((slots, width), NULL_PAGE, jnp.int32)
@@ -159,6 +238,9 @@ class PagedKernels(KernelsBase):
         plen = prefix[0].length
         width = min(pages_for(plen, p_size), st.page_table.shape[1])
         rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]  # [M, W]
+        shards = self.shards(slots)
+        if shards > 1:  # shard-local page numbers → global ones (the shard's block)
+            rows = rows + (dst // (slots // shards) * (n_pages // shards))[:, None]
         needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
         dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB: dropped
         pad = width * p_size - plen
@@ -171,8 +253,8 @@ class PagedKernels(KernelsBase):
                 b, k, d, _ = a.shape
                 a = a.reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)[src]
                 return a.reshape(-1, k, d, p_size)
-            pool.append(PagedCache(c.k.at[dest].set(pages(pc.k).astype(c.k.dtype), mode="drop"),
-                                   c.v.at[dest].set(pages(pc.v).astype(c.v.dtype), mode="drop")))
+            pool.append(PagedCache(self._scatter_pages(slots, c.k, dest, pages(pc.k)),
+                                   self._scatter_pages(slots, c.v, dest, pages(pc.v))))
 
         def put(a, x):
             return a.at[dst].set(x.astype(a.dtype), mode="drop")
@@ -192,8 +274,10 @@ class PagedKernels(KernelsBase):
         pos = jnp.minimum(st.pos, length - 1)
         page = jnp.take_along_axis(st.page_table, (pos // self.page_size)[:, None], axis=1)[:, 0]
         page = jnp.where(act, page, NULL_PAGE)
+        slots, _, n_pages = self._dims(st)
         logits, pool = paged_decode_forward(model, st.token, pos, page, st.pool, st.page_table,
-                                            rope, mats, products, self.attention)
+                                            rope, mats, products, self.attention,
+                                            self._per_shard(slots, n_pages))
         logits = logits.astype(jnp.float32)
         keys = None if noise is not None else step_keys(st.keys, st.generated)
         tok, logp = sample_logits(logits, keys, spec, noise)
@@ -234,6 +318,11 @@ class PagedKernels(KernelsBase):
 
         _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
         return st, outs
+
+
+def _spec_entry(axes: tuple[str, ...]) -> Any:
+    """A PartitionSpec entry for mesh `axes`: None, one name, or the tuple."""
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
 _PAGED_KERNELS: dict[tuple, PagedKernels] = {}
