@@ -82,10 +82,13 @@ PAGED_POOL_COPIES = 1.6
 #: 2 GiB / 4 GiB pool on v5e-8 and 2 layers, 2 GiB on v5e-4: −0 / −0 / −5 %); the replicated
 #: pool of session 9 had measured 2.02 pool copies and no row term
 PAGED_ROW_COPIES = 4.0
-#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits,
-#: copies of the pool (0.5B with a 1 / 3 / 4 GiB pool: 0.6 / 0.9 / 0.6; 32B, 4 GiB: 0.6;
-#: 7B, 16 GiB: 2.8 — the decode's 2 where the decode needs more)
-ADMIT_POOL_COPIES = 1.0
+#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits
+#: (split over the slot shards), copies of a chip's share of the pool (pool split over the
+#: slot shards, each shard cutting its own slots' prompt pages: 0.5B width, 2 layers, v5e-8,
+#: 0.25 GiB per chip: 2.0; Qwen2.5-0.5B, 512 slots, 2 GiB per chip: 1.6). Session 9's
+#: figures (0.6–2.8 copies beside replicated logits) came from a replicated pool whose
+#: insert cut every slot's prompt pages on every chip
+ADMIT_POOL_COPIES = 2.0
 #: prompts one admit program prefills (the engine's `prefill_batch`)
 PREFILL_BATCH = 8
 
@@ -154,6 +157,8 @@ class MemoryEstimate:
             return self.logprobs
         if program == "sampler_decode" and self.admit_temps > self.decode_temps:
             return self.sampling - self.admit_temps + self.decode_temps
+        if program == "sampler_admit" and self.decode_temps > self.admit_temps:
+            return self.sampling - self.decode_temps + self.admit_temps
         return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
@@ -363,10 +368,10 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
     # admitting (prefill of a batch of prompts + insert into the pool): the prefill's float32
-    # logits over every prompt position (its tokens are replicated) and copies of the pool
+    # logits over every prompt position and copies of the chip's pool
     prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
     prefill_rows = min(PREFILL_BATCH, _pow2(slots))
-    admit = ((prefill_rows * prompt_bucket * v * 4 + ADMIT_POOL_COPIES * kv)
+    admit = ((prefill_rows * prompt_bucket * v * 4 / s_shards + ADMIT_POOL_COPIES * kv)
              if paged and platform == "tpu" else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,

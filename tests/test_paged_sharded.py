@@ -68,9 +68,9 @@ def test_sharded_pool_holds_one_block_per_chip(setup):
     assert st.page_table.sharding.spec[0] == "data"
 
 
-def test_sharded_decode_chunk_never_gathers_the_pool(setup):
-    """The compiled decode chunk works on each chip's block: no all-gather of pool pages and
-    no array of the whole pool's page count appears in the per-device program."""
+def test_sharded_decode_and_admit_never_gather_the_pool(setup):
+    """The compiled decode chunk and admit work on each chip's block: no all-gather of pool
+    pages and no array of the whole pool's page count appears in the per-device programs."""
     model, _, _, sharded = setup
     kern = sharded.kernels
     length = sharded.cache_length(33, NEW)
@@ -88,6 +88,11 @@ def test_sharded_decode_chunk_never_gathers_the_pool(setup):
     pool_dims = ",".join(map(str, local)) + "]"  # [pages, kv heads, head_dim, page]
     gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", ln)]
     assert not [ln for ln in gathers if pool_dims in ln]
+    # admitting (prefill + insert into the pages) writes each chip's block in place too
+    vec = np.zeros((SLOTS,), np.int32)
+    admit = kern.admit_jit.lower(params, st, np.zeros((8, 32), np.int32), np.zeros((8,), np.int32),
+                                 vec, vec, vec, vec, np.uint32(0), vec, vec).compile().as_text()
+    assert block in admit and whole not in admit
 
 
 def test_sharded_greedy_equals_single_device(setup):

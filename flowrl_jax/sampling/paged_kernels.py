@@ -130,24 +130,6 @@ class PagedKernels(KernelsBase):
         return lambda f: jax.shard_map(f, mesh=self.mesh, in_specs=in_specs,
                                        out_specs=out_specs)
 
-    def _scatter_pages(self, slots: int, pool: Array, dest: Array, pages: Array) -> Array:
-        """`pool` with `pages` [M, K, D, P] written at global pool pages `dest` [M] (out of
-        range: dropped); on a sharded pool each shard writes the pages of its block."""
-        if self.shards(slots) == 1:
-            return pool.at[dest].set(pages.astype(pool.dtype), mode="drop")
-        axes = self.slot_axes(slots)
-        spec = self.pool_sharding(slots, pool.shape[0]).spec
-
-        def local(block: Array, dest: Array, pages: Array) -> Array:
-            n = block.shape[0]
-            at = dest - jax.lax.axis_index(axes) * n
-            at = jnp.where((at >= 0) & (at < n), at, n)  # another shard's page: dropped
-            return block.at[at].set(pages.astype(block.dtype), mode="drop")
-
-        return jax.shard_map(local, mesh=self.mesh,
-                             in_specs=(spec, PartitionSpec(), PartitionSpec(None, *spec[1:])),
-                             out_specs=spec)(pool, dest, pages)
-
     def state_shardings(self, slots: int, length: int, num_pages: int) -> Optional[PagedState]:
         """NamedShardings of a paged state (None without a mesh)."""
         if self.mesh is None:
@@ -237,24 +219,17 @@ class PagedKernels(KernelsBase):
         p_size = self.page_size
         plen = prefix[0].length
         width = min(pages_for(plen, p_size), st.page_table.shape[1])
-        rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]  # [M, W]
-        shards = self.shards(slots)
-        if shards > 1:  # shard-local page numbers → global ones (the shard's block)
-            rows = rows + (dst // (slots // shards) * (n_pages // shards))[:, None]
-        needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
-        dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB: dropped
-        pad = width * p_size - plen
-        pool = []
-        for c, pc in zip(st.pool, prefix):
-            def pages(a):  # [B, K, D, plen] → the rows src as pages [M·W, K, D, P]
-                if pad > 0:
-                    a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
-                a = a[..., :width * p_size]
-                b, k, d, _ = a.shape
-                a = a.reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)[src]
-                return a.reshape(-1, k, d, p_size)
-            pool.append(PagedCache(self._scatter_pages(slots, c.k, dest, pages(pc.k)),
-                                   self._scatter_pages(slots, c.v, dest, pages(pc.v))))
+        if self.shards(slots) > 1:
+            pool = self._insert_per_shard(st, prefix, src, dst, pos, width)
+        else:
+            rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]
+            needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
+            dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB
+            pool = [PagedCache(c.k.at[dest].set(self._as_pages(pc.k, width)[src].reshape(
+                                   -1, *c.k.shape[1:]).astype(c.k.dtype), mode="drop"),
+                               c.v.at[dest].set(self._as_pages(pc.v, width)[src].reshape(
+                                   -1, *c.v.shape[1:]).astype(c.v.dtype), mode="drop"))
+                    for c, pc in zip(st.pool, prefix)]
 
         def put(a, x):
             return a.at[dst].set(x.astype(a.dtype), mode="drop")
@@ -264,6 +239,49 @@ class PagedKernels(KernelsBase):
                          generated=put(st.generated, jnp.zeros_like(dst)),
                          budget=put(st.budget, budget), keys=put(st.keys, keys))
         return self.constrain(st)
+
+    def _as_pages(self, a: Array, width: int) -> Array:
+        """Prefix rows [B, K, D, n] as their first `width` pages [B, width, K, D, P]."""
+        p_size = self.page_size
+        pad = width * p_size - a.shape[3]
+        if pad > 0:
+            a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        b, k, d, _ = a.shape
+        return a[..., :width * p_size].reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)
+
+    def _insert_per_shard(self, st: PagedState, prefix: list[DecodeCache], src: Array,
+                          dst: Array, pos: Array, width: int) -> list[PagedCache]:
+        """`insert`'s page writes on a sharded pool: indexed by slot (which prefix row each
+        slot takes, -1 for none), so each shard cuts pages for its own slots only and
+        writes them into its block (the prefix rows, a few prompts, go to every shard)."""
+        slots, _, _ = self._dims(st)
+        p_size = self.page_size
+        row_of = jnp.full((slots,), -1, jnp.int32).at[dst].set(src.astype(jnp.int32), mode="drop")
+        pos_of = jnp.zeros((slots,), jnp.int32).at[dst].set(pos.astype(jnp.int32), mode="drop")
+        a = _spec_entry(self.slot_axes(slots))
+        spec = self.pool_sharding(slots, st.pool[0].num_pages).spec
+
+        def local(block: PagedCache, table: Array, row_of: Array, pos_of: Array,
+                  pk: Array, pv: Array) -> PagedCache:
+            n = block.k.shape[0]
+            needed = (jnp.arange(width)[None, :] < ((pos_of + p_size - 1) // p_size)[:, None])
+            dest = jnp.where(needed & (row_of >= 0)[:, None], table[:, :width], n).reshape(-1)
+            rows = jnp.maximum(row_of, 0)
+
+            def write(pool: Array, pre: Array) -> Array:
+                upd = self._as_pages(pre, width)[rows].reshape(-1, *pool.shape[1:])
+                return pool.at[dest].set(upd.astype(pool.dtype), mode="drop")
+
+            return PagedCache(write(block.k, pk), write(block.v, pv))
+
+        prefix_spec = PartitionSpec(None, *spec[1:])  # every shard: all prompts, its kv heads
+        run = jax.shard_map(local, mesh=self.mesh,
+                            in_specs=(PagedCache(spec, spec), PartitionSpec(a, None),
+                                      PartitionSpec(a), PartitionSpec(a), prefix_spec,
+                                      prefix_spec),
+                            out_specs=PagedCache(spec, spec))
+        return [run(c, st.page_table, row_of, pos_of, pc.k, pc.v)
+                for c, pc in zip(st.pool, prefix)]
 
     def _step(self, model: Qwen2ForCausalLM, st: PagedState, stop_ids: Array,
               spec: SamplingSpec, rope: tuple[Array, Array], mats: Any, products: str,
