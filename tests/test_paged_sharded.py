@@ -66,6 +66,14 @@ def test_sharded_pool_holds_one_block_per_chip(setup):
     assert {s.data.shape[0] for s in k.addressable_shards} == {PAGES_PER_SHARD}
     assert len(k.addressable_shards) == 8 and k.sharding.is_fully_replicated is False
     assert st.page_table.sharding.spec[0] == "data"
+    # static tables (no allocator, the JetStream adapter's form): each shard's 2 slots own
+    # pages 1.. of its block, in shard-local numbers
+    static = sharded.kernels.init_state(SLOTS, length)
+    width = sharded.kernels.pages_per_slot(length)
+    assert static.pool[0].k.shape[0] == 8 * (2 * width + 1)
+    table = np.asarray(static.page_table)
+    for slot in range(SLOTS):
+        np.testing.assert_array_equal(table[slot], 1 + (slot % 2) * width + np.arange(width))
 
 
 def test_sharded_decode_and_admit_never_gather_the_pool(setup):
@@ -107,8 +115,26 @@ def test_sharded_sampling_with_scarce_pages_equals_single_device(setup):
     """Sampled, G = 3, stop ids, 2 slots and 9 usable pages per shard: samples finish at
     different steps, wait for pages (and get preempted), and still equal one device's."""
     model, prompts, one, sharded = setup
-    ref, got = one.generate(model, prompts, SAMPLED), sharded.generate(model, prompts, SAMPLED)
+    admissions = []
+    admit = sharded._admit_batch
+
+    def recording(params, st, prompts_, take, slots_for, *rest):
+        admissions.append([(p, slot // 2) for (p, _), slot in zip(take, slots_for)])
+        return admit(params, st, prompts_, take, slots_for, *rest)
+
+    sharded._admit_batch = recording
+    try:
+        ref, got = one.generate(model, prompts, SAMPLED), sharded.generate(model, prompts,
+                                                                            SAMPLED)
+    finally:
+        del sharded._admit_batch
     _same(ref, got)
+    # an admission puts a prompt's samples (which share its pages) on one shard
+    for placed in admissions:
+        shards_of = {}
+        for p, shard in placed:
+            assert shards_of.setdefault(p, shard) == shard, placed
+    assert len({shard for placed in admissions for _, shard in placed}) == 8
     assert len(set(got.lengths.tolist())) > 3 and "stop" in got.finish_reasons
     st = sharded.paged_stats
     assert st.pool_pages == 8 * (PAGES_PER_SHARD - 1)
