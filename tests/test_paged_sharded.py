@@ -15,7 +15,7 @@ import pytest
 
 from flowrl_jax.config import MeshConfig
 from flowrl_jax.mesh import make_mesh
-from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
 from flowrl_jax.sampling.kv_budget import kv_bytes_per_token
 from flowrl_jax.sampling.params import SamplingSpec
 from flowrl_jax.testing import tiny_arch, tiny_model
@@ -140,3 +140,15 @@ def test_sharded_sampling_with_scarce_pages_equals_single_device(setup):
     assert st.pool_pages == 8 * (PAGES_PER_SHARD - 1)
     assert st.waits > 0, st
     assert st.peak_pages <= st.pool_pages
+
+
+def test_pool_too_small_for_one_sample_per_shard_names_the_split(setup):
+    """The longest sample must fit one shard's block (a sample never spans shards)."""
+    model, prompts, _, sharded = setup
+    arch = model.arch
+    page_bytes = 8 * kv_bytes_per_token(arch, jnp.float32)
+    small = SamplingEngine(model, mesh=sharded.mesh, kv_cache_gib=8 * 6 * page_bytes / 2**30,
+                           **KW)  # 5 usable pages per shard: the 33-token prompt needs 9
+    with pytest.raises(SamplingError, match=r"5 pages of 8 tokens per slot shard \(the pool "
+                                            r"is split 8 ways\), but prompt 5 \(33 tokens\)"):
+        small.generate(model, prompts, SAMPLED)

@@ -336,7 +336,7 @@ class SamplingEngine:
                        for p in prompts)
             # a sample runs on one shard: the longest must fit one shard's block
             self._check_pool_fits(need, num_pages // self.pool_shards(slots) - 1, prompts,
-                                  sampling)
+                                  sampling, self.pool_shards(slots))
             while groups > 1 and (num_pages - 1) // groups < need:
                 groups -= 1  # each group's pool must hold the longest sample
         self.check_fits([len(p) for p in prompts], sampling.max_new_tokens, slots, length,
@@ -412,7 +412,7 @@ class SamplingEngine:
             free.sort()
 
     def _check_pool_fits(self, need: int, capacity: int, prompts: list[list[int]],
-                         sampling: SamplingParams) -> None:
+                         sampling: SamplingParams, shards: int = 1) -> None:
         """A SamplingError naming the budget when one sample alone needs more pages than the
         pool holds (it could never run)."""
         if need <= capacity:
@@ -420,8 +420,10 @@ class SamplingEngine:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         budget = (f"rollout.kv_cache_gib {self.kv_cache_gib}" if self.kv_cache_gib is not None
                   else "the default KV budget")
+        where = f" per slot shard (the pool is split {shards} ways)" if shards > 1 else ""
         raise SamplingError(
-            f"KV page pool too small: {budget} buys {capacity} pages of {self.page_size} tokens, "
+            f"KV page pool too small: {budget} buys {capacity} pages of {self.page_size} tokens"
+            f"{where}, "
             f"but prompt {longest} ({len(prompts[longest])} tokens) + max_new_tokens "
             f"{sampling.max_new_tokens} needs {need} pages; raise rollout.kv_cache_gib or "
             "lower max_new_tokens")
