@@ -86,8 +86,10 @@ class PagedKernels(KernelsBase):
     # ----------------------------------------------------------------- shardings
 
     def slot_axes(self, slots: int) -> tuple[str, ...]:
-        """The mesh axes `slots` decode slots (and so the pool's pages) are split over."""
-        if self.mesh is None:
+        """The mesh axes `slots` decode slots (and so the pool's pages) are split over; none
+        (one pool, replicated over the slot axes) for an attention other than "xla", whose
+        pool layout has its pages elsewhere."""
+        if self.mesh is None or self.attention != "xla":
             return ()
         names = batch_sharding(self.mesh, 1, (slots,)).spec[0]
         return (names,) if isinstance(names, str) else tuple(names or ())
