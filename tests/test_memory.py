@@ -84,7 +84,8 @@ def test_program_peaks():
     activations grow with the micro-batch, the sampling peak with the decode slots."""
     base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16", "rollout.kv_cache=dense"]
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
-    small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8"])
+    small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8",
+                                                           "rollout.decode_slots=256"])
     big = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=16",
                                                          "rollout.decode_slots=512"])
     a, b = (estimate(c, c.model.arch, shape) for c in (small, big))
