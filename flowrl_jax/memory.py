@@ -8,8 +8,9 @@ One RL step runs three kinds of program, one after another, each beside the trai
   sampling      + the sampler's own copy of the policy (multi-host: each host samples on its
                   own chips) + the KV cache + the decode chunk's temporaries
 The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch over
-data·fsdp, the dense KV cache over the sampler's chips (one host's on multi-host runs), the
-paged pool replicated on each of them. The activation and temporary terms are fitted on the
+data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs): the dense
+rows by slot, the paged pool in one block of pages per slot shard (pool / slot shards per
+chip, the kv heads split over `tensor`). The activation and temporary terms are fitted on the
 TPU compiler's own figures (`flowrl-jax check`, session 9 in BUILD_NOTES.md, which lists
 where they agree within 15 % and where not); off TPU the attention kernel's own terms apply.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
@@ -73,13 +74,21 @@ DECODE_LOGIT_COPIES = 3
 #: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
 #: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
 DECODE_GATHERED_LAYERS = 4
-#: the paged decode chunk's (and admit's) temporaries, in page pools: the TPU compiler keeps
-#: about two copies of the (replicated) pool (0.5B, 2 layers, v5e-8: 2.02)
-PAGED_POOL_COPIES = 2.0
-#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits,
-#: copies of the pool (0.5B with a 1 / 3 / 4 GiB pool: 0.6 / 0.9 / 0.6; 32B, 4 GiB: 0.6;
-#: 7B, 16 GiB: 2.8 — the decode's 2 where the decode needs more)
-ADMIT_POOL_COPIES = 1.0
+#: the paged decode chunk's temporaries on TPU, in a chip's share of the page pool (the
+#: compiler relays the pool out around the decode loop)...
+PAGED_POOL_COPIES = 1.6
+#: ...plus, in one layer's gathered dense rows (keys + values of the chip's slots over the
+#: cache length): fitted on the pool split over the slot shards (0.5B width, 2 / 4 layers,
+#: 2 GiB / 4 GiB pool on v5e-8 and 2 layers, 2 GiB on v5e-4: −0 / −0 / −5 %); the replicated
+#: pool of session 9 had measured 2.02 pool copies and no row term
+PAGED_ROW_COPIES = 4.0
+#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits
+#: (split over the slot shards), copies of a chip's share of the pool (pool split over the
+#: slot shards, each shard cutting its own slots' prompt pages: 0.5B width, 2 layers, v5e-8,
+#: 0.25 GiB per chip: 2.0; Qwen2.5-0.5B, 512 slots, 2 GiB per chip: 1.6). Session 9's
+#: figures (0.6–2.8 copies beside replicated logits) came from a replicated pool whose
+#: insert cut every slot's prompt pages on every chip
+ADMIT_POOL_COPIES = 2.0
 #: prompts one admit program prefills (the engine's `prefill_batch`)
 PREFILL_BATCH = 8
 
@@ -148,6 +157,8 @@ class MemoryEstimate:
             return self.logprobs
         if program == "sampler_decode" and self.admit_temps > self.decode_temps:
             return self.sampling - self.admit_temps + self.decode_temps
+        if program == "sampler_admit" and self.decode_temps > self.admit_temps:
+            return self.sampling - self.decode_temps + self.admit_temps
         return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
@@ -339,25 +350,28 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     sampler_params = copies * n * pb / local
     b, src = budget if budget is not None else device_budget(cfg)
     paged = cfg.rollout.kv_cache == "paged"
-    if paged:  # the pool replaces the dense cache: replicated over the batch axes
+    layer_rows = kv / max(1, L)  # one layer's dense keys + values of the chip's slots
+    if paged:  # the pool replaces the dense cache: a block of pages per slot shard
         if devices_report_memory is None:
             devices_report_memory = platform != "cpu"
         resident = sampler_params + (0.0 if sampler_devices else params + ref + optimizer)
         kv = paged_pool_bytes(cfg, arch, slots, length, kv_split,
-                              free=max(0.0, b - resident) if devices_report_memory else None)
+                              free=max(0.0, b - resident) if devices_report_memory else None,
+                              slot_shards=s_shards)
     # dense: the attention windows copied out of the cache; paged: copies of the whole pool
     # (the pool copies are the TPU compiler's; elsewhere one layer's gathered pages, unmeasured)
     copies = ((PAGED_POOL_COPIES if platform == "tpu" else 1.0 / max(1, L)) if paged else
               DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
     decode = (copies * kv
+              + (PAGED_ROW_COPIES * layer_rows if paged and platform == "tpu" else 0.0)
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
               + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
 
     # admitting (prefill of a batch of prompts + insert into the pool): the prefill's float32
-    # logits over every prompt position (its tokens are replicated) and copies of the pool
+    # logits over every prompt position and copies of the chip's pool
     prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
     prefill_rows = min(PREFILL_BATCH, _pow2(slots))
-    admit = ((prefill_rows * prompt_bucket * v * 4 + ADMIT_POOL_COPIES * kv)
+    admit = ((prefill_rows * prompt_bucket * v * 4 / s_shards + ADMIT_POOL_COPIES * kv)
              if paged and platform == "tpu" else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
@@ -383,22 +397,25 @@ def decode_window_fraction(length: int, chunk: int) -> float:
 
 
 def paged_pool_bytes(cfg: Config, arch: ModelArch, slots: int, length: int, kv_split: int,
-                     free: Optional[float]) -> float:
+                     free: Optional[float], slot_shards: int = 1) -> float:
     """Bytes per chip of the paged engine's page pool (`SamplingEngine.pool_pages`' rule):
-    `rollout.kv_cache_gib`, else KV_FREE_FRACTION of the chip's `free` bytes (devices that
-    report it), else KV_DEFAULT_BYTES; at most every slot's full length plus the null page.
-    The pages are replicated over the batch axes; the kv heads split over `kv_split` chips."""
+    `rollout.kv_cache_gib` (the whole pool), else KV_FREE_FRACTION of the chip's `free` bytes
+    (devices that report it), else KV_DEFAULT_BYTES; at most every slot's full length plus a
+    null page per slot shard. The pages are split over the `slot_shards` shards of the slots
+    (one block each, whole pages per block), the kv heads over `kv_split` chips: a chip
+    holds pool / (slot_shards × kv_split)."""
     page = cfg.rollout.page_size
     page_bytes = page * kv_bytes_per_token(arch, cfg.model.compute_dtype)
-    full = slots * pages_for(length, page) + 1
+    shards = max(1, slot_shards)
+    full = slots // shards * pages_for(length, page) + 1  # per shard
     if cfg.rollout.kv_cache_gib is not None:
         pool_budget = cfg.rollout.kv_cache_gib * GiB
     elif free is not None:
-        pool_budget = KV_FREE_FRACTION * free * kv_split
+        pool_budget = KV_FREE_FRACTION * free * kv_split * shards
     else:
         pool_budget = KV_DEFAULT_BYTES
-    pages = max(2, min(full, int(pool_budget // page_bytes)))
-    return pages * page_bytes / kv_split
+    per_shard = max(2, min(full, int(pool_budget // page_bytes) // shards))
+    return per_shard * page_bytes / kv_split
 
 
 def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list[str]:
@@ -423,7 +440,8 @@ def advice(cfg: Config, est: MemoryEstimate, mesh_shape: dict[str, int]) -> list
                     f"{cfg.trainer.logprob_micro_batch_size}) smaller")
     elif cfg.rollout.kv_cache == "paged":
         tips.append(f"rollout.kv_cache_gib (now {cfg.rollout.kv_cache_gib}) smaller: the page "
-                    "pool, replicated on every sampler chip; decoding adds about two copies")
+                    "pool, split over the sampler's slot shards; decoding adds about two copies "
+                    "of a chip's share")
     else:
         tips.append(f"rollout.decode_slots (now {cfg.rollout.decode_slots}) smaller, or "
                     "rollout.max_new_tokens / data.max_prompt_length shorter (KV cache)")

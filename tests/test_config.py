@@ -125,12 +125,13 @@ def test_baseline_configs_carry_the_paper_era_verl_settings(name):
     for k, v in BASELINES[name].items():
         assert getattr(cfg.algo, k) == v, k
     # everything else is the FlowRL recipe: data, batch, optimizer (official warm-up), model;
-    # the sampler's slots per host are a memory setting, not the recipe (PPO's critic model
-    # needs fewer to fit v5p HBM beside the sampler)
+    # the sampler's slots per host and its KV cache are memory settings, not the recipe (PPO's
+    # critic model needs fewer slots and the checked dense cache to fit v5p HBM beside it)
     for section in ("data", "rollout", "optimizer", "trainer", "model", "mesh"):
         ours = getattr(cfg, section)
         if section == "rollout":
-            ours = dataclasses.replace(ours, decode_slots=paper.rollout.decode_slots)
+            memory = ("decode_slots", "kv_cache", "kv_cache_gib", "paged_attention")
+            ours = dataclasses.replace(ours, **{k: getattr(paper.rollout, k) for k in memory})
         assert ours == getattr(paper, section), section
     wds = role_weight_decays(cfg)
     assert wds["policy"] == 0.1 and wds["value"] == (0.01 if name == "ppo" else 0.1)

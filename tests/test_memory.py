@@ -84,7 +84,8 @@ def test_program_peaks():
     activations grow with the micro-batch, the sampling peak with the decode slots."""
     base = ["model.preset=qwen2.5-0.5b", "trainer.device_memory_gb=16", "rollout.kv_cache=dense"]
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
-    small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8"])
+    small = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=8",
+                                                           "rollout.decode_slots=256"])
     big = load_config("configs/qwen2.5-0.5b-math.yaml", [*base, "trainer.micro_batch_size=16",
                                                          "rollout.decode_slots=512"])
     a, b = (estimate(c, c.model.arch, shape) for c in (small, big))
@@ -129,7 +130,8 @@ def test_a_sampler_sub_mesh_holds_its_copy_and_cache_not_the_train_state():
 def test_paged_pool_as_the_engine_sizes_it():
     """The paged pool per chip: `rollout.kv_cache_gib` (whole pages), else a share of the free
     memory the chips report, else the engine's default; at most every slot's full length
-    plus the null page; replicated over the batch axes, kv heads split over `tensor`."""
+    plus the null page; one block of whole pages per slot shard, kv heads split over
+    `tensor`."""
     cfg = load_config(None, ["model.preset=qwen2.5-0.5b", "model.compute_dtype=bfloat16"])
     arch = cfg.model.arch  # 24 layers, 2 kv heads × 64: 24 × 2 × 2 × 64 × 2 B per position
     page = 64 * 24 * 2 * 2 * 64 * 2
@@ -142,19 +144,33 @@ def test_paged_pool_as_the_engine_sizes_it():
                               "rollout.kv_cache_gib=1"])
     assert paged_pool_bytes(gib1, arch, 256, 10240, 1, free=1e12) == (GiB // page) * page
     assert paged_pool_bytes(gib1, arch, 1, 64, 1, free=None) == 2 * page  # 1 page + null
-    # the estimate's sampling peak counts the pool per chip, whatever the batch sharding
+    # over 8 slot shards: each chip holds its block, 1/8 of the pool's whole pages
+    assert paged_pool_bytes(gib1, arch, 256, 10240, 1, free=None, slot_shards=8) == \
+        (GiB // page // 8) * page
+    assert paged_pool_bytes(cfg, arch, 256, 10240, 2, free=GiB, slot_shards=8) == \
+        int(0.8 * GiB * 2 * 8 // page // 8) * page / 2  # a share of each chip's free memory
+    assert paged_pool_bytes(cfg, arch, 256, 10240, 1, free=1e12, slot_shards=8) == \
+        (256 // 8 * (10240 // 64) + 1) * page  # capped: a shard's slots + its null page
+    # the estimate's sampling peak counts the pool per chip: the slots' 8 shards split it
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     est = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="tpu")
-    assert est.kv_cache == (GiB // page) * page
-    # on TPU decoding adds two pool copies; admitting, the float32 logits of 8 prompts of the
-    # 2,048 bucket and a pool copy
+    assert est.kv_cache == (GiB // page // 8) * page
+    # on TPU decoding adds pool copies and copies of one layer's gathered rows (2 kv heads ×
+    # 64 × 10,240 positions × 32 slots per chip, keys + values, bf16); admitting, the float32
+    # logits of 8 prompts of the 2,048 bucket (split over the 8 slot shards) and pool copies
+    rows = 2 * 2 * 64 * 10240 * 32 * 2
     assert est.decode_temps == pytest.approx(m.PAGED_POOL_COPIES * est.kv_cache
-                                             + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4)
-    assert est.admit_temps == pytest.approx(8 * 2048 * 151936 * 4
+                                             + m.PAGED_ROW_COPIES * rows
+                                             + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4,
+                                             rel=1e-5)  # the layer's weights: rounded
+    assert est.admit_temps == pytest.approx(8 * 2048 * 151936 * 4 / 8
                                             + m.ADMIT_POOL_COPIES * est.kv_cache)
+    # each program its own peak: here admitting is the sampling peak
     assert est.program_bytes("sampler_admit") == est.sampling > est.program_bytes("sampler_decode")
     assert est.program_bytes("sampler_decode") == pytest.approx(
         est.static + est.kv_cache + est.decode_temps)
+    assert est.program_bytes("sampler_admit") == pytest.approx(
+        est.static + est.kv_cache + est.admit_temps)
     cpu = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="cpu")
     assert cpu.admit_temps == 0 and cpu.decode_temps < est.decode_temps
 

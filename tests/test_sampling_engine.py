@@ -250,8 +250,9 @@ def test_sharded_mesh_matches_single_device(setup, hf_greedy):
     assert params is not nnx.state(model)
     assert eng.params_of(params) is params  # already on the engine's mesh: used as is
     st = eng.init_state(8, 48)  # the paged engine: pools [pages, kv_heads, head_dim, page]
-    assert st.pool[0].k.sharding.spec[:2] == (None, "tensor")
-    assert st.pool[0].v.sharding.spec[:2] == (None, "tensor")
+    # pages in one block per slot shard (test_paged_sharded.py), kv heads over tensor
+    assert st.pool[0].k.sharding.spec[:2] == (("data", "fsdp"), "tensor")
+    assert st.pool[0].v.sharding.spec[:2] == (("data", "fsdp"), "tensor")
     assert st.page_table.sharding.spec[0] == ("data", "fsdp")  # per slot, as the dense rows
     out = eng.generate(params, prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW))
     assert out.token_lists() == hf_greedy

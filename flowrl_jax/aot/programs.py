@@ -30,9 +30,7 @@ from flowrl_jax.rl.logprobs import LogProbs
 from flowrl_jax.rl.rollout_batch import ADVANTAGE_KEYS, MODEL_KEYS, UPDATE_KEYS
 from flowrl_jax.rl.train_state import TrainState, abstract_train_state, abstract_tree
 from flowrl_jax.rl.train_step import TrainStep
-from flowrl_jax.models.paged_decode import POOL_AXES, pool_shape
-from flowrl_jax.sampling.engine import KV_FREE_FRACTION, MAX_STOP_IDS, SamplingEngine
-from flowrl_jax.sampling.kv_budget import pool_pages
+from flowrl_jax.sampling.engine import MAX_STOP_IDS, SamplingEngine
 from flowrl_jax.sampling.kernels import bucket, pow2
 from flowrl_jax.sampling.params import SamplingParams, SamplingSpec
 from flowrl_jax.sampling.random import key_width
@@ -179,18 +177,12 @@ def sampler_programs(cfg: Config, arch: ModelArch, mesh: Mesh, want: Callable[[s
     slots = engine.num_slots(max(1, requests))
     length = engine.cache_length(cfg.data.max_prompt_length, cfg.rollout.max_new_tokens)
     if engine.kv_cache == "paged":  # the pool the engine would size for this call
-        pages = engine.pool_pages(slots, length)
+        free = None
         if hbm_bytes is not None and cfg.rollout.kv_cache_gib is None:
             # on the chips the engine takes a share of the memory left free beside the train
             # state and its weights (the abstract devices report none: it would take 4 GiB)
-            free = hbm_bytes - resident - bytes_per_chip(params)
-            full = slots * kernels.pages_per_slot(length) + 1
-            shape = pool_shape(arch, full, engine.page_size)
-            shards = math.prod(shape) // math.prod(
-                named_sharding(smesh, POOL_AXES, shape).shard_shape(shape))
-            budget = int(KV_FREE_FRACTION * max(0, free) * shards)
-            pages = max(2, min(full, pool_pages(budget, arch, engine.cache_dtype,
-                                                engine.page_size)))
+            free = max(0, hbm_bytes - resident - bytes_per_chip(params))
+        pages = engine.pool_pages(slots, length, free_bytes=free)
         st = kernels.abstract_state(slots, length, pages)
     else:
         st = kernels.abstract_state(slots, length)

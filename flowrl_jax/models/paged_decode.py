@@ -11,11 +11,19 @@ the same length), and entries past a sample's position are masked whatever page 
 
 `paged_decode_forward(impl=)` picks the attention: "xla" (this layout, every platform) or
 "pallas" (JAX's Pallas kernels over their own pool layout, models/paged_pallas.py).
+
+Sharding. On a mesh the xla layout's pages axis is split over the same mesh axes as the decode
+slots, in blocks: shard i holds pages [i·n, (i+1)·n) of the global pool and the slots of
+block i, and their page tables hold shard-LOCAL page numbers (each shard has its own null
+page, local 0). `paged_decode_forward` then runs each layer's write and gather inside
+`per_shard` (a `jax.shard_map` over the slot axes, sampling/paged_kernels.py), so no chip
+ever reads another chip's pages; with one shard `per_shard` is the identity. The Pallas
+layout keeps one pool (replicated over the slot axes).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +35,10 @@ from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 
 Array = jax.Array
 
-#: logical axes of a page pool's keys and values: pages replicated, heads over `tensor`
-POOL_AXES = (None, "kv_heads", "head_dim", None)
+#: logical axes of a page pool's keys and values: pages split over the slot (`batch`) axes,
+#: one block of pages per slot shard (the kernels take the exact axes from the slots'
+#: sharding), heads over `tensor`
+POOL_AXES = ("batch", "kv_heads", "head_dim", None)
 
 #: implementations of `paged_decode_forward`: "xla" gathers this layout's pages and runs the
 #: dense decode attention (every platform); "pallas" runs JAX's paged-attention kernels over
@@ -91,16 +101,24 @@ def write_token(pool: PagedCache, k: Array, v: Array, page: Array, col: Array) -
                       pool.v.at[page, :, :, col].set(v.astype(pool.v.dtype)))
 
 
+#: wraps a per-shard layer function (pool, q, k, v, page, col, table, visible) →
+#: (attention, pool) so that it runs on each shard's slots and pages
+PerShard = Callable[[Callable[..., tuple[Array, PagedCache]]], Callable[..., tuple[Array, PagedCache]]]
+
+
 def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page: Array,
                          pools: list[Any], table: Array, rope: tuple[Array, Array],
                          mats: Optional[DecodeMatrices], products: str,
-                         impl: str = "xla") -> tuple[Array, list[Any]]:
+                         impl: str = "xla", per_shard: Optional[PerShard] = None
+                         ) -> tuple[Array, list[Any]]:
     """One decode step: logits [B, V] of `token` [B] at position `pos` [B], and the pools with
     this token's keys and values written at column pos % page_size of page `page` [B].
 
     `decode_forward` (models/decode.py) with the cache row read through the page table
     `table` [B, T]; `rope`, `mats` and `products` as there. `impl` "xla" over `PagedCache`
-    pools, "pallas" over `paged_pallas.KernelPagedCache` pools.
+    pools, "pallas" over `paged_pallas.KernelPagedCache` pools. `per_shard` (None: one shard;
+    xla only) maps each layer's write + page gather over the slot shards of a sharded pool
+    (`page` and `table` then hold shard-local page numbers).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"paged_decode_forward: unknown impl {impl!r}; "
@@ -109,11 +127,17 @@ def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page
     s = table.shape[1] * pools[0].page_size
     visible = (jnp.arange(s)[None, :] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
 
+    def layer(pool: PagedCache, q: Array, k: Array, v: Array, page: Array, col: Array,
+              table: Array, visible: Array) -> tuple[Array, PagedCache]:
+        pool = write_token(pool, k, v, page, col)
+        return paged_attention(q, pool, table, visible, products, impl), pool
+
+    run = layer if per_shard is None else per_shard(layer)
+
     def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
-        if impl == "pallas":
+        if impl == "pallas":  # one (unsplit) pool: the kernel's own per-device shard_map
             pool = paged_pallas.write_token(pools[i], k, v, page, col)
             return paged_pallas.paged_attention(q, pool, table, pos + 1), pool
-        pool = write_token(pools[i], k, v, page, col)
-        return paged_attention(q, pool, table, visible, products, impl), pool
+        return run(pools[i], q, k, v, page, col, table, visible)
 
     return decode_layers(model, token, pos, rope, mats, attend)

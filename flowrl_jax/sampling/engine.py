@@ -30,7 +30,6 @@ from flowrl_jax.config import ModelArch, RolloutConfig
 from flowrl_jax.mesh import named_sharding, state_shardings
 from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import CACHE_AXES, cache_bytes
-from flowrl_jax.models.paged_decode import POOL_AXES, pool_shape
 from flowrl_jax.models.qwen2 import Qwen2ForCausalLM
 from flowrl_jax.sampling import cpu_fast_paths
 from flowrl_jax.sampling.kernels import DecodeState, Kernels, bucket, kernels_for, pow2
@@ -192,22 +191,30 @@ class SamplingEngine:
                 shards *= self.mesh.shape[a]
         return shards
 
-    def pool_pages(self, slots: int, length: int) -> int:
-        """Pages of the paged pool for calls of `slots` slots over `length` positions: what
-        `kv_cache_gib` (else KV_FREE_FRACTION of the device's free memory, else
-        KV_DEFAULT_BYTES) buys, at most what every slot's full length needs (+ the null
-        page). Decided once per shape, so later calls reuse the compiled programs."""
-        key = (slots, length)
+    def pool_shards(self, slots: int) -> int:
+        """Blocks the paged pool is split into for `slots` slots: one per slot shard of the
+        mesh, each with its own null page and allocator (1 without a mesh)."""
+        return self.kernels.shards(slots) if self.kv_cache == "paged" else 1
+
+    def pool_pages(self, slots: int, length: int, free_bytes: Optional[int] = None) -> int:
+        """Pages of the paged pool (all shards, null pages included) for calls of `slots`
+        slots over `length` positions: what `kv_cache_gib` (the whole pool, so each slot
+        shard's chips hold 1/shards of it; else KV_FREE_FRACTION of a chip's free memory,
+        `free_bytes` or the device's, else KV_DEFAULT_BYTES) buys, at most what every slot's
+        full length needs (+ each shard's null page), a whole number of pages per shard.
+        Decided once per shape, so later calls reuse the compiled programs."""
+        key = (slots, length, free_bytes)
         if key not in self._pool_sizes:
-            full = slots * pages_for(length, self.page_size) + 1
+            shards = self.pool_shards(slots)
+            full = slots // shards * pages_for(length, self.page_size) + 1  # per shard
             if self.kv_cache_gib is not None:
                 budget = int(self.kv_cache_gib * 2**30)
             else:
-                free = _device_free_bytes(self.device)
-                shards = self._shards(POOL_AXES, pool_shape(self.arch, full, self.page_size))
-                budget = KV_DEFAULT_BYTES if free is None else int(KV_FREE_FRACTION * free * shards)
-            self._pool_sizes[key] = max(2, min(full, pool_pages(budget, self.arch, self.cache_dtype,
-                                                                self.page_size)))
+                free = _device_free_bytes(self.device) if free_bytes is None else free_bytes
+                split = self.kernels.pool_split(slots, shards * full)
+                budget = KV_DEFAULT_BYTES if free is None else int(KV_FREE_FRACTION * free * split)
+            per_shard = pool_pages(budget, self.arch, self.cache_dtype, self.page_size) // shards
+            self._pool_sizes[key] = shards * max(2, min(full, per_shard))
         return self._pool_sizes[key]
 
     def check_fits(self, prompt_lengths: Sequence[int], max_new_tokens: int, slots: int,
@@ -226,11 +233,13 @@ class SamplingEngine:
                 raise SamplingError(f"prompt {i}: {n} + {max_new_tokens} tokens exceed the KV cache "
                                     f"length {length}")
         if self.kv_cache == "paged":
-            pages = num_pages if num_pages is not None else (
-                slots * pages_for(length, self.page_size) + 1)
+            n_shards = self.pool_shards(slots)
+            pages = num_pages if num_pages is not None else n_shards * (
+                slots // n_shards * pages_for(length, self.page_size) + 1)
             nbytes = pages * self.page_size * kv_bytes_per_token(self.arch, self.cache_dtype)
-            shards = self._shards(POOL_AXES, pool_shape(self.arch, pages, self.page_size))
-            what = f"{pages} pages × {self.page_size} tokens"
+            shards = self.kernels.pool_split(slots, pages)
+            what = f"{pages} pages × {self.page_size} tokens" + (
+                f" in {n_shards} slot shards" if n_shards > 1 else "")
             hint = "set rollout.kv_cache_gib lower"
         else:
             nbytes = cache_bytes(self.arch, slots, length, self.cache_dtype)
@@ -333,7 +342,9 @@ class SamplingEngine:
             num_pages = self.pool_pages(slots, length)
             need = max(pages_for(len(p) - 1 + sampling.max_new_tokens, self.page_size)
                        for p in prompts)
-            self._check_pool_fits(need, num_pages - 1, prompts, sampling)
+            # a sample runs on one shard: the longest must fit one shard's block
+            self._check_pool_fits(need, num_pages // self.pool_shards(slots) - 1, prompts,
+                                  sampling, self.pool_shards(slots))
             while groups > 1 and (num_pages - 1) // groups < need:
                 groups -= 1  # each group's pool must hold the longest sample
         self.check_fits([len(p) for p in prompts], sampling.max_new_tokens, slots, length,
@@ -409,7 +420,7 @@ class SamplingEngine:
             free.sort()
 
     def _check_pool_fits(self, need: int, capacity: int, prompts: list[list[int]],
-                         sampling: SamplingParams) -> None:
+                         sampling: SamplingParams, shards: int = 1) -> None:
         """A SamplingError naming the budget when one sample alone needs more pages than the
         pool holds (it could never run)."""
         if need <= capacity:
@@ -417,8 +428,10 @@ class SamplingEngine:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         budget = (f"rollout.kv_cache_gib {self.kv_cache_gib}" if self.kv_cache_gib is not None
                   else "the default KV budget")
+        where = f" per slot shard (the pool is split {shards} ways)" if shards > 1 else ""
         raise SamplingError(
-            f"KV page pool too small: {budget} buys {capacity} pages of {self.page_size} tokens, "
+            f"KV page pool too small: {budget} buys {capacity} pages of {self.page_size} tokens"
+            f"{where}, "
             f"but prompt {longest} ({len(prompts[longest])} tokens) + max_new_tokens "
             f"{sampling.max_new_tokens} needs {need} pages; raise rollout.kv_cache_gib or "
             "lower max_new_tokens")
@@ -429,21 +442,26 @@ class SamplingEngine:
                             num_pages: int) -> None:
         """`_decode_items` on a page pool of `num_pages` pages (paged_kernels.py).
 
-        Between chunks the host gives every running sample, oldest first, the pages its next
-        chunk writes (all of them or none: a sample without them waits, keeping its slot and
-        pages). New samples are admitted (FIFO) only when every running one got its pages,
-        while a slot and the pages of their prompt + first chunk are free; the samples of a
-        prompt admitted together share its full pages. When no running sample can get its
-        pages, the youngest is preempted (pages returned, requeued at the front, its tokens
-        dropped: it restarts from its prompt with the same keys) until one can; one sample
-        alone always fits (`_check_pool_fits`), so this never deadlocks."""
+        On a mesh the pool and the slots are split into shards (`pool_shards`): each shard
+        has its own allocator, and a slot gets pages of its own shard only. Between chunks
+        the host gives every running sample, oldest first, the pages its next chunk writes
+        (all of them or none: a sample without them waits, keeping its slot and pages). New
+        samples are admitted (FIFO) into a shard only when every sample running there got
+        its pages, while a slot and the pages of their prompt + first chunk are free there;
+        the samples of a prompt admitted together go to one shard (the one with room for
+        most of them) and share its full pages. When no running sample of a shard can get
+        its pages, the shard's youngest is preempted (pages returned, requeued at the front,
+        its tokens dropped: it restarts from its prompt with the same keys) until one can;
+        one sample alone always fits a shard (`_check_pool_fits`), so this never deadlocks."""
         kern: PagedKernels = self.kernels  # type: ignore[assignment]
         spec = self.spec_for(sampling)
         stop_ids = self.stop_ids_for(sampling)
         p_size, chunk, max_new = self.page_size, self.decode_chunk, sampling.max_new_tokens
         st = kern.init_state(slots, length, num_pages)
-        alloc = PageAllocator(num_pages)
-        table = np.zeros((slots, kern.pages_per_slot(length)), np.int32)
+        shards = self.pool_shards(slots)
+        per_shard = slots // shards
+        allocs = [PageAllocator(num_pages // shards) for _ in range(shards)]
+        table = np.zeros((slots, kern.pages_per_slot(length)), np.int32)  # shard-local pages
         n_pages = np.zeros((slots,), np.int64)  # pages in each slot's table
         limit = np.zeros((slots,), np.int32)  # a slot steps while its position is below
         next_pos = np.zeros((slots,), np.int64)  # host mirror of the state's positions
@@ -453,16 +471,17 @@ class SamplingEngine:
         age = [0] * slots  # admission order
         pending = deque(queue)
         admitted = done = 0
-        stats = PagedStats(pool_pages=num_pages - 1)
+        stats = PagedStats(pool_pages=num_pages - shards)
         self._group_stats.append(stats)
 
         def release(slot: int) -> None:
-            alloc.release(table[slot, :n_pages[slot]].tolist())
+            allocs[slot // per_shard].release(table[slot, :n_pages[slot]].tolist())
             table[slot] = 0
             n_pages[slot] = limit[slot] = 0
             owner[slot] = -1
 
         def grow(slot: int) -> bool:
+            alloc = allocs[slot // per_shard]
             end = min(next_pos[slot] + chunk, last_pos[slot] + 1)
             need = pages_for(int(end), p_size) - int(n_pages[slot])
             if need > alloc.free:
@@ -474,53 +493,75 @@ class SamplingEngine:
             limit[slot] = n_pages[slot] * p_size
             return True
 
+        def run_of(p: int) -> int:
+            """Samples of prompt p at the head of the queue (how many could share pages)."""
+            k = 0
+            for q, _ in pending:
+                if q != p:
+                    break
+                k += 1
+            return k
+
         while done < len(queue):
             running = sorted((s for s in range(slots) if owner[s] >= 0), key=age.__getitem__)
-            granted = [grow(s) for s in running]
-            stats.waits += granted.count(False)
-            if not any(granted) and running:
-                stats.preemptions += 1
-                youngest = running[-1]
-                item = item_of[youngest]
-                out.lengths[owner[youngest]] = 0
-                release(youngest)
-                pending.appendleft(item)  # type: ignore[arg-type]
+            granted = {s: grow(s) for s in running}
+            stats.waits += list(granted.values()).count(False)
+            busy = {s // per_shard for s in running}
+            stuck = [sh for sh in sorted(busy)
+                     if not any(ok for s, ok in granted.items() if s // per_shard == sh)]
+            if stuck:
+                for sh in stuck:
+                    stats.preemptions += 1
+                    youngest = [s for s in running if s // per_shard == sh][-1]
+                    item = item_of[youngest]
+                    out.lengths[owner[youngest]] = 0
+                    release(youngest)
+                    pending.appendleft(item)  # type: ignore[arg-type]
                 continue
-            if all(granted):
-                take, slots_for = [], []
-                shared: dict[int, list[int]] = {}
-                free = [s for s in range(slots) if owner[s] < 0]
-                while pending and len(take) < len(free):
-                    p, smp = pending[0]
-                    if p not in shared and len(shared) == self.prefill_batch:
+            # shards open for admission: every sample running there got its pages
+            free = {sh: [s for s in range(sh * per_shard, (sh + 1) * per_shard) if owner[s] < 0]
+                    for sh in range(shards)
+                    if all(ok for s, ok in granted.items() if s // per_shard == sh)}
+            take, slots_for = [], []
+            shared: dict[int, tuple[int, list[int]]] = {}  # prompt → (its shard, full pages)
+            while pending:
+                p, smp = pending[0]
+                if p not in shared and len(shared) == self.prefill_batch:
+                    break
+                n = len(prompts[p]) - 1
+                full = n // p_size
+                private = pages_for(min(n + chunk, n + max_new), p_size) - full
+                if p in shared:
+                    sh, pages = shared[p]
+                    if not free[sh] or private > allocs[sh].free:
                         break
-                    n = len(prompts[p]) - 1
-                    full = n // p_size
-                    private = pages_for(min(n + chunk, n + max_new), p_size) - full
-                    if private + (0 if p in shared else full) > alloc.free:
+                    allocs[sh].share(pages)
+                else:
+                    room = [sh for sh, f in free.items() if f and full + private <= allocs[sh].free]
+                    if not room:
                         break
-                    if p in shared:
-                        alloc.share(shared[p])
-                    else:
-                        shared[p] = alloc.allocate(full)
-                    slot = free[len(take)]
-                    table[slot, :full] = shared[p]
-                    table[slot, full:full + private] = alloc.allocate(private)
-                    n_pages[slot] = full + private
-                    limit[slot] = n_pages[slot] * p_size
-                    next_pos[slot], last_pos[slot] = n, n + max_new - 1
-                    owner[slot], item_of[slot], age[slot] = p * sampling.n + smp, (p, smp), admitted
-                    admitted += 1
-                    take.append(pending.popleft())
-                    slots_for.append(slot)
-                if take:
-                    st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
-                    st = self._admit_batch(params, st, prompts, take, slots_for, sampling, keys)
+                    k = run_of(p)
+                    sh = max(room, key=lambda h: (min(len(free[h]), k), allocs[h].free))
+                    pages = allocs[sh].allocate(full)
+                    shared[p] = (sh, pages)
+                slot = free[sh].pop(0)
+                table[slot, :full] = pages
+                table[slot, full:full + private] = allocs[sh].allocate(private)
+                n_pages[slot] = full + private
+                limit[slot] = n_pages[slot] * p_size
+                next_pos[slot], last_pos[slot] = n, n + max_new - 1
+                owner[slot], item_of[slot], age[slot] = p * sampling.n + smp, (p, smp), admitted
+                admitted += 1
+                take.append(pending.popleft())
+                slots_for.append(slot)
+            if take:
+                st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
+                st = self._admit_batch(params, st, prompts, take, slots_for, sampling, keys)
             if not any(owner[s] >= 0 and limit[s] > next_pos[s] for s in range(slots)):
                 raise SamplingError(  # unreachable while _check_pool_fits holds; never spin
-                    f"KV page pool of {num_pages - 1} pages cannot run the next sample; raise "
-                    "rollout.kv_cache_gib")
-            stats.peak_pages = max(stats.peak_pages, alloc.capacity - alloc.free)
+                    f"KV page pool of {num_pages - shards} pages cannot run the next sample; "
+                    "raise rollout.kv_cache_gib")
+            stats.peak_pages = max(stats.peak_pages, sum(a.capacity - a.free for a in allocs))
             st = kern.put_tables(st, table, limit, np.array(owner) >= 0)
             st, outs = kern.decode_chunk_jit(params, st, stop_ids, spec, chunk)
             for slot, emitted, finished in _collect(outs, owner, out):

@@ -17,6 +17,12 @@ the pool's shape, its writes and the attention call differ.
 `init_state(slots, length)` without `num_pages` gives every slot its own contiguous pages
 (a dense-sized pool behind static tables; the JetStream adapter runs so): the decode path is
 the same, only the host-side allocation is missing.
+
+On a mesh the pool is split into one block of pages per slot shard (`shards`): slot s
+belongs to shard s // (slots / shards), gets pages of its shard only, and its table holds
+shard-local page numbers; decode writes and gathers run per shard (`jax.shard_map` over the
+slot axes), and `insert` scatters each shard's pages on that shard. The pool's size is the
+total over shards (`num_pages` = shards × pages per shard).
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, compute_platform, named_sharding
+from flowrl_jax.mesh import batch_sharding, compute_platform, logical_to_spec, named_sharding
 from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import DecodeCache, rope_table
 from flowrl_jax.models.paged_decode import (ATTENTION_IMPLS, POOL_AXES, PagedCache, empty_pool,
@@ -54,8 +60,9 @@ NO_LIMIT = np.iinfo(np.int32).max
 class PagedState(NamedTuple):
     """Everything the paged decode loop carries; per-slot fields as in kernels.DecodeState."""
 
-    pool: list[Any]  # per layer: PagedCache ("xla") or paged_pallas.KernelPagedCache
-    page_table: Array  # [slots, pages per slot] int32 pool pages, NULL_PAGE where unused
+    pool: list[Any]  # per layer: PagedCache ("xla": pages in one block per slot shard) or
+    #                  paged_pallas.KernelPagedCache ("pallas": one pool)
+    page_table: Array  # [slots, pages per slot] int32 shard-local pages, NULL_PAGE where unused
     limit: Array  # [slots] int32 a slot steps while pos < limit
     token: Array  # [slots] int32 token fed at the next step
     pos: Array  # [slots] int32 its position
@@ -87,11 +94,59 @@ class PagedKernels(KernelsBase):
 
     # ----------------------------------------------------------------- shardings
 
+    def slot_axes(self, slots: int) -> tuple[str, ...]:
+        """The mesh axes `slots` decode slots (and so the pool's pages) are split over; none
+        (one pool, replicated over the slot axes) for an attention other than "xla", whose
+        pool layout has its pages elsewhere."""
+        if self.mesh is None or self.attention != "xla":
+            return ()
+        names = batch_sharding(self.mesh, 1, (slots,)).spec[0]
+        return (names,) if isinstance(names, str) else tuple(names or ())
+
+    def shards(self, slots: int) -> int:
+        """Slot shards of a state of `slots` slots: each has its own block of the pool."""
+        return int(np.prod([self.mesh.shape[a] for a in self.slot_axes(slots)], dtype=np.int64))
+
+    def pool_sharding(self, slots: int, num_pages: int) -> Optional[NamedSharding]:
+        """The pool arrays' sharding: pages over the slots' axes (POOL_AXES' `batch`, taken
+        from the slots so that the blocks line up), kv heads over `tensor`."""
+        if self.mesh is None:
+            return None
+        shape = pool_shape(self.arch, num_pages, self.page_size)
+        axes = self.slot_axes(slots)
+        rest = logical_to_spec(POOL_AXES[1:], self.mesh, shape[1:])
+        return NamedSharding(self.mesh, PartitionSpec(_spec_entry(axes), *rest))
+
+    def pool_split(self, slots: int, num_pages: int) -> int:
+        """Chips one pool array is split over (slot shards × kv-head shards)."""
+        sh = self.pool_sharding(slots, num_pages)
+        if sh is None:
+            return 1
+        shape = pool_shape(self.arch, num_pages, self.page_size)
+        return int(np.prod(shape, dtype=np.int64) // np.prod(sh.shard_shape(shape), dtype=np.int64))
+
+    def _per_shard(self, slots: int, num_pages: int) -> Optional[Any]:
+        """`paged_decode_forward`'s per_shard: the layer's write + gather mapped over the slot
+        shards (None with one shard: the plain, unmapped program)."""
+        axes = self.slot_axes(slots)
+        if self.shards(slots) == 1:
+            return None
+        a = _spec_entry(axes)
+        kv = self.pool_sharding(slots, num_pages).spec[1]
+        pool = PartitionSpec(a, kv, None, None)
+        in_specs = (PagedCache(pool, pool), PartitionSpec(a, kv, None, None),
+                    PartitionSpec(a, kv, None), PartitionSpec(a, kv, None), PartitionSpec(a),
+                    PartitionSpec(a), PartitionSpec(a, None), PartitionSpec(a, None, None, None))
+        out_specs = (PartitionSpec(a, kv, None, None), PagedCache(pool, pool))
+        return lambda f: jax.shard_map(f, mesh=self.mesh, in_specs=in_specs,
+                                       out_specs=out_specs)
+
     def state_shardings(self, slots: int, length: int, num_pages: int) -> Optional[PagedState]:
         """NamedShardings of a paged state (None without a mesh)."""
         if self.mesh is None:
             return None
-        ps = named_sharding(self.mesh, *self._pool_layout(num_pages))
+        ps = (self.pool_sharding(slots, num_pages) if self.attention == "xla"
+              else named_sharding(self.mesh, *self._pool_layout(num_pages)))
         b1 = batch_sharding(self.mesh, 1, (slots,))
         tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
@@ -145,16 +200,26 @@ class PagedKernels(KernelsBase):
                                                    self._pool_pages(slots, length, num_pages)))
 
     def _pool_pages(self, slots: int, length: int, num_pages: Optional[int]) -> int:
-        return slots * self.pages_per_slot(length) + 1 if num_pages is None else num_pages
+        """The pool's pages: `num_pages`, or (static tables) each shard's slots' pages + its
+        null page, over all shards."""
+        if num_pages is not None:
+            return num_pages
+        shards = self.shards(slots)
+        return shards * (slots // shards * self.pages_per_slot(length) + 1)
 
     def _empty_state(self, slots: int, length: int, num_pages: Optional[int]) -> PagedState:
         width = self.pages_per_slot(length)
         n = self._pool_pages(slots, length, num_pages)
+        if n % self.shards(slots):
+            raise ValueError(f"a pool of {n} pages does not split into {self.shards(slots)} "
+                             "slot shards")
         make = paged_pallas.empty_kernel_pool if self.attention == "pallas" else empty_pool
         pool = make(self.arch, n, self.page_size, self.cache_dtype)
         zi = jnp.zeros((slots,), jnp.int32)
-        if num_pages is None:  # static: slot s owns pages 1 + s·width ... (s + 1)·width
-            table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width)
+        if num_pages is None:  # static: local slot s of a shard owns its pages 1 + s·width ...
+            per_shard = slots // self.shards(slots)
+            table = 1 + jnp.arange(slots * width, dtype=jnp.int32).reshape(slots, width) % (
+                per_shard * width)
             limit = jnp.full((slots,), NO_LIMIT, jnp.int32)
         else:
             table = jnp.full((slots, width), NULL_PAGE, jnp.int32)
@@ -175,24 +240,24 @@ class PagedKernels(KernelsBase):
         p_size = self.page_size
         plen = prefix[0].length
         width = min(pages_for(plen, p_size), st.page_table.shape[1])
-        rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]  # [M, W]
-        needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
-        dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB: dropped
-        pad = width * p_size - plen
-        pool = []
-        for c, pc in zip(st.pool, prefix):
-            def pages(a):  # [B, K, D, plen] → the rows src as pages [M·W, K, D, P]
-                if pad > 0:
-                    a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
-                a = a[..., :width * p_size]
-                b, k, d, _ = a.shape
-                a = a.reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)[src]
-                return a.reshape(-1, k, d, p_size)
-            if self.attention == "pallas":
-                pool.append(paged_pallas.write_pages(c, dest, pages(pc.k), pages(pc.v)))
-                continue
-            pool.append(PagedCache(c.k.at[dest].set(pages(pc.k).astype(c.k.dtype), mode="drop"),
-                                   c.v.at[dest].set(pages(pc.v).astype(c.v.dtype), mode="drop")))
+        if self.shards(slots) > 1:  # the xla layout only (other layouts keep one pool)
+            pool = self._insert_per_shard(st, prefix, src, dst, pos, width)
+        else:
+            rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]
+            needed = jnp.arange(width)[None, :] < ((pos + p_size - 1) // p_size)[:, None]
+            dest = jnp.where(needed & (dst < slots)[:, None], rows, n_pages).reshape(-1)  # OOB
+
+            def pages(a: Array) -> Array:  # prefix rows [B, K, D, n] → rows src as [M·W, K, D, P]
+                return self._as_pages(a, width)[src].reshape(-1, *a.shape[1:3], p_size)
+
+            pool = []
+            for c, pc in zip(st.pool, prefix):
+                if self.attention == "pallas":
+                    pool.append(paged_pallas.write_pages(c, dest, pages(pc.k), pages(pc.v)))
+                else:
+                    pool.append(PagedCache(
+                        c.k.at[dest].set(pages(pc.k).astype(c.k.dtype), mode="drop"),
+                        c.v.at[dest].set(pages(pc.v).astype(c.v.dtype), mode="drop")))
 
         def put(a, x):
             return a.at[dst].set(x.astype(a.dtype), mode="drop")
@@ -203,6 +268,49 @@ class PagedKernels(KernelsBase):
                          budget=put(st.budget, budget), keys=put(st.keys, keys))
         return self.constrain(st)
 
+    def _as_pages(self, a: Array, width: int) -> Array:
+        """Prefix rows [B, K, D, n] as their first `width` pages [B, width, K, D, P]."""
+        p_size = self.page_size
+        pad = width * p_size - a.shape[3]
+        if pad > 0:
+            a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        b, k, d, _ = a.shape
+        return a[..., :width * p_size].reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)
+
+    def _insert_per_shard(self, st: PagedState, prefix: list[DecodeCache], src: Array,
+                          dst: Array, pos: Array, width: int) -> list[PagedCache]:
+        """`insert`'s page writes on a sharded pool: indexed by slot (which prefix row each
+        slot takes, -1 for none), so each shard cuts pages for its own slots only and
+        writes them into its block (the prefix rows, a few prompts, go to every shard)."""
+        slots, _, _ = self._dims(st)
+        p_size = self.page_size
+        row_of = jnp.full((slots,), -1, jnp.int32).at[dst].set(src.astype(jnp.int32), mode="drop")
+        pos_of = jnp.zeros((slots,), jnp.int32).at[dst].set(pos.astype(jnp.int32), mode="drop")
+        a = _spec_entry(self.slot_axes(slots))
+        spec = self.pool_sharding(slots, st.pool[0].num_pages).spec
+
+        def local(block: PagedCache, table: Array, row_of: Array, pos_of: Array,
+                  pk: Array, pv: Array) -> PagedCache:
+            n = block.k.shape[0]
+            needed = (jnp.arange(width)[None, :] < ((pos_of + p_size - 1) // p_size)[:, None])
+            dest = jnp.where(needed & (row_of >= 0)[:, None], table[:, :width], n).reshape(-1)
+            rows = jnp.maximum(row_of, 0)
+
+            def write(pool: Array, pre: Array) -> Array:
+                upd = self._as_pages(pre, width)[rows].reshape(-1, *pool.shape[1:])
+                return pool.at[dest].set(upd.astype(pool.dtype), mode="drop")
+
+            return PagedCache(write(block.k, pk), write(block.v, pv))
+
+        prefix_spec = PartitionSpec(None, *spec[1:])  # every shard: all prompts, its kv heads
+        run = jax.shard_map(local, mesh=self.mesh,
+                            in_specs=(PagedCache(spec, spec), PartitionSpec(a, None),
+                                      PartitionSpec(a), PartitionSpec(a), prefix_spec,
+                                      prefix_spec),
+                            out_specs=PagedCache(spec, spec))
+        return [run(c, st.page_table, row_of, pos_of, pc.k, pc.v)
+                for c, pc in zip(st.pool, prefix)]
+
     def _step(self, model: Qwen2ForCausalLM, st: PagedState, stop_ids: Array,
               spec: SamplingSpec, rope: tuple[Array, Array], mats: Any, products: str,
               noise: Optional[Array] = None):
@@ -212,8 +320,10 @@ class PagedKernels(KernelsBase):
         pos = jnp.minimum(st.pos, length - 1)
         page = jnp.take_along_axis(st.page_table, (pos // self.page_size)[:, None], axis=1)[:, 0]
         page = jnp.where(act, page, NULL_PAGE)
+        slots, _, n_pages = self._dims(st)
         logits, pool = paged_decode_forward(model, st.token, pos, page, st.pool, st.page_table,
-                                            rope, mats, products, self.attention)
+                                            rope, mats, products, self.attention,
+                                            self._per_shard(slots, n_pages))
         logits = logits.astype(jnp.float32)
         keys = None if noise is not None else step_keys(st.keys, st.generated)
         tok, logp = sample_logits(logits, keys, spec, noise)
@@ -255,6 +365,11 @@ class PagedKernels(KernelsBase):
         with compute_platform(self.mesh):  # the attention kernel for the mesh's devices
             _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
         return st, outs
+
+
+def _spec_entry(axes: tuple[str, ...]) -> Any:
+    """A PartitionSpec entry for mesh `axes`: None, one name, or the tuple."""
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
 _PAGED_KERNELS: dict[tuple, PagedKernels] = {}
