@@ -53,6 +53,31 @@ def test_same_samples_as_the_engine(backends, settings):
     np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
 
 
+def test_the_samples_of_a_prompt_share_its_prefill_and_new_weights_prefill_again(
+        backends, monkeypatch):
+    """One prefill per prompt (the G requests of a prompt reuse it: the per-sample key is
+    applied at insert), and none is reused across a weight push."""
+    import jax
+    from flax import nnx
+
+    from flowrl_jax.sampling.jetstream import FlowRLEngine
+
+    core, model, rollouts = backends
+    calls = []
+    real = FlowRLEngine._prefill_cache
+    monkeypatch.setattr(FlowRLEngine, "_prefill_cache",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = [[5, 6, 7]] * 2 + _prompts(2)  # two identical prompts in a row share one too
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=123)
+    got = rollouts.generate(model, prompts, sp)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(got.tokens, core.generate(model, prompts, sp).tokens)
+    other = jax.tree.map(lambda x: x * 1.5, nnx.state(model))
+    got = rollouts.generate(other, prompts, sp)
+    assert len(calls) == 6
+    np.testing.assert_array_equal(got.tokens, core.generate(other, prompts, sp).tokens)
+
+
 def test_a_different_seed_gives_different_samples_on_both(backends):
     core, model, rollouts = backends
     prompts = _prompts(4)

@@ -92,13 +92,33 @@ class HFTokenizer(js.tokenizer_api.Tokenizer):
         return int(bid if bid is not None else self.pad_id)
 
 
+@dataclass(frozen=True, eq=False)
+class SharedPrefix:
+    """The prefill of one rollout prompt under one version of the weights, shared by the G
+    requests of that prompt (the per-sample key is applied at insert, so the prefix does not
+    depend on the sample). A pytree without leaves: JetStream deletes a request's prefill
+    arrays after its insert, and these must live on for the next sample of the prompt."""
+
+    cache: Any
+    length: int  # positions in the cache: the prompt without its last token
+    last_token: int  # fed by the first generate
+
+
+jax.tree_util.register_pytree_node(SharedPrefix, lambda p: ((), p), lambda p, _: p)
+
+
 class FlowRLEngine(engine_api.Engine):
     """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
 
     A request that carries a `rollout` key (sampling/jetstream_rollout.py) is sampled with
     its own (seed, prompt index, sample index) key and max tokens, as `SamplingEngine.generate`
     samples it; `set_params` swaps the weights served, `start_trace`/`stop_trace` record each
-    generate step (tokens with log-probs and finish flags) for the rollout to read back."""
+    generate step (tokens with log-probs and finish flags) for the rollout to read back.
+
+    Rollout requests are cheaper than JetStream's one prefill and one insert per request: the
+    consecutive requests of one prompt share its prefill (`SharedPrefix`, remembered for the
+    last prompt under the current weights), and their inserts wait for the next `generate`,
+    which starts the pending samples of each prefix in one batched insert."""
 
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
                  sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
@@ -134,6 +154,12 @@ class FlowRLEngine(engine_api.Engine):
         self.pending = threading.local()
         self._owner: list[int] = [-1] * self._slots
         self._trace: Optional[list] = None
+        # prefix sharing: (weights version, prompt tokens) → prefix, for the last prompt seen
+        self._version = 0
+        self._last_prefix: Optional[tuple[tuple, SharedPrefix]] = None
+        # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
+        self._pending: list[tuple[int, SharedPrefix, Any]] = []
+        self._insert_rows = jax.jit(self._insert_rows_impl, donate_argnums=(1,))
 
     # ----------------------------------------------------------------- kernels
 
@@ -143,6 +169,14 @@ class FlowRLEngine(engine_api.Engine):
         return self.core.kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
                                         prefix["last_token"][None], prefix["length"][None],
                                         budget[None], keys)
+
+    def _insert_rows_impl(self, cache: Any, st: DecodeState, dst: Array, last_token: Array,
+                          pos: Array, budget: Array, seed: Array, prompt_index: Array,
+                          sample_index: Array) -> DecodeState:
+        # every row copies row 0 of the one-prompt prefix `cache`; dst out of range = padding
+        keys = sample_keys(seed, prompt_index, sample_index)
+        return self.core.kernels.insert(st, cache, jnp.zeros_like(dst), dst, last_token, pos,
+                                        budget, keys)
 
     def _generate_impl(self, params: Any, st: DecodeState
                        ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
@@ -163,29 +197,59 @@ class FlowRLEngine(engine_api.Engine):
         vocab = self.core.arch.vocab_size
         n = int(min(max(int(true_length), 1), tokens.shape[0]))
         tokens = np.clip(tokens, 0, vocab - 1)
-        body = np.zeros((1, bucket(max(n - 1, 1), self._body_buckets)), np.int32)
-        body[0, :n - 1] = tokens[:n - 1]
-        cache = self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
-        prefix = {"cache": cache, "length": jnp.int32(n - 1),
-                  "last_token": jnp.int32(tokens[n - 1])}
         rollout = getattr(self.pending, "rollout", None)  # a rollout request's keys and budget
         self.pending.rollout = None
-        if rollout is not None:
-            prefix["rollout"] = rollout
-        return prefix
+        if rollout is not None:  # the prompt's prefix, shared with its other samples
+            key = (self._version, tokens[:n].tobytes())
+            last = self._last_prefix
+            if last is None or last[0] != key:
+                last = (key, SharedPrefix(self._prefill_cache(params, tokens, n), n - 1,
+                                          int(tokens[n - 1])))
+                self._last_prefix = last
+            return {"rollout": rollout, "shared": last[1]}
+        return {"cache": self._prefill_cache(params, tokens, n), "length": jnp.int32(n - 1),
+                "last_token": jnp.int32(tokens[n - 1])}
+
+    def _prefill_cache(self, params: Any, tokens: np.ndarray, n: int) -> Any:
+        """The cache of the first n − 1 of `tokens` (one prompt)."""
+        body = np.zeros((1, bucket(max(n - 1, 1), self._body_buckets)), np.int32)
+        body[0, :n - 1] = tokens[:n - 1]
+        return self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
 
     def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
         ro = prefix.get("rollout")
-        if ro is not None:  # per-sample key (seed, prompt, sample), as SamplingEngine.generate
-            seed, p, s, budget = ro.seed, ro.prompt_index, ro.sample_index, ro.max_tokens
+        if ro is not None:  # started by the next generate, with the prompt's other samples
+            self._pending.append((int(slot), prefix["shared"], ro))
             self._owner[slot] = ro.row
-        else:
-            with self._lock:
-                request = next(self._counter)
-            seed, p, s, budget = self.sampling.seed, request % 2**31, 0, self.cache_len
-        arrays = {k: v for k, v in prefix.items() if k != "rollout"}
-        return self._insert(arrays, decode_state, np.int32(slot), np.uint32(seed % 2**32),
-                            np.int32(p), np.int32(s), np.int32(budget))
+            return decode_state
+        decode_state = self._start_pending(decode_state)
+        with self._lock:
+            request = next(self._counter)
+        return self._insert(prefix, decode_state, np.int32(slot),
+                            np.uint32(self.sampling.seed % 2**32), np.int32(request % 2**31),
+                            np.int32(0), np.int32(self.cache_len))
+
+    def _start_pending(self, st: DecodeState) -> DecodeState:
+        """Apply the pending rollout inserts: one batched insert per shared prefix, with the
+        per-sample key (seed, prompt, sample) as SamplingEngine.generate uses it."""
+        pending, self._pending = self._pending, []
+        groups: dict[int, list] = {}
+        for item in pending:
+            groups.setdefault(id(item[1]), []).append(item)
+        for rows in groups.values():
+            prefix = rows[0][1]
+            m = 1 << (len(rows) - 1).bit_length()  # padded to a power of two: few compiles
+            pad = m - len(rows)
+            col = lambda f, fill, dtype: np.asarray([f(r) for r in rows] + [fill] * pad,  # noqa: E731
+                                                    dtype)
+            st = self._insert_rows(
+                prefix.cache, st, col(lambda r: r[0], self._slots, np.int32),
+                np.full((m,), prefix.last_token, np.int32), np.full((m,), prefix.length, np.int32),
+                col(lambda r: r[2].max_tokens, 0, np.int32),
+                col(lambda r: r[2].seed % 2**32, 0, np.uint32),
+                col(lambda r: r[2].prompt_index, 0, np.int32),
+                col(lambda r: r[2].sample_index, 0, np.int32))
+        return st
 
     def _params_for(self, params: Any) -> Any:
         return params if self._live_params is None else self._live_params
@@ -193,6 +257,8 @@ class FlowRLEngine(engine_api.Engine):
     def set_params(self, params: Any) -> None:
         """Serve the next requests with `params` (the trainer's weights after an update)."""
         self._live_params = self.core.params_of(params)
+        self._version += 1
+        self._last_prefix = None  # a prefix of the old weights is never reused
 
     def start_trace(self) -> None:
         """Record every generate step's tokens, log-probs and finish flags from now on."""
@@ -202,9 +268,11 @@ class FlowRLEngine(engine_api.Engine):
         """The recorded calls: (the row each slot held, (data, logprobs, finish)); data is
         [slots, 2·steps + 1] (tokens, emitted, generated), logprobs/finish [steps, slots]."""
         trace, self._trace = self._trace or [], None
+        self._last_prefix = None  # the rollout is over: its prefix cache is freed
         return trace
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
+        decode_state = self._start_pending(decode_state)
         st, data, logp, finish = self._generate(self._params_for(params), decode_state)
         trace = self._trace  # read once: stop_trace() may clear it from another thread
         if trace is not None:
