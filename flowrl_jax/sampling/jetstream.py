@@ -160,6 +160,11 @@ class FlowRLEngine(engine_api.Engine):
         # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
         self._pending: list[tuple[int, SharedPrefix, Any]] = []
         self._insert_rows = jax.jit(self._insert_rows_impl, donate_argnums=(1,))
+        # `release`: the decode state JetStream's generate thread holds between calls is freed
+        # after a rollout (the train step needs the memory) and made afresh on the next call
+        self._state_lock = threading.Lock()
+        self._held: Any = None  # the decode state last handed back to the generate thread
+        self._released = False
 
     # ----------------------------------------------------------------- kernels
 
@@ -217,17 +222,35 @@ class FlowRLEngine(engine_api.Engine):
         return self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
 
     def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
-        ro = prefix.get("rollout")
-        if ro is not None:  # started by the next generate, with the prompt's other samples
-            self._pending.append((int(slot), prefix["shared"], ro))
-            self._owner[slot] = ro.row
-            return decode_state
-        decode_state = self._start_pending(decode_state)
-        with self._lock:
-            request = next(self._counter)
-        return self._insert(prefix, decode_state, np.int32(slot),
-                            np.uint32(self.sampling.seed % 2**32), np.int32(request % 2**31),
-                            np.int32(0), np.int32(self.cache_len))
+        with self._state_lock:
+            ro = prefix.get("rollout")
+            if ro is not None:  # started by the next generate, with the prompt's other samples
+                self._pending.append((int(slot), prefix["shared"], ro))
+                self._owner[slot] = ro.row
+                return decode_state
+            st = self._start_pending(self._live(decode_state))
+            with self._lock:
+                request = next(self._counter)
+            st = self._insert(prefix, st, np.int32(slot), np.uint32(self.sampling.seed % 2**32),
+                              np.int32(request % 2**31), np.int32(0), np.int32(self.cache_len))
+            self._held = st
+            return st
+
+    def _live(self, st: DecodeState) -> DecodeState:
+        """`st`, or a fresh (idle) decode state where `release` freed it."""
+        if self._released:
+            self._released = False
+            return self.init_decode_state()
+        return st
+
+    def release(self) -> None:
+        """Free the decode state the generate thread holds (every request is complete); the
+        thread's next insert or generate starts from a fresh one."""
+        with self._state_lock:
+            if self._held is not None:
+                for leaf in jax.tree.leaves(self._held):
+                    leaf.delete()
+            self._held, self._released = None, True
 
     def _start_pending(self, st: DecodeState) -> DecodeState:
         """Apply the pending rollout inserts: one batched insert per shared prefix, with the
@@ -272,12 +295,18 @@ class FlowRLEngine(engine_api.Engine):
         return trace
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
-        decode_state = self._start_pending(decode_state)
-        st, data, logp, finish = self._generate(self._params_for(params), decode_state)
+        k = self._steps
+        with self._state_lock:
+            if self._released and not self._pending:  # every slot idle: keep the cache freed
+                return decode_state, engine_api.ResultTokens(
+                    data=np.zeros((self._slots, 2 * k + 1), np.int32), tokens_idx=(0, k),
+                    valid_idx=(k, 2 * k), length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
+            decode_state = self._start_pending(self._live(decode_state))
+            st, data, logp, finish = self._generate(self._params_for(params), decode_state)
+            self._held = st
         trace = self._trace  # read once: stop_trace() may clear it from another thread
         if trace is not None:
             trace.append((list(self._owner), (data, logp, finish)))
-        k = self._steps
         return st, engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
                                            length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
 

@@ -11,7 +11,9 @@ are pushed to the driver's engine before each call (`set_params`), so the driver
 serves the trainer's current weights.
 
 Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
-returned to JetStream as that many speculative tokens per slot.
+returned to JetStream as that many speculative tokens per slot. After a rollout the decode
+state (the KV cache of every slot) that the driver's generate thread holds is freed
+(`FlowRLEngine.release`), so the train step has the memory, as after `SamplingEngine.generate`.
 JetStream's detokenizer returns token ids without the stop token and without log-probs, so
 the samples are read from the adapter's trace of its generate steps (which slot held which
 sample at each step); the driver's return channel only says when a sample is complete. A
@@ -132,6 +134,8 @@ class JetStreamRollouts:
                 failure = driver_failure(driver)  # before the trace stops under a live driver
             finally:
                 trace = engine.stop_trace()
+            if not (left or failure):  # every sample complete: the driver's cache is not needed
+                engine.release()
             if left or failure:
                 # Its requests may still land in slots later: this driver is not reused.
                 self._drivers.pop(next(k for k, v in self._drivers.items() if v[1] is driver))
