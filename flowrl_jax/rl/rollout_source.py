@@ -47,7 +47,7 @@ def check_rollout_source(cfg: Config, out: Any) -> None:
             raise ConfigError(
                 "rollout.backend: the default backend 'jetstream' needs google-jetstream and "
                 "the serve extra, which are not importable here "
-                f"({e}); install them (`make install`, or `pip install 'flowrl-jax[serve]' && "
+                f"({e}); install them (`make venv`, or `pip install 'flowrl-jax[serve]' && "
                 "pip install --no-deps google-jetstream==0.2.2`) or set "
                 "rollout.backend=engine") from e
 
