@@ -84,6 +84,18 @@ def test_the_samples_of_a_prompt_share_its_prefill_and_the_cache_is_freed_after(
     got = rollouts.generate(other, prompts, sp)
     assert len(calls) == 6
     np.testing.assert_array_equal(got.tokens, core.generate(other, prompts, sp).tokens)
+    # JetStream calls generate until its detokenize thread frees the finished slots: with no
+    # slot decoding, a rollout's engine emits nothing and runs no decode
+    engine = next(iter(rollouts._drivers.values()))[0]
+    idle, decode = engine.init_decode_state(), engine._generate
+    engine._generate = None  # a decode would fail
+    engine.start_trace()
+    try:
+        st, result = engine.generate(None, idle)
+    finally:
+        engine.stop_trace()
+        engine._generate = decode
+    assert st is idle and not np.asarray(result.data).any()
 
 
 def test_a_different_seed_gives_different_samples_on_both(backends):

@@ -236,6 +236,11 @@ class FlowRLEngine(engine_api.Engine):
             self._held = st
             return st
 
+    def _all_idle(self, st: DecodeState) -> bool:
+        """During a rollout: whether no slot of `st` is decoding (one read of its [slots]
+        flags, as the engine reads each chunk's tokens back); serving never skips."""
+        return self._trace is not None and not bool(np.any(jax.device_get(st.active)))
+
     def _live(self, st: DecodeState) -> DecodeState:
         """`st`, or a fresh (idle) decode state where `release` freed it."""
         if self._released:
@@ -297,7 +302,10 @@ class FlowRLEngine(engine_api.Engine):
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
         k = self._steps
         with self._state_lock:
-            if self._released and not self._pending:  # every slot idle: keep the cache freed
+            if not self._pending and (self._released or self._all_idle(decode_state)):
+                # Nothing to decode: JetStream frees a finished slot only once its detokenize
+                # thread has read the result, and calls generate until then (a rollout's
+                # every sample can be complete). No token is emitted; the cache stays freed.
                 return decode_state, engine_api.ResultTokens(
                     data=np.zeros((self._slots, 2 * k + 1), np.int32), tokens_idx=(0, k),
                     valid_idx=(k, 2 * k), length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
