@@ -24,6 +24,7 @@ continuous batching with the server's settings.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import threading
@@ -107,6 +108,41 @@ class SharedPrefix:
 jax.tree_util.register_pytree_node(SharedPrefix, lambda p: ((), p), lambda p, _: p)
 
 
+@functools.lru_cache(maxsize=None)
+def _insert_fn(kernels: Any) -> Any:
+    """Jitted: start one served request in `slot` with key (seed, request, 0)."""
+    def insert(prefix: dict, st: DecodeState, slot: Array, seed: Array, prompt_index: Array,
+               sample_index: Array, budget: Array) -> DecodeState:
+        keys = sample_keys(seed, prompt_index[None], sample_index[None])
+        return kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
+                              prefix["last_token"][None], prefix["length"][None], budget[None],
+                              keys)
+    return jax.jit(insert, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_rows_fn(kernels: Any) -> Any:
+    """Jitted: start M rollout samples of one shared prefix (dst out of range = padding)."""
+    def insert_rows(cache: Any, st: DecodeState, dst: Array, last_token: Array, pos: Array,
+                    budget: Array, seed: Array, prompt_index: Array,
+                    sample_index: Array) -> DecodeState:
+        keys = sample_keys(seed, prompt_index, sample_index)  # as SamplingEngine.generate
+        return kernels.insert(st, cache, jnp.zeros_like(dst), dst, last_token, pos, budget, keys)
+    return jax.jit(insert_rows, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fn(kernels: Any, stop_ids: tuple, spec: Any, steps: int) -> Any:
+    """Jitted: `steps` decode steps → (state, [slots, 2·steps + 1] tokens/emitted/generated,
+    [steps, slots] log-probs, [steps, slots] finish reasons)."""
+    def decode(params: Any, st: DecodeState) -> tuple:
+        st, outs = kernels.decode_chunk(params, st, jnp.asarray(stop_ids, jnp.int32), spec, steps)
+        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
+                                st.generated[:, None]], axis=1)
+        return st, data, outs.logprobs, outs.finish
+    return jax.jit(decode, donate_argnums=(1,))
+
+
 class FlowRLEngine(engine_api.Engine):
     """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
 
@@ -145,8 +181,10 @@ class FlowRLEngine(engine_api.Engine):
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._prefill = core.kernels.prefill_jit
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        # compiled once per kernels and settings, not per adapter (each trainer makes its own)
+        self._insert = _insert_fn(core.kernels)
+        self._generate = _decode_fn(core.kernels, tuple(int(t) for t in self.stop_ids), self.spec,
+                                    self._steps)
         # Rollouts (sampling/jetstream_rollout.py): the params pushed for the next requests,
         # the request a prefill serves (set on the prefill thread by `_Driver`), which
         # request each slot holds, and a trace of every generate step's outputs.
@@ -159,38 +197,12 @@ class FlowRLEngine(engine_api.Engine):
         self._last_prefix: Optional[tuple[tuple, SharedPrefix]] = None
         # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
         self._pending: list[tuple[int, SharedPrefix, Any]] = []
-        self._insert_rows = jax.jit(self._insert_rows_impl, donate_argnums=(1,))
+        self._insert_rows = _insert_rows_fn(core.kernels)
         # `release`: the decode state JetStream's generate thread holds between calls is freed
         # after a rollout (the train step needs the memory) and made afresh on the next call
         self._state_lock = threading.Lock()
         self._held: Any = None  # the decode state last handed back to the generate thread
         self._released = False
-
-    # ----------------------------------------------------------------- kernels
-
-    def _insert_impl(self, prefix: dict, st: DecodeState, slot: Array, seed: Array,
-                     prompt_index: Array, sample_index: Array, budget: Array) -> DecodeState:
-        keys = sample_keys(seed, prompt_index[None], sample_index[None])
-        return self.core.kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
-                                        prefix["last_token"][None], prefix["length"][None],
-                                        budget[None], keys)
-
-    def _insert_rows_impl(self, cache: Any, st: DecodeState, dst: Array, last_token: Array,
-                          pos: Array, budget: Array, seed: Array, prompt_index: Array,
-                          sample_index: Array) -> DecodeState:
-        # every row copies row 0 of the one-prompt prefix `cache`; dst out of range = padding
-        keys = sample_keys(seed, prompt_index, sample_index)
-        return self.core.kernels.insert(st, cache, jnp.zeros_like(dst), dst, last_token, pos,
-                                        budget, keys)
-
-    def _generate_impl(self, params: Any, st: DecodeState
-                       ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
-        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec,
-                                                  self._steps)
-        # [slots, steps] tokens, [slots, steps] valid flags, [slots, 1] generated so far
-        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
-                                st.generated[:, None]], axis=1)
-        return st, data, outs.logprobs, outs.finish
 
     # ----------------------------------------------------------------- Engine API
 
