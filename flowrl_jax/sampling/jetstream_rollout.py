@@ -10,7 +10,9 @@ built on first use and kept (training and evaluation settings each get theirs). 
 are pushed to the driver's engine before each call (`set_params`), so the driver always
 serves the trainer's current weights.
 
-Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
+The requests of a prompt are placed one after the other, so its G samples share one prefill
+and are started by one batched insert (FlowRLEngine), and no decode runs while every slot is
+idle. Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
 returned to JetStream as that many speculative tokens per slot. After a rollout the decode
 state (the KV cache of every slot) that the driver's generate thread holds is freed
 (`FlowRLEngine.release`), so the train step has the memory, as after `SamplingEngine.generate`.
