@@ -310,9 +310,10 @@ class RolloutConfig:
     prefill_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # "engine": the trainer calls the sampling engine; "jetstream": every sample is a request
-    # to an in-process JetStream driver over the engine's adapter (same samples, per-sample keys)
-    backend: Literal["engine", "jetstream"] = "engine"
+    # "jetstream": every sample is a request to an in-process JetStream driver over the
+    # engine's adapter (needs google-jetstream, the serve extra); "engine": the trainer calls
+    # the sampling engine directly (same samples: per-sample keys). Unused with `servers`.
+    backend: Literal["engine", "jetstream"] = "jetstream"
     # a rollout not complete by then is an error (jetstream; the background one of staleness ≥ 1)
     timeout_s: float = 600.0
     # KV cache: "paged" (pages of page_size positions from one pool, shared prompt pages) or
@@ -359,9 +360,7 @@ class RolloutConfig:
                    f"{key}.servers[{i}]", f"must be host:port, got {server!r}")
         _check(len(set(self.servers)) == len(self.servers), f"{key}.servers",
                f"lists a server twice: {list(self.servers)}")
-        if self.servers:
-            _check(self.backend == "engine", f"{key}.servers",
-                   "remote servers replace the in-process sampler; leave rollout.backend at engine")
+        if self.servers:  # they replace the in-process sampler (rollout.backend is unused)
             _check(self.devices is None, f"{key}.servers",
                    "remote servers replace the sampler's own devices; unset rollout.devices")
 

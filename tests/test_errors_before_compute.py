@@ -56,6 +56,19 @@ def test_code_rewards_refused_before_compute_where_nothing_isolates(tmp_path, ca
     assert not (tmp_path / "run").exists()
 
 
+def test_default_jetstream_backend_without_jetstream_names_the_fix(tmp_path, capsys,
+                                                                monkeypatch):
+    import sys
+
+    # None in sys.modules: importing the JetStream rollouts raises ImportError, as without
+    # google-jetstream
+    monkeypatch.setitem(sys.modules, "flowrl_jax.sampling.jetstream_rollout", None)
+    assert _train(tmp_path / "run") == 2
+    _one_line_error(capsys, "rollout.backend", "google-jetstream", "make venv",
+                    "rollout.backend=engine")
+    assert not (tmp_path / "run").exists()
+
+
 def test_code_task_records_its_sandbox_backend(monkeypatch):
     cfg = load_config(None, TINY + ["data.train=[code_train]", "rewards.sandbox.isolation=best_effort"])
     monkeypatch.setattr(sandbox, "ISOLATING_BACKENDS", ())

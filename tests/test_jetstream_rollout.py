@@ -53,6 +53,51 @@ def test_same_samples_as_the_engine(backends, settings):
     np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
 
 
+def test_the_samples_of_a_prompt_share_its_prefill_and_the_cache_is_freed_after(
+        backends, monkeypatch):
+    """One prefill per prompt (the G requests of a prompt reuse it: the per-sample key is
+    applied at insert), none reused across a weight push; the driver's decode state is freed
+    after each rollout and made afresh by the next."""
+    import jax
+    from flax import nnx
+
+    from flowrl_jax.sampling.jetstream import FlowRLEngine
+
+    core, model, rollouts = backends
+    calls = []
+    real = FlowRLEngine._prefill_cache
+    monkeypatch.setattr(FlowRLEngine, "_prefill_cache",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    held = []  # the decode state each rollout leaves in the driver's generate thread
+    real_release = FlowRLEngine.release
+    monkeypatch.setattr(FlowRLEngine, "release",
+                        lambda self: held.append(jax.tree.leaves(self._held))
+                        or real_release(self))
+    prompts = [[5, 6, 7]] * 2 + _prompts(2)  # two identical prompts in a row share one too
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=123)
+    got = rollouts.generate(model, prompts, sp)
+    assert len(calls) == 3
+    # the KV cache of the slots is freed after the rollout (the train step needs the memory)
+    assert len(held) == 1 and held[0] and all(x.is_deleted() for x in held[0])
+    np.testing.assert_array_equal(got.tokens, core.generate(model, prompts, sp).tokens)
+    other = jax.tree.map(lambda x: x * 1.5, nnx.state(model))
+    got = rollouts.generate(other, prompts, sp)
+    assert len(calls) == 6
+    np.testing.assert_array_equal(got.tokens, core.generate(other, prompts, sp).tokens)
+    # JetStream calls generate until its detokenize thread frees the finished slots: with no
+    # slot decoding, a rollout's engine emits nothing and runs no decode
+    engine = next(iter(rollouts._drivers.values()))[0]
+    idle, decode = engine.init_decode_state(), engine._generate
+    engine._generate = None  # a decode would fail
+    engine.start_trace()
+    try:
+        st, result = engine.generate(None, idle)
+    finally:
+        engine.stop_trace()
+        engine._generate = decode
+    assert st is idle and not np.asarray(result.data).any()
+
+
 def test_a_different_seed_gives_different_samples_on_both(backends):
     core, model, rollouts = backends
     prompts = _prompts(4)

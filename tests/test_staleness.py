@@ -1,7 +1,8 @@
 """Asynchronous rollouts with bounded staleness (`trainer.staleness`) and the sampler's own
 sub-mesh (`rollout.devices`): the fixed schedule, the checkpointed in-flight rollouts, and
 the trainer end to end on the 8 fake CPU devices (k = 0 equal to the default trainer bit for
-bit; k = 1 on a 4/4 split overlapping generation with updates)."""
+bit, also with the engine called directly instead of JetStream; k = 0 and k = 1 on a 4/4
+split, k = 1 overlapping generation with updates)."""
 
 import math
 import threading
@@ -177,11 +178,18 @@ def _run(tmp, name, paced=False, **extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The default trainer, the same with trainer.staleness=0, and k = 1 on a 4/4 split."""
+    """The default trainer (JetStream rollouts), trainer.staleness=0 with the engine called
+    directly, k = 0 and k = 1 on a 4/4 split; and the driver threads alive after them."""
     tmp = tmp_path_factory.mktemp("staleness")
-    return {"default": _run(tmp, "default"), "k0": _run(tmp, "k0", **{"trainer.staleness": 0}),
-            "k1": _run(tmp, "k1", paced=True,
-                       **{"trainer.staleness": 1, "rollout.devices": 4})}
+    got = {"default": _run(tmp, "default"),
+           "k0": _run(tmp, "k0", **{"trainer.staleness": 0, "rollout.backend": "engine"}),
+           "split0": _run(tmp, "split0", **{"rollout.devices": 4}),
+           "k1": _run(tmp, "k1", paced=True,
+                      **{"trainer.staleness": 1, "rollout.devices": 4})}
+    from flowrl_jax.sampling.jetstream_compat import DriverThread
+    got["driver_threads"] = [t for t in threading.enumerate()
+                             if isinstance(t, DriverThread) and t.is_alive()]
+    return got
 
 
 def _stable(history):
@@ -193,11 +201,40 @@ def _leaves(state):
 
 
 def test_staleness_zero_is_the_default_trainer_bit_for_bit(runs):
-    (_, a), (_, b) = runs["default"], runs["k0"]
-    assert _stable(a.history) == _stable(b.history) and len(a.history) == STEPS
+    """The default (JetStream rollouts, k = 0) trains exactly as the engine called directly."""
+    from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
+
+    (tr, a), (tr_engine, b) = runs["default"], runs["k0"]
+    assert isinstance(tr.sampler, JetStreamRollouts) and tr_engine.sampler is tr_engine.engine
+    # all but the sampler/trainer log-prob gap (the sampler's log-probs differ by rounding)
+    drop = lambda h: [{k: v for k, v in r.items() if k != "rollout/logp_abs_diff"}  # noqa: E731
+                      for r in _stable(h)]
+    assert drop(a.history) == drop(b.history) and len(a.history) == STEPS
     la, lb = _leaves(a.state), _leaves(b.state)
     assert len(la) > 20 and all(np.array_equal(x, y) for x, y in zip(la, lb))
     assert [r["rollout/staleness_max"] for r in a.history] == [0.0] * STEPS
+
+
+def test_closed_trainers_leave_no_driver_threads(runs):
+    assert runs["driver_threads"] == []
+
+
+def test_staleness_zero_on_split_devices_samples_after_each_update(runs):
+    """On-policy with the sampler on its own 4 devices: the new weights are pushed before
+    every rollout, which starts only after the previous update; the first rollout (initial
+    weights, same seeds) is the shared-devices one."""
+    (tr, res), (_, default) = runs["split0"], runs["default"]
+    assert len(tr.mesh.devices.flat) == 4 and len(tr.sample_mesh.devices.flat) == 4
+    assert not set(tr.mesh.devices.flat) & set(tr.sample_mesh.devices.flat)
+    gen = {s: (a, b) for p, s, a, b in tr.phases if p == "generate"}
+    upd = {s: (a, b) for p, s, a, b in tr.phases if p == "update"}
+    assert all(gen[s + 1][0] >= upd[s][1] for s in range(STEPS - 1)), tr.phases
+    hist = res.history
+    assert [r["rollout/staleness_max"] for r in hist] == [0.0] * STEPS
+    assert all(r["time/weight_push"] > 0 for r in hist)
+    same = [k for k in hist[0] if k.startswith(("reward/", "response_length/"))]
+    assert same and all(hist[0][k] == default.history[0][k] for k in same)
+    assert all(np.isfinite(x).all() for x in _leaves(res.state))
 
 
 def test_staleness_one_on_split_devices_overlaps_generation_with_updates(runs):

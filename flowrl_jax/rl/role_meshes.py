@@ -34,3 +34,17 @@ def role_meshes(cfg: Config, devices: Optional[Sequence[jax.Device]] = None
     trainer = make_mesh(cfg.mesh, devices[:len(devices) - n])
     sampler = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices[len(devices) - n:])
     return trainer, sampler
+
+
+def trainer_and_sampler_meshes(cfg: Config, mesh: Optional[Mesh] = None) -> tuple[Mesh, Mesh]:
+    """(trainer mesh, sampler mesh) of a run on `mesh` (default: from `cfg.mesh`): split by
+    `rollout.devices`, else shared on one process; on several processes every host samples
+    its own prompts on its local devices (the sampler reads tokens back to the host each
+    decode chunk: addressable arrays)."""
+    if cfg.rollout.devices is not None:
+        return role_meshes(cfg, list(mesh.devices.flat) if mesh is not None else None)
+    trainer = mesh if mesh is not None else make_mesh(cfg.mesh)
+    if jax.process_count() == 1:
+        return trainer, trainer
+    local = sorted(jax.local_devices(), key=lambda d: d.id)  # same rule on every host
+    return trainer, make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), local)

@@ -20,10 +20,11 @@ checkpoint/run.py; readable by `load_model` and `convert orbax-to-hf`),
 
 Per step (`rollout_step`), with the file that does each part:
   1. this host's prompts (task prompt source: rl/task.py, data/pipeline.py);
-  2. the sampler generates G samples per prompt (sampling/engine.py; with `rollout.backend:
-     jetstream`, one JetStream request per sample: sampling/jetstream_rollout.py) from the
-     trainer's own param arrays, or on several processes from a per-host replica (distributed.py), and
-     the rollouts are gathered so every host holds the global batch (rl/rollout.py);
+  2. the sampler generates G samples per prompt (rl/rollout_source.py picks it: one JetStream
+     request per sample, sampling/jetstream_rollout.py; the engine itself, sampling/engine.py;
+     or remote servers) from the trainer's own param arrays, or on several processes from a
+     per-host replica (distributed.py), and the rollouts are gathered so every host holds the
+     global batch (rl/rollout.py);
   3. padded into a `RolloutBatch` in length buckets (rl/rollout_batch.py);
   4. rewards scored by the task in the Grain rollout pipeline's reward stage, samples
      regrouped by prompt (rl/rollout_pipeline.py), while the device computes old (current
@@ -78,11 +79,11 @@ from flowrl_jax.algos import get_algorithm
 from flowrl_jax.checkpoint.hf import export_hf
 from flowrl_jax.checkpoint.load import arch_from_config, model_from_config
 from flowrl_jax.checkpoint.run import RunCheckpoint, check_saved_model
-from flowrl_jax.config import Config, ConfigError, MeshConfig, config_to_dict
+from flowrl_jax.config import Config, ConfigError, config_to_dict
 from flowrl_jax.distributed import HostReplica, any_process, to_host
 from flowrl_jax.hardware import peak_flops
 from flowrl_jax.memory import check_fits
-from flowrl_jax.mesh import make_mesh, resolve_axis_sizes
+from flowrl_jax.mesh import resolve_axis_sizes
 from flowrl_jax.paths import as_path, check_output_dir
 from flowrl_jax.rl.async_rollouts import (InFlight, RolloutProducer, in_flight_from_state,
                                           in_flight_state)
@@ -90,13 +91,13 @@ from flowrl_jax.rl.metrics import staleness_metrics, step_metrics
 from flowrl_jax.rl.metrics_log import MetricsLogger
 from flowrl_jax.rl.rollout import gather_rewards, gather_rollout, response_bucket, to_rollout_batch
 from flowrl_jax.rl.rollout_batch import minibatches
-from flowrl_jax.rl.role_meshes import role_meshes, sampler_device_count
+from flowrl_jax.rl.role_meshes import sampler_device_count, trainer_and_sampler_meshes
 from flowrl_jax.rl.rollout_pipeline import RolloutPipeline
+from flowrl_jax.rl.rollout_source import build_rollout_source, check_rollout_source
 from flowrl_jax.rl.step_fns import StepFns
 from flowrl_jax.rl.task import DataTask, PromptBatch, Task, task_from_config
 from flowrl_jax.rl.train_state import FrozenReference, create_train_state, with_rollout_step
-from flowrl_jax.rl.weight_push import WeightPush
-from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
+from flowrl_jax.sampling.engine import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +172,7 @@ class Trainer:
                 raise
             except (OSError, ValueError) as e:
                 raise ConfigError(f"data.train: cannot read the training data: {e}") from e
-        if cfg.rollout.servers and (jax.process_count() > 1 or not isinstance(self.out, Path)):
-            raise ConfigError("rollout.servers: remote rollout servers need one trainer process "
-                              "and a run directory on a file system the servers share (the "
-                              f"weights go through it); this run has {jax.process_count()} "
-                              f"process(es) and --out {self.out}")
+        check_rollout_source(cfg, self.out)
         if (cfg.trainer.staleness or cfg.rollout.devices is not None) and jax.process_count() > 1:
             key = "trainer.staleness" if cfg.trainer.staleness else "rollout.devices"
             raise ConfigError(f"{key}: asynchronous rollouts and a sampler sub-mesh run on one "
@@ -200,42 +197,19 @@ class Trainer:
         cfg = self.cfg
         self.preflight()  # before any compute
         self._info(self.memory.table())
-        if cfg.rollout.devices is not None:  # the sampler on its own sub-mesh
-            self.mesh, self.sample_mesh = role_meshes(
-                cfg, list(self._mesh.devices.flat) if self._mesh is not None else None)
-        else:
-            self.mesh = self._mesh if self._mesh is not None else make_mesh(cfg.mesh)
-            # Multi-process: every host samples its own prompts on its local devices (the
-            # sampler reads tokens back to the host each decode chunk: addressable arrays).
-            self.sample_mesh = self.mesh if jax.process_count() == 1 else make_mesh(
-                MeshConfig(data=1, fsdp=-1, tensor=1),
-                sorted(jax.local_devices(), key=lambda d: d.id))  # same rule on every host
+        self.mesh, self.sample_mesh = trainer_and_sampler_meshes(cfg, self._mesh)
         model, self.arch, tok = model_from_config(cfg.model, self.mesh)
         self.tokenizer_dir = str(tok) if tok is not None else None
         self.sampler_replica = HostReplica(self.sample_mesh)
-        self.engine = SamplingEngine.from_rollout_config(model, cfg.rollout,
-                                                         mesh=self.sample_mesh, verbose=False)
-        self.sampler = self.engine  # what generates: the engine or JetStream drivers over it
-        if cfg.rollout.backend == "jetstream":
-            # JetStream: an optional dependency (the serve extra), imported only when used
-            from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
-            self.sampler = JetStreamRollouts(self.engine, timeout_s=cfg.rollout.timeout_s)
-        self.server_push: Optional[Any] = None  # the weight push to remote rollout servers
-        if cfg.rollout.servers:
-            # gRPC: an optional dependency (the serve extra), imported only when used
-            from flowrl_jax.rl.server_weights import ServerWeights
-            from flowrl_jax.sampling.remote_rollouts import RemoteRollouts
-            self.sampler = RemoteRollouts(self.engine, cfg.rollout.servers,
-                                          timeout_s=cfg.rollout.timeout_s)
-            self.sampler.check(self.arch, cfg.rollout.max_new_tokens)
-            self.server_push = ServerWeights(self.sampler, self.out, self.arch,
+        self.rollouts = build_rollout_source(cfg, model, self.sample_mesh, self.out, self.arch,
                                              self.tokenizer_dir)
+        self.engine = self.rollouts.engine
+        self.sampler = self.rollouts.sampler  # what generates (rl/rollout_source.py)
+        self.server_push = self.rollouts.server_push  # the weight push to remote servers
+        self.push = self.rollouts.push  # the sampler's own copy (staleness, sub-mesh)
         self._server_push_s: dict[int, float] = {}  # step → its servers' push (staleness ≥ 1)
         self.state = create_train_state(cfg, model, self.mesh, rng=cfg.seed)
         self.staleness = cfg.trainer.staleness
-        # the sampler's own copy of the weights: asynchronous rollouts or a sampler sub-mesh
-        self.push = (WeightPush(self.engine.graphdef, self.sample_mesh)
-                     if self.staleness or cfg.rollout.devices is not None else None)
         self.producer: Optional[RolloutProducer] = None  # started by the first rollout step
         self._in_flight: list[InFlight] = []  # restored rollouts generated before the restart
         self._consumed_data_state: Any = None  # prompt position after the last rollout taken
@@ -589,7 +563,7 @@ class Trainer:
                           (getattr(self, "ckpt", None), "close"),
                           (getattr(self, "logger", None), "close"),
                           (getattr(self, "source", None), "close"),
-                          (getattr(self, "sampler", None), "close"),
+                          (getattr(self, "rollouts", None), "close"),
                           (self._task, "close")):
             fn = getattr(obj, meth, None) if obj is not None else None
             if fn is not None:

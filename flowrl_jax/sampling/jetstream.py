@@ -24,6 +24,7 @@ continuous batching with the server's settings.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import threading
@@ -92,13 +93,68 @@ class HFTokenizer(js.tokenizer_api.Tokenizer):
         return int(bid if bid is not None else self.pad_id)
 
 
+@dataclass(frozen=True, eq=False)
+class SharedPrefix:
+    """The prefill of one rollout prompt under one version of the weights, shared by the G
+    requests of that prompt (the per-sample key is applied at insert, so the prefix does not
+    depend on the sample). A pytree without leaves: JetStream deletes a request's prefill
+    arrays after its insert, and these must live on for the next sample of the prompt."""
+
+    cache: Any
+    length: int  # positions in the cache: the prompt without its last token
+    last_token: int  # fed by the first generate
+
+
+jax.tree_util.register_pytree_node(SharedPrefix, lambda p: ((), p), lambda p, _: p)
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_fn(kernels: Any) -> Any:
+    """Jitted: start one served request in `slot` with key (seed, request, 0)."""
+    def insert(prefix: dict, st: DecodeState, slot: Array, seed: Array, prompt_index: Array,
+               sample_index: Array, budget: Array) -> DecodeState:
+        keys = sample_keys(seed, prompt_index[None], sample_index[None])
+        return kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
+                              prefix["last_token"][None], prefix["length"][None], budget[None],
+                              keys)
+    return jax.jit(insert, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_rows_fn(kernels: Any) -> Any:
+    """Jitted: start M rollout samples of one shared prefix (dst out of range = padding)."""
+    def insert_rows(cache: Any, st: DecodeState, dst: Array, last_token: Array, pos: Array,
+                    budget: Array, seed: Array, prompt_index: Array,
+                    sample_index: Array) -> DecodeState:
+        keys = sample_keys(seed, prompt_index, sample_index)  # as SamplingEngine.generate
+        return kernels.insert(st, cache, jnp.zeros_like(dst), dst, last_token, pos, budget, keys)
+    return jax.jit(insert_rows, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fn(kernels: Any, stop_ids: tuple, spec: Any, steps: int) -> Any:
+    """Jitted: `steps` decode steps → (state, [slots, 2·steps + 1] tokens/emitted/generated,
+    [steps, slots] log-probs, [steps, slots] finish reasons)."""
+    def decode(params: Any, st: DecodeState) -> tuple:
+        st, outs = kernels.decode_chunk(params, st, jnp.asarray(stop_ids, jnp.int32), spec, steps)
+        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
+                                st.generated[:, None]], axis=1)
+        return st, data, outs.logprobs, outs.finish
+    return jax.jit(decode, donate_argnums=(1,))
+
+
 class FlowRLEngine(engine_api.Engine):
     """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
 
     A request that carries a `rollout` key (sampling/jetstream_rollout.py) is sampled with
     its own (seed, prompt index, sample index) key and max tokens, as `SamplingEngine.generate`
     samples it; `set_params` swaps the weights served, `start_trace`/`stop_trace` record each
-    generate step (tokens with log-probs and finish flags) for the rollout to read back."""
+    generate step (tokens with log-probs and finish flags) for the rollout to read back.
+
+    Rollout requests are cheaper than JetStream's one prefill and one insert per request: the
+    consecutive requests of one prompt share its prefill (`SharedPrefix`, remembered for the
+    last prompt under the current weights), and their inserts wait for the next `generate`,
+    which starts the pending samples of each prefix in one batched insert."""
 
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
                  sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
@@ -125,8 +181,10 @@ class FlowRLEngine(engine_api.Engine):
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._prefill = core.kernels.prefill_jit
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,))
+        # compiled once per kernels and settings, not per adapter (each trainer makes its own)
+        self._insert = _insert_fn(core.kernels)
+        self._generate = _decode_fn(core.kernels, tuple(int(t) for t in self.stop_ids), self.spec,
+                                    self._steps)
         # Rollouts (sampling/jetstream_rollout.py): the params pushed for the next requests,
         # the request a prefill serves (set on the prefill thread by `_Driver`), which
         # request each slot holds, and a trace of every generate step's outputs.
@@ -134,24 +192,17 @@ class FlowRLEngine(engine_api.Engine):
         self.pending = threading.local()
         self._owner: list[int] = [-1] * self._slots
         self._trace: Optional[list] = None
-
-    # ----------------------------------------------------------------- kernels
-
-    def _insert_impl(self, prefix: dict, st: DecodeState, slot: Array, seed: Array,
-                     prompt_index: Array, sample_index: Array, budget: Array) -> DecodeState:
-        keys = sample_keys(seed, prompt_index[None], sample_index[None])
-        return self.core.kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
-                                        prefix["last_token"][None], prefix["length"][None],
-                                        budget[None], keys)
-
-    def _generate_impl(self, params: Any, st: DecodeState
-                       ) -> tuple[DecodeState, jax.Array, jax.Array, jax.Array]:
-        st, outs = self.core.kernels.decode_chunk(params, st, jnp.asarray(self.stop_ids), self.spec,
-                                                  self._steps)
-        # [slots, steps] tokens, [slots, steps] valid flags, [slots, 1] generated so far
-        data = jnp.concatenate([outs.tokens.T, outs.emitted.T.astype(jnp.int32),
-                                st.generated[:, None]], axis=1)
-        return st, data, outs.logprobs, outs.finish
+        # prefix sharing: (weights version, prompt tokens) → prefix, for the last prompt seen
+        self._version = 0
+        self._last_prefix: Optional[tuple[tuple, SharedPrefix]] = None
+        # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
+        self._pending: list[tuple[int, SharedPrefix, Any]] = []
+        self._insert_rows = _insert_rows_fn(core.kernels)
+        # `release`: the decode state JetStream's generate thread holds between calls is freed
+        # after a rollout (the train step needs the memory) and made afresh on the next call
+        self._state_lock = threading.Lock()
+        self._held: Any = None  # the decode state last handed back to the generate thread
+        self._released = False
 
     # ----------------------------------------------------------------- Engine API
 
@@ -163,29 +214,82 @@ class FlowRLEngine(engine_api.Engine):
         vocab = self.core.arch.vocab_size
         n = int(min(max(int(true_length), 1), tokens.shape[0]))
         tokens = np.clip(tokens, 0, vocab - 1)
-        body = np.zeros((1, bucket(max(n - 1, 1), self._body_buckets)), np.int32)
-        body[0, :n - 1] = tokens[:n - 1]
-        cache = self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
-        prefix = {"cache": cache, "length": jnp.int32(n - 1),
-                  "last_token": jnp.int32(tokens[n - 1])}
         rollout = getattr(self.pending, "rollout", None)  # a rollout request's keys and budget
         self.pending.rollout = None
-        if rollout is not None:
-            prefix["rollout"] = rollout
-        return prefix
+        if rollout is not None:  # the prompt's prefix, shared with its other samples
+            key = (self._version, tokens[:n].tobytes())
+            last = self._last_prefix
+            if last is None or last[0] != key:
+                last = (key, SharedPrefix(self._prefill_cache(params, tokens, n), n - 1,
+                                          int(tokens[n - 1])))
+                self._last_prefix = last
+            return {"rollout": rollout, "shared": last[1]}
+        return {"cache": self._prefill_cache(params, tokens, n), "length": jnp.int32(n - 1),
+                "last_token": jnp.int32(tokens[n - 1])}
+
+    def _prefill_cache(self, params: Any, tokens: np.ndarray, n: int) -> Any:
+        """The cache of the first n − 1 of `tokens` (one prompt)."""
+        body = np.zeros((1, bucket(max(n - 1, 1), self._body_buckets)), np.int32)
+        body[0, :n - 1] = tokens[:n - 1]
+        return self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
 
     def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
-        ro = prefix.get("rollout")
-        if ro is not None:  # per-sample key (seed, prompt, sample), as SamplingEngine.generate
-            seed, p, s, budget = ro.seed, ro.prompt_index, ro.sample_index, ro.max_tokens
-            self._owner[slot] = ro.row
-        else:
+        with self._state_lock:
+            ro = prefix.get("rollout")
+            if ro is not None:  # started by the next generate, with the prompt's other samples
+                self._pending.append((int(slot), prefix["shared"], ro))
+                self._owner[slot] = ro.row
+                return decode_state
+            st = self._start_pending(self._live(decode_state))
             with self._lock:
                 request = next(self._counter)
-            seed, p, s, budget = self.sampling.seed, request % 2**31, 0, self.cache_len
-        arrays = {k: v for k, v in prefix.items() if k != "rollout"}
-        return self._insert(arrays, decode_state, np.int32(slot), np.uint32(seed % 2**32),
-                            np.int32(p), np.int32(s), np.int32(budget))
+            st = self._insert(prefix, st, np.int32(slot), np.uint32(self.sampling.seed % 2**32),
+                              np.int32(request % 2**31), np.int32(0), np.int32(self.cache_len))
+            self._held = st
+            return st
+
+    def _all_idle(self, st: DecodeState) -> bool:
+        """During a rollout: whether no slot of `st` is decoding (one read of its [slots]
+        flags, as the engine reads each chunk's tokens back); serving never skips."""
+        return self._trace is not None and not bool(np.any(jax.device_get(st.active)))
+
+    def _live(self, st: DecodeState) -> DecodeState:
+        """`st`, or a fresh (idle) decode state where `release` freed it."""
+        if self._released:
+            self._released = False
+            return self.init_decode_state()
+        return st
+
+    def release(self) -> None:
+        """Free the decode state the generate thread holds (every request is complete); the
+        thread's next insert or generate starts from a fresh one."""
+        with self._state_lock:
+            if self._held is not None:
+                for leaf in jax.tree.leaves(self._held):
+                    leaf.delete()
+            self._held, self._released = None, True
+
+    def _start_pending(self, st: DecodeState) -> DecodeState:
+        """Apply the pending rollout inserts: one batched insert per shared prefix, with the
+        per-sample key (seed, prompt, sample) as SamplingEngine.generate uses it."""
+        pending, self._pending = self._pending, []
+        groups: dict[int, list] = {}
+        for item in pending:
+            groups.setdefault(id(item[1]), []).append(item)
+        for rows in groups.values():
+            prefix = rows[0][1]
+            m = 1 << (len(rows) - 1).bit_length()  # padded to a power of two: few compiles
+            pad = m - len(rows)
+            col = lambda f, fill, dtype: np.asarray([f(r) for r in rows] + [fill] * pad,  # noqa: E731
+                                                    dtype)
+            st = self._insert_rows(
+                prefix.cache, st, col(lambda r: r[0], self._slots, np.int32),
+                np.full((m,), prefix.last_token, np.int32), np.full((m,), prefix.length, np.int32),
+                col(lambda r: r[2].max_tokens, 0, np.int32),
+                col(lambda r: r[2].seed % 2**32, 0, np.uint32),
+                col(lambda r: r[2].prompt_index, 0, np.int32),
+                col(lambda r: r[2].sample_index, 0, np.int32))
+        return st
 
     def _params_for(self, params: Any) -> Any:
         return params if self._live_params is None else self._live_params
@@ -193,6 +297,8 @@ class FlowRLEngine(engine_api.Engine):
     def set_params(self, params: Any) -> None:
         """Serve the next requests with `params` (the trainer's weights after an update)."""
         self._live_params = self.core.params_of(params)
+        self._version += 1
+        self._last_prefix = None  # a prefix of the old weights is never reused
 
     def start_trace(self) -> None:
         """Record every generate step's tokens, log-probs and finish flags from now on."""
@@ -202,14 +308,25 @@ class FlowRLEngine(engine_api.Engine):
         """The recorded calls: (the row each slot held, (data, logprobs, finish)); data is
         [slots, 2·steps + 1] (tokens, emitted, generated), logprobs/finish [steps, slots]."""
         trace, self._trace = self._trace or [], None
+        self._last_prefix = None  # the rollout is over: its prefix cache is freed
         return trace
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
-        st, data, logp, finish = self._generate(self._params_for(params), decode_state)
+        k = self._steps
+        with self._state_lock:
+            if not self._pending and (self._released or self._all_idle(decode_state)):
+                # Nothing to decode: JetStream frees a finished slot only once its detokenize
+                # thread has read the result, and calls generate until then (a rollout's
+                # every sample can be complete). No token is emitted; the cache stays freed.
+                return decode_state, engine_api.ResultTokens(
+                    data=np.zeros((self._slots, 2 * k + 1), np.int32), tokens_idx=(0, k),
+                    valid_idx=(k, 2 * k), length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
+            decode_state = self._start_pending(self._live(decode_state))
+            st, data, logp, finish = self._generate(self._params_for(params), decode_state)
+            self._held = st
         trace = self._trace  # read once: stop_trace() may clear it from another thread
         if trace is not None:
             trace.append((list(self._owner), (data, logp, finish)))
-        k = self._steps
         return st, engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
                                            length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
 

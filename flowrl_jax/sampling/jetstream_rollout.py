@@ -10,8 +10,12 @@ built on first use and kept (training and evaluation settings each get theirs). 
 are pushed to the driver's engine before each call (`set_params`), so the driver always
 serves the trainer's current weights.
 
-Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
-returned to JetStream as that many speculative tokens per slot.
+The requests of a prompt are placed one after the other, so its G samples share one prefill
+and are started by one batched insert (FlowRLEngine), and no decode runs while every slot is
+idle. Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
+returned to JetStream as that many speculative tokens per slot. After a rollout the decode
+state (the KV cache of every slot) that the driver's generate thread holds is freed
+(`FlowRLEngine.release`), so the train step has the memory, as after `SamplingEngine.generate`.
 JetStream's detokenizer returns token ids without the stop token and without log-probs, so
 the samples are read from the adapter's trace of its generate steps (which slot held which
 sample at each step); the driver's return channel only says when a sample is complete. A
@@ -132,6 +136,8 @@ class JetStreamRollouts:
                 failure = driver_failure(driver)  # before the trace stops under a live driver
             finally:
                 trace = engine.stop_trace()
+            if not (left or failure):  # every sample complete: the driver's cache is not needed
+                engine.release()
             if left or failure:
                 # Its requests may still land in slots later: this driver is not reused.
                 self._drivers.pop(next(k for k, v in self._drivers.items() if v[1] is driver))
