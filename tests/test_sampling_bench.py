@@ -43,7 +43,7 @@ def test_bench_tiny_case():
     # the first call compiles: it takes longer than a warm one (2 × 4 tokens at `ours` tokens/s)
     assert r["ours_compile_s"] > 8 / r["ours"]
     assert r["ours_decode_groups"] == 1  # 2 slots: one loop
-    assert r["scan_layers"] is False  # unrolled unless --scan-layers
+    assert r["scan_layers"] is True  # scanned (the config default) unless --no-scan-layers
 
 
 def test_any_preset_is_a_shape_and_runs_to_full_length():
