@@ -283,7 +283,8 @@ def layer_slice(state: nnx.State, index: Any) -> nnx.State:
 class DecoderStack(nnx.Module):
     """The decoder layers as one `DecoderLayer` (`stacked`) whose parameters carry a leading
     `layers` axis, run by one `jax.lax.scan` (`Qwen2ForCausalLM.__call__`): the compiled
-    program holds a single layer body whatever the depth. `stack[i]` is layer i as a plain
+    program holds a single layer body whatever the depth (above UNROLL_MAX_LAYERS; shallower
+    stacks are unrolled). `stack[i]` is layer i as a plain
     `DecoderLayer` (read-only slices: what the decode step and tests use)."""
 
     def __init__(self, layers: list[DecoderLayer]):
