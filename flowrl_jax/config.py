@@ -188,12 +188,10 @@ class ModelConfig:
     attention: Literal["auto", "xla", "plain", "cudnn", "splash"] = "auto"
     seed: int = 0  # random-init seed
     # decoder parameters stacked along a `layers` axis and run by one lax.scan: the compiled
-    # programs hold one layer whatever the depth (compile time flat in depth). Off by default:
-    # without remat the scanned train step is slower on CPU at small widths (tiny model 6-29 %
-    # per step, same-run A/B; likely the scan writing each layer's saved activations into stacked
-    # buffers and slicing them back); with remat it is within noise, and the sampler's decode
-    # is not slower (CPU A/B; no per-step weight copy in the TPU-compiled decode chunk)
-    scan_layers: bool = False
+    # programs hold one layer whatever the depth (compile time flat in depth); stacks of at
+    # most qwen2.UNROLL_MAX_LAYERS layers are unrolled (the loop made the tiny no-remat train
+    # step slower on CPU). False: an nnx.List of layers, unrolled in every program
+    scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_policy_name(self.remat))

@@ -20,7 +20,7 @@ def main(pid: int, port: int, hf_dir: str, out: str) -> None:
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     model, arch = hf.load_hf(hf_dir, mesh)
-    q = model.layers[0].self_attn.q_proj.weight.get_value()
+    q = model.layers.stacked.self_attn.q_proj.weight.get_value()  # scanned: the default
     assert not q.is_fully_addressable and len(q.addressable_shards) == 2
     hf.export_hf(model, arch, f"{out}/hf", shard_size="100KB")
     orbax.save_policy(f"{out}/ckpt", model, arch, step=2)

@@ -77,11 +77,12 @@ def test_layout_does_not_change_the_numbers(step_hlo):
 def test_rules_apply_to_parameters_too():
     model_state = nnx.state(policy())
     try:
-        w = lambda m: state_shardings(model_state, m)["layers"][0]["mlp"]["up_proj"]["weight"]  # noqa: E731
-        assert w(_mesh()).spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+        # the layers stacked (the default): their leading `layers` axis is never sharded
+        w = lambda m: state_shardings(model_state, m)["layers"]["stacked"]["mlp"]["up_proj"]["weight"]  # noqa: E731
+        assert w(_mesh()).spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
         assert rules_for(_mesh({"mlp": None, "embed": ["fsdp", "data"]})) != LOGICAL_RULES
         assert w(_mesh({"mlp": None, "embed": ["fsdp", "data"]})).spec == \
-            jax.sharding.PartitionSpec(None, ("fsdp", "data"))
+            jax.sharding.PartitionSpec(None, None, ("fsdp", "data"))
     finally:
         _mesh()
 

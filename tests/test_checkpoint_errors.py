@@ -13,6 +13,7 @@ from _ckpt_util import make_hf
 from flowrl_jax.checkpoint import CheckpointError, orbax
 from flowrl_jax.checkpoint.hf import load_hf, read_arch
 from flowrl_jax.mesh import single_device_mesh
+from flowrl_jax.models.qwen2 import with_layer_form
 
 W = "model.safetensors"
 
@@ -167,12 +168,20 @@ def test_orbax_unknown_step(ckpt):
         orbax.restore_policy(ckpt, single_device_mesh(), step=5)
 
 
-def test_orbax_shape_mismatch(bad_ckpt):
-    meta = json.loads((bad_ckpt / "model.json").read_text())
+@pytest.mark.parametrize("scanned,tensor,shapes", [
+    (True, r"layers\.stacked\.mlp\.down_proj\.weight", r"\(2, 64, 128\), expected \(2, 64, 96\)"),
+    (False, r"layers\.0\.mlp\.down_proj\.weight", r"\(64, 128\), expected \(64, 96\)"),
+], ids=["scanned", "unrolled"])
+def test_orbax_shape_mismatch(good, tmp_path, scanned, tensor, shapes):
+    """Named in the layer form the checkpoint was saved in (scanned: the default)."""
+    model, arch = load(good)
+    d = tmp_path / "ckpt"
+    orbax.save_policy(d, with_layer_form(model, scanned), arch, step=1)
+    meta = json.loads((d / "model.json").read_text())
     meta["arch"]["intermediate_size"] = 96
-    (bad_ckpt / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"policy: tensor 'layers\.0\.mlp\.down_proj\.weight' has shape \(64, 128\), expected \(64, 96\)"):
-        orbax.restore_policy(bad_ckpt, single_device_mesh())
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"policy: tensor '{tensor}' has shape {shapes}"):
+        orbax.restore_policy(d, single_device_mesh())
 
 
 def test_orbax_bad_model_json(bad_ckpt):

@@ -175,13 +175,15 @@ def test_paged_pool_as_the_engine_sizes_it():
     assert cpu.admit_temps == 0 and cpu.decode_temps < est.decode_temps
 
 
-def test_splash_attention_on_tpu_replaces_the_score_tiles():
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
+def test_splash_attention_on_tpu_replaces_the_score_tiles(scanned):
     """On TPU (`model.attention: auto`) the train step and log-prob pass run splash
     attention: no [heads, T, T] score tiles, the fitted per-layer terms instead; elsewhere
-    the blocked (flash) attention's tiles are counted as before."""
+    the blocked (flash) attention's tiles are counted as before. Under remat the unrolled
+    layers keep splash's fitted per-layer residue, the scanned ones the layer input."""
     cfg = load_config("configs/qwen2.5-0.5b-math.yaml",
                       ["model.path=null", "model.preset=qwen2.5-0.5b",
-                       "trainer.device_memory_gb=16"])
+                       "trainer.device_memory_gb=16", f"model.scan_layers={str(scanned).lower()}"])
     arch, shape = cfg.model.arch, {"data": 1, "fsdp": 8, "tensor": 1}
     assert m.attention_kernel(cfg, "tpu") == "splash" and m.attention_kernel(cfg, "cpu") == "flash"
     tpu, cpu = (estimate(cfg, arch, shape, platform=p) for p in ("tpu", "cpu"))
@@ -189,9 +191,9 @@ def test_splash_attention_on_tpu_replaces_the_score_tiles():
     rows = 8 / 8  # micro-batch 8 over 8 chips, remat on
     layer = (param_count(arch) - 151936 * h) / L * 4  # one layer's float32 weights (tied)
     tiles = m.attention_tiles(arch, rows, seq, 1, m.ATTN_BACKWARD_TILES)
+    keep = 0.0 if scanned else rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
     assert cpu.activations - tpu.activations == pytest.approx(
-        rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
-        + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - m.SPLASH_GATHERED_LAYERS * layer)
+        keep + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - m.SPLASH_GATHERED_LAYERS * layer)
     lp_rows = cfg.trainer.logprob_micro_batch_size / 8
     assert arch.resolved_head_dim == 64 < m.SPLASH_LANES  # narrow heads: the per-layer term
     assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(

@@ -54,17 +54,20 @@ def test_logical_to_spec_rules_and_divisibility():
         logical_to_spec(("bogus",))
 
 
-def test_state_shardings_follow_param_metadata():
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
+def test_state_shardings_follow_param_metadata(scanned):
     from flax import nnx
 
-    from flowrl_jax.models.qwen2 import abstract_model
+    from flowrl_jax.models.qwen2 import Numerics, abstract_model
 
     arch = ModelArch(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    _, state = nnx.split(abstract_model(arch))
+    _, state = nnx.split(abstract_model(arch, Numerics(scan_layers=scanned)))
     sh = state_shardings(state, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
     assert sh["embed_tokens"].spec == P("tensor", "fsdp")
-    assert sh["layers"][0]["self_attn"]["o_proj"]["weight"].spec == P("fsdp", "tensor")
-    assert sh["layers"][0]["self_attn"]["k_proj"]["bias"].spec == P("tensor")
-    assert sh["layers"][0]["input_layernorm"]["weight"].spec == P(None)
+    # stacked layers: the leading `layers` axis is not sharded
+    layer, lead = (sh["layers"]["stacked"], (None,)) if scanned else (sh["layers"][0], ())
+    assert layer["self_attn"]["o_proj"]["weight"].spec == P(*lead, "fsdp", "tensor")
+    assert layer["self_attn"]["k_proj"]["bias"].spec == P(*lead, "tensor")
+    assert layer["input_layernorm"]["weight"].spec == P(*lead, None)
     assert sh["lm_head"]["weight"].spec == P("tensor", "fsdp")

@@ -1,7 +1,8 @@
 """`model.remat`: the same values and gradients as without it, inside every JAX transform that
 the trainer nests the model in (lax.map, lax.scan, a nested jit over params the outer jit
 owns), and no recomputation in passes without a backward pass; with the layers scanned
-(model.scan_layers) and unrolled (the default)."""
+(model.scan_layers, the default: unrolled inside the scan at this depth, and as the loop deep
+stacks run) and unrolled."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
+from flowrl_jax.models import qwen2
 from flowrl_jax.models.qwen2 import Numerics, build_model
 from flowrl_jax.testing import tiny_arch
 
@@ -17,9 +19,17 @@ ARCH = tiny_arch(64, hidden_size=32, intermediate_size=64)
 IDS = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 12)))
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
-def scanned(request):
-    return request.param
+@pytest.fixture(scope="module", params=["scanned", "scanned-loop", "unrolled"])
+def form(request):
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "scanned-loop":  # the loop of deep stacks (2 layers are unrolled)
+            mp.setattr(qwen2, "UNROLL_MAX_LAYERS", 0)
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def scanned(form):
+    return form != "unrolled"
 
 
 @pytest.fixture(scope="module")

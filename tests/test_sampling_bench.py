@@ -7,17 +7,21 @@ import argparse
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from flowrl_jax.bench import sample as bench
 from flowrl_jax.config import ModelArch
-from flowrl_jax.models.qwen2 import abstract_model, matmul_params
+from flowrl_jax.models.qwen2 import Numerics, abstract_model, matmul_params
 
 
-def test_matmul_params_counts_every_kernel():
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
+def test_matmul_params_counts_every_kernel(scanned):
     arch = ModelArch()  # Qwen2.5-0.5B shape
-    state = nnx.state(abstract_model(arch), nnx.Param)
-    kernels = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if len(x.shape) == 2)
+    state = nnx.state(abstract_model(arch, Numerics(scan_layers=scanned)), nnx.Param)
+    # a kernel is 2-D per layer: stacked layers add the leading `layers` axis
+    kernels = sum(int(np.prod(v.get_value().shape)) for path, v in nnx.to_flat_state(state)
+                  if v.get_value().ndim == 2 + (scanned and path[:2] == ("layers", "stacked")))
     # 2-D params = all linear kernels + the (tied) embedding, which is also the LM head
     assert matmul_params(arch) == kernels
     assert 480e6 < matmul_params(arch) < 500e6  # Qwen2.5-0.5B: 494M parameters
@@ -43,12 +47,10 @@ def test_bench_tiny_case():
     # the first call compiles: it takes longer than a warm one (2 × 4 tokens at `ours` tokens/s)
     assert r["ours_compile_s"] > 8 / r["ours"]
     assert r["ours_decode_groups"] == 1  # 2 slots: one loop
-    assert r["scan_layers"] is False  # unrolled unless --scan-layers
+    assert r["scan_layers"] is True  # scanned (the config default) unless --no-scan-layers
 
 
 def test_any_preset_is_a_shape_and_runs_to_full_length():
-    import pytest
-
     from flowrl_jax.config import ConfigError
 
     arch = bench._arch("qwen2.5-1.5b")

@@ -17,6 +17,7 @@ from flowrl_jax.checkpoint import orbax
 from flowrl_jax.checkpoint.hf import export_hf, iter_hf_tensors, load_hf
 from flowrl_jax.config import REMAT, ConfigError, load_config
 from flowrl_jax.mesh import single_device_mesh
+from flowrl_jax.models import qwen2
 from flowrl_jax.models.qwen2 import DecoderStack, Numerics, build_model, with_layer_form
 from flowrl_jax.rl.forward import widest_layer
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingParams
@@ -63,8 +64,31 @@ def test_same_seed_same_weights_in_either_form(unrolled):
                                       np.asarray(unrolled.layers[i].mlp.up_proj.weight[...]))
 
 
+@pytest.fixture(params=["straight", "loop"])
+def scan_form(request, monkeypatch):
+    """How the scan runs: unrolled into straight-line code (stacks of at most
+    UNROLL_MAX_LAYERS, ARCH's 3 layers) or as the loop deeper stacks run."""
+    if request.param == "loop":
+        monkeypatch.setattr(qwen2, "UNROLL_MAX_LAYERS", 0)
+    return request.param
+
+
+def _has_loop(model) -> bool:
+    graphdef, params = nnx.split(model)
+    hlo = jax.jit(lambda p: nnx.merge(graphdef, p)(IDS, MASK).logits).lower(params).as_text()
+    return "stablehlo.while" in hlo
+
+
+def test_shallow_stacks_are_unrolled_deep_ones_loop(unrolled, monkeypatch):
+    """The stacked params either way; a loop in the program only above UNROLL_MAX_LAYERS."""
+    scanned = with_layer_form(unrolled, True)
+    assert qwen2.UNROLL_MAX_LAYERS >= 3 and not _has_loop(scanned)
+    monkeypatch.setattr(qwen2, "UNROLL_MAX_LAYERS", 2)
+    assert _has_loop(scanned)
+
+
 @pytest.mark.parametrize("remat", REMAT)
-def test_scanned_logits_and_gradients_equal_unrolled(unrolled, unrolled_grads, remat):
+def test_scanned_logits_and_gradients_equal_unrolled(unrolled, unrolled_grads, remat, scan_form):
     scanned = with_layer_form(unrolled, True)
     scanned.num = dataclasses.replace(scanned.num, remat=remat)
     np.testing.assert_allclose(np.asarray(scanned(IDS, MASK).logits),
@@ -79,7 +103,7 @@ def test_scanned_logits_and_gradients_equal_unrolled(unrolled, unrolled_grads, r
                                    rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
-def test_scanned_prefill_keys_and_values_per_layer(unrolled):
+def test_scanned_prefill_keys_and_values_per_layer(unrolled, scan_form):
     scanned = with_layer_form(unrolled, True)
     got = scanned(IDS, MASK, return_kv=True).kv
     want = unrolled(IDS, MASK, return_kv=True).kv
@@ -163,9 +187,10 @@ def test_remat_unknown_policy_is_an_error_naming_the_key():
 
 
 def test_scan_layers_config_switch():
-    assert load_config(None, []).model.scan_layers is False  # opt-in (see config.py)
-    cfg = load_config(None, ["model.scan_layers=true"])
-    assert Numerics.from_config(cfg.model).scan_layers is True
+    assert load_config(None, []).model.scan_layers is True  # the default (see config.py)
+    assert Numerics().scan_layers is True
+    cfg = load_config(None, ["model.scan_layers=false"])
+    assert Numerics.from_config(cfg.model).scan_layers is False
 
 
 def test_widest_layer_is_the_same_in_either_form():

@@ -16,6 +16,7 @@ from flowrl_jax.config import MeshConfig
 from flowrl_jax.errors import ConfigError
 from flowrl_jax.mesh import activation_sharding, compute_platform, make_mesh
 from flowrl_jax.models.attention import no_cache_kernel
+from flowrl_jax.models import qwen2
 from flowrl_jax.models.qwen2 import Numerics, abstract_model
 from flowrl_jax.models.splash import block_size, padded_length, segment_ids, splash_attention
 from flowrl_jax.rl.train_state import abstract_tree
@@ -113,10 +114,11 @@ def test_model_under_a_mesh_matches_xla_attention():
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason=NO_LIBTPU)
 @pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned-remat"])
-def test_tpu_compile_uses_the_pallas_kernel(scanned):
+def test_tpu_compile_uses_the_pallas_kernel(scanned, monkeypatch):
     """A tiny model's forward + backward with `attention: auto`, compiled ahead of time for
     a v5e 2×2 (data 2 × tensor 2), holds the Pallas TPU kernel (forward and backward), also
-    inside the layer scan under remat (the paper configs' setting)."""
+    inside the layer scan's loop under remat (the paper configs' setting)."""
+    monkeypatch.setattr(qwen2, "UNROLL_MAX_LAYERS", 0)  # the loop deep stacks run
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), slice_devices(get_slice("v5e-4")),
                      whole_slice=True)
     num = Numerics(compute_dtype=jnp.bfloat16, attention="auto", scan_layers=scanned,

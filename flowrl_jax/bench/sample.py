@@ -56,9 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt-len", type=int, default=512, help="prompt tokens of the long rows")
     parser.add_argument("--long-new-tokens", type=int, default=1024, help="token cap of the long rows")
     parser.add_argument("--long-batch", type=int, default=32, help="samples of the long rows")
-    parser.add_argument("--scan-layers", action="store_true",
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="sample from a model with its decoder layers scanned "
-                             "(model.scan_layers=true) instead of unrolled")
+                             "(model.scan_layers=true, the default) or unrolled "
+                             "(--no-scan-layers)")
 
 
 def _arch(shape: str):
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
     dtype = resolve_dtype(getattr(args, "dtype", "auto"), dev.platform)
-    scan_layers = bool(getattr(args, "scan_layers", False))
+    scan_layers = bool(getattr(args, "scan_layers", True))
     num = Numerics(param_dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype),
                    scan_layers=scan_layers)
     peak = measured_matmul_flops() if on_cpu else None

@@ -73,9 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=ATTENTION, default="auto",
                         help="model.attention of our side (see flowrl_jax.config.ATTENTION)")
     parser.add_argument("--remat", action="store_true", help="rematerialise each layer (ours)")
-    parser.add_argument("--scan-layers", action="store_true",
-                        help="run our decoder layers scanned (model.scan_layers=true) instead "
-                             "of unrolled (the default, as the config's)")
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="run our decoder layers scanned (model.scan_layers=true, the "
+                             "default, as the config's) or unrolled (--no-scan-layers)")
 
 
 def _arch(shape: str):
@@ -114,7 +114,7 @@ def _call(fn_name: str, *args: Any) -> dict[str, Any]:
 
 def bench_ours(arch, b: int, p: int, r: int, steps: int, compute_dtype: str = "auto",
                attention: str = "auto", remat: bool = False,
-               scan_layers: bool = False) -> dict[str, Any]:
+               scan_layers: bool = True) -> dict[str, Any]:
     """Best step time of our jitted FlowRL train step on one device (run in a fresh process,
     which gets the CLI's process settings first; the parent never touches, and on a GPU
     never preallocates, the accelerator). "auto" compute: float32 on CPU, else bfloat16."""
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     steps_arg = getattr(args, "steps", None)
     dtype = getattr(args, "dtype", "auto")
     attention, remat = getattr(args, "attention", "auto"), bool(getattr(args, "remat", False))
-    scan_layers = bool(getattr(args, "scan_layers", False))
+    scan_layers = bool(getattr(args, "scan_layers", True))
     use_ref = not getattr(args, "no_reference", False)
     peak_gflops: Optional[float] = None
     rows = []

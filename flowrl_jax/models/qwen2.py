@@ -50,7 +50,7 @@ class Numerics:
     compute_dtype: Any = jnp.float32
     remat: Any = "none"
     attention: str = "auto"  # auto | xla | plain | cudnn | splash
-    scan_layers: bool = False  # see config.ModelConfig.scan_layers
+    scan_layers: bool = True  # see config.ModelConfig.scan_layers
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_policy_name(self.remat))
@@ -283,7 +283,8 @@ def layer_slice(state: nnx.State, index: Any) -> nnx.State:
 class DecoderStack(nnx.Module):
     """The decoder layers as one `DecoderLayer` (`stacked`) whose parameters carry a leading
     `layers` axis, run by one `jax.lax.scan` (`Qwen2ForCausalLM.__call__`): the compiled
-    program holds a single layer body whatever the depth. `stack[i]` is layer i as a plain
+    program holds a single layer body whatever the depth (above UNROLL_MAX_LAYERS; shallower
+    stacks are unrolled). `stack[i]` is layer i as a plain
     `DecoderLayer` (read-only slices: what the decode step and tests use)."""
 
     def __init__(self, layers: list[DecoderLayer]):
@@ -407,20 +408,31 @@ def rematerialised(run_layer: Callable, policy: str = "full") -> Callable:
     return run
 
 
+#: stacks of at most this many layers are scanned fully unrolled: the same stacked
+#: parameters, but a straight-line program instead of a loop. Without remat the loop costs
+#: XLA:CPU 10-50 % of the tiny train step (each layer's saved activations written into and
+#: read back from stacked buffers; BUILD_NOTES "Scanned layers on by default"), and a
+#: shallow unrolled body compiles as fast as the loop
+UNROLL_MAX_LAYERS = 4
+
+
 def scan_layers(run_layer: Callable, stack: DecoderStack, x: Array,
                 policy: str) -> tuple[Array, Optional[list[LayerKV]]]:
     """`run_layer(layer, x) -> (x, kv)` over every layer of `stack` by one `jax.lax.scan` over
     the stacked state (each step merges that layer's slices into a `DecoderLayer`), under the
-    remat `policy` per layer; each layer's kv (None when `run_layer` keeps none) as a list."""
+    remat `policy` per layer; each layer's kv (None when `run_layer` keeps none) as a list.
+    Stacks of at most UNROLL_MAX_LAYERS layers are unrolled (no loop in the program)."""
     graphdef, state = nnx.split(stack.stacked)
 
     def body(x, layer_state):
         return run_layer(nnx.merge(graphdef, layer_state), x)
 
+    unroll = stack.num_layers <= UNROLL_MAX_LAYERS
     if policy != "none":
-        # prevent_cse=False: inside scan, CSE cannot merge the recomputation away (JAX docs)
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    x, kv = jax.lax.scan(body, x, state)
+        # in a loop CSE cannot merge the recomputation into the forward pass, so no barrier
+        # is needed (JAX docs); unrolled, it could, as in the unrolled layers
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=unroll)
+    x, kv = jax.lax.scan(body, x, state, unroll=unroll)
     if kv is None:
         return x, None
     return x, [LayerKV(kv.k[i], kv.v[i]) for i in range(stack.num_layers)]
