@@ -62,7 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
         assert "processes=2 devices=4" in o and "sampler params == trained params" in o
     assert "processes=1 devices=4" in single.stdout.decode()
     two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
-    assert sorted(two.files) == sorted(one.files) and len(one.files) > 20
+    assert sorted(two.files) == sorted(one.files) and len(one.files) > 10
     init = np.load(tmp_path / "one.npz.init.npz")
     assert any(not np.array_equal(one[k], init[k]) for k in one.files)  # it trained
     # Cross-process (gloo) and in-process all-reduces sum in different orders, and Adam
@@ -151,7 +151,7 @@ def _worker(out: str) -> None:
         replica = HostReplica(make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1),
                                         sorted(jax.local_devices(), key=lambda d: d.id)))
         local = _flat({"policy": replica(state.params["policy"])})
-        assert local.keys() <= params.keys() and len(local) > 20
+        assert local.keys() <= params.keys() and len(local) > 10  # stacked layers: 14 leaves
         for k, v in local.items():
             np.testing.assert_array_equal(v, params[k], err_msg=k)
         print("sampler params == trained params", flush=True)

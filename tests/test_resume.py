@@ -115,7 +115,8 @@ def test_sigkill_and_restart_is_bit_exact(tmp_path):
     # the official warm-up over rollout steps (lr 0, 1/3, 2/3, 1, 1 × peak): a resumed run
     # must restore the rollout-step counter too, or its lr and params differ
     ov = toy_overrides("flowrl", steps, **{"optimizer.warmup_unit": "rollout_step",
-                                           "optimizer.warmup_steps": 3})
+                                           "optimizer.warmup_steps": 3,
+                                           "rollout.backend": "jetstream"})  # the default
     ref = start_train(tmp_path / "ref", ov)  # the uninterrupted run, concurrently
     run = tmp_path / "killed"
     rnd = random.Random(20261125)

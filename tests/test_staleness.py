@@ -181,11 +181,11 @@ def runs(tmp_path_factory):
     """The default trainer (JetStream rollouts), trainer.staleness=0 with the engine called
     directly, k = 0 and k = 1 on a 4/4 split; and the driver threads alive after them."""
     tmp = tmp_path_factory.mktemp("staleness")
-    got = {"default": _run(tmp, "default"),
+    got = {"default": _run(tmp, "default", **{"rollout.backend": "jetstream"}),
            "k0": _run(tmp, "k0", **{"trainer.staleness": 0, "rollout.backend": "engine"}),
            "split0": _run(tmp, "split0", **{"rollout.devices": 4}),
-           "k1": _run(tmp, "k1", paced=True,
-                      **{"trainer.staleness": 1, "rollout.devices": 4})}
+           "k1": _run(tmp, "k1", paced=True, **{"trainer.staleness": 1, "rollout.devices": 4,
+                                                 "rollout.backend": "jetstream"})}
     from flowrl_jax.sampling.jetstream_compat import DriverThread
     got["driver_threads"] = [t for t in threading.enumerate()
                              if isinstance(t, DriverThread) and t.is_alive()]
@@ -286,7 +286,7 @@ def test_sigkill_and_restart_with_staleness_one_is_bit_exact(tmp_path):
     from trainer_toy import checkpoint_arrays, stable_records, start_train
 
     steps = 5
-    ov = toy_overrides("flowrl", steps, **{"trainer.staleness": 1})
+    ov = toy_overrides("flowrl", steps, **{"trainer.staleness": 1, "rollout.backend": "jetstream"})
     ref = start_train(tmp_path / "ref", ov)
     run = tmp_path / "killed"
     rnd = random.Random(20261206)

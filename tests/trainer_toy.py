@@ -77,6 +77,10 @@ def toy_overrides(algo: str = "flowrl", steps: int = 2, **extra: Any) -> list[st
         "trainer.steps": steps, "trainer.mini_batch_size": 8, "trainer.micro_batch_size": 4,
         "trainer.logprob_micro_batch_size": 16, "trainer.checkpoint_every": 1,
         "trainer.keep_last": 2, "optimizer.lr": 1e-3, "optimizer.warmup_steps": 0,
+        # The engine called directly: the default JetStream path costs ≈ 9 s more per trainer
+        # run (its driver's programs); the tests about it ask for it (test_staleness,
+        # test_resume, test_jetstream_rollout, the shipped configs and the demo use it as is).
+        "rollout.backend": "engine",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -41,8 +41,10 @@ def check_rollout_source(cfg: Config, out: Any) -> None:
                           f"process(es) and --out {out}")
     if uses_jetstream(cfg):
         try:
-            # JetStream: an optional dependency (the serve extra), imported only when used
-            from flowrl_jax.sampling import jetstream_rollout  # noqa: F401
+            # JetStream: an optional dependency (the serve extra), imported only when used.
+            # `import a.b.c` consults sys.modules; `from a.b import c` would take the package
+            # attribute left by an earlier import and miss a module made unimportable since.
+            import flowrl_jax.sampling.jetstream_rollout  # noqa: F401
         except ImportError as e:
             raise ConfigError(
                 "rollout.backend: the default backend 'jetstream' needs google-jetstream and "
