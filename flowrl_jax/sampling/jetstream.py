@@ -109,20 +109,9 @@ jax.tree_util.register_pytree_node(SharedPrefix, lambda p: ((), p), lambda p, _:
 
 
 @functools.lru_cache(maxsize=None)
-def _insert_fn(kernels: Any) -> Any:
-    """Jitted: start one served request in `slot` with key (seed, request, 0)."""
-    def insert(prefix: dict, st: DecodeState, slot: Array, seed: Array, prompt_index: Array,
-               sample_index: Array, budget: Array) -> DecodeState:
-        keys = sample_keys(seed, prompt_index[None], sample_index[None])
-        return kernels.insert(st, prefix["cache"], jnp.zeros((1,), jnp.int32), slot[None],
-                              prefix["last_token"][None], prefix["length"][None], budget[None],
-                              keys)
-    return jax.jit(insert, donate_argnums=(1,))
-
-
-@functools.lru_cache(maxsize=None)
 def _insert_rows_fn(kernels: Any) -> Any:
-    """Jitted: start M rollout samples of one shared prefix (dst out of range = padding)."""
+    """Jitted: start M requests of one prefix in slots `dst` (out of range = padding), each
+    with the key (seed, prompt index, sample index); `seed` one scalar for all M."""
     def insert_rows(cache: Any, st: DecodeState, dst: Array, last_token: Array, pos: Array,
                     budget: Array, seed: Array, prompt_index: Array,
                     sample_index: Array) -> DecodeState:
@@ -182,7 +171,6 @@ class FlowRLEngine(engine_api.Engine):
         self._lock = threading.Lock()
         self._prefill = core.kernels.prefill_jit
         # compiled once per kernels and settings, not per adapter (each trainer makes its own)
-        self._insert = _insert_fn(core.kernels)
         self._generate = _decode_fn(core.kernels, tuple(int(t) for t in self.stop_ids), self.spec,
                                     self._steps)
         # Rollouts (sampling/jetstream_rollout.py): the params pushed for the next requests,
@@ -197,7 +185,7 @@ class FlowRLEngine(engine_api.Engine):
         self._last_prefix: Optional[tuple[tuple, SharedPrefix]] = None
         # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
         self._pending: list[tuple[int, SharedPrefix, Any]] = []
-        self._insert_rows = _insert_rows_fn(core.kernels)
+        self._insert_rows = _insert_rows_fn(core.kernels)  # served and rollout requests
         # `release`: the decode state JetStream's generate thread holds between calls is freed
         # after a rollout (the train step needs the memory) and made afresh on the next call
         self._state_lock = threading.Lock()
@@ -243,8 +231,11 @@ class FlowRLEngine(engine_api.Engine):
             st = self._start_pending(self._live(decode_state))
             with self._lock:
                 request = next(self._counter)
-            st = self._insert(prefix, st, np.int32(slot), np.uint32(self.sampling.seed % 2**32),
-                              np.int32(request % 2**31), np.int32(0), np.int32(self.cache_len))
+            st = self._insert_rows(prefix["cache"], st, np.asarray([slot], np.int32),
+                                   prefix["last_token"][None], prefix["length"][None],
+                                   np.asarray([self.cache_len], np.int32),
+                                   np.uint32(self.sampling.seed % 2**32),
+                                   np.asarray([request % 2**31], np.int32), np.zeros((1,), np.int32))
             self._held = st
             return st
 
@@ -273,9 +264,9 @@ class FlowRLEngine(engine_api.Engine):
         """Apply the pending rollout inserts: one batched insert per shared prefix, with the
         per-sample key (seed, prompt, sample) as SamplingEngine.generate uses it."""
         pending, self._pending = self._pending, []
-        groups: dict[int, list] = {}
-        for item in pending:
-            groups.setdefault(id(item[1]), []).append(item)
+        groups: dict[tuple, list] = {}
+        for item in pending:  # one insert per (prefix, seed): the seed is one scalar per insert
+            groups.setdefault((id(item[1]), item[2].seed), []).append(item)
         for rows in groups.values():
             prefix = rows[0][1]
             m = 1 << (len(rows) - 1).bit_length()  # padded to a power of two: few compiles
@@ -286,7 +277,7 @@ class FlowRLEngine(engine_api.Engine):
                 prefix.cache, st, col(lambda r: r[0], self._slots, np.int32),
                 np.full((m,), prefix.last_token, np.int32), np.full((m,), prefix.length, np.int32),
                 col(lambda r: r[2].max_tokens, 0, np.int32),
-                col(lambda r: r[2].seed % 2**32, 0, np.uint32),
+                np.uint32(rows[0][2].seed % 2**32),
                 col(lambda r: r[2].prompt_index, 0, np.int32),
                 col(lambda r: r[2].sample_index, 0, np.int32))
         return st
