@@ -69,6 +69,27 @@ def test_compat_fixes_applied():
     assert issubclass(js.engine_api.Engine, object) and hasattr(js.engine_api, "ResultTokens")
 
 
+def test_jetstream_info_chatter_is_dropped_its_warnings_kept(caplog):
+    """JetStream logs every request at INFO on the root logger (86k lines per demo)."""
+    import jetstream.core.orchestrator as orch
+
+    from flowrl_jax.sampling.jetstream_compat import import_jetstream
+
+    import_jetstream()
+    with caplog.at_level(logging.INFO):
+        logging.info("from the test: kept")
+
+        def in_jetstream(level, msg):  # a record whose code lives in JetStream's package
+            logging.getLogger().handle(logging.LogRecord("root", level, orch.__file__, 1, msg,
+                                                         None, None))
+
+        in_jetstream(logging.INFO, "Prefilling on prefill engine 0")
+        in_jetstream(logging.WARNING, "jetstream warning")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "from the test: kept" in msgs and "jetstream warning" in msgs
+    assert "Prefilling on prefill engine 0" not in msgs
+
+
 def test_a_failing_driver_thread_is_reported_not_a_sigkill():
     # JetStream's own thread class SIGKILLs the process (a trainer, a pytest worker) on any error
     import threading
