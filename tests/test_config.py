@@ -1,4 +1,4 @@
-"""config.py: YAML with includes and dotted overrides; errors name the key; HF config parsing."""
+"""config/: YAML with includes and dotted overrides; errors name the key; HF config parsing."""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def test_remat_unknown_policy_is_an_error_naming_the_key():
 
 
 def test_scan_layers_config_switch():
-    assert load_config(None, []).model.scan_layers is True  # the default (see config.py)
+    assert load_config(None, []).model.scan_layers is True  # the default (see config/model.py)
     assert Numerics().scan_layers is True
     cfg = load_config(None, ["model.scan_layers=false"])
     assert Numerics.from_config(cfg.model).scan_layers is False
