@@ -61,16 +61,16 @@ def test_the_samples_of_a_prompt_share_its_prefill_and_the_cache_is_freed_after(
     import jax
     from flax import nnx
 
-    from flowrl_jax.sampling.jetstream import FlowRLEngine
+    from flowrl_jax.sampling.jetstream_rollout_engine import RolloutEngine
 
     core, model, rollouts = backends
     calls = []
-    real = FlowRLEngine._prefill_cache
-    monkeypatch.setattr(FlowRLEngine, "_prefill_cache",
+    real = RolloutEngine._prefill_cache
+    monkeypatch.setattr(RolloutEngine, "_prefill_cache",
                         lambda self, *a: calls.append(1) or real(self, *a))
     held = []  # the decode state each rollout leaves in the driver's generate thread
-    real_release = FlowRLEngine.release
-    monkeypatch.setattr(FlowRLEngine, "release",
+    real_release = RolloutEngine.release
+    monkeypatch.setattr(RolloutEngine, "release",
                         lambda self: held.append(jax.tree.leaves(self._held))
                         or real_release(self))
     prompts = [[5, 6, 7]] * 2 + _prompts(2)  # two identical prompts in a row share one too
@@ -141,13 +141,13 @@ def test_a_stalled_rollout_is_an_error_not_a_hang(backends):
 def test_a_failing_driver_is_an_error_naming_the_thread(backends, monkeypatch):
     import time
 
-    from flowrl_jax.sampling.jetstream import FlowRLEngine
     from flowrl_jax.sampling.jetstream_rollout import JetStreamRollouts
+    from flowrl_jax.sampling.jetstream_rollout_engine import RolloutEngine
 
     def broken_generate(self, params, decode_state):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(FlowRLEngine, "generate", broken_generate)
+    monkeypatch.setattr(RolloutEngine, "generate", broken_generate)
     core, model, _ = backends
     rollouts = JetStreamRollouts(core, timeout_s=300)
     t0 = time.monotonic()

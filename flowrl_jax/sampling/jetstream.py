@@ -51,7 +51,7 @@ engine_api = js.engine_api
 Array = jax.Array
 
 # pad_tokens() only accepts a max_prefill_length from this list when it pads token requests.
-_JETSTREAM_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+JETSTREAM_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class HFTokenizer(js.tokenizer_api.Tokenizer):
@@ -93,21 +93,6 @@ class HFTokenizer(js.tokenizer_api.Tokenizer):
         return int(bid if bid is not None else self.pad_id)
 
 
-@dataclass(frozen=True, eq=False)
-class SharedPrefix:
-    """The prefill of one rollout prompt under one version of the weights, shared by the G
-    requests of that prompt (the per-sample key is applied at insert, so the prefix does not
-    depend on the sample). A pytree without leaves: JetStream deletes a request's prefill
-    arrays after its insert, and these must live on for the next sample of the prompt."""
-
-    cache: Any
-    length: int  # positions in the cache: the prompt without its last token
-    last_token: int  # fed by the first generate
-
-
-jax.tree_util.register_pytree_node(SharedPrefix, lambda p: ((), p), lambda p, _: p)
-
-
 @functools.lru_cache(maxsize=None)
 def _insert_rows_fn(kernels: Any) -> Any:
     """Jitted: start M requests of one prefix in slots `dst` (out of range = padding), each
@@ -133,17 +118,10 @@ def _decode_fn(kernels: Any, stop_ids: tuple, spec: Any, steps: int) -> Any:
 
 
 class FlowRLEngine(engine_api.Engine):
-    """JetStream Engine over `SamplingEngine`: fixed sampling params, one token per generate.
-
-    A request that carries a `rollout` key (sampling/jetstream_rollout.py) is sampled with
-    its own (seed, prompt index, sample index) key and max tokens, as `SamplingEngine.generate`
-    samples it; `set_params` swaps the weights served, `start_trace`/`stop_trace` record each
-    generate step (tokens with log-probs and finish flags) for the rollout to read back.
-
-    Rollout requests are cheaper than JetStream's one prefill and one insert per request: the
-    consecutive requests of one prompt share its prefill (`SharedPrefix`, remembered for the
-    last prompt under the current weights), and their inserts wait for the next `generate`,
-    which starts the pending samples of each prefix in one batched insert."""
+    """JetStream Engine over `SamplingEngine`: fixed sampling params, one prefill and one
+    insert per request, `tokens_per_generate` decode steps per generate; `set_params` swaps
+    the weights served. Rollouts use its subclass `RolloutEngine`
+    (sampling/jetstream_rollout_engine.py)."""
 
     def __init__(self, core: SamplingEngine, params: Any, tokenizer: Any, tokenizer_path: str,
                  sampling: SamplingParams, *, max_prefill_length: int = 1024, slots: int = 8,
@@ -157,8 +135,8 @@ class FlowRLEngine(engine_api.Engine):
         self.sampling = sampling
         self.spec = core.spec_for(sampling)
         self.stop_ids = core.stop_ids_for(sampling)
-        self._max_prefill = bucket(max_prefill_length, _JETSTREAM_LENGTHS)
-        self._buckets = tuple(b for b in _JETSTREAM_LENGTHS if b <= self._max_prefill)
+        self._max_prefill = bucket(max_prefill_length, JETSTREAM_LENGTHS)
+        self._buckets = tuple(b for b in JETSTREAM_LENGTHS if b <= self._max_prefill)
         self._slots = int(slots)
         # decode steps per `generate` call: JetStream reads them as speculations of one step
         self._steps = int(tokens_per_generate)
@@ -173,24 +151,8 @@ class FlowRLEngine(engine_api.Engine):
         # compiled once per kernels and settings, not per adapter (each trainer makes its own)
         self._generate = _decode_fn(core.kernels, tuple(int(t) for t in self.stop_ids), self.spec,
                                     self._steps)
-        # Rollouts (sampling/jetstream_rollout.py): the params pushed for the next requests,
-        # the request a prefill serves (set on the prefill thread by `_Driver`), which
-        # request each slot holds, and a trace of every generate step's outputs.
-        self._live_params: Any = None
-        self.pending = threading.local()
-        self._owner: list[int] = [-1] * self._slots
-        self._trace: Optional[list] = None
-        # prefix sharing: (weights version, prompt tokens) → prefix, for the last prompt seen
-        self._version = 0
-        self._last_prefix: Optional[tuple[tuple, SharedPrefix]] = None
-        # rollout inserts not yet applied: (slot, prefix, key), started by the next generate
-        self._pending: list[tuple[int, SharedPrefix, Any]] = []
         self._insert_rows = _insert_rows_fn(core.kernels)  # served and rollout requests
-        # `release`: the decode state JetStream's generate thread holds between calls is freed
-        # after a rollout (the train step needs the memory) and made afresh on the next call
-        self._state_lock = threading.Lock()
-        self._held: Any = None  # the decode state last handed back to the generate thread
-        self._released = False
+        self._live_params: Any = None  # the weights `set_params` pushed, served from then on
 
     # ----------------------------------------------------------------- Engine API
 
@@ -198,22 +160,16 @@ class FlowRLEngine(engine_api.Engine):
                 padded_tokens: Any, true_length: int) -> dict:
         """Cache of the prompt without its last token (that one is fed by the first generate)."""
         del existing_prefix  # session caches are not supported; validation rejects them
-        tokens = np.asarray(padded_tokens, np.int32).reshape(-1)
-        vocab = self.core.arch.vocab_size
-        n = int(min(max(int(true_length), 1), tokens.shape[0]))
-        tokens = np.clip(tokens, 0, vocab - 1)
-        rollout = getattr(self.pending, "rollout", None)  # a rollout request's keys and budget
-        self.pending.rollout = None
-        if rollout is not None:  # the prompt's prefix, shared with its other samples
-            key = (self._version, tokens[:n].tobytes())
-            last = self._last_prefix
-            if last is None or last[0] != key:
-                last = (key, SharedPrefix(self._prefill_cache(params, tokens, n), n - 1,
-                                          int(tokens[n - 1])))
-                self._last_prefix = last
-            return {"rollout": rollout, "shared": last[1]}
+        tokens, n = self._prompt(padded_tokens, true_length)
         return {"cache": self._prefill_cache(params, tokens, n), "length": jnp.int32(n - 1),
                 "last_token": jnp.int32(tokens[n - 1])}
+
+    def _prompt(self, padded_tokens: Any, true_length: int) -> tuple[np.ndarray, int]:
+        """The padded prompt with its ids clamped into the vocabulary, and its length n
+        clamped to [1, padded length] (prefill clamps instead of raising: see the top)."""
+        tokens = np.asarray(padded_tokens, np.int32).reshape(-1)
+        n = int(min(max(int(true_length), 1), tokens.shape[0]))
+        return np.clip(tokens, 0, self.core.arch.vocab_size - 1), n
 
     def _prefill_cache(self, params: Any, tokens: np.ndarray, n: int) -> Any:
         """The cache of the first n − 1 of `tokens` (one prompt)."""
@@ -222,65 +178,14 @@ class FlowRLEngine(engine_api.Engine):
         return self._prefill(self._params_for(params), body, np.array([n - 1], np.int32))
 
     def insert(self, prefix: dict, decode_state: DecodeState, slot: int) -> DecodeState:
-        with self._state_lock:
-            ro = prefix.get("rollout")
-            if ro is not None:  # started by the next generate, with the prompt's other samples
-                self._pending.append((int(slot), prefix["shared"], ro))
-                self._owner[slot] = ro.row
-                return decode_state
-            st = self._start_pending(self._live(decode_state))
-            with self._lock:
-                request = next(self._counter)
-            st = self._insert_rows(prefix["cache"], st, np.asarray([slot], np.int32),
-                                   prefix["last_token"][None], prefix["length"][None],
-                                   np.asarray([self.cache_len], np.int32),
-                                   np.uint32(self.sampling.seed % 2**32),
-                                   np.asarray([request % 2**31], np.int32), np.zeros((1,), np.int32))
-            self._held = st
-            return st
-
-    def _all_idle(self, st: DecodeState) -> bool:
-        """During a rollout: whether no slot of `st` is decoding (one read of its [slots]
-        flags, as the engine reads each chunk's tokens back); serving never skips."""
-        return self._trace is not None and not bool(np.any(jax.device_get(st.active)))
-
-    def _live(self, st: DecodeState) -> DecodeState:
-        """`st`, or a fresh (idle) decode state where `release` freed it."""
-        if self._released:
-            self._released = False
-            return self.init_decode_state()
-        return st
-
-    def release(self) -> None:
-        """Free the decode state the generate thread holds (every request is complete); the
-        thread's next insert or generate starts from a fresh one."""
-        with self._state_lock:
-            if self._held is not None:
-                for leaf in jax.tree.leaves(self._held):
-                    leaf.delete()
-            self._held, self._released = None, True
-
-    def _start_pending(self, st: DecodeState) -> DecodeState:
-        """Apply the pending rollout inserts: one batched insert per shared prefix, with the
-        per-sample key (seed, prompt, sample) as SamplingEngine.generate uses it."""
-        pending, self._pending = self._pending, []
-        groups: dict[tuple, list] = {}
-        for item in pending:  # one insert per (prefix, seed): the seed is one scalar per insert
-            groups.setdefault((id(item[1]), item[2].seed), []).append(item)
-        for rows in groups.values():
-            prefix = rows[0][1]
-            m = 1 << (len(rows) - 1).bit_length()  # padded to a power of two: few compiles
-            pad = m - len(rows)
-            col = lambda f, fill, dtype: np.asarray([f(r) for r in rows] + [fill] * pad,  # noqa: E731
-                                                    dtype)
-            st = self._insert_rows(
-                prefix.cache, st, col(lambda r: r[0], self._slots, np.int32),
-                np.full((m,), prefix.last_token, np.int32), np.full((m,), prefix.length, np.int32),
-                col(lambda r: r[2].max_tokens, 0, np.int32),
-                np.uint32(rows[0][2].seed % 2**32),
-                col(lambda r: r[2].prompt_index, 0, np.int32),
-                col(lambda r: r[2].sample_index, 0, np.int32))
-        return st
+        """Start the request of `prefix` in `slot`, keyed (server seed, request number, 0)."""
+        with self._lock:
+            request = next(self._counter)
+        return self._insert_rows(prefix["cache"], decode_state, np.asarray([slot], np.int32),
+                                 prefix["last_token"][None], prefix["length"][None],
+                                 np.asarray([self.cache_len], np.int32),
+                                 np.uint32(self.sampling.seed % 2**32),
+                                 np.asarray([request % 2**31], np.int32), np.zeros((1,), np.int32))
 
     def _params_for(self, params: Any) -> Any:
         return params if self._live_params is None else self._live_params
@@ -288,38 +193,17 @@ class FlowRLEngine(engine_api.Engine):
     def set_params(self, params: Any) -> None:
         """Serve the next requests with `params` (the trainer's weights after an update)."""
         self._live_params = self.core.params_of(params)
-        self._version += 1
-        self._last_prefix = None  # a prefix of the old weights is never reused
-
-    def start_trace(self) -> None:
-        """Record every generate step's tokens, log-probs and finish flags from now on."""
-        self._trace = []
-
-    def stop_trace(self) -> list[tuple[list[int], Any]]:
-        """The recorded calls: (the row each slot held, (data, logprobs, finish)); data is
-        [slots, 2·steps + 1] (tokens, emitted, generated), logprobs/finish [steps, slots]."""
-        trace, self._trace = self._trace or [], None
-        self._last_prefix = None  # the rollout is over: its prefix cache is freed
-        return trace
 
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, Any]:
+        st, data, _, _ = self._generate(self._params_for(params), decode_state)
+        return st, self._result_tokens(data)
+
+    def _result_tokens(self, data: Any) -> Any:
+        """JetStream's view of one generate call's [slots, 2·steps + 1] outputs (tokens,
+        emitted flags, tokens generated so far)."""
         k = self._steps
-        with self._state_lock:
-            if not self._pending and (self._released or self._all_idle(decode_state)):
-                # Nothing to decode: JetStream frees a finished slot only once its detokenize
-                # thread has read the result, and calls generate until then (a rollout's
-                # every sample can be complete). No token is emitted; the cache stays freed.
-                return decode_state, engine_api.ResultTokens(
-                    data=np.zeros((self._slots, 2 * k + 1), np.int32), tokens_idx=(0, k),
-                    valid_idx=(k, 2 * k), length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
-            decode_state = self._start_pending(self._live(decode_state))
-            st, data, logp, finish = self._generate(self._params_for(params), decode_state)
-            self._held = st
-        trace = self._trace  # read once: stop_trace() may clear it from another thread
-        if trace is not None:
-            trace.append((list(self._owner), (data, logp, finish)))
-        return st, engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
-                                           length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
+        return engine_api.ResultTokens(data=data, tokens_idx=(0, k), valid_idx=(k, 2 * k),
+                                       length_idx=(2 * k, 2 * k + 1), samples_per_slot=1)
 
     def load_params(self, *args: Any, **kwargs: Any) -> Any:
         return self._params
@@ -462,18 +346,11 @@ class ValidatingOrchestrator(js.orchestrator.LLMOrchestrator):
         return pb(stream_content=pb.StreamContent(samples=samples))
 
 
-class _Driver(js.orchestrator.Driver):
+class FlowRLDriver(js.orchestrator.Driver):
     """JetStream's driver with token requests fixed: upstream always prepends `bos_id` (for
     Qwen, which has no BOS, a stray pad token) and crashes on a list when it does not."""
 
     def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
-        rollout = getattr(request, "rollout", None)
-        if rollout is not None:  # token ids as given (no BOS), for the engine's next prefill
-            self._prefill_engines[0].pending.rollout = rollout
-            ids = np.asarray(request.prefill_content, np.int32)
-            padded = np.zeros((bucket(len(ids), _JETSTREAM_LENGTHS),), np.int32)
-            padded[:len(ids)] = ids
-            return padded, len(ids)
         content = request.prefill_content
         if isinstance(content, str):
             return super()._process_prefill_content(request, tokenizer, is_bos, max_prefill_length)
@@ -528,7 +405,7 @@ def start_server(engine: FlowRLEngine, *, host: str = "127.0.0.1", port: int = 9
     import grpc
 
     params = engine.load_params()
-    driver = _Driver(prefill_engines=[engine], generate_engines=[engine], prefill_params=[params],
+    driver = FlowRLDriver(prefill_engines=[engine], generate_engines=[engine], prefill_params=[params],
                      generate_params=[params], interleaved_mode=True, jax_padding=False)
     loop = asyncio.new_event_loop()
     executor = futures.ThreadPoolExecutor(max_workers=threads)

@@ -1,6 +1,7 @@
 """Rollouts through an in-process JetStream driver: `JetStreamRollouts.generate` has the
 signature and result of `SamplingEngine.generate`, but every sample is one request to
-JetStream's driver (`jetstream.core.orchestrator`) over our Engine adapter (jetstream.py).
+JetStream's driver (`jetstream.core.orchestrator`) over our Engine adapter (`RolloutEngine`,
+jetstream_rollout_engine.py).
 
 Each request carries its own settings: the prompt's token ids, max new tokens and the
 per-sample key (seed, prompt index, sample index) that `SamplingEngine.generate` uses, so
@@ -11,11 +12,11 @@ are pushed to the driver's engine before each call (`set_params`), so the driver
 serves the trainer's current weights.
 
 The requests of a prompt are placed one after the other, so its G samples share one prefill
-and are started by one batched insert (FlowRLEngine), and no decode runs while every slot is
+and are started by one batched insert (RolloutEngine), and no decode runs while every slot is
 idle. Each `generate` call of the driver runs `decode_chunk` decode steps (as the engine does),
 returned to JetStream as that many speculative tokens per slot. After a rollout the decode
 state (the KV cache of every slot) that the driver's generate thread holds is freed
-(`FlowRLEngine.release`), so the train step has the memory, as after `SamplingEngine.generate`.
+(`RolloutEngine.release`), so the train step has the memory, as after `SamplingEngine.generate`.
 JetStream's detokenizer returns token ids without the stop token and without log-probs, so
 the samples are read from the adapter's trace of its generate steps (which slot held which
 sample at each step); the driver's return channel only says when a sample is complete. A
@@ -27,36 +28,21 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from flowrl_jax.sampling.engine import SamplingEngine
-from flowrl_jax.sampling.jetstream import _JETSTREAM_LENGTHS, FlowRLEngine, _Driver, js
+from flowrl_jax.sampling.jetstream import JETSTREAM_LENGTHS, js
 from flowrl_jax.sampling.jetstream_compat import driver_failure
+from flowrl_jax.sampling.jetstream_rollout_engine import RolloutDriver, RolloutEngine, RolloutKey
 from flowrl_jax.sampling.kernels import bucket
 from flowrl_jax.sampling.params import SamplingError, SamplingParams
 from flowrl_jax.sampling.results import FINISH_NAMES, FINISH_NONE, Rollout
 
 
 _POLL_S = 0.2  # how often a waiting rollout checks its driver's threads
-
-
-@dataclass(frozen=True)
-class RolloutKey:
-    """What a rollout request tells the engine: its output row and its sample key."""
-
-    row: int
-    seed: int
-    prompt_index: int
-    sample_index: int
-    max_tokens: int
-
-
-# A pytree without leaves: it rides in the prefill result through the driver's transfers.
-jax.tree_util.register_pytree_node(RolloutKey, lambda k: ((), k), lambda k, _: k)
 
 
 class _Done:
@@ -90,25 +76,24 @@ class JetStreamRollouts:
     def __init__(self, core: SamplingEngine, *, timeout_s: float = 600.0):
         self.core = core
         self.timeout_s = float(timeout_s)
-        self._drivers: dict[tuple, tuple[FlowRLEngine, Any]] = {}
+        self._drivers: dict[tuple, tuple[RolloutEngine, Any]] = {}
         self._lock = threading.Lock()  # one rollout at a time per driver set
 
     def _driver(self, params: Any, sampling: SamplingParams, slots: int, length: int,
-                longest: int) -> tuple[FlowRLEngine, Any]:
+                longest: int) -> tuple[RolloutEngine, Any]:
         """The driver for these settings and shapes (built once: it compiles its kernels)."""
-        max_prefill = bucket(longest, _JETSTREAM_LENGTHS)
+        max_prefill = bucket(longest, JETSTREAM_LENGTHS)
         key = (self.core.spec_for(sampling), tuple(self.core.stop_ids_for(sampling).tolist()),
                sampling.max_new_tokens, slots, length, max_prefill)
         if key not in self._drivers:
-            engine = FlowRLEngine(self.core, params, None, "", sampling,
-                                  max_prefill_length=max_prefill,
-                                  slots=slots, cache_len=length,
-                                  prefill_buckets=tuple(self.core.prefill_buckets),
-                                  tokens_per_generate=self.core.decode_chunk)
+            engine = RolloutEngine(self.core, params, sampling, max_prefill_length=max_prefill,
+                                   slots=slots, cache_len=length,
+                                   prefill_buckets=tuple(self.core.prefill_buckets),
+                                   tokens_per_generate=self.core.decode_chunk)
             p = engine.load_params()
-            driver = _Driver(prefill_engines=[engine], generate_engines=[engine],
-                             prefill_params=[p], generate_params=[p], interleaved_mode=True,
-                             jax_padding=False)
+            driver = RolloutDriver(prefill_engines=[engine], generate_engines=[engine],
+                                   prefill_params=[p], generate_params=[p], interleaved_mode=True,
+                                   jax_padding=False)
             self._drivers[key] = (engine, driver)
         return self._drivers[key]
 
