@@ -8,7 +8,7 @@ import argparse
 import concurrent.futures as cf
 import json
 
-from flowrl_jax.sampling.jetstream import request
+from flowrl_jax.sampling.jetstream_client import request
 
 
 def main() -> None:

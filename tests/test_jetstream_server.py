@@ -26,7 +26,8 @@ def served(tmp_path_factory):
     root = logging.getLogger()
     before = (root.level, list(root.handlers))
     from flowrl_jax.sampling.completions import CompletionService
-    from flowrl_jax.sampling.jetstream import FlowRLEngine, start_server
+    from flowrl_jax.sampling.jetstream import FlowRLEngine
+    from flowrl_jax.sampling.jetstream_server import start_server
 
     assert (root.level, list(root.handlers)) == before  # compat restored the root logger
     tok = word_tokenizer(64)
@@ -120,7 +121,7 @@ def test_server_wait_raises_when_the_driver_fails():
     import threading
     import types
 
-    from flowrl_jax.sampling.jetstream import Server
+    from flowrl_jax.sampling.jetstream_server import Server
 
     class NeverEnding:  # a gRPC server that serves until stopped
         def __init__(self):
@@ -147,7 +148,7 @@ def test_server_wait_raises_when_the_driver_fails():
 
 def test_concurrent_requests(served):
     core, model, _, addr = served
-    from flowrl_jax.sampling.jetstream import request
+    from flowrl_jax.sampling.jetstream_client import request
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 64, size=n).tolist() for n in (3, 5, 1, 8, 2, 6, 4, 7, 9, 3)]
@@ -164,7 +165,7 @@ def test_concurrent_requests(served):
 
 def test_text_request(served):
     core, model, tok, addr = served
-    from flowrl_jax.sampling.jetstream import request
+    from flowrl_jax.sampling.jetstream_client import request
 
     text = "w1 w7 w3 w12"
     c = request(addr, text=text, max_tokens=MAX_NEW, timeout=120)
@@ -183,7 +184,7 @@ def test_text_request(served):
 ])
 def test_malformed_requests_get_clear_errors(served, kwargs, message):
     _, _, _, addr = served
-    from flowrl_jax.sampling.jetstream import request
+    from flowrl_jax.sampling.jetstream_client import request
 
     kwargs = {"max_tokens": 4, **kwargs}
     with pytest.raises(grpc.RpcError) as err:
@@ -243,7 +244,7 @@ def test_sample_server_honours_temperature(served, capsys):
 
 def test_grpc_per_request_settings_and_context_refusal(served):
     core, model, tok, addr = served
-    from flowrl_jax.sampling.jetstream import request, request_samples
+    from flowrl_jax.sampling.jetstream_client import request, request_samples
 
     ids = [5, 9, 13]
     got = request_samples(addr, token_ids=ids, max_tokens=MAX_NEW, timeout=120,
@@ -300,7 +301,7 @@ def test_serve_command_subprocess(tmp_path):
     import sys
     import threading
 
-    from flowrl_jax.sampling.jetstream import request
+    from flowrl_jax.sampling.jetstream_client import request
     from flowrl_jax.testing import save_hf_dir
 
     arch = tiny_arch(64, eos_token_id=EOS)

@@ -207,7 +207,7 @@ def test_serve_starts_and_answers(qwen_dir):
             m = re.search(r"listening on [^ ]*:(\d+)", line)
             port = int(m.group(1)) if m else None
         assert port, f"serve did not start (exit {proc.poll()})"
-        from flowrl_jax.sampling.jetstream import request
+        from flowrl_jax.sampling.jetstream_client import request
 
         done = request(f"127.0.0.1:{port}", text="1 + 1 =", max_tokens=4, timeout=120)
         assert 1 <= len(done.token_ids) <= 4

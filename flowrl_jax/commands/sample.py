@@ -61,7 +61,7 @@ def _run_server(args: argparse.Namespace, prompts: list[str]) -> int:
     try:  # the serve extra (google-jetstream, grpcio)
         import grpc
 
-        from flowrl_jax.sampling.jetstream import request_samples
+        from flowrl_jax.sampling.jetstream_client import request_samples
     except ImportError as e:
         print(f"flowrl-jax sample: --server: {e}", file=sys.stderr)
         return 2

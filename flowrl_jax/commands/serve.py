@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from flowrl_jax.sampling.rollout_server import RolloutService
 
     try:
-        from flowrl_jax.sampling.jetstream import FlowRLEngine, start_server
+        from flowrl_jax.sampling.jetstream import FlowRLEngine
+        from flowrl_jax.sampling.jetstream_server import start_server
     except ImportError as e:
         print(f"flowrl-jax serve: {e}", file=sys.stderr)
         return 2

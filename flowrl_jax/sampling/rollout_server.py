@@ -114,7 +114,7 @@ class RolloutService:
 
 def add_rollout_methods(server: Any, rollouts: RolloutService) -> None:
     """Register `Info`, `Generate`, `LoadWeights` on a `grpc.aio` server (before it starts)."""
-    import grpc  # the serve extra, as jetstream.py
+    import grpc  # the serve extra, as jetstream_server.py
 
     def info(fields: dict, arrays: dict) -> bytes:
         return pack(rollouts.info())
