@@ -151,3 +151,17 @@ def test_new_switches_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert key in str(e.value)
+
+
+def test_the_package_exports_every_name_callers_import():
+    """flowrl_jax.config is a package of modules; the names callers import stay at its top."""
+    import flowrl_jax.config as config
+
+    names = {"ATTENTION", "CONFIG_DIR", "DTYPES", "REMAT", "AlgoConfig", "Config", "ConfigError",
+             "DataConfig", "DatasetSpec", "EvalConfig", "MeshConfig", "ModelArch", "ModelConfig",
+             "OptimizerConfig", "RewardsConfig", "RolloutConfig", "SandboxSettings",
+             "TrainerConfig", "apply_overrides", "build_dataclass", "config_from_dict",
+             "config_to_dict", "load_config", "load_yaml_tree", "preset_arch", "preset_tree",
+             "remat_policy_name", "replace", "resolve_config_path"}
+    assert set(config.__all__) == names and all(hasattr(config, n) for n in names)
+    assert (config.CONFIG_DIR / "models").is_dir()  # the packaged configs/, one level up
