@@ -141,10 +141,11 @@ def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page
         return paged_pallas.paged_attention(q, pool, table, lengths,
                                             per_device=per_shard is not None), pool
 
+    one = layer
     if impl == "pallas":  # the kernels take each row's visible length (0: idle, skipped)
-        layer = kernel_layer  # type: ignore[assignment]
+        one = kernel_layer
         visible = pos + 1 if active is None else jnp.where(active, pos + 1, 0)
-    run = layer if per_shard is None else per_shard(layer)
+    run = one if per_shard is None else per_shard(one)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
         return run(pools[i], q, k, v, page, col, table, visible)

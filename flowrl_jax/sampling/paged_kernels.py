@@ -132,15 +132,16 @@ class PagedKernels(KernelsBase):
         return spec, _spec_entry(self.slot_axes(slots)), kv
 
     def _per_shard(self, slots: int, num_pages: int) -> Optional[Any]:
-        """`paged_decode_forward`'s per_shard: the layer's write + gather mapped over the slot
-        shards (None with one shard: the plain, unmapped program)."""
-        axes = self.slot_axes(slots)
+        """`paged_decode_forward`'s per_shard: the layer's write + attention (xla's gather or
+        the Pallas kernel) mapped over the slot shards (None with one shard: the plain,
+        unmapped program)."""
         if self.shards(slots) == 1:
             return None
         pool, a, kv = self._pool_specs(slots, num_pages)
         cache = paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
         # the last argument: xla's visible mask [B, 1, 1, S], the kernels' lengths [B]
-        seen = PartitionSpec(a) if self.attention == "pallas" else PartitionSpec(a, None, None, None)
+        seen = (PartitionSpec(a) if self.attention == "pallas"
+                else PartitionSpec(a, None, None, None))
         in_specs = (cache(pool, pool), PartitionSpec(a, kv, None, None),
                     PartitionSpec(a, kv, None), PartitionSpec(a, kv, None), PartitionSpec(a),
                     PartitionSpec(a), PartitionSpec(a, None), seen)
