@@ -20,7 +20,9 @@ from flowrl_jax.aot.topologies import get_slice, libtpu_available, slice_devices
 from flowrl_jax.config import ConfigError, MeshConfig, RolloutConfig, load_config
 from flowrl_jax.mesh import compute_platform, make_mesh
 from flowrl_jax.models import paged_pallas
+from flowrl_jax.models.decode import rope_table
 from flowrl_jax.models.paged_decode import PagedCache, paged_attention as xla_paged_attention
+from flowrl_jax.models.paged_decode import paged_decode_forward
 from flowrl_jax.models.qwen2 import Numerics, abstract_model
 from flowrl_jax.sampling.engine import SamplingEngine, SamplingError, SamplingParams
 from flowrl_jax.testing import tiny_arch, tiny_model
@@ -130,6 +132,64 @@ def test_tpu_kernel_interpreted_matches_float64(monkeypatch, block_positions):
     np.testing.assert_allclose(got, _reference(q, kp, vp), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_idle_rows_pass_length_zero_and_come_out_zero(kernel):
+    """An idle row (length 0, here the first: the TPU kernel's first DMA then starts at the
+    next row) is skipped by both kernels and its output is 0; the other rows are unchanged."""
+    q, kp, vp = _case(bf16_values=True)
+    pool = paged_pallas.KernelPagedCache(jnp.asarray(kp), jnp.asarray(vp))
+    lengths = LENGTHS.copy()
+    lengths[0] = 0
+    got = np.asarray(jax.jit(lambda q_, p_, t, n: paged_pallas.paged_attention(
+        q_, p_, t, n, kernel=kernel, interpret=True))(
+        jnp.asarray(q), pool, jnp.asarray(TABLE), jnp.asarray(lengths)))
+    assert (got[0] == 0).all()
+    np.testing.assert_allclose(got[1:], _reference(q, kp, vp)[1:], atol=2e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model (GQA 4 / 2 heads, head_dim 16, 2 layers), built once (≈ 10 s here)."""
+    arch = tiny_arch(128)
+    return arch, tiny_model(arch, seed=0)
+
+
+def test_decode_step_gives_idle_rows_length_zero(tiny):
+    """The paged decode step with the kernels passes lengths pos + 1 for active rows and 0 for
+    idle ones; the active rows' logits are those of the step where every row attends."""
+    arch, model = tiny
+    seen = []
+    call = paged_pallas._call_kernel
+
+    def recording(q, k, v, lengths, table, **kw):
+        jax.debug.callback(lambda n: seen.append(np.asarray(n)), lengths)
+        return call(q, k, v, lengths, table, **kw)
+
+    rng = np.random.default_rng(3)
+    shape = paged_pallas.kernel_pool_shape(arch, N, P)
+    pools = [paged_pallas.KernelPagedCache(*(jnp.asarray(rng.normal(size=shape), jnp.float32)
+                                             for _ in range(2)))
+             for _ in range(arch.num_hidden_layers)]
+    token, pos = jnp.array([5, 9, 17], jnp.int32), jnp.array([18, 31, 2], jnp.int32)
+    page = jnp.asarray(TABLE[np.arange(B), np.asarray(pos) // P])
+    active = jnp.array([True, False, True])
+
+    def step(active_):
+        return paged_decode_forward(model, token, pos, page, pools, jnp.asarray(TABLE),
+                                    rope_table(arch, T * P), None, "matmul", "pallas",
+                                    active=active_)[0]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paged_pallas, "_call_kernel", recording)
+        run = jax.jit(step)  # one compile for both calls
+        idle = np.asarray(run(active))
+        every = np.asarray(run(jnp.ones((B,), bool)))
+        jax.effects_barrier()
+    n_layers = arch.num_hidden_layers
+    assert sorted(n.tolist() for n in seen) == [[19, 0, 3]] * n_layers + [[19, 32, 3]] * n_layers
+    np.testing.assert_array_equal(idle[[0, 2]], every[[0, 2]])
+
+
 def test_kernel_per_device_under_a_mesh():
     """On a 2 (data) × 2 (tensor) CPU mesh the kernel runs per device in a shard_map over the
     rows and the kv heads (each shard whole GQA groups): the same numbers as one device."""
@@ -149,13 +209,12 @@ def test_kernel_per_device_under_a_mesh():
     np.testing.assert_allclose(got[B], got[0], atol=1e-6)
 
 
-def test_sampler_greedy_tokens_equal_with_pallas_and_xla():
+def test_sampler_greedy_tokens_equal_with_pallas_and_xla(tiny):
     """The whole paged sampler, greedy, G = 2, mixed prompt lengths (pages of 8, prompts of 1
-    to 2 pages and a partial one): the GPU kernel interpreted, per device on a 2 (data) × 2
-    (tensor) mesh, gives the single-device XLA path's tokens and lengths, log-probs to float
-    rounding."""
-    arch = tiny_arch(128)
-    model = tiny_model(arch, seed=0)
+    to 2 pages and a partial one): the GPU kernel interpreted, per slot shard on a 2 (data)
+    × 2 (tensor) mesh (the pool's pages split over data, its heads over tensor), gives the
+    single-device XLA path's tokens and lengths, log-probs to float rounding."""
+    _, model = tiny
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 1, 9, 17)]
     sp = SamplingParams(n=2, max_new_tokens=12, temperature=0.0, seed=1)
@@ -166,9 +225,11 @@ def test_sampler_greedy_tokens_equal_with_pallas_and_xla():
     pallas = SamplingEngine(model, mesh=mesh, paged_attention="pallas", **kw)
     assert pallas.kernels.attention == "pallas" and xla.kernels.attention == "xla"
     assert SamplingEngine(model, **kw).kernels.attention == "xla"  # auto on CPU
-    st = pallas.init_state(8, 48)  # the kernels' layout [kv_heads, pages, page, head_dim]
-    assert st.pool[0].k.shape == (2, 8 * 6 + 1, 8, 16)
-    assert st.pool[0].k.sharding.spec[0] == "tensor"
+    # the kernels' layout [kv_heads, pages, page, head_dim]: heads over tensor, the pages in
+    # one block per slot shard (2 over data, 4 slots × 6 pages + a null page each)
+    st = pallas.init_state(8, 48)
+    assert st.pool[0].k.shape == (2, 2 * (4 * 6 + 1), 8, 16)
+    assert tuple(st.pool[0].k.sharding.spec) == ("tensor", "data", None, None)
     ref = xla.generate(model, prompts, sp)
     got = pallas.generate(pallas.params_of(model), prompts, sp)
     np.testing.assert_array_equal(got.tokens, ref.tokens)

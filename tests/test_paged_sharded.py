@@ -152,3 +152,61 @@ def test_pool_too_small_for_one_sample_per_shard_names_the_split(setup):
     with pytest.raises(SamplingError, match=r"5 pages of 8 tokens per slot shard \(the pool "
                                             r"is split 8 ways\), but prompt 5 \(33 tokens\)"):
         small.generate(model, prompts, SAMPLED)
+
+
+# ------------------------------------------------------------ the Pallas layout's pool split
+
+
+@pytest.fixture(scope="module")
+def pallas_engines(setup):
+    """One device and 8 slot shards with the Pallas kernels (the GPU kernel in interpret mode
+    on CPU), pools as in `setup`."""
+    model, _, one, sharded = setup
+    kw = dict(KW, paged_attention="pallas")
+    one_k = SamplingEngine(model, **kw)
+    sharded_k = SamplingEngine(model, mesh=sharded.mesh, kv_cache_gib=sharded.kv_cache_gib, **kw)
+    assert one_k.kernels.attention == sharded_k.kernels.attention == "pallas"
+    return one_k, sharded_k
+
+
+def test_pallas_pool_split_and_decode_never_gathers_it(pallas_engines, setup):
+    """The kernel layout's pool [kv heads, pages, page, head_dim] splits its pages axis over
+    the slot shards (a block per chip), and the compiled decode chunk and admit hold each
+    chip's block, never the whole pool, with no all-gather of pool pages."""
+    model, _, _, _ = setup
+    _, sharded = pallas_engines
+    kern = sharded.kernels
+    length = sharded.cache_length(33, NEW)
+    pages = sharded.pool_pages(SLOTS, length)
+    assert sharded.pool_shards(SLOTS) == 8 and pages == 8 * PAGES_PER_SHARD
+    st = kern.abstract_state(SLOTS, length, pages)
+    k = st.pool[0].k
+    assert k.shape[1] == pages and tuple(k.sharding.spec) == (None, "data", None, None)
+    heads, _, page, hd = k.shape
+    assert k.sharding.shard_shape(k.shape) == (heads, PAGES_PER_SHARD, page, hd)
+    params = sharded.params_of(model)
+    stop = np.full((8,), -1, np.int32)
+    hlo = kern.decode_chunk_jit.lower(params, st, stop, SamplingSpec.of(SAMPLED),
+                                      8).compile().as_text()
+    block = f"[{heads},{PAGES_PER_SHARD},{page},{hd}]"
+    whole = f"[{heads},{pages},{page},{hd}]"
+    assert block in hlo and whole not in hlo
+    pool_like = re.compile(rf"\[{heads},\d+,{page},{hd}\]")
+    gathers = [ln for ln in hlo.splitlines() if re.search(r"\ball-gather(-start)?\(", ln)]
+    assert not [ln for ln in gathers if pool_like.search(ln)]
+    vec = np.zeros((SLOTS,), np.int32)
+    admit = kern.admit_jit.lower(params, st, np.zeros((8, 32), np.int32), np.zeros((8,), np.int32),
+                                 vec, vec, vec, vec, np.uint32(0), vec, vec).compile().as_text()
+    assert block in admit and whole not in admit
+
+
+def test_pallas_sharded_sampling_with_scarce_pages_equals_single_device(pallas_engines, setup):
+    """The kernels per shard on shard-local page tables: sampled, G = 3, stop ids, samples
+    waiting for pages: the single-device Pallas engine's tokens and log-probs, bit for bit."""
+    model, prompts, _, _ = setup
+    one, sharded = pallas_engines
+    ref, got = one.generate(model, prompts, SAMPLED), sharded.generate(model, prompts, SAMPLED)
+    _same(ref, got)
+    assert len(set(got.lengths.tolist())) > 3 and "stop" in got.finish_reasons
+    assert sharded.paged_stats.waits > 0 and sharded.paged_stats.pool_pages == 8 * (
+        PAGES_PER_SHARD - 1)

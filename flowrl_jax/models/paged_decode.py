@@ -18,7 +18,8 @@ block i, and their page tables hold shard-LOCAL page numbers (each shard has its
 page, local 0). `paged_decode_forward` then runs each layer's write and gather inside
 `per_shard` (a `jax.shard_map` over the slot axes, sampling/paged_kernels.py), so no chip
 ever reads another chip's pages; with one shard `per_shard` is the identity. The Pallas
-layout keeps one pool (replicated over the slot axes).
+layout's pool is split the same way (its pages axis is dim 1): per shard, the token write and
+the kernel call on the shard's block.
 """
 
 from __future__ import annotations
@@ -101,24 +102,25 @@ def write_token(pool: PagedCache, k: Array, v: Array, page: Array, col: Array) -
                       pool.v.at[page, :, :, col].set(v.astype(pool.v.dtype)))
 
 
-#: wraps a per-shard layer function (pool, q, k, v, page, col, table, visible) →
-#: (attention, pool) so that it runs on each shard's slots and pages
+#: wraps a per-shard layer function (pool, q, k, v, page, col, table, visible mask (xla) or
+#: lengths (pallas)) → (attention, pool) so that it runs on each shard's slots and pages
 PerShard = Callable[[Callable[..., tuple[Array, PagedCache]]], Callable[..., tuple[Array, PagedCache]]]
 
 
 def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page: Array,
                          pools: list[Any], table: Array, rope: tuple[Array, Array],
                          mats: Optional[DecodeMatrices], products: str,
-                         impl: str = "xla", per_shard: Optional[PerShard] = None
-                         ) -> tuple[Array, list[Any]]:
+                         impl: str = "xla", per_shard: Optional[PerShard] = None,
+                         active: Optional[Array] = None) -> tuple[Array, list[Any]]:
     """One decode step: logits [B, V] of `token` [B] at position `pos` [B], and the pools with
     this token's keys and values written at column pos % page_size of page `page` [B].
 
     `decode_forward` (models/decode.py) with the cache row read through the page table
     `table` [B, T]; `rope`, `mats` and `products` as there. `impl` "xla" over `PagedCache`
-    pools, "pallas" over `paged_pallas.KernelPagedCache` pools. `per_shard` (None: one shard;
-    xla only) maps each layer's write + page gather over the slot shards of a sharded pool
-    (`page` and `table` then hold shard-local page numbers).
+    pools, "pallas" over `paged_pallas.KernelPagedCache` pools. `per_shard` (None: one shard)
+    maps each layer's write + attention over the slot shards of a sharded pool (`page` and
+    `table` then hold shard-local page numbers). `active` [B] (None: all): the kernels skip
+    the other rows (length 0; their logits are meaningless).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"paged_decode_forward: unknown impl {impl!r}; "
@@ -132,12 +134,20 @@ def paged_decode_forward(model: Qwen2ForCausalLM, token: Array, pos: Array, page
         pool = write_token(pool, k, v, page, col)
         return paged_attention(q, pool, table, visible, products, impl), pool
 
-    run = layer if per_shard is None else per_shard(layer)
+    def kernel_layer(pool: Any, q: Array, k: Array, v: Array, page: Array, col: Array,
+                     table: Array, lengths: Array) -> tuple[Array, Any]:
+        pool = paged_pallas.write_token(pool, k, v, page, col)
+        # mapped per shard: the kernel on this shard's block; else its own per-device map
+        return paged_pallas.paged_attention(q, pool, table, lengths,
+                                            per_device=per_shard is not None), pool
+
+    one = layer
+    if impl == "pallas":  # the kernels take each row's visible length (0: idle, skipped)
+        one = kernel_layer
+        visible = pos + 1 if active is None else jnp.where(active, pos + 1, 0)
+    run = one if per_shard is None else per_shard(one)
 
     def attend(i: int, q: Array, k: Array, v: Array) -> tuple[Array, Any]:
-        if impl == "pallas":  # one (unsplit) pool: the kernel's own per-device shard_map
-            pool = paged_pallas.write_token(pools[i], k, v, page, col)
-            return paged_pallas.paged_attention(q, pool, table, pos + 1), pool
         return run(pools[i], q, k, v, page, col, table, visible)
 
     return decode_layers(model, token, pos, rope, mats, attend)

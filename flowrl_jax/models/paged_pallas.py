@@ -14,7 +14,13 @@ it on CPU for tests); on GPU the Triton kernel; on any other platform the GPU ke
 Pallas' interpret mode (exact, slow: for tests). Neither kernel scales the scores: q is
 scaled by head_dim^-0.5 before the call. Under a mesh (`mesh.current_mesh`) the kernel runs
 per device in a `shard_map` over the batch (data × fsdp) and, when kv heads and query heads
-split alike over `tensor`, over heads (as models/splash.py).
+split alike over `tensor`, over heads (as models/splash.py). The sampler splits the pool's
+pages over its slot shards instead (sampling/paged_kernels.py): it calls the kernel inside
+its own per-shard map (`per_device=True`), on the shard's block with shard-local page tables.
+
+Idle rows pass length 0: the TPU kernel skips their blocks (no DMA, no compute) and leaves
+their output unwritten, the GPU kernel skips every partition (zeros); either way their
+output is set to 0 here.
 
 Constraints found in the kernels' source and by compiling (JAX 0.10, libtpu 0.0.42.1). TPU:
 head_dim a multiple of 128 (the kernel's m/l outputs reuse q's block spec, whose last dim
@@ -45,8 +51,11 @@ from flowrl_jax.mesh import current_mesh, current_platform, logical_to_spec
 
 Array = jax.Array
 
-#: logical axes of the kernel layout's pool: heads over `tensor`, pages replicated
+#: logical axes of the kernel layout's pool: heads over `tensor`; the pages (dim 1) are split
+#: over the sampler's slot shards, whose axes the sampler takes from the slots' sharding
 KERNEL_POOL_AXES = ("kv_heads", None, None, "head_dim")
+#: the pool's pages dimension in the kernel layout
+KERNEL_PAGES_DIM = 1
 #: `rollout.paged_attention` values: "xla" gathers pages and runs the dense decode attention
 #: (every platform), "pallas" the Pallas kernels over the kernel layout, "auto" pallas on
 #: TPU and GPU, xla elsewhere
@@ -188,11 +197,14 @@ def kernel_for(platform: str) -> tuple[str, bool]:
 
 
 def paged_attention(q: Array, pool: KernelPagedCache, table: Array, lengths: Array,
-                    kernel: Optional[str] = None, interpret: Optional[bool] = None) -> Array:
+                    kernel: Optional[str] = None, interpret: Optional[bool] = None,
+                    per_device: bool = False) -> Array:
     """One query token's attention over each sample's pages through a Pallas kernel:
     q [B, K, G, D], page tables `table` [B, T], `lengths` [B] visible positions (the first
-    lengths[b] of the row) → [B, K, G, D] float32. `kernel`/`interpret` default to the
-    traced program's platform (`kernel_for`); tests force the TPU kernel in interpret mode."""
+    lengths[b] of the row; 0: an idle row, skipped, output 0) → [B, K, G, D] float32.
+    `kernel`/`interpret` default to the traced program's platform (`kernel_for`); tests force
+    the TPU kernel in interpret mode. `per_device`: the arrays are one device's shards
+    already (inside a caller's `shard_map`): the kernel is called on them directly."""
     b, kh, g, d = q.shape
     if kernel is None:
         kernel, default_interpret = kernel_for(current_platform())
@@ -211,7 +223,7 @@ def paged_attention(q: Array, pool: KernelPagedCache, table: Array, lengths: Arr
     lengths = lengths.astype(jnp.int32)
     fn = functools.partial(_call_kernel, kernel=kernel, interpret=interpret)
     mesh = current_mesh()
-    if mesh is None or mesh.devices.size == 1:
+    if per_device or mesh is None or mesh.devices.size == 1:
         out = fn(qs, pool.k, pool.v, lengths, table)
     else:
         q_spec = logical_to_spec(("batch", "heads", None), mesh, qs.shape)
@@ -224,4 +236,6 @@ def paged_attention(q: Array, pool: KernelPagedCache, table: Array, lengths: Arr
                             in_specs=(q_spec, k_spec, k_spec, row_spec,
                                       PartitionSpec(q_spec[0], None)),
                             out_specs=q_spec, check_vma=False)(qs, pool.k, pool.v, lengths, table)
-    return out.astype(jnp.float32).reshape(b, kh, g, d)
+    # idle rows (length 0): the TPU kernel never writes their output block
+    out = jnp.where((lengths > 0)[:, None, None], out.astype(jnp.float32), 0.0)
+    return out.reshape(b, kh, g, d)

@@ -18,11 +18,12 @@ the pool's shape, its writes and the attention call differ.
 (a dense-sized pool behind static tables; the JetStream adapter runs so): the decode path is
 the same, only the host-side allocation is missing.
 
-On a mesh the pool is split into one block of pages per slot shard (`shards`): slot s
-belongs to shard s // (slots / shards), gets pages of its shard only, and its table holds
-shard-local page numbers; decode writes and gathers run per shard (`jax.shard_map` over the
-slot axes), and `insert` scatters each shard's pages on that shard. The pool's size is the
-total over shards (`num_pages` = shards × pages per shard).
+On a mesh the pool is split into one block of pages per slot shard (`shards`), in either
+layout (its pages axis: dim 0 for "xla", dim 1 for "pallas"): slot s belongs to shard
+s // (slots / shards), gets pages of its shard only, and its table holds shard-local page
+numbers; decode writes and attention (the xla gather or the Pallas kernel) run per shard
+(`jax.shard_map` over the slot axes), and `insert` scatters each shard's pages on that
+shard. The pool's size is the total over shards (`num_pages` = shards × pages per shard).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flowrl_jax.config import ModelArch
-from flowrl_jax.mesh import batch_sharding, compute_platform, logical_to_spec, named_sharding
+from flowrl_jax.mesh import batch_sharding, compute_platform, logical_to_spec
 from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.decode import DecodeCache, rope_table
 from flowrl_jax.models.paged_decode import (ATTENTION_IMPLS, POOL_AXES, PagedCache, empty_pool,
@@ -60,8 +61,8 @@ NO_LIMIT = np.iinfo(np.int32).max
 class PagedState(NamedTuple):
     """Everything the paged decode loop carries; per-slot fields as in kernels.DecodeState."""
 
-    pool: list[Any]  # per layer: PagedCache ("xla": pages in one block per slot shard) or
-    #                  paged_pallas.KernelPagedCache ("pallas": one pool)
+    pool: list[Any]  # per layer: PagedCache ("xla") or paged_pallas.KernelPagedCache
+    #                  ("pallas"), pages in one block per slot shard
     page_table: Array  # [slots, pages per slot] int32 shard-local pages, NULL_PAGE where unused
     limit: Array  # [slots] int32 a slot steps while pos < limit
     token: Array  # [slots] int32 token fed at the next step
@@ -95,10 +96,8 @@ class PagedKernels(KernelsBase):
     # ----------------------------------------------------------------- shardings
 
     def slot_axes(self, slots: int) -> tuple[str, ...]:
-        """The mesh axes `slots` decode slots (and so the pool's pages) are split over; none
-        (one pool, replicated over the slot axes) for an attention other than "xla", whose
-        pool layout has its pages elsewhere."""
-        if self.mesh is None or self.attention != "xla":
+        """The mesh axes `slots` decode slots (and so the pool's pages) are split over."""
+        if self.mesh is None:
             return ()
         names = batch_sharding(self.mesh, 1, (slots,)).spec[0]
         return (names,) if isinstance(names, str) else tuple(names or ())
@@ -108,45 +107,55 @@ class PagedKernels(KernelsBase):
         return int(np.prod([self.mesh.shape[a] for a in self.slot_axes(slots)], dtype=np.int64))
 
     def pool_sharding(self, slots: int, num_pages: int) -> Optional[NamedSharding]:
-        """The pool arrays' sharding: pages over the slots' axes (POOL_AXES' `batch`, taken
-        from the slots so that the blocks line up), kv heads over `tensor`."""
+        """The pool arrays' sharding: pages over the slots' axes (taken from the slots so
+        that the blocks line up), kv heads over `tensor`, in this attention's layout."""
         if self.mesh is None:
             return None
-        shape = pool_shape(self.arch, num_pages, self.page_size)
-        axes = self.slot_axes(slots)
-        rest = logical_to_spec(POOL_AXES[1:], self.mesh, shape[1:])
-        return NamedSharding(self.mesh, PartitionSpec(_spec_entry(axes), *rest))
+        axes, shape, pages_dim = self._pool_layout(num_pages)
+        rest = list(logical_to_spec(axes[:pages_dim] + axes[pages_dim + 1:], self.mesh,
+                                    shape[:pages_dim] + shape[pages_dim + 1:]))
+        rest.insert(pages_dim, _spec_entry(self.slot_axes(slots)))
+        return NamedSharding(self.mesh, PartitionSpec(*rest))
 
     def pool_split(self, slots: int, num_pages: int) -> int:
         """Chips one pool array is split over (slot shards × kv-head shards)."""
         sh = self.pool_sharding(slots, num_pages)
         if sh is None:
             return 1
-        shape = pool_shape(self.arch, num_pages, self.page_size)
+        _, shape, _ = self._pool_layout(num_pages)
         return int(np.prod(shape, dtype=np.int64) // np.prod(sh.shard_shape(shape), dtype=np.int64))
 
+    def _pool_specs(self, slots: int, num_pages: int) -> tuple[PartitionSpec, Any, Any]:
+        """(pool spec, slot-axes entry, kv-heads entry) of a sharded pool."""
+        spec = self.pool_sharding(slots, num_pages).spec
+        kv = spec[1] if self.attention == "xla" else spec[0]
+        return spec, _spec_entry(self.slot_axes(slots)), kv
+
     def _per_shard(self, slots: int, num_pages: int) -> Optional[Any]:
-        """`paged_decode_forward`'s per_shard: the layer's write + gather mapped over the slot
-        shards (None with one shard: the plain, unmapped program)."""
-        axes = self.slot_axes(slots)
+        """`paged_decode_forward`'s per_shard: the layer's write + attention (xla's gather or
+        the Pallas kernel) mapped over the slot shards (None with one shard: the plain,
+        unmapped program)."""
         if self.shards(slots) == 1:
             return None
-        a = _spec_entry(axes)
-        kv = self.pool_sharding(slots, num_pages).spec[1]
-        pool = PartitionSpec(a, kv, None, None)
-        in_specs = (PagedCache(pool, pool), PartitionSpec(a, kv, None, None),
+        pool, a, kv = self._pool_specs(slots, num_pages)
+        cache = paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
+        # the last argument: xla's visible mask [B, 1, 1, S], the kernels' lengths [B]
+        seen = (PartitionSpec(a) if self.attention == "pallas"
+                else PartitionSpec(a, None, None, None))
+        in_specs = (cache(pool, pool), PartitionSpec(a, kv, None, None),
                     PartitionSpec(a, kv, None), PartitionSpec(a, kv, None), PartitionSpec(a),
-                    PartitionSpec(a), PartitionSpec(a, None), PartitionSpec(a, None, None, None))
-        out_specs = (PartitionSpec(a, kv, None, None), PagedCache(pool, pool))
+                    PartitionSpec(a), PartitionSpec(a, None), seen)
+        out_specs = (PartitionSpec(a, kv, None, None), cache(pool, pool))
+        # Pallas calls carry no varying-axes types: the kernels' maps run unchecked
         return lambda f: jax.shard_map(f, mesh=self.mesh, in_specs=in_specs,
-                                       out_specs=out_specs)
+                                       out_specs=out_specs,
+                                       check_vma=self.attention != "pallas")
 
     def state_shardings(self, slots: int, length: int, num_pages: int) -> Optional[PagedState]:
         """NamedShardings of a paged state (None without a mesh)."""
         if self.mesh is None:
             return None
-        ps = (self.pool_sharding(slots, num_pages) if self.attention == "xla"
-              else named_sharding(self.mesh, *self._pool_layout(num_pages)))
+        ps = self.pool_sharding(slots, num_pages)
         b1 = batch_sharding(self.mesh, 1, (slots,))
         tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
@@ -154,12 +163,14 @@ class PagedKernels(KernelsBase):
         return PagedState([cache(ps, ps) for _ in range(self.arch.num_hidden_layers)],
                           tab, b1, b1, b1, b1, b1, b1, b2)
 
-    def _pool_layout(self, num_pages: int) -> tuple[tuple, tuple[int, ...]]:
-        """(logical axes, shape) of one layer's pool array in this attention's layout."""
+    def _pool_layout(self, num_pages: int) -> tuple[tuple, tuple[int, ...], int]:
+        """(logical axes, shape, pages dim) of one layer's pool array in this attention's
+        layout."""
         if self.attention == "pallas":
             return (paged_pallas.KERNEL_POOL_AXES,
-                    paged_pallas.kernel_pool_shape(self.arch, num_pages, self.page_size))
-        return POOL_AXES, pool_shape(self.arch, num_pages, self.page_size)
+                    paged_pallas.kernel_pool_shape(self.arch, num_pages, self.page_size),
+                    paged_pallas.KERNEL_PAGES_DIM)
+        return POOL_AXES, pool_shape(self.arch, num_pages, self.page_size), 0
 
     def _dims(self, st: PagedState) -> tuple[int, int, int]:
         return st.token.shape[0], st.page_table.shape[1] * self.page_size, st.pool[0].num_pages
@@ -240,7 +251,7 @@ class PagedKernels(KernelsBase):
         p_size = self.page_size
         plen = prefix[0].length
         width = min(pages_for(plen, p_size), st.page_table.shape[1])
-        if self.shards(slots) > 1:  # the xla layout only (other layouts keep one pool)
+        if self.shards(slots) > 1:
             pool = self._insert_per_shard(st, prefix, src, dst, pos, width)
         else:
             rows = st.page_table.at[dst].get(mode="fill", fill_value=NULL_PAGE)[:, :width]
@@ -278,36 +289,40 @@ class PagedKernels(KernelsBase):
         return a[..., :width * p_size].reshape(b, k, d, width, p_size).transpose(0, 3, 1, 2, 4)
 
     def _insert_per_shard(self, st: PagedState, prefix: list[DecodeCache], src: Array,
-                          dst: Array, pos: Array, width: int) -> list[PagedCache]:
-        """`insert`'s page writes on a sharded pool: indexed by slot (which prefix row each
-        slot takes, -1 for none), so each shard cuts pages for its own slots only and
-        writes them into its block (the prefix rows, a few prompts, go to every shard)."""
+                          dst: Array, pos: Array, width: int) -> list[Any]:
+        """`insert`'s page writes on a sharded pool (either layout): indexed by slot (which
+        prefix row each slot takes, -1 for none), so each shard cuts pages for its own slots
+        only and writes them into its block (the prefix rows, a few prompts, go to every
+        shard)."""
         slots, _, _ = self._dims(st)
         p_size = self.page_size
         row_of = jnp.full((slots,), -1, jnp.int32).at[dst].set(src.astype(jnp.int32), mode="drop")
         pos_of = jnp.zeros((slots,), jnp.int32).at[dst].set(pos.astype(jnp.int32), mode="drop")
-        a = _spec_entry(self.slot_axes(slots))
-        spec = self.pool_sharding(slots, st.pool[0].num_pages).spec
+        spec, a, kv = self._pool_specs(slots, st.pool[0].num_pages)
+        kernel_layout = self.attention == "pallas"
 
-        def local(block: PagedCache, table: Array, row_of: Array, pos_of: Array,
-                  pk: Array, pv: Array) -> PagedCache:
-            n = block.k.shape[0]
+        def local(block: Any, table: Array, row_of: Array, pos_of: Array,
+                  pk: Array, pv: Array) -> Any:
+            n = block.num_pages
             needed = (jnp.arange(width)[None, :] < ((pos_of + p_size - 1) // p_size)[:, None])
             dest = jnp.where(needed & (row_of >= 0)[:, None], table[:, :width], n).reshape(-1)
             rows = jnp.maximum(row_of, 0)
 
-            def write(pool: Array, pre: Array) -> Array:
-                upd = self._as_pages(pre, width)[rows].reshape(-1, *pool.shape[1:])
-                return pool.at[dest].set(upd.astype(pool.dtype), mode="drop")
+            def pages(pre: Array) -> Array:  # [slots · width, K, D, P], the xla layout's pages
+                return self._as_pages(pre, width)[rows].reshape(-1, *pre.shape[1:3], p_size)
 
-            return PagedCache(write(block.k, pk), write(block.v, pv))
+            if kernel_layout:
+                return paged_pallas.write_pages(block, dest, pages(pk), pages(pv))
+            return PagedCache(*(c.at[dest].set(pages(pre).astype(c.dtype), mode="drop")
+                                for c, pre in ((block.k, pk), (block.v, pv))))
 
-        prefix_spec = PartitionSpec(None, *spec[1:])  # every shard: all prompts, its kv heads
+        prefix_spec = PartitionSpec(None, kv, None, None)  # every shard: all prompts, its heads
+        cache = paged_pallas.KernelPagedCache if kernel_layout else PagedCache
         run = jax.shard_map(local, mesh=self.mesh,
-                            in_specs=(PagedCache(spec, spec), PartitionSpec(a, None),
+                            in_specs=(cache(spec, spec), PartitionSpec(a, None),
                                       PartitionSpec(a), PartitionSpec(a), prefix_spec,
                                       prefix_spec),
-                            out_specs=PagedCache(spec, spec))
+                            out_specs=cache(spec, spec))
         return [run(c, st.page_table, row_of, pos_of, pc.k, pc.v)
                 for c, pc in zip(st.pool, prefix)]
 
@@ -323,7 +338,7 @@ class PagedKernels(KernelsBase):
         slots, _, n_pages = self._dims(st)
         logits, pool = paged_decode_forward(model, st.token, pos, page, st.pool, st.page_table,
                                             rope, mats, products, self.attention,
-                                            self._per_shard(slots, n_pages))
+                                            self._per_shard(slots, n_pages), active=act)
         logits = logits.astype(jnp.float32)
         keys = None if noise is not None else step_keys(st.keys, st.generated)
         tok, logp = sample_logits(logits, keys, spec, noise)
