@@ -32,6 +32,24 @@ def test_yaml_include_and_overrides(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg  # a saved config reloads identically
 
 
+def test_arch_keys_refine_a_preset_and_a_named_preset_replaces_the_files_arch():
+    """`model.preset=X model.arch.num_hidden_layers=N` is X's width at N layers (it used to
+    fall back to the dataclass defaults), and a preset named on the command line replaces the
+    architecture a file spells out (demo.yaml) instead of being ignored."""
+    cut = load_config(None, ["model.preset=qwen2.5-0.5b", "model.arch.num_hidden_layers=2"])
+    full = load_config(None, ["model.preset=qwen2.5-0.5b"]).model.arch
+    assert cut.model.arch.num_hidden_layers == 2 and full.num_hidden_layers == 24
+    assert cut.model.arch == dataclasses.replace(full, num_hidden_layers=2)
+    demo = load_config("configs/demo.yaml").model.arch
+    named = load_config("configs/demo.yaml", ["model.preset=qwen2.5-0.5b"]).model.arch
+    assert named == full and demo != full
+    assert load_config("configs/demo.yaml", ["model.preset=qwen2.5-0.5b",
+                                             "model.preset=null"]).model.arch == demo
+    # a file that names a preset and some arch keys: the keys refine the preset
+    assert config_from_dict({"model": {"preset": "qwen2.5-0.5b",
+                                       "arch": {"num_hidden_layers": 2}}}).model.arch == cut.model.arch
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["algo.betta=3"], "algo.betta: unknown key"),
     (["nosuchsection.x=1"], "nosuchsection: unknown key"),

@@ -87,12 +87,16 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _resolve_model_preset(tree: dict[str, Any]) -> dict[str, Any]:
-    """Fill `model.arch` from `model.preset` (configs/models/<preset>.yaml) when arch is absent."""
+    """`model.arch` from `model.preset` (configs/models/<preset>.yaml), refined by any
+    `model.arch` keys given with it (e.g. a preset's width at fewer layers)."""
     model = tree.get("model")
-    if not isinstance(model, dict) or not model.get("preset") or model.get("arch"):
+    if not isinstance(model, dict) or not model.get("preset"):
         return tree
+    arch = model.get("arch")
+    if arch is not None and not isinstance(arch, dict):
+        raise ConfigError(f"model.arch: expected a mapping, got {type(arch).__name__}")
     tree = dict(tree)
-    tree["model"] = dict(model, arch=preset_tree(model["preset"]))
+    tree["model"] = dict(model, arch=_deep_merge(preset_tree(model["preset"]), arch or {}))
     return tree
 
 
@@ -120,8 +124,23 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def _sets_preset(overrides: list[str]) -> bool:
+    """Whether an override names a model preset (not `model.preset=null`)."""
+    named = False
+    for ov in overrides:
+        key, _, raw = ov.partition("=")
+        if key.strip() == "model.preset":  # the last one counts, as in apply_overrides
+            named = raw.strip() not in ("", "null", "~")
+    return named
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (with includes) and dotted overrides into a validated `Config`."""
     tree = load_yaml_tree(path) if path is not None else {}
-    tree = apply_overrides(tree, list(overrides or []))
+    overrides = list(overrides or [])
+    if _sets_preset(overrides) and isinstance(tree.get("model"), dict):
+        # a preset named on the command line replaces the file's architecture (demo.yaml
+        # spells one out); `model.arch.KEY=...` overrides then refine the preset
+        tree = dict(tree, model={k: v for k, v in tree["model"].items() if k != "arch"})
+    tree = apply_overrides(tree, overrides)
     return config_from_dict(tree)
