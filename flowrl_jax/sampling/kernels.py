@@ -122,9 +122,8 @@ class KernelsBase:
             return self.prefill(params, tokens, lengths)
 
         def skip():  # never taken (a prompt length is never negative); the same shapes
-            shape = cache_shape(self.arch, *tokens.shape)
-            return [DecodeCache(jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype))
-                    for _ in range(self.arch.num_hidden_layers)]
+            zeros = jnp.zeros(cache_shape(self.arch, *tokens.shape), self.cache_dtype)
+            return [DecodeCache(zeros, zeros) for _ in range(self.arch.num_hidden_layers)]
 
         return jax.lax.cond(jnp.min(lengths) >= 0, run, skip)
 
