@@ -1,8 +1,9 @@
 """The paged pool split over the sampler's slot shards (8 fake CPU devices, conftest): each
 chip holds 1/shards of the pool, the decode chunk touches only its own block (no all-gather
 or whole-pool copy in the compiled program), and the sharded engine returns the
-single-device paged engine's tokens and log-probs (greedy and sampled, mixed prompt lengths,
-G > 1, stop tokens, a pool so small that samples wait for pages)."""
+single-device paged engine's and the dense engine's tokens and log-probs, bit for bit
+(greedy and sampled, mixed prompt lengths, G > 1, stop tokens, a pool so small that samples
+wait for pages)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def setup():
     page_bytes = 8 * kv_bytes_per_token(arch, jnp.float32)
     sharded = SamplingEngine(model, mesh=mesh,
                              kv_cache_gib=8 * PAGES_PER_SHARD * page_bytes / 2**30, **KW)
-    return model, prompts, one, sharded
+    dense = SamplingEngine(model, **{**KW, "kv_cache": "dense"})  # the reference, one device
+    return model, prompts, one, sharded, dense
 
 
 def _same(a, b):
@@ -56,7 +58,7 @@ def _same(a, b):
 
 def test_sharded_pool_holds_one_block_per_chip(setup):
     """Pool pages split over the slot axes: each chip's shard is pool / 8 pages."""
-    model, _, _, sharded = setup
+    model, _, _, sharded, _ = setup
     length = sharded.cache_length(33, NEW)
     pages = sharded.pool_pages(SLOTS, length)
     assert sharded.pool_shards(SLOTS) == 8 and pages == 8 * PAGES_PER_SHARD
@@ -79,7 +81,7 @@ def test_sharded_pool_holds_one_block_per_chip(setup):
 def test_sharded_decode_and_admit_never_gather_the_pool(setup):
     """The compiled decode chunk and admit work on each chip's block: no all-gather of pool
     pages and no array of the whole pool's page count appears in the per-device programs."""
-    model, _, _, sharded = setup
+    model, _, _, sharded, _ = setup
     kern = sharded.kernels
     length = sharded.cache_length(33, NEW)
     pages = 8 * PAGES_PER_SHARD
@@ -104,17 +106,20 @@ def test_sharded_decode_and_admit_never_gather_the_pool(setup):
 
 
 def test_sharded_greedy_equals_single_device(setup):
-    """Greedy, G = 2: bit-identical tokens and log-probs to the single-device pool."""
-    model, prompts, one, sharded = setup
+    """Greedy, G = 2: bit-identical tokens and log-probs to the single-device pool and to
+    the dense engine."""
+    model, prompts, one, sharded, dense = setup
     ref, got = one.generate(model, prompts, GREEDY), sharded.generate(model, prompts, GREEDY)
     _same(ref, got)
+    _same(dense.generate(model, prompts, GREEDY), got)
     assert (got.lengths == NEW).all()
 
 
 def test_sharded_sampling_with_scarce_pages_equals_single_device(setup):
     """Sampled, G = 3, stop ids, 2 slots and 9 usable pages per shard: samples finish at
-    different steps, wait for pages (and get preempted), and still equal one device's."""
-    model, prompts, one, sharded = setup
+    different steps, wait for pages (and get preempted), and still equal one device's and
+    the dense engine's, bit for bit."""
+    model, prompts, one, sharded, dense = setup
     admissions = []
     admit = sharded._admit_batch
 
@@ -129,6 +134,7 @@ def test_sharded_sampling_with_scarce_pages_equals_single_device(setup):
     finally:
         del sharded._admit_batch
     _same(ref, got)
+    _same(dense.generate(model, prompts, SAMPLED), got)
     # an admission puts a prompt's samples (which share its pages) on one shard
     for placed in admissions:
         shards_of = {}
@@ -144,7 +150,7 @@ def test_sharded_sampling_with_scarce_pages_equals_single_device(setup):
 
 def test_pool_too_small_for_one_sample_per_shard_names_the_split(setup):
     """The longest sample must fit one shard's block (a sample never spans shards)."""
-    model, prompts, _, sharded = setup
+    model, prompts, _, sharded, _ = setup
     arch = model.arch
     page_bytes = 8 * kv_bytes_per_token(arch, jnp.float32)
     small = SamplingEngine(model, mesh=sharded.mesh, kv_cache_gib=8 * 6 * page_bytes / 2**30,

@@ -277,21 +277,13 @@ def test_long_prompts_prefill_through_the_no_cache_kernels_and_match_hf(setup):
         assert out.token_lists() == ref, m.num.attention
 
 
-def test_windowed_decode_matches_hf(setup, monkeypatch):
-    """Long generations decode in attention windows of the cache (`decode_windows`): greedy
-    tokens over 80 steps, crossing every window boundary from ragged prompt lengths, equal
-    HF's with all prompts in flight, with slots refilled between chunks, and on a mesh.
-    (Windows start at DECODE_WINDOWS_MIN_LENGTH slots; lowered here to keep the test short.)"""
-    from flowrl_jax.sampling.kernels import decode_windows
-
-    assert decode_windows(511, 64) == (511,)  # the default: short caches in one window
-    assert decode_windows(1024, 64) == (256, 512, 768, 1024)
-    monkeypatch.setattr(kernels_module, "DECODE_WINDOWS_MIN_LENGTH", 64)
-    monkeypatch.setattr(kernels_module, "_KERNELS", {})  # fresh traces under the lowered limit
+def test_dense_long_decode_matches_hf(setup):
+    """The dense reference over long generations: greedy tokens over 80 steps from ragged
+    prompts equal HF's with all prompts in flight, with slots refilled between chunks, and
+    on a mesh. (Its decode reads the whole cache row at every step, like the paged engine's
+    gathered pages: no attention windows.)"""
     _, model, hf, prompts = setup
     new = 80
-    assert decode_windows(16 + 96, 40) == (32, 64, 96, 112)  # the cache length used below
-    assert decode_windows(48, 16) == (48,) and decode_windows(112, 1) == (112,)
     ref = hf_greedy_tokens(hf, prompts, new)
     sp = SamplingParams(temperature=0.0, max_new_tokens=new)
     eng = SamplingEngine(model, decode_slots=8, decode_chunk=40, prefill_buckets=(8, 16),

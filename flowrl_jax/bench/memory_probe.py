@@ -74,10 +74,12 @@ def measure(engine: Any, model: Qwen2ForCausalLM, prompts: Sequence[Sequence[int
 
 
 def dense_engine(model: Qwen2ForCausalLM, *, slots: int, decode_chunk: int,
-                 prefill_buckets: Sequence[int]) -> SamplingEngine:
-    """The dense engine (slots × full-length cache), whatever the engine's default cache."""
+                 prefill_buckets: Sequence[int], page_size: int = 64) -> SamplingEngine:
+    """The dense engine (slots × full-length cache, whole pages of `page_size`), whatever
+    the engine's default cache."""
     return SamplingEngine(model, kv_cache="dense", decode_slots=slots, decode_chunk=decode_chunk,
-                          prefill_buckets=tuple(prefill_buckets), verbose=False)
+                          prefill_buckets=tuple(prefill_buckets), page_size=page_size,
+                          verbose=False)
 
 
 def paged_engine(model: Qwen2ForCausalLM, *, page_size: int, pool_pages: int,

@@ -35,7 +35,7 @@ from flowrl_jax.errors import ConfigError
 from flowrl_jax.models.decode import empty_cache
 from flowrl_jax.models.qwen2 import matmul_params
 from flowrl_jax.sampling.kernels import bucket
-from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pool_pages
+from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pages_for, pool_pages
 from flowrl_jax.sampling.params import SamplingParams
 from flowrl_jax.testing import tiny_model
 
@@ -123,10 +123,12 @@ def batch_lengths(lengths: np.ndarray, prompts: int, group: int, cap: int) -> np
 
 
 def dense_slot(arch: ModelArch, dtype: Any, prompt_len: int, max_new: int,
-               buckets: Sequence[int]) -> tuple[int, int]:
-    """(positions, bytes) one dense slot reserves: `SamplingEngine.cache_length` positions,
-    bytes of `empty_cache` for one slot through jax.eval_shape (nothing allocated)."""
+               buckets: Sequence[int], page_size: int) -> tuple[int, int]:
+    """(positions, bytes) one dense slot reserves: `SamplingEngine.cache_length` positions
+    (whole pages of `page_size`), bytes of `empty_cache` for one slot through
+    jax.eval_shape (nothing allocated)."""
     length = bucket(max(1, prompt_len - 1), tuple(sorted(buckets))) + -(-max_new // 32) * 32
+    length = pages_for(length, page_size) * page_size
     shapes = jax.eval_shape(lambda: empty_cache(arch, 1, length, jnp.dtype(dtype)))
     return length, sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
@@ -143,7 +145,7 @@ def computed_row(shape: str, arch: ModelArch, dtype: Any, budget: int, page_size
                  buckets: Sequence[int], lengths_from: str) -> tuple[dict, PagedSim]:
     """One row: dense vs paged concurrency in `budget` bytes for `lens` [prompts, G]."""
     per_token = kv_bytes_per_token(arch, dtype)
-    slot_positions, slot_bytes = dense_slot(arch, dtype, prompt_len, max_new, buckets)
+    slot_positions, slot_bytes = dense_slot(arch, dtype, prompt_len, max_new, buckets, page_size)
     dense = budget // slot_bytes
     pages = pool_pages(budget, arch, dtype, page_size)
     page_bytes = page_size * per_token
@@ -188,7 +190,8 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, arch.vocab_size, s["prompt_len"]).tolist() for _ in range(s["prompts"])]
     n = s["prompts"] * s["group"]
-    slot_bytes = dense_slot(arch, s["dtype"], s["prompt_len"], s["max_new"], s["buckets"])[1]
+    slot_bytes = dense_slot(arch, s["dtype"], s["prompt_len"], s["max_new"], s["buckets"],
+                            s["page_size"])[1]
     budget = int(s["dense_slots"] * slot_bytes)
     slots = budget // slot_bytes
     # the streams without stops, then stops at drawn lengths; both runs on `slots` slots with
@@ -197,7 +200,7 @@ def measured_pair(arch: ModelArch, shape: str, small: Optional[dict] = None,
                           seed=seed, ignore_eos=True,
                           stop_token_ids=forced_stops.padded((), n, arch.vocab_size))
     eng = memory_probe.dense_engine(model, slots=slots, decode_chunk=s["chunk"],
-                                    prefill_buckets=s["buckets"])
+                                    prefill_buckets=s["buckets"], page_size=s["page_size"])
     streams = memory_probe.measure(eng, model, prompts, free).tokens
     targets = draw_lengths(n, 1500 * s["max_new"] / 8192, 1.0, s["max_new"], seed)
     stops, lens = forced_stops.forced_stops(streams, targets)

@@ -49,15 +49,6 @@ class DecodeCache(NamedTuple):
         """Positions (cache slots) per row."""
         return self.v.shape[3]
 
-    def window(self, w: int) -> "DecodeCache":
-        """The first w slots (a copy)."""
-        return DecodeCache(self.k[..., :w], self.v[..., :w])
-
-    def put_window(self, part: "DecodeCache") -> "DecodeCache":
-        """This cache with its first slots replaced by `part` (in place when donated)."""
-        return DecodeCache(jax.lax.dynamic_update_slice(self.k, part.k, (0, 0, 0, 0)),
-                           jax.lax.dynamic_update_slice(self.v, part.v, (0, 0, 0, 0)))
-
 
 def cache_shape(arch: ModelArch, slots: int, length: int) -> tuple[int, int, int, int]:
     """Shape of one layer's keys (and values): [slots, kv_heads, head_dim, length]."""

@@ -7,7 +7,8 @@ position t of a sample lives at page `table[t // page_size]`, column `t % page_s
 Gathering a sample's pages in table order gives exactly its dense cache row
 [kv_heads, head_dim, pages × page_size], and `decode_attention` runs on that unchanged: the
 paged step computes the same numbers as `decode_forward` (bit for bit when both attend over
-the same length), and entries past a sample's position are masked whatever page they read.
+the same length: the sampler's dense rows are whole pages, engine.py `cache_length`), and
+entries past a sample's position are masked whatever page they read.
 
 `paged_decode_forward(impl=)` picks the attention: "xla" (this layout, every platform) or
 "pallas" (JAX's Pallas kernels over their own pool layout, models/paged_pallas.py).

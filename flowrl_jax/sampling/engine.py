@@ -278,9 +278,13 @@ class SamplingEngine:
         return out
 
     def cache_length(self, max_prompt_len: int, max_new_tokens: int) -> int:
-        """Cache length: prompt bucket + max_new_tokens rounded up to 32 (fewer shapes)."""
-        return (bucket(max(1, max_prompt_len - 1), self.prefill_buckets)
-                + int(math.ceil(max_new_tokens / 32) * 32))
+        """Cache length: prompt bucket + max_new_tokens rounded up to 32 (fewer shapes), then
+        to whole pages of `page_size`, in both engines: a dense row then has exactly the
+        length of a paged slot's gathered pages, so both attend over arrays of one shape and
+        round alike (bit-identical log-probs; a reduction over another length need not)."""
+        n = (bucket(max(1, max_prompt_len - 1), self.prefill_buckets)
+             + int(math.ceil(max_new_tokens / 32) * 32))
+        return pages_for(n, self.page_size) * self.page_size
 
     def num_slots(self, n_requests: int) -> int:
         """Slots for a call: enough for every request up to decode_slots, a power of two,

@@ -75,26 +75,6 @@ def pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-#: most attention windows per decode chunk (each compiles one more decode loop)
-DECODE_WINDOWS = 4
-
-#: caches shorter than this decode in one window: the attention reads that windows save are a
-#: small part of such a step, while each window compiles one more decode loop (Qwen2.5-0.5B,
-#: 192 slots, CPU: lowering + compiling 4 windows 27 s, one 5.4 s; tiny model at 96 slots:
-#: the same step time either way)
-DECODE_WINDOWS_MIN_LENGTH = 512
-
-
-def decode_windows(length: int, chunk: int) -> tuple[int, ...]:
-    """Static attention windows of a decode chunk over a cache of `length` slots: up to
-    DECODE_WINDOWS sizes, multiples of 16, ending with `length` (only `length` for short
-    chunks or caches, where a segment's copies and compile time would not pay off)."""
-    if chunk < 8 or length < max(64, DECODE_WINDOWS_MIN_LENGTH):
-        return (length,)
-    step = max(16, -(-length // DECODE_WINDOWS // 16) * 16)
-    return tuple(range(step, length, step)) + (length,)
-
-
 def finish_reasons(act: Array, tok: Array, gen: Array, budget: Array, pos: Array, length: int,
                    stop_ids: Array) -> Array:
     """[slots] int32 after a step that sampled `tok` at `pos` (the `gen`-th token): FINISH_STOP
@@ -131,11 +111,27 @@ class KernelsBase:
         with compute_platform(self.mesh):  # code paths for the mesh's devices
             return prefill(nnx.merge(self.graphdef, params), tokens, lengths, self.cache_dtype)
 
+    def prefill_sealed(self, params: Any, tokens: Array, lengths: Array) -> list[DecodeCache]:
+        """`prefill` as a computation of its own inside the caller's program (a conditional
+        branch, always taken), so that XLA cannot fuse its last ops (RoPE, the transpose to
+        the decode layout) into the insert that consumes it. Fused into the dense or the
+        paged insert, the same prefill rounded differently (keys from layer 1 on differed in
+        the last bit on CPU), and the two engines' log-probs with it; an optimization
+        barrier does not stop it (XLA:CPU drops barriers before fusing)."""
+        def run():
+            return self.prefill(params, tokens, lengths)
+
+        def skip():  # never taken (a prompt length is never negative); the same shapes
+            zeros = jnp.zeros(cache_shape(self.arch, *tokens.shape), self.cache_dtype)
+            return [DecodeCache(zeros, zeros) for _ in range(self.arch.num_hidden_layers)]
+
+        return jax.lax.cond(jnp.min(lengths) >= 0, run, skip)
+
     def admit(self, params: Any, st: Any, tokens: Array, lengths: Array, src: Array,
               dst: Array, last_token: Array, budget: Array, seed: Array, prompt_index: Array,
               sample_index: Array) -> Any:
         """Prefill a batch of prompts once and insert each into its slots (G copies)."""
-        prefix = self.prefill(params, tokens, lengths)
+        prefix = self.prefill_sealed(params, tokens, lengths)
         keys = sample_keys(seed, prompt_index, sample_index)
         return self.insert(st, prefix, src, dst, last_token, lengths[src], budget, keys)
 
@@ -221,9 +217,8 @@ class Kernels(KernelsBase):
     def _step(self, model: Qwen2ForCausalLM, st: DecodeState, stop_ids: Array,
               spec: SamplingSpec, length: int, rope: tuple[Array, Array],
               mats: Optional[DecodeMatrices], products: str, noise: Optional[Array] = None):
-        """One decode step. `length` is the full cache length (`st` may carry a window of the
-        cache, its first slots; every active slot's position is then inside the window).
-        `noise`: this step's rows of the chunk's pre-drawn noise, if the chunk made it."""
+        """One decode step over the whole cache (`length` positions). `noise`: this step's
+        rows of the chunk's pre-drawn noise, if the chunk made it."""
         pos = jnp.minimum(st.pos, length - 1)
         logits, new_cache = decode_forward(model, st.token, pos, st.cache, rope, mats, products)
         logits = logits.astype(jnp.float32)
@@ -241,11 +236,10 @@ class Kernels(KernelsBase):
                      chunk: int) -> tuple[DecodeState, ChunkOut]:
         """Up to `chunk` decode steps on device; stops early when every slot is idle.
 
-        Attention reads only a window of the cache: the steps run in segments, one per
-        static window size (`decode_windows`), each on the cache's first `w` slots while every
-        active slot's position is below `w`. Slots past the window are never read before they
-        are written, so this is exact; a segment costs one copy of its window in and out.
-        """
+        Attention reads each slot's whole cache row (positions past a slot's own are
+        masked): no windows of the cache, so the reductions run over the same length as the
+        paged engine's gathered pages (engine.py `cache_length`), the same numbers bit for
+        bit, and one decode loop compiles per shape."""
         model = nnx.merge(self.graphdef, params)
         slots, length = st.token.shape[0], st.cache[0].length
         rope = rope_table(self.arch, length)
@@ -259,37 +253,17 @@ class Kernels(KernelsBase):
         outs = ChunkOut(jnp.zeros((chunk, slots), jnp.int32), jnp.zeros((chunk, slots), jnp.float32),
                         jnp.zeros((chunk, slots), bool), jnp.zeros((chunk, slots), jnp.int32))
 
-        def fits(s: DecodeState, window: int) -> Array:
-            return jnp.max(jnp.where(s.active, s.pos, 0)) < window
+        def cond(c):
+            i, s, _ = c
+            return (i < chunk) & jnp.any(s.active)
 
-        def segment(carry, window: int):
-            def cond(c):
-                i, s, _ = c
-                ok = (i < chunk) & jnp.any(s.active)
-                return ok & fits(s, window) if window < length else ok
+        def body(c):
+            i, s, outs = c
+            s, row = self._step(model, s, stop_ids, spec, length, rope, mats, products,
+                                None if noise is None else noise[i])
+            return i + 1, s, ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
 
-            def body(c):
-                i, s, outs = c
-                s, row = self._step(model, s, stop_ids, spec, length, rope, mats, products,
-                                    None if noise is None else noise[i])
-                outs = ChunkOut(*[o.at[i].set(r) for o, r in zip(outs, row)])
-                return i + 1, s, outs
-
-            return jax.lax.while_loop(cond, body, carry)
-
-        carry = (jnp.int32(0), st, outs)
-        for w in decode_windows(length, chunk)[:-1]:
-            def windowed(c, w=w):
-                i, s, o = c
-                part = s._replace(cache=[x.window(w) for x in s.cache])
-                i, part, o = segment((i, part, o), w)
-                full = [x.put_window(y) for x, y in zip(s.cache, part.cache)]
-                return i, self.constrain(part._replace(cache=full)), o
-
-            i, s, _ = carry
-            run = (i < chunk) & jnp.any(s.active) & fits(s, w)
-            carry = jax.lax.cond(run, windowed, lambda c: c, carry)
-        _, st, outs = segment(carry, length)
+        _, st, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), st, outs))
         return st, outs
 
 
