@@ -11,8 +11,9 @@ The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch
 data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs): the dense
 rows by slot, the paged pool in one block of pages per slot shard (pool / slot shards per
 chip, the kv heads split over `tensor`). The activation and temporary terms are fitted on the
-TPU compiler's own figures (`flowrl-jax check`, session 9 in BUILD_NOTES.md, which lists
-where they agree within 15 % and where not); off TPU the attention kernel's own terms apply.
+TPU compiler's own figures (`flowrl-jax check`, sessions 9 and 11 in BUILD_NOTES.md, which
+list where they agree within 15 % and where not); off TPU the attention kernel's own terms
+apply.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
@@ -56,13 +57,15 @@ SPLASH_REMAT_KEEP = 27
 SPLASH_BACKWARD_WORK = 45.5
 #: ... layers of whole (gathered) weights alive in the train step (7B width, 2 layers: 1.6)
 SPLASH_GATHERED_LAYERS = 1.6
-#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: with
-#: heads of 128 (7B, v5p-64, 28 layers: 6, with the gathered layers below) no per-layer
-#: growth; with heads narrower than the TPU's 128 lanes (0.5B, v5e-8, 2 / 4 / 24 layers,
-#: micro-batch 32) a fixed part and a per-layer part (fitted on 2 and 24 layers: 42, 15.85)
+#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: a
+#: fixed part, which is the chip's, not the head width's (session 11, scanned, 2 rows per
+#: chip: Qwen2.5-0.5B (64-wide heads) and 1.5B (128-wide) on v5e-8 both fit 38; 7B on
+#: v5p-64 fits 6; other or unknown generations get the larger), and with heads narrower
+#: than the TPU's 128 lanes and unrolled layers a per-layer part (0.5B, v5e-8, 2 / 4 / 24
+#: layers, micro-batch 32: 15.85)
 SPLASH_LANES = 128
-SPLASH_FORWARD_WORK = 6
-SPLASH_NARROW_FORWARD_WORK = 38
+SPLASH_FORWARD_WORK = 38
+SPLASH_V5P_FORWARD_WORK = 6
 #: layers of whole weights alive in a log-prob pass (7B, v5p-64, full depth: 2.3)
 SPLASH_FORWARD_GATHERED_LAYERS = 2.3
 #: the per-layer part of narrow heads is the unrolled form's (the compiler kept each
@@ -96,16 +99,20 @@ DECODE_GATHERED_LAYERS = 4
 #: 4 rows would be 10 GiB more)
 PAGED_POOL_COPIES = 2.05
 PAGED_ROW_COPIES = 4.0
-PAGED_WIDE_POOL_COPIES = 1.4
+#: 128-wide heads: Qwen2.5-1.5B, 32 slots and 3 GiB per chip, v5e-8: 3.30 GiB of temporaries
+#: (0.85 pools) and the 7B above (1.4): 1.2 puts both within 12 %
+PAGED_WIDE_POOL_COPIES = 1.2
 #: the admit program (prefill + insert) of the paged engine on TPU: the prefill holds a few
 #: layers of whole weights (DECODE_GATHERED_LAYERS; it computes no logits: 0.12 GiB of
 #: temporaries at 0.5B, 4.22 at 7B) and the insert copies a chip's share of the pool when
-#: the heads are narrower than 128 lanes (Qwen2.5-0.5B, 3 GiB per chip, v5e-8: the insert
-#: alone 7.96 GiB, admit 8.56: 2.8 pools; the 0.5B width at 2 layers and 0.25 GiB: 2.0, so
-#: small pools are over-counted) and none with 128-wide heads (Qwen2.5-7B, 16 GiB per chip:
-#: admit 4.28 GiB, insert 1.05). Sessions 9/10 counted the prefill's float32 logits of every
-#: prompt position, which the prefill does not compute (`return_logits=False`)
+#: the chip is not a v5p: with heads narrower than 128 lanes (Qwen2.5-0.5B, 3 GiB per chip,
+#: v5e-8: the insert alone 7.96 GiB, admit 8.56: 2.8 pools; the 0.5B width at 2 layers and
+#: 0.25 GiB: 2.0, so small pools are over-counted), with 128-wide heads fewer (Qwen2.5-1.5B,
+#: 3 GiB per chip, v5e-8: admit 5.26 GiB, 1.5 pools); on v5p none (Qwen2.5-7B, 16 GiB per
+#: chip: admit 4.28 GiB, insert 1.05). Sessions 9/10 counted the prefill's float32 logits of
+#: every prompt position, which the prefill does not compute (`return_logits=False`)
 ADMIT_POOL_COPIES = 2.8
+ADMIT_WIDE_POOL_COPIES = 1.5
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
              budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
              sampler_local_devices: Optional[int] = None,
              sampler_devices: Optional[int] = None, *, platform: Optional[str] = None,
-             devices_report_memory: Optional[bool] = None) -> MemoryEstimate:
+             devices_report_memory: Optional[bool] = None,
+             tpu_generation: Optional[str] = None) -> MemoryEstimate:
     """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
 
     `sampler_local_devices`: on multi-process runs each host samples with its own copy of
@@ -295,7 +303,9 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     `sampler_devices`: the sampler's own chips (`rollout.devices`; `mesh_shape` is then the
     trainer's share); it holds the policy copies and KV cache over them (fsdp only).
     `platform`: where the programs run (None: the current one): it picks the attention
-    kernel (splash on TPU) whose temporaries are counted. `devices_report_memory`: whether
+    kernel (splash on TPU) whose temporaries are counted. `tpu_generation` ("v5e", "v5p",
+    ...; None: unknown): a few TPU terms differ by chip (fitted on v5e and v5p; an unknown
+    generation gets the larger). `devices_report_memory`: whether
     the paged engine sees the chips' free memory when it sizes its pool (None: off CPU;
     `flowrl-jax check`'s abstract TPU devices do not, so it compiles the default pool).
     """
@@ -347,11 +357,12 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp_rows = max(1.0, lp_mb / batch_shard)
     # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
-    if splash:  # fitted per head width (BUILD_NOTES): 64-wide heads fill TPU lanes by half
-        narrow = arch.resolved_head_dim < SPLASH_LANES
-        per_layer = 0 if cfg.model.scan_layers else L * SPLASH_NARROW_FORWARD_KEEP
-        lp = (lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + per_layer
-                                   if narrow else SPLASH_FORWARD_WORK)
+    v5p = tpu_generation == "v5p"
+    if splash:  # fitted per chip and head width (BUILD_NOTES, session 11)
+        narrow = arch.resolved_head_dim < SPLASH_LANES  # 64-wide heads fill TPU lanes by half
+        per_layer = L * SPLASH_NARROW_FORWARD_KEEP if narrow and not cfg.model.scan_layers else 0
+        work = SPLASH_V5P_FORWARD_WORK if v5p else SPLASH_FORWARD_WORK
+        lp = (lp_rows * seq * h * (work + per_layer)
               + SPLASH_FORWARD_GATHERED_LAYERS * layer_params * pb)
     else:
         lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
@@ -399,7 +410,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     # admitting (prefill of a batch of prompts + insert into the pool): the prefill's gathered
     # weights and, with narrow heads, copies of the chip's pool (no logits: ADMIT_POOL_COPIES)
     prefill = gathered_weights if tpu_paged else 0.0
-    admit = (prefill + ADMIT_POOL_COPIES * kv if lanes_narrow else prefill) if tpu_paged else 0.0
+    admit_copies = 0.0 if v5p else ADMIT_POOL_COPIES if lanes_narrow else ADMIT_WIDE_POOL_COPIES
+    admit = prefill + admit_copies * kv if tpu_paged else 0.0
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
                           sampler_params, decode, lp, roles, admit, prefill)

@@ -185,16 +185,18 @@ def test_paged_pool_as_the_engine_sizes_it():
 
 def test_paged_terms_with_heads_as_wide_as_the_tpu_lanes():
     """With 128-wide heads (Qwen2.5-7B) the TPU compiler's paged decode keeps fewer pool
-    copies and no gathered rows, and the admit program's insert copies no pool (session 11:
-    7B, 16 GiB per chip on v5p-64: decode 26.32 GiB of temporaries, admit 4.28)."""
+    copies and no gathered rows; on a v5p the admit program's insert copies no pool (session
+    11: 7B, 16 GiB per chip on v5p-64: decode 26.32 GiB of temporaries, admit 4.28), on
+    another or an unknown chip fewer copies than with narrow heads (1.5B on v5e-8: 1.5)."""
     cfg = load_config(None, ["model.preset=qwen2.5-7b", "model.compute_dtype=bfloat16",
                              "rollout.kv_cache=paged", "rollout.kv_cache_gib=64",
                              "rollout.decode_slots=512", "rollout.prompts_per_step=512",
                              "rollout.samples_per_prompt=8"])
     arch = cfg.model.arch
     assert arch.resolved_head_dim == 128 == m.SPLASH_LANES
-    est = estimate(cfg, arch, {"data": 2, "fsdp": 16, "tensor": 1}, (95 * GiB, "x"),
-                   sampler_local_devices=4, platform="tpu")
+    shape = {"data": 2, "fsdp": 16, "tensor": 1}
+    est = estimate(cfg, arch, shape, (95 * GiB, "x"), sampler_local_devices=4, platform="tpu",
+                   tpu_generation="v5p")
     assert est.kv_cache == pytest.approx(16 * GiB, rel=1e-3)  # 64 GiB over a host's 4 chips
     layer = (param_count(arch) - 2 * 152064 * 3584) / 28 * 4  # float32, untied embeddings
     # 512 slots per host over 4 chips: 128 slots' float32 logits, 3 buffers
@@ -203,6 +205,13 @@ def test_paged_terms_with_heads_as_wide_as_the_tpu_lanes():
     assert est.admit_temps == est.prefill_temps == pytest.approx(4 * layer)
     assert est.program_bytes("sampler_insert") == pytest.approx(
         est.static + est.sampler_params + est.kv_cache)
+    v5e = estimate(cfg, arch, shape, (95 * GiB, "x"), sampler_local_devices=4, platform="tpu")
+    assert v5e.decode_temps == est.decode_temps
+    assert v5e.admit_temps == pytest.approx(4 * layer + m.ADMIT_WIDE_POOL_COPIES * est.kv_cache)
+    # the log-prob pass's fixed part is the chip's: 6 bytes per token and hidden unit on v5p,
+    # 38 elsewhere (one row per chip here: the default 16 per micro-batch over 32 chips)
+    assert v5e.logprob_activations - est.logprob_activations == pytest.approx(
+        1 * (2048 + 8192) * 3584 * (m.SPLASH_FORWARD_WORK - m.SPLASH_V5P_FORWARD_WORK))
 
 
 @pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
@@ -234,6 +243,6 @@ def test_splash_attention_on_tpu_replaces_the_score_tiles(scanned):
     assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(
         m.attention_tiles(arch, lp_rows, seq, 1, m.ATTN_FORWARD_TILES)
         + lp_rows * seq * (m.MLP_KEEP * i + m.PLAIN_KEEP * h)
-        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + per_layer)
+        - lp_rows * seq * h * (m.SPLASH_FORWARD_WORK + per_layer)
         - m.SPLASH_FORWARD_GATHERED_LAYERS * layer)
     assert i == arch.intermediate_size and L == arch.num_hidden_layers
