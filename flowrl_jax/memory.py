@@ -409,7 +409,7 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
 
     # admitting (prefill of a batch of prompts + insert into the pool): the prefill's gathered
     # weights and, with narrow heads, copies of the chip's pool (no logits: ADMIT_POOL_COPIES)
-    prefill = gathered_weights if tpu_paged else 0.0
+    prefill = gathered_weights if tpu_paged and s_shards > 1 else 0.0
     admit_copies = 0.0 if v5p else ADMIT_POOL_COPIES if lanes_narrow else ADMIT_WIDE_POOL_COPIES
     admit = prefill + admit_copies * kv if tpu_paged else 0.0
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
