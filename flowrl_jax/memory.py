@@ -137,6 +137,7 @@ class MemoryEstimate:
     roles: str = "alternate"
     admit_temps: float = 0.0  # the admit program's (prefill + insert) temporaries, if larger
     prefill_temps: float = 0.0  # the prefill's part of admit_temps (paged on TPU; else 0)
+    ref_onload: float = 0.0  # an offloaded reference copy, on the chips for its own pass
 
     @property
     def static(self) -> float:
@@ -168,14 +169,16 @@ class MemoryEstimate:
         """The step's peak: sampling, log-prob pass and training in turn, or sampling on top
         of either when they overlap, or the larger role when each has its chips."""
         if self.roles == "overlap":
-            return max(self.train, self.logprobs) + self.sampler_own
-        return max(self.train, self.logprobs, self.sampling)
+            return max(self.train, self.logprobs + self.ref_onload) + self.sampler_own
+        return max(self.train, self.logprobs + self.ref_onload, self.sampling)
 
     def program_bytes(self, program: str) -> float:
         """The peak of one of `flowrl-jax check`'s programs (train_step, logprobs_*,
         sampler_*)."""
         if program == "train_step":
             return self.train
+        if program == "logprobs_ref":  # an offloaded reference comes on for its pass
+            return self.logprobs + self.ref_onload
         if program.startswith("logprobs"):
             return self.logprobs
         # the sampling peak without its largest program's temporaries: the pool and weights
@@ -414,7 +417,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     admit = prefill + admit_copies * kv if tpu_paged else 0.0
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
-                          sampler_params, decode, lp, roles, admit, prefill)
+                          sampler_params, decode, lp, roles, admit, prefill,
+                          n * pb / shard if uses_ref and cfg.trainer.ref_offload else 0.0)
 
 
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:

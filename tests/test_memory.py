@@ -39,7 +39,13 @@ def test_sharding_divides_static_memory():
     assert one.params == (n + z) * 4 and one.optimizer == 2 * (n + z) * 4
     assert eight.params == n * 4 / 8 + z * 4 and eight.optimizer == 2 * 4 * (n / 8 + z)
     offload = load_config(None, ["model.preset=qwen2.5-7b", "trainer.ref_offload=true"])
-    assert estimate(offload, offload.model.arch, {"fsdp": 8}, (1e12, "x")).ref == 0
+    off = estimate(offload, offload.model.arch, {"fsdp": 8}, (1e12, "x"))
+    assert off.ref == 0
+    # offloaded, the reference comes onto the chips for its own log-prob pass only (32B on
+    # v5p-64, session 11: logprobs_ref 20.23 GiB compiled, logprobs_old 16.22)
+    assert off.ref_onload == n * 4 / 8
+    assert off.program_bytes("logprobs_ref") == off.program_bytes("logprobs_old") + n * 4 / 8
+    assert eight.ref_onload == 0 and eight.program_bytes("logprobs_ref") == eight.logprobs
 
 
 def test_refuses_a_config_that_cannot_fit_with_advice():
