@@ -412,9 +412,11 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
 
     # admitting (prefill of a batch of prompts + insert into the pool): the prefill's gathered
     # weights and, with narrow heads, copies of the chip's pool (no logits: ADMIT_POOL_COPIES)
-    prefill = gathered_weights if tpu_paged and s_shards > 1 else 0.0
+    # (dense or paged: the 32B dense admit on v5p-64 has 17.87 GiB of temporaries, ≈ 10 of its
+    # layers; 4 puts it at −13 %)
+    prefill = gathered_weights if platform == "tpu" and s_shards > 1 else 0.0
     admit_copies = 0.0 if v5p else ADMIT_POOL_COPIES if lanes_narrow else ADMIT_WIDE_POOL_COPIES
-    admit = prefill + admit_copies * kv if tpu_paged else 0.0
+    admit = prefill + (admit_copies * kv if tpu_paged else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
                           sampler_params, decode, lp, roles, admit, prefill,
