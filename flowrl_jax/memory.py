@@ -11,8 +11,9 @@ The per-chip sizes follow the mesh: weights sharded over fsdp·tensor, the batch
 data·fsdp, the KV cache over the sampler's chips (one host's on multi-host runs): the dense
 rows by slot, the paged pool in one block of pages per slot shard (pool / slot shards per
 chip, the kv heads split over `tensor`). The activation and temporary terms are fitted on the
-TPU compiler's own figures (`flowrl-jax check`, session 9 in BUILD_NOTES.md, which lists
-where they agree within 15 % and where not); off TPU the attention kernel's own terms apply.
+TPU compiler's own figures (`flowrl-jax check`, sessions 9 and 11 in BUILD_NOTES.md, which
+list where they agree within 15 % and where not); off TPU the attention kernel's own terms
+apply.
 The device budget is `trainer.device_memory_gb`, else `memory_stats()['bytes_limit']`, else
 (CPU) host RAM shared by the local devices.
 """
@@ -50,22 +51,35 @@ ATTN_FORWARD_TILES = 0.95
 #: with splash attention (TPU) no score tiles exist; what the compiler allocates instead,
 #: fitted on the TPU compiles of session 9 (BUILD_NOTES): bytes per token and hidden unit
 #: an unrolled remat'd layer keeps for the backward pass (Qwen2.5-0.5B, v5e-8, 2 → 4
-#: layers: 26.9; scanned layers keep REMAT_KEEP: 0.5B, 24 scanned layers, within 1 %),
+#: layers: 26.9; scanned layers: SCAN_GATHERED_LAYERS below),
 SPLASH_REMAT_KEEP = 27
 #: ... the backward's working set of one layer beyond the MLP/plain terms (0.5B: 45.5),
 SPLASH_BACKWARD_WORK = 45.5
 #: ... layers of whole (gathered) weights alive in the train step (7B width, 2 layers: 1.6)
 SPLASH_GATHERED_LAYERS = 1.6
-#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: with
-#: heads of 128 (7B, v5p-64, 28 layers: 6, with the gathered layers below) no per-layer growth; with heads narrower than
-#: the TPU's 128 lanes (0.5B, v5e-8, 2 / 4 / 24 layers, micro-batch 32) a fixed part and a
-#: per-layer part (fitted on 2 and 24 layers: 42 and 15.85)
+#: ... and a log-prob pass's temporaries per token and hidden unit beyond the logits: a
+#: fixed part, which is the chip's, not the head width's (session 11, scanned, 2 rows per
+#: chip: Qwen2.5-0.5B (64-wide heads) and 1.5B (128-wide) on v5e-8 both fit 38; 7B on
+#: v5p-64 fits 6; other or unknown generations get the larger), and with heads narrower
+#: than the TPU's 128 lanes and unrolled layers a per-layer part (0.5B, v5e-8, 2 / 4 / 24
+#: layers, micro-batch 32: 15.85)
 SPLASH_LANES = 128
-SPLASH_FORWARD_WORK = 6
-SPLASH_NARROW_FORWARD_WORK = 38
+SPLASH_FORWARD_WORK = 38
+SPLASH_V5P_FORWARD_WORK = 6
 #: layers of whole weights alive in a log-prob pass (7B, v5p-64, full depth: 2.3)
 SPLASH_FORWARD_GATHERED_LAYERS = 2.3
+#: the per-layer part of narrow heads is the unrolled form's (the compiler kept each
+#: layer's buffers); scanned layers reuse one layer's (Qwen2.5-0.5B, 24 scanned layers,
+#: micro-batch 16, v5e-8: 1.86 GiB compiled, 8.43 estimated with the per-layer part)
 SPLASH_NARROW_FORWARD_KEEP = 15.85
+#: scanned layers (`model.scan_layers`, the default) under remat: each layer keeps its input
+#: in the compute dtype (the scan's saved carry: its bytes per token and hidden unit), and
+#: the loop keeps more layers of whole weights alive (gathers pipelined across iterations,
+#: a layer's weight gradient before its reduce-scatter; fitted, not itemised): fitted on
+#: session 11's full-depth compiles, Qwen2.5-0.5B micro-batch 8 on v5e-8 (3.33 GiB) and
+#: Qwen2.5-7B micro-batch 32 on v5p-64 (23.45 GiB; 19.57 with the unrolled-fitted terms),
+#: 1 row per chip each
+SCAN_GATHERED_LAYERS = 8.3
 #: a decode chunk copies the largest attention window of the cache out and back (0.9 of
 #: the cache with windows of 3/4 of it: 0.5B and 7B)
 DECODE_WINDOW_COPIES = 1.2
@@ -74,23 +88,31 @@ DECODE_LOGIT_COPIES = 3
 #: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
 #: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
 DECODE_GATHERED_LAYERS = 4
-#: the paged decode chunk's temporaries on TPU, in a chip's share of the page pool (the
-#: compiler relays the pool out around the decode loop)...
-PAGED_POOL_COPIES = 1.6
-#: ...plus, in one layer's gathered dense rows (keys + values of the chip's slots over the
-#: cache length): fitted on the pool split over the slot shards (0.5B width, 2 / 4 layers,
-#: 2 GiB / 4 GiB pool on v5e-8 and 2 layers, 2 GiB on v5e-4: −0 / −0 / −5 %); the replicated
-#: pool of session 9 had measured 2.02 pool copies and no row term
+#: the paged decode chunk's temporaries on TPU (xla path), in a chip's share of the page
+#: pool (the compiler relays the pool out around the decode loop) and in one layer's
+#: gathered dense rows (keys + values of the chip's slots over the cache length). Heads
+#: narrower than the TPU's 128 lanes (Qwen2.5-0.5B) pay more pool copies and the rows;
+#: 128-wide heads none of the rows. Session 10 fitted 1.6 pools + 4 rows on the 0.5B width
+#: cut to 2 / 4 layers (small pools); session 11's full-depth compiles refit them:
+#: Qwen2.5-0.5B, 64 slots and 3 GiB per chip, v5e-8: 7.74 GiB of temporaries (2.05 pools +
+#: 4 rows); Qwen2.5-7B, 128 slots and 16 GiB per chip, v5p-64: 26.32 (1.4 pools, no rows:
+#: 4 rows would be 10 GiB more)
+PAGED_POOL_COPIES = 2.05
 PAGED_ROW_COPIES = 4.0
-#: the admit program (prefill + insert) of the paged engine: beside the prefill's logits
-#: (split over the slot shards), copies of a chip's share of the pool (pool split over the
-#: slot shards, each shard cutting its own slots' prompt pages: 0.5B width, 2 layers, v5e-8,
-#: 0.25 GiB per chip: 2.0; Qwen2.5-0.5B, 512 slots, 2 GiB per chip: 1.6). Session 9's
-#: figures (0.6–2.8 copies beside replicated logits) came from a replicated pool whose
-#: insert cut every slot's prompt pages on every chip
-ADMIT_POOL_COPIES = 2.0
-#: prompts one admit program prefills (the engine's `prefill_batch`)
-PREFILL_BATCH = 8
+#: 128-wide heads: Qwen2.5-1.5B, 32 slots and 3 GiB per chip, v5e-8: 3.30 GiB of temporaries
+#: (0.85 pools) and the 7B above (1.4): 1.2 puts both within 12 %
+PAGED_WIDE_POOL_COPIES = 1.2
+#: the admit program (prefill + insert) of the paged engine on TPU: the prefill holds a few
+#: layers of whole weights (DECODE_GATHERED_LAYERS; it computes no logits: 0.12 GiB of
+#: temporaries at 0.5B, 4.22 at 7B) and the insert copies a chip's share of the pool when
+#: the chip is not a v5p: with heads narrower than 128 lanes (Qwen2.5-0.5B, 3 GiB per chip,
+#: v5e-8: the insert alone 7.96 GiB, admit 8.56: 2.8 pools; the 0.5B width at 2 layers and
+#: 0.25 GiB: 2.0, so small pools are over-counted), with 128-wide heads fewer (Qwen2.5-1.5B,
+#: 3 GiB per chip, v5e-8: admit 5.26 GiB, 1.5 pools); on v5p none (Qwen2.5-7B, 16 GiB per
+#: chip: admit 4.28 GiB, insert 1.05). Sessions 9/10 counted the prefill's float32 logits of
+#: every prompt position, which the prefill does not compute (`return_logits=False`)
+ADMIT_POOL_COPIES = 2.8
+ADMIT_WIDE_POOL_COPIES = 1.5
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,8 @@ class MemoryEstimate:
     # "split" (on chips of its own: rollout.devices; the figures are per chip of each role)
     roles: str = "alternate"
     admit_temps: float = 0.0  # the admit program's (prefill + insert) temporaries, if larger
+    prefill_temps: float = 0.0  # the prefill's part of admit_temps (paged on TPU; else 0)
+    ref_onload: float = 0.0  # an offloaded reference copy, on the chips for its own pass
 
     @property
     def static(self) -> float:
@@ -145,20 +169,28 @@ class MemoryEstimate:
         """The step's peak: sampling, log-prob pass and training in turn, or sampling on top
         of either when they overlap, or the larger role when each has its chips."""
         if self.roles == "overlap":
-            return max(self.train, self.logprobs) + self.sampler_own
-        return max(self.train, self.logprobs, self.sampling)
+            return max(self.train, self.logprobs + self.ref_onload) + self.sampler_own
+        return max(self.train, self.logprobs + self.ref_onload, self.sampling)
 
     def program_bytes(self, program: str) -> float:
         """The peak of one of `flowrl-jax check`'s programs (train_step, logprobs_*,
         sampler_*)."""
         if program == "train_step":
             return self.train
+        if program == "logprobs_ref":  # an offloaded reference comes on for its pass
+            return self.logprobs + self.ref_onload
         if program.startswith("logprobs"):
             return self.logprobs
-        if program == "sampler_decode" and self.admit_temps > self.decode_temps:
-            return self.sampling - self.admit_temps + self.decode_temps
-        if program == "sampler_admit" and self.decode_temps > self.admit_temps:
-            return self.sampling - self.decode_temps + self.admit_temps
+        # the sampling peak without its largest program's temporaries: the pool and weights
+        base = self.sampling - max(self.decode_temps, self.admit_temps)
+        if program == "sampler_decode":
+            return base + self.decode_temps
+        if program == "sampler_admit":
+            return base + self.admit_temps
+        if self.prefill_temps and program == "sampler_prefill":
+            return base + self.prefill_temps
+        if self.prefill_temps and program == "sampler_insert":
+            return base + self.admit_temps - self.prefill_temps
         return self.sampling
 
     def fits(self, headroom: float = 0.9) -> bool:
@@ -265,7 +297,8 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
              budget: Optional[tuple[float, str]] = None, uses_ref: bool = True,
              sampler_local_devices: Optional[int] = None,
              sampler_devices: Optional[int] = None, *, platform: Optional[str] = None,
-             devices_report_memory: Optional[bool] = None) -> MemoryEstimate:
+             devices_report_memory: Optional[bool] = None,
+             tpu_generation: Optional[str] = None) -> MemoryEstimate:
     """Per-chip memory of a run with this config on a mesh of `mesh_shape` axis sizes.
 
     `sampler_local_devices`: on multi-process runs each host samples with its own copy of
@@ -273,7 +306,9 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     `sampler_devices`: the sampler's own chips (`rollout.devices`; `mesh_shape` is then the
     trainer's share); it holds the policy copies and KV cache over them (fsdp only).
     `platform`: where the programs run (None: the current one): it picks the attention
-    kernel (splash on TPU) whose temporaries are counted. `devices_report_memory`: whether
+    kernel (splash on TPU) whose temporaries are counted. `tpu_generation` ("v5e", "v5p",
+    ...; None: unknown): a few TPU terms differ by chip (fitted on v5e and v5p; an unknown
+    generation gets the larger). `devices_report_memory`: whether
     the paged engine sees the chips' free memory when it sizes its pool (None: off CPU;
     `flowrl-jax check`'s abstract TPU devices do not, so it compiles the default pool).
     """
@@ -306,11 +341,13 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     rows = max(1.0, cfg.trainer.micro_batch_size / batch_shard)
     remat = cfg.model.remat != "none"
     splash = attention_kernel(cfg, platform) == "splash"
-    keep = (((SPLASH_REMAT_KEEP if splash and not cfg.model.scan_layers else REMAT_KEEP) * h)
+    scanned = cfg.model.scan_layers
+    keep = ((((cb if scanned else SPLASH_REMAT_KEEP) if splash else REMAT_KEEP) * h)
             if remat
             else (PLAIN_KEEP * h + MLP_KEEP * i / tensor))
+    gathered = SCAN_GATHERED_LAYERS if scanned and remat else SPLASH_GATHERED_LAYERS
     layer_work = ((rows * seq * SPLASH_BACKWARD_WORK * h
-                   + SPLASH_GATHERED_LAYERS * layer_params * pb * trained if splash else
+                   + gathered * layer_params * pb * trained if splash else
                    attention_tiles(arch, rows, seq, tensor, ATTN_BACKWARD_TILES))
                   + rows * seq * (MLP_KEEP * i / tensor + PLAIN_KEEP * h))
     act = trained * (rows * seq * L * keep + layer_work)
@@ -323,10 +360,12 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
     lp_rows = max(1.0, lp_mb / batch_shard)
     # (on a chip with room to spare the TPU compiler also keeps gathered weights alive across
     # the micro-batch loop: 7B on v5p, +1.8 GiB per layer; not counted, it is not needed)
-    if splash:  # fitted per head width (BUILD_NOTES): 64-wide heads fill TPU lanes by half
-        narrow = arch.resolved_head_dim < SPLASH_LANES
-        lp = (lp_rows * seq * h * (SPLASH_NARROW_FORWARD_WORK + L * SPLASH_NARROW_FORWARD_KEEP
-                                   if narrow else SPLASH_FORWARD_WORK)
+    v5p = tpu_generation == "v5p"
+    if splash:  # fitted per chip and head width (BUILD_NOTES, session 11)
+        narrow = arch.resolved_head_dim < SPLASH_LANES  # 64-wide heads fill TPU lanes by half
+        per_layer = L * SPLASH_NARROW_FORWARD_KEEP if narrow and not cfg.model.scan_layers else 0
+        work = SPLASH_V5P_FORWARD_WORK if v5p else SPLASH_FORWARD_WORK
+        lp = (lp_rows * seq * h * (work + per_layer)
               + SPLASH_FORWARD_GATHERED_LAYERS * layer_params * pb)
     else:
         lp = (attention_tiles(arch, lp_rows, seq, tensor, ATTN_FORWARD_TILES)
@@ -360,22 +399,28 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
                               slot_shards=s_shards)
     # dense: the attention windows copied out of the cache; paged: copies of the whole pool
     # (the pool copies are the TPU compiler's; elsewhere one layer's gathered pages, unmeasured)
-    copies = ((PAGED_POOL_COPIES if platform == "tpu" else 1.0 / max(1, L)) if paged else
+    lanes_narrow = arch.resolved_head_dim < SPLASH_LANES  # TPU lanes half empty: more copies
+    tpu_paged = paged and platform == "tpu"
+    copies = (((PAGED_POOL_COPIES if lanes_narrow else PAGED_WIDE_POOL_COPIES)
+               if platform == "tpu" else 1.0 / max(1, L)) if paged else
               DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
+    gathered_weights = min(L, DECODE_GATHERED_LAYERS) * layer_params * pb
     decode = (copies * kv
-              + (PAGED_ROW_COPIES * layer_rows if paged and platform == "tpu" else 0.0)
+              + (PAGED_ROW_COPIES * layer_rows if tpu_paged and lanes_narrow else 0.0)
               + DECODE_LOGIT_COPIES * slots / s_shards * v * 4
-              + (min(L, DECODE_GATHERED_LAYERS) * layer_params * pb if s_shards > 1 else 0))
+              + (gathered_weights if s_shards > 1 else 0))
 
-    # admitting (prefill of a batch of prompts + insert into the pool): the prefill's float32
-    # logits over every prompt position and copies of the chip's pool
-    prompt_bucket = _bucket(max(1, cfg.data.max_prompt_length - 1), cfg.rollout.prefill_buckets)
-    prefill_rows = min(PREFILL_BATCH, _pow2(slots))
-    admit = ((prefill_rows * prompt_bucket * v * 4 / s_shards + ADMIT_POOL_COPIES * kv)
-             if paged and platform == "tpu" else 0.0)
+    # admitting (prefill of a batch of prompts + insert into the pool): the prefill's gathered
+    # weights and, with narrow heads, copies of the chip's pool (no logits: ADMIT_POOL_COPIES)
+    # (dense or paged: the 32B dense admit on v5p-64 has 17.87 GiB of temporaries, ≈ 10 of its
+    # layers; 4 puts it at −13 %)
+    prefill = gathered_weights if platform == "tpu" and s_shards > 1 else 0.0
+    admit_copies = 0.0 if v5p else ADMIT_POOL_COPIES if lanes_narrow else ADMIT_WIDE_POOL_COPIES
+    admit = prefill + (admit_copies * kv if tpu_paged else 0.0)
     roles = "split" if sampler_devices else ("overlap" if cfg.trainer.staleness else "alternate")
     return MemoryEstimate(params, ref, grads, optimizer, kv, act, b, src, n,
-                          sampler_params, decode, lp, roles, admit)
+                          sampler_params, decode, lp, roles, admit, prefill,
+                          n * pb / shard if uses_ref and cfg.trainer.ref_offload else 0.0)
 
 
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:

@@ -39,7 +39,13 @@ def test_sharding_divides_static_memory():
     assert one.params == (n + z) * 4 and one.optimizer == 2 * (n + z) * 4
     assert eight.params == n * 4 / 8 + z * 4 and eight.optimizer == 2 * 4 * (n / 8 + z)
     offload = load_config(None, ["model.preset=qwen2.5-7b", "trainer.ref_offload=true"])
-    assert estimate(offload, offload.model.arch, {"fsdp": 8}, (1e12, "x")).ref == 0
+    off = estimate(offload, offload.model.arch, {"fsdp": 8}, (1e12, "x"))
+    assert off.ref == 0
+    # offloaded, the reference comes onto the chips for its own log-prob pass only (32B on
+    # v5p-64, session 11: logprobs_ref 20.23 GiB compiled, logprobs_old 16.22)
+    assert off.ref_onload == n * 4 / 8
+    assert off.program_bytes("logprobs_ref") == off.program_bytes("logprobs_old") + n * 4 / 8
+    assert eight.ref_onload == 0 and eight.program_bytes("logprobs_ref") == eight.logprobs
 
 
 def test_refuses_a_config_that_cannot_fit_with_advice():
@@ -155,24 +161,63 @@ def test_paged_pool_as_the_engine_sizes_it():
     shape = {"data": 1, "fsdp": 8, "tensor": 1}
     est = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="tpu")
     assert est.kv_cache == (GiB // page // 8) * page
-    # on TPU decoding adds pool copies and copies of one layer's gathered rows (2 kv heads ×
-    # 64 × 10,240 positions × 32 slots per chip, keys + values, bf16); admitting, the float32
-    # logits of 8 prompts of the 2,048 bucket (split over the 8 slot shards) and pool copies
+    # on TPU decoding adds pool copies and, with 64-wide heads (half the TPU's 128 lanes),
+    # copies of one layer's gathered rows (2 kv heads × 64 × 10,240 positions × 32 slots per
+    # chip, keys + values, bf16); admitting, the prefill's 4 layers of whole float32 weights
+    # (no logits: the prefill computes none) and the insert's pool copies
     rows = 2 * 2 * 64 * 10240 * 32 * 2
+    layers4 = 4 * 14_912_384 * 4  # 4 layers' float32 weights (the layer count rounded)
     assert est.decode_temps == pytest.approx(m.PAGED_POOL_COPIES * est.kv_cache
                                              + m.PAGED_ROW_COPIES * rows
-                                             + 3 * 256 / 8 * 151936 * 4 + 4 * 14_912_384 * 4,
-                                             rel=1e-5)  # the layer's weights: rounded
-    assert est.admit_temps == pytest.approx(8 * 2048 * 151936 * 4 / 8
-                                            + m.ADMIT_POOL_COPIES * est.kv_cache)
-    # each program its own peak: here admitting is the sampling peak
-    assert est.program_bytes("sampler_admit") == est.sampling > est.program_bytes("sampler_decode")
+                                             + 3 * 256 / 8 * 151936 * 4 + layers4, rel=1e-5)
+    assert est.prefill_temps == pytest.approx(layers4, rel=1e-5)
+    assert est.admit_temps == pytest.approx(layers4 + m.ADMIT_POOL_COPIES * est.kv_cache,
+                                            rel=1e-5)
+    # each program its own peak: here decoding is the sampling peak
+    assert est.program_bytes("sampler_decode") == est.sampling > est.program_bytes("sampler_admit")
     assert est.program_bytes("sampler_decode") == pytest.approx(
         est.static + est.kv_cache + est.decode_temps)
     assert est.program_bytes("sampler_admit") == pytest.approx(
         est.static + est.kv_cache + est.admit_temps)
+    # the prefill and the insert, each with its part of admitting (the pool resident)
+    assert est.program_bytes("sampler_prefill") == pytest.approx(
+        est.static + est.kv_cache + layers4, rel=1e-6)
+    assert est.program_bytes("sampler_insert") == pytest.approx(
+        est.static + est.kv_cache + m.ADMIT_POOL_COPIES * est.kv_cache)
     cpu = estimate(gib1, arch, shape, (16 * GiB, "x"), platform="cpu")
     assert cpu.admit_temps == 0 and cpu.decode_temps < est.decode_temps
+    assert cpu.program_bytes("sampler_prefill") == cpu.sampling  # no own figure off TPU
+
+
+def test_paged_terms_with_heads_as_wide_as_the_tpu_lanes():
+    """With 128-wide heads (Qwen2.5-7B) the TPU compiler's paged decode keeps fewer pool
+    copies and no gathered rows; on a v5p the admit program's insert copies no pool (session
+    11: 7B, 16 GiB per chip on v5p-64: decode 26.32 GiB of temporaries, admit 4.28), on
+    another or an unknown chip fewer copies than with narrow heads (1.5B on v5e-8: 1.5)."""
+    cfg = load_config(None, ["model.preset=qwen2.5-7b", "model.compute_dtype=bfloat16",
+                             "rollout.kv_cache=paged", "rollout.kv_cache_gib=64",
+                             "rollout.decode_slots=512", "rollout.prompts_per_step=512",
+                             "rollout.samples_per_prompt=8"])
+    arch = cfg.model.arch
+    assert arch.resolved_head_dim == 128 == m.SPLASH_LANES
+    shape = {"data": 2, "fsdp": 16, "tensor": 1}
+    est = estimate(cfg, arch, shape, (95 * GiB, "x"), sampler_local_devices=4, platform="tpu",
+                   tpu_generation="v5p")
+    assert est.kv_cache == pytest.approx(16 * GiB, rel=1e-3)  # 64 GiB over a host's 4 chips
+    layer = (param_count(arch) - 2 * 152064 * 3584) / 28 * 4  # float32, untied embeddings
+    # 512 slots per host over 4 chips: 128 slots' float32 logits, 3 buffers
+    assert est.decode_temps == pytest.approx(
+        m.PAGED_WIDE_POOL_COPIES * est.kv_cache + 3 * 128 * 152064 * 4 + 4 * layer)
+    assert est.admit_temps == est.prefill_temps == pytest.approx(4 * layer)
+    assert est.program_bytes("sampler_insert") == pytest.approx(
+        est.static + est.sampler_params + est.kv_cache)
+    v5e = estimate(cfg, arch, shape, (95 * GiB, "x"), sampler_local_devices=4, platform="tpu")
+    assert v5e.decode_temps == est.decode_temps
+    assert v5e.admit_temps == pytest.approx(4 * layer + m.ADMIT_WIDE_POOL_COPIES * est.kv_cache)
+    # the log-prob pass's fixed part is the chip's: 6 bytes per token and hidden unit on v5p,
+    # 38 elsewhere (one row per chip here: the default 16 per micro-batch over 32 chips)
+    assert v5e.logprob_activations - est.logprob_activations == pytest.approx(
+        1 * (2048 + 8192) * 3584 * (m.SPLASH_FORWARD_WORK - m.SPLASH_V5P_FORWARD_WORK))
 
 
 @pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
@@ -191,14 +236,19 @@ def test_splash_attention_on_tpu_replaces_the_score_tiles(scanned):
     rows = 8 / 8  # micro-batch 8 over 8 chips, remat on
     layer = (param_count(arch) - 151936 * h) / L * 4  # one layer's float32 weights (tied)
     tiles = m.attention_tiles(arch, rows, seq, 1, m.ATTN_BACKWARD_TILES)
-    keep = 0.0 if scanned else rows * seq * L * (m.REMAT_KEEP - m.SPLASH_REMAT_KEEP) * h
+    # scanned: a layer keeps its bfloat16 input (2 bytes), the loop more gathered layers
+    tpu_keep, gathered = ((2, m.SCAN_GATHERED_LAYERS) if scanned
+                          else (m.SPLASH_REMAT_KEEP, m.SPLASH_GATHERED_LAYERS))
+    keep = rows * seq * L * (m.REMAT_KEEP - tpu_keep) * h
     assert cpu.activations - tpu.activations == pytest.approx(
-        keep + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - m.SPLASH_GATHERED_LAYERS * layer)
+        keep + tiles - rows * seq * m.SPLASH_BACKWARD_WORK * h - gathered * layer)
     lp_rows = cfg.trainer.logprob_micro_batch_size / 8
-    assert arch.resolved_head_dim == 64 < m.SPLASH_LANES  # narrow heads: the per-layer term
+    # narrow heads: a per-layer term, unrolled only (the scan reuses one layer's buffers)
+    assert arch.resolved_head_dim == 64 < m.SPLASH_LANES
+    per_layer = 0 if scanned else L * m.SPLASH_NARROW_FORWARD_KEEP
     assert cpu.logprob_activations - tpu.logprob_activations == pytest.approx(
         m.attention_tiles(arch, lp_rows, seq, 1, m.ATTN_FORWARD_TILES)
         + lp_rows * seq * (m.MLP_KEEP * i + m.PLAIN_KEEP * h)
-        - lp_rows * seq * h * (m.SPLASH_NARROW_FORWARD_WORK + L * m.SPLASH_NARROW_FORWARD_KEEP)
+        - lp_rows * seq * h * (m.SPLASH_FORWARD_WORK + per_layer)
         - m.SPLASH_FORWARD_GATHERED_LAYERS * layer)
     assert i == arch.intermediate_size and L == arch.num_hidden_layers

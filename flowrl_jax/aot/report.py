@@ -161,7 +161,8 @@ def run_check(cfg: Config, arch: ModelArch, sl: Slice, *, only: Optional[set[str
                    sampler_local_devices=local if len(hosts) > 1 else None,
                    # the programs run on TPU, whose chips report their free memory: the
                    # paged pool is sized from it (programs.py compiles that pool too)
-                   platform="tpu", devices_report_memory=True)
+                   platform="tpu", devices_report_memory=True,
+                   tpu_generation=sl.topology.split(":")[0])
     programs = step_programs(cfg, arch, mesh, only, hbm_bytes=capacity)
     if not as_json:
         print(f"{sl.name}: {sl.chips} chips on {len(hosts)} host(s), mesh "
