@@ -167,7 +167,7 @@ def test_pool_too_small_for_one_sample_per_shard_names_the_split(setup):
 def pallas_engines(setup):
     """One device and 8 slot shards with the Pallas kernels (the GPU kernel in interpret mode
     on CPU), pools as in `setup`."""
-    model, _, one, sharded = setup
+    model, _, one, sharded, _ = setup
     kw = dict(KW, paged_attention="pallas")
     one_k = SamplingEngine(model, **kw)
     sharded_k = SamplingEngine(model, mesh=sharded.mesh, kv_cache_gib=sharded.kv_cache_gib, **kw)
@@ -179,7 +179,7 @@ def test_pallas_pool_split_and_decode_never_gathers_it(pallas_engines, setup):
     """The kernel layout's pool [kv heads, pages, page, head_dim] splits its pages axis over
     the slot shards (a block per chip), and the compiled decode chunk and admit hold each
     chip's block, never the whole pool, with no all-gather of pool pages."""
-    model, _, _, _ = setup
+    model = setup[0]
     _, sharded = pallas_engines
     kern = sharded.kernels
     length = sharded.cache_length(33, NEW)
@@ -209,7 +209,7 @@ def test_pallas_pool_split_and_decode_never_gathers_it(pallas_engines, setup):
 def test_pallas_sharded_sampling_with_scarce_pages_equals_single_device(pallas_engines, setup):
     """The kernels per shard on shard-local page tables: sampled, G = 3, stop ids, samples
     waiting for pages: the single-device Pallas engine's tokens and log-probs, bit for bit."""
-    model, prompts, _, _ = setup
+    model, prompts = setup[:2]
     one, sharded = pallas_engines
     ref, got = one.generate(model, prompts, SAMPLED), sharded.generate(model, prompts, SAMPLED)
     _same(ref, got)
