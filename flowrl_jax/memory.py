@@ -27,6 +27,7 @@ from typing import Optional
 from flowrl_jax.algos import get_algorithm
 from flowrl_jax.config import Config, ConfigError, ModelArch
 from flowrl_jax.mesh import current_platform
+from flowrl_jax.models import paged_pallas
 from flowrl_jax.models.arch import param_count
 from flowrl_jax.sampling.engine import KV_DEFAULT_BYTES, KV_FREE_FRACTION
 from flowrl_jax.sampling.kv_budget import kv_bytes_per_token, pages_for
@@ -80,13 +81,16 @@ SPLASH_NARROW_FORWARD_KEEP = 15.85
 #: Qwen2.5-7B micro-batch 32 on v5p-64 (23.45 GiB; 19.57 with the unrolled-fitted terms),
 #: 1 row per chip each
 SCAN_GATHERED_LAYERS = 8.3
-#: a decode chunk copies the largest attention window of the cache out and back (0.9 of
-#: the cache with windows of 3/4 of it: 0.5B and 7B)
-DECODE_WINDOW_COPIES = 1.2
+#: the dense decode chunk's temporaries, in copies of the chip's KV cache: the decode reads
+#: the whole cache row at every step (no attention windows since session 11) and the
+#: compiler relays the cache out around the loop (Qwen2.5-32B, 16 slots per host × 10,240,
+#: v5p-64, 10.0 GiB of cache per chip: 19.74 GiB of temporaries, 72.30 in all; with the old
+#: windows 80.90). One compile: GPU and CPU are not measured
+DENSE_DECODE_CACHE_COPIES = 1.25
 #: float32 [slots, vocab] buffers of a decode step (logits, sampling)
 DECODE_LOGIT_COPIES = 3
 #: layers of the sampler's weights the decode loop holds gathered (unsharded) at once
-#: (32B at 32 slots per host: 12.8 GiB beyond the window copy)
+#: (32B at 32 slots per host: 12.8 GiB beyond the cache copies)
 DECODE_GATHERED_LAYERS = 4
 #: the paged decode chunk's temporaries on TPU (xla path), in a chip's share of the page
 #: pool (the compiler relays the pool out around the decode loop) and in one layer's
@@ -102,6 +106,10 @@ PAGED_ROW_COPIES = 4.0
 #: 128-wide heads: Qwen2.5-1.5B, 32 slots and 3 GiB per chip, v5e-8: 3.30 GiB of temporaries
 #: (0.85 pools) and the 7B above (1.4): 1.2 puts both within 12 %
 PAGED_WIDE_POOL_COPIES = 1.2
+#: with the Pallas kernel (`rollout.paged_attention` auto / pallas on TPU and GPU) the decode
+#: reads the pool in place: no pool copies (session 11, split pool, v5p-64 7B: 4.50 GiB of
+#: temporaries against the xla path's 26.32; v5e-8 1.5B: 0.62 against 3.30; both within 3 %
+#: with none counted)
 #: the admit program (prefill + insert) of the paged engine on TPU: the prefill holds a few
 #: layers of whole weights (DECODE_GATHERED_LAYERS; it computes no logits: 0.12 GiB of
 #: temporaries at 0.5B, 4.22 at 7B) and the insert copies a chip's share of the pool when
@@ -129,7 +137,7 @@ class MemoryEstimate:
     budget_source: str
     n_params: int
     sampler_params: float = 0.0  # the sampler's own copies of the policy (multi-host, async)
-    decode_temps: float = 0.0  # a decode chunk's temporaries (window copy, logits)
+    decode_temps: float = 0.0  # a decode chunk's temporaries (cache or pool copies, logits)
     logprob_activations: float = 0.0  # a log-prob pass's temporaries, its batch and outputs
     # how sampling shares the chips: "alternate" (in turn with training, the on-policy
     # trainer), "overlap" (at the same time on the same chips: trainer.staleness >= 1) or
@@ -397,13 +405,15 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
         kv = paged_pool_bytes(cfg, arch, slots, length, kv_split,
                               free=max(0.0, b - resident) if devices_report_memory else None,
                               slot_shards=s_shards)
-    # dense: the attention windows copied out of the cache; paged: copies of the whole pool
+    # dense: copies of the cache; paged: copies of the whole pool
     # (the pool copies are the TPU compiler's; elsewhere one layer's gathered pages, unmeasured)
     lanes_narrow = arch.resolved_head_dim < SPLASH_LANES  # TPU lanes half empty: more copies
     tpu_paged = paged and platform == "tpu"
-    copies = (((PAGED_POOL_COPIES if lanes_narrow else PAGED_WIDE_POOL_COPIES)
+    kernel = paged and paged_kernel_runs(cfg, arch, platform)
+    copies = (0.0 if kernel else
+              ((PAGED_POOL_COPIES if lanes_narrow else PAGED_WIDE_POOL_COPIES)
                if platform == "tpu" else 1.0 / max(1, L)) if paged else
-              DECODE_WINDOW_COPIES * decode_window_fraction(length, cfg.rollout.decode_chunk))
+              DENSE_DECODE_CACHE_COPIES)
     gathered_weights = min(L, DECODE_GATHERED_LAYERS) * layer_params * pb
     decode = (copies * kv
               + (PAGED_ROW_COPIES * layer_rows if tpu_paged and lanes_narrow else 0.0)
@@ -423,22 +433,23 @@ def estimate(cfg: Config, arch: ModelArch, mesh_shape: dict[str, int],
                           n * pb / shard if uses_ref and cfg.trainer.ref_offload else 0.0)
 
 
+def paged_kernel_runs(cfg: Config, arch: ModelArch, platform: str) -> bool:
+    """Whether the paged decode runs the Pallas kernel (`rollout.paged_attention`) on
+    `platform`: it reads the pool in place, so decode makes no pool copies."""
+    choice = cfg.rollout.paged_attention
+    if choice == "pallas" and paged_pallas.unsupported(platform, arch.resolved_head_dim,
+                                                       cfg.rollout.page_size):
+        return False  # the engine refuses it; the estimate stays on the xla path's side
+    return paged_pallas.resolve(choice, platform, arch.resolved_head_dim,
+                                cfg.rollout.page_size) == "pallas"
+
+
 def logits_block(cfg: Config, arch: ModelArch, batch: int, resp: int, tensor: int) -> float:
     """Bytes of one float32 [batch, chunk, vocab] logits block of the chunked log-probs
     (the chunk rule of `rl.forward.logprob_chunk`: ≤ trainer.logprob_chunk, ≤ 2²⁷ elements)."""
     cmax = max(1, min(cfg.trainer.logprob_chunk, 2 ** 27 // max(1, batch * arch.vocab_size), resp))
     chunk = -(-resp // -(-resp // cmax))
     return batch * chunk * arch.vocab_size * 4 / max(1, tensor)
-
-
-def decode_window_fraction(length: int, chunk: int) -> float:
-    """The largest attention window a decode chunk copies out of the cache, as a fraction
-    of its length (the sampler's `decode_windows`: quarters of long caches; 0 for one)."""
-    if chunk < 8 or length < 512:
-        return 0.0
-    step = max(16, -(-length // 4 // 16) * 16)
-    windows = list(range(step, length, step))
-    return windows[-1] / length if windows else 0.0
 
 
 def paged_pool_bytes(cfg: Config, arch: ModelArch, slots: int, length: int, kv_split: int,

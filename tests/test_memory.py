@@ -197,7 +197,7 @@ def test_paged_terms_with_heads_as_wide_as_the_tpu_lanes():
     cfg = load_config(None, ["model.preset=qwen2.5-7b", "model.compute_dtype=bfloat16",
                              "rollout.kv_cache=paged", "rollout.kv_cache_gib=64",
                              "rollout.decode_slots=512", "rollout.prompts_per_step=512",
-                             "rollout.samples_per_prompt=8"])
+                             "rollout.samples_per_prompt=8", "rollout.paged_attention=xla"])
     arch = cfg.model.arch
     assert arch.resolved_head_dim == 128 == m.SPLASH_LANES
     shape = {"data": 2, "fsdp": 16, "tensor": 1}
@@ -218,6 +218,29 @@ def test_paged_terms_with_heads_as_wide_as_the_tpu_lanes():
     # 38 elsewhere (one row per chip here: the default 16 per micro-batch over 32 chips)
     assert v5e.logprob_activations - est.logprob_activations == pytest.approx(
         1 * (2048 + 8192) * 3584 * (m.SPLASH_FORWARD_WORK - m.SPLASH_V5P_FORWARD_WORK))
+
+
+def test_the_pallas_kernel_decodes_without_pool_copies():
+    """`rollout.paged_attention: auto` runs the Pallas kernel on TPU for 128-wide heads: the
+    decode reads the pool in place (session 11, 7B on v5p-64: 4.50 GiB of temporaries against
+    the xla path's 26.32), so its estimate drops the pool copies and nothing else; 64-wide
+    heads (Qwen2.5-0.5B) stay on the xla path, and so does the CPU."""
+    over = ["model.preset=qwen2.5-7b", "model.compute_dtype=bfloat16", "rollout.kv_cache=paged",
+            "rollout.kv_cache_gib=64", "rollout.decode_slots=512", "rollout.prompts_per_step=512"]
+    shape, budget = {"data": 2, "fsdp": 16, "tensor": 1}, (95 * GiB, "x")
+    est = {choice: estimate(load_config(None, over + [f"rollout.paged_attention={choice}"]),
+                            load_config(None, over).model.arch, shape, budget,
+                            sampler_local_devices=4, platform="tpu", tpu_generation="v5p")
+           for choice in ("auto", "xla", "pallas")}
+    assert est["auto"] == est["pallas"]
+    assert est["xla"].decode_temps - est["auto"].decode_temps == pytest.approx(
+        m.PAGED_WIDE_POOL_COPIES * est["auto"].kv_cache)
+    assert est["xla"].admit_temps == est["auto"].admit_temps
+    cfg = load_config(None, over)
+    assert m.paged_kernel_runs(cfg, cfg.model.arch, "tpu")
+    assert not m.paged_kernel_runs(cfg, cfg.model.arch, "cpu")
+    narrow = load_config(None, ["model.preset=qwen2.5-0.5b", "rollout.kv_cache=paged"])
+    assert not m.paged_kernel_runs(narrow, narrow.model.arch, "tpu")  # head_dim 64
 
 
 @pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unrolled"])
