@@ -207,15 +207,18 @@ def test_hung_server_is_detected_named_and_its_prompts_retried(servers, local, h
                                                                tmp_path):
     engine, p0, _ = local
     a = list(servers)[0]
-    remote, push = _client(local, [a], tmp_path, timeout_s=3.0)
+    # 8 s: the live server must answer within it even on a loaded machine (3 s failed at
+    # load 10); it has compiled these shapes in the warm-up call
+    remote, push = _client(local, [a], tmp_path, timeout_s=8.0)
     try:
         push(p0, 0)
+        remote.generate(None, PROMPTS, SP)  # warm-up: the retry's shapes, compiled once
         remote.servers.append(hung_server)  # joins after the push: "holds" v0 as far as we know
         remote.live.append(hung_server)
         remote._channels[hung_server] = grpc.insecure_channel(hung_server)
         t0 = time.monotonic()
         got = remote.generate(None, PROMPTS, SP)
-        assert time.monotonic() - t0 < 3.0 + 20  # one deadline, then the retry on `a`
+        assert time.monotonic() - t0 < 8.0 + 20  # one deadline, then the retry on `a`
         np.testing.assert_array_equal(got.tokens, engine.generate(p0, PROMPTS, SP).tokens)
         assert remote.live == [a]
     finally:
