@@ -4,9 +4,7 @@ transient read error is retried then reported, and only a corrupt step is set as
 import errno
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 

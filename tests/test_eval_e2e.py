@@ -3,7 +3,6 @@ path with hand-written right/wrong responses for every benchmark (real rewards).
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@ and data errors surface before any compute, naming the key."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
