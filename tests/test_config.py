@@ -36,17 +36,18 @@ def test_arch_keys_refine_a_preset_and_a_named_preset_replaces_the_files_arch():
     """`model.preset=X model.arch.num_hidden_layers=N` is X's width at N layers (it used to
     fall back to the dataclass defaults), and a preset named on the command line replaces the
     architecture a file spells out (demo.yaml) instead of being ignored."""
-    cut = load_config(None, ["model.preset=qwen2.5-0.5b", "model.arch.num_hidden_layers=2"])
-    full = load_config(None, ["model.preset=qwen2.5-0.5b"]).model.arch
-    assert cut.model.arch.num_hidden_layers == 2 and full.num_hidden_layers == 24
+    cut = load_config(None, ["model.preset=qwen2.5-7b", "model.arch.num_hidden_layers=2"])
+    full = load_config(None, ["model.preset=qwen2.5-7b"]).model.arch
+    assert cut.model.arch.num_hidden_layers == 2 and full.num_hidden_layers == 28
     assert cut.model.arch == dataclasses.replace(full, num_hidden_layers=2)
+    assert cut.model.arch.hidden_size == 3584 != ModelArch().hidden_size
     demo = load_config("configs/demo.yaml").model.arch
-    named = load_config("configs/demo.yaml", ["model.preset=qwen2.5-0.5b"]).model.arch
+    named = load_config("configs/demo.yaml", ["model.preset=qwen2.5-7b"]).model.arch
     assert named == full and demo != full
-    assert load_config("configs/demo.yaml", ["model.preset=qwen2.5-0.5b",
+    assert load_config("configs/demo.yaml", ["model.preset=qwen2.5-7b",
                                              "model.preset=null"]).model.arch == demo
     # a file that names a preset and some arch keys: the keys refine the preset
-    assert config_from_dict({"model": {"preset": "qwen2.5-0.5b",
+    assert config_from_dict({"model": {"preset": "qwen2.5-7b",
                                        "arch": {"num_hidden_layers": 2}}}).model.arch == cut.model.arch
 
 
