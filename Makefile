@@ -23,10 +23,9 @@ demo: $(STAMP)
 
 # --max-worker-restart=0: pytest-xdist 3.8 with --dist loadfile can hang for good after a worker
 # crash (pytest-xdist#784, #1378); stopping at once names the test instead. MALLOC_ARENA_MAX=2
-# keeps glibc from holding one arena per XLA thread in each worker. --no-loadscope-reorder: files
-# run heaviest first (tests/conftest.py's HEAVY_FIRST) instead of by test count.
+# keeps glibc from holding one arena per XLA thread in each worker.
 test: $(STAMP)
-	MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=30 tests
+	MALLOC_ARENA_MAX=2 $(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0 --durations=30 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
