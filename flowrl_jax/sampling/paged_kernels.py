@@ -138,7 +138,7 @@ class PagedKernels(KernelsBase):
         if self.shards(slots) == 1:
             return None
         pool, a, kv = self._pool_specs(slots, num_pages)
-        cache = paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
+        cache = self._pool_cache
         # the last argument: xla's visible mask [B, 1, 1, S], the kernels' lengths [B]
         seen = (PartitionSpec(a) if self.attention == "pallas"
                 else PartitionSpec(a, None, None, None))
@@ -159,9 +159,14 @@ class PagedKernels(KernelsBase):
         b1 = batch_sharding(self.mesh, 1, (slots,))
         tab = batch_sharding(self.mesh, 2, (slots, self.pages_per_slot(length)))
         b2 = batch_sharding(self.mesh, 2, (slots, key_width()))
-        cache = paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
+        cache = self._pool_cache
         return PagedState([cache(ps, ps) for _ in range(self.arch.num_hidden_layers)],
                           tab, b1, b1, b1, b1, b1, b1, b2)
+
+    @property
+    def _pool_cache(self) -> type:
+        """The per-layer pool container of this attention's layout."""
+        return paged_pallas.KernelPagedCache if self.attention == "pallas" else PagedCache
 
     def _pool_layout(self, num_pages: int) -> tuple[tuple, tuple[int, ...], int]:
         """(logical axes, shape, pages dim) of one layer's pool array in this attention's
@@ -317,7 +322,7 @@ class PagedKernels(KernelsBase):
                                 for c, pre in ((block.k, pk), (block.v, pv))))
 
         prefix_spec = PartitionSpec(None, kv, None, None)  # every shard: all prompts, its heads
-        cache = paged_pallas.KernelPagedCache if kernel_layout else PagedCache
+        cache = self._pool_cache
         run = jax.shard_map(local, mesh=self.mesh,
                             in_specs=(cache(spec, spec), PartitionSpec(a, None),
                                       PartitionSpec(a), PartitionSpec(a), prefix_spec,
